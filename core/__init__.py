@@ -1,0 +1,66 @@
+"""lvlmva: LVLM-aided visual alignment of task-specific vision models.
+
+The names here are the public surface for plugin authors; everything else may change.
+"""
+
+from __future__ import annotations
+
+from .hookspecs import hookimpl, hookspec
+from .protocols import (
+    ROLES,
+    Aligner,
+    Attributor,
+    Critic,
+    DatasetProvider,
+    Evaluator,
+    Judge,
+    Mitigator,
+    ModelFactory,
+    PluginOptions,
+    RunContext,
+    Segmenter,
+)
+from .records import (
+    AlignmentSet,
+    Critique,
+    CritiqueRequest,
+    RenderedSample,
+    Segmentation,
+    Split,
+    SpuriousDataset,
+    Usage,
+    Verdicts,
+)
+from .registry import PluginError, PluginRegistry, get_registry
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "hookimpl",
+    "hookspec",
+    "ROLES",
+    "Aligner",
+    "Attributor",
+    "Critic",
+    "DatasetProvider",
+    "Evaluator",
+    "Judge",
+    "Mitigator",
+    "ModelFactory",
+    "PluginOptions",
+    "RunContext",
+    "Segmenter",
+    "AlignmentSet",
+    "Critique",
+    "CritiqueRequest",
+    "RenderedSample",
+    "Segmentation",
+    "Split",
+    "SpuriousDataset",
+    "Usage",
+    "Verdicts",
+    "PluginError",
+    "PluginRegistry",
+    "get_registry",
+]

@@ -1,0 +1,279 @@
+"""The roles a plugin can fill, as ``typing.Protocol`` classes.
+
+A plugin is a class with:
+
+- ``Options``: a pydantic model of its settings (the keys of its settings section besides
+  ``plugin``); ``Options`` rejects unknown keys.
+- capability flags as class attributes (documented per role below);
+- ``__init__(self, options)``: takes a validated ``Options`` instance;
+- the role's method(s).
+
+The pipeline checks capability flags before it calls a plugin. Work is batched: a role method
+receives a whole alignment set, never one sample per call.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from .records import (
+    AlignmentSet,
+    Critique,
+    CritiqueRequest,
+    Segmentation,
+    SpuriousDataset,
+    Verdicts,
+)
+
+__all__ = [
+    "PluginOptions",
+    "RunContext",
+    "ROLES",
+    "DatasetProvider",
+    "ModelFactory",
+    "Attributor",
+    "Segmenter",
+    "Critic",
+    "Judge",
+    "Aligner",
+    "Mitigator",
+    "Evaluator",
+]
+
+
+class PluginOptions(BaseModel):
+    """Base class for every plugin's ``Options``: unknown keys are errors, values are checked
+    on assignment, and the model is frozen so a plugin cannot change its settings at run time."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+@dataclass
+class RunContext:
+    """What the pipeline hands a plugin besides its inputs.
+
+    - ``seed``: the run's seed; derive sub-seeds with :meth:`generator`.
+    - ``device``: where models and tensors should live for heavy work.
+    - ``run_dir``: the run directory; ``stage_dir``: this stage's folder in it (write files a
+      stage produces there: they are committed atomically together with the stage).
+    - ``cache_dir``: the user cache (responses, downloaded data), shared between runs.
+    - ``refresh``: ignore caches of paid or slow results (``--refresh``).
+    - ``progress``: show progress bars (False when not a TTY or when quiet).
+    """
+
+    seed: int
+    device: torch.device
+    run_dir: Path
+    stage_dir: Path
+    cache_dir: Path
+    refresh: bool = False
+    progress: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def generator(self, salt: str) -> torch.Generator:
+        """A CPU generator seeded from the run seed and a fixed string, so that each use of
+        randomness is independent of the order in which others ran."""
+        import hashlib
+
+        digest = hashlib.sha256(f"{self.seed}:{salt}".encode()).digest()
+        g = torch.Generator()
+        g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        return g
+
+    def log_jsonl(self, name: str, record: dict[str, Any]) -> None:
+        """Append one JSON line to ``run_dir/name`` (``metrics.jsonl``, ``transcripts.jsonl``).
+        Thread-safe; flushed per line so a killed run keeps what it logged."""
+        line = json.dumps(record, default=str, sort_keys=True)
+        with self._lock, open(self.run_dir / name, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
+
+@runtime_checkable
+class DatasetProvider(Protocol):
+    """Loads a data set with its spurious structure.
+
+    Flags: ``has_groups`` (group labels are provided), ``has_true_masks`` (true spurious masks
+    are provided for train and test).
+    """
+
+    Options: ClassVar[type[PluginOptions]]
+    has_groups: ClassVar[bool]
+    has_true_masks: ClassVar[bool]
+
+    def load(self, ctx: RunContext) -> SpuriousDataset: ...
+
+
+@runtime_checkable
+class ModelFactory(Protocol):
+    """Builds an untrained classifier for ``input_shape`` ``(C, H, W)`` and ``num_classes``.
+
+    The returned module maps float32 ``[B, C, H, W]`` to logits ``[B, num_classes]`` and
+    exposes ``features(x) -> [B, D]`` and ``head: nn.Linear`` (DFR retrains the head).
+    """
+
+    Options: ClassVar[type[PluginOptions]]
+
+    def build(self, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module: ...
+
+
+@runtime_checkable
+class Attributor(Protocol):
+    """Explains a model: ``attribute`` returns float32 ``[B, C, H, W]`` attributions of
+    ``inputs`` ``[B, C, H, W]`` for class ``targets`` ``[B]``; ``reference_pool`` ``[N, C, H, W]``
+    is training data the attributor may draw a background from (seeded by ``ctx``).
+
+    Flags: ``needs_background`` (uses ``reference_pool``).
+    """
+
+    Options: ClassVar[type[PluginOptions]]
+    needs_background: ClassVar[bool]
+
+    def attribute(
+        self,
+        model: nn.Module,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        reference_pool: torch.Tensor,
+        ctx: RunContext,
+    ) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Segmenter(Protocol):
+    """Splits attribution maps ``[B, C, H, W]`` (channels are summed) into J regions."""
+
+    Options: ClassVar[type[PluginOptions]]
+
+    def segment(self, attributions: torch.Tensor, ctx: RunContext) -> Segmentation: ...
+
+
+@runtime_checkable
+class Critic(Protocol):
+    """Discusses each sample's clusters against its class description, in free text.
+
+    Returns one ``Critique`` per request, in order; a request that could not be answered gets a
+    ``Critique`` with ``failure`` set (never an exception that loses the other answers).
+
+    Flags: ``accepts_images`` (reads the rendered images), ``needs_true_masks`` (reads
+    ``CritiqueRequest.true_mask``: an upper bound, not a real critic).
+    """
+
+    Options: ClassVar[type[PluginOptions]]
+    accepts_images: ClassVar[bool]
+    needs_true_masks: ClassVar[bool]
+
+    def critique(self, requests: Sequence[CritiqueRequest], ctx: RunContext) -> list[Critique]: ...
+
+
+@runtime_checkable
+class Judge(Protocol):
+    """Turns critiques into one yes/no verdict per cluster colour.
+
+    Returns one ``Verdicts`` per critique, in order; an answer that cannot be validated is a
+    ``Verdicts`` with ``failure`` set, never a guess.
+    """
+
+    Options: ClassVar[type[PluginOptions]]
+
+    def judge(self, critiques: Sequence[Critique], ctx: RunContext) -> list[Verdicts]: ...
+
+
+@runtime_checkable
+class Aligner(Protocol):
+    """Fine-tunes ``model`` so that it stops using the masked regions.
+
+    ``masks`` is bool ``[N, H, W]`` for the samples of ``alignment`` (same order); the returned
+    module is a new, aligned model (the input model is left unchanged).
+
+    Flags: ``needs_masks``.
+    """
+
+    Options: ClassVar[type[PluginOptions]]
+    needs_masks: ClassVar[bool]
+
+    def align(
+        self,
+        model: nn.Module,
+        data: SpuriousDataset,
+        alignment: AlignmentSet,
+        masks: torch.Tensor,
+        ctx: RunContext,
+    ) -> nn.Module: ...
+
+
+@runtime_checkable
+class Mitigator(Protocol):
+    """A shortcut-mitigation baseline (DFR, JTT, SUBG, ...): returns a mitigated model.
+
+    ``original`` is the trained model ``f``; ``build_model`` makes a fresh untrained one.
+
+    Flags: ``needs_groups`` (uses group labels of train/val), ``needs_validation``.
+    """
+
+    Options: ClassVar[type[PluginOptions]]
+    needs_groups: ClassVar[bool]
+    needs_validation: ClassVar[bool]
+
+    def mitigate(
+        self,
+        original: nn.Module,
+        build_model: Any,
+        data: SpuriousDataset,
+        ctx: RunContext,
+    ) -> nn.Module: ...
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+    """Scores a model on a data set: returns a flat dict of named numbers (JSON-serialisable).
+
+    Flags: ``needs_groups``, ``needs_true_masks``.
+    """
+
+    Options: ClassVar[type[PluginOptions]]
+    needs_groups: ClassVar[bool]
+    needs_true_masks: ClassVar[bool]
+
+    def evaluate(self, model: nn.Module, data: SpuriousDataset, ctx: RunContext) -> dict[str, Any]: ...
+
+
+#: role name -> protocol; the names are the settings sections that pick a plugin of that role.
+ROLES: dict[str, type] = {
+    "dataset": DatasetProvider,
+    "model": ModelFactory,
+    "attributor": Attributor,
+    "segmenter": Segmenter,
+    "critic": Critic,
+    "judge": Judge,
+    "aligner": Aligner,
+    "mitigator": Mitigator,
+    "evaluator": Evaluator,
+}
+
+
+def check_capabilities(role: str, cls: type) -> list[str]:
+    """Names of the capability flags and methods ``cls`` lacks for ``role`` (empty when fine)."""
+    proto = ROLES[role]
+    missing = []
+    for name in getattr(proto, "__protocol_attrs__", None) or _protocol_members(proto):
+        if not hasattr(cls, name):
+            missing.append(name)
+    return missing
+
+
+def _protocol_members(proto: type) -> set[str]:
+    names = set(getattr(proto, "__annotations__", {}))
+    names |= {k for k, v in vars(proto).items() if callable(v) and not k.startswith("_")}
+    return names
+
+
+__all__ += ["check_capabilities", "Segmentation", "Verdicts", "Critique", "CritiqueRequest"]

@@ -1,0 +1,367 @@
+"""Small frozen records that pass between roles.
+
+Every record holds tensors (CPU unless noted) and plain Python values, and converts to and from
+a ``state`` dict of tensors and primitives so that a stage can save it with ``torch.save`` and
+load it back with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+__all__ = [
+    "Split",
+    "SpuriousDataset",
+    "AlignmentSet",
+    "Segmentation",
+    "RenderedSample",
+    "CritiqueRequest",
+    "Critique",
+    "Verdicts",
+    "Usage",
+]
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of a data set, resident in memory.
+
+    - ``images``: float32 ``[N, C, H, W]`` on the model's input scale.
+    - ``labels``: int64 ``[N]`` class indices.
+    - ``groups``: int64 ``[N]`` group indices (see ``SpuriousDataset.group_names``) or ``None``.
+    - ``spurious_masks``: bool ``[N, H, W]``, True on pixels of a known spurious feature, or
+      ``None`` where the truth is unknown.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    groups: torch.Tensor | None = None
+    spurious_masks: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        n = self.images.shape[0]
+        _check(self.images.dim() == 4, f"Split.images must be [N,C,H,W], got {tuple(self.images.shape)}")
+        _check(self.images.dtype == torch.float32, f"Split.images must be float32, got {self.images.dtype}")
+        _check(tuple(self.labels.shape) == (n,), f"Split.labels must be [{n}], got {tuple(self.labels.shape)}")
+        _check(self.labels.dtype == torch.int64, f"Split.labels must be int64, got {self.labels.dtype}")
+        if self.groups is not None:
+            _check(tuple(self.groups.shape) == (n,), f"Split.groups must be [{n}], got {tuple(self.groups.shape)}")
+        if self.spurious_masks is not None:
+            want = (n, *self.images.shape[2:])
+            _check(
+                tuple(self.spurious_masks.shape) == want and self.spurious_masks.dtype == torch.bool,
+                f"Split.spurious_masks must be bool {list(want)}, got "
+                f"{self.spurious_masks.dtype} {list(self.spurious_masks.shape)}",
+            )
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def subset(self, index: torch.Tensor) -> Split:
+        """The samples at ``index`` (int64 indices or a bool mask)."""
+        return Split(
+            images=self.images[index],
+            labels=self.labels[index],
+            groups=None if self.groups is None else self.groups[index],
+            spurious_masks=None if self.spurious_masks is None else self.spurious_masks[index],
+        )
+
+    def to_state(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> Split:
+        return cls(**state)
+
+
+@dataclass(frozen=True)
+class SpuriousDataset:
+    """What a DatasetProvider returns: splits plus the expert's knowledge about the classes.
+
+    - ``family``: the prompt-template family (``"decoy-mnist"``, ``"knee"``, ``"skin"``, ...).
+    - ``class_names[k]`` and ``class_descriptions[k]`` describe class ``k`` in words.
+    - ``group_names[g]`` names group ``g`` (class x spurious attribute), e.g. ``"7/decoy-match"``.
+    - ``val`` may be ``None`` when the settings ask for no validation split.
+    - ``input_scale``: a note on what the pixel values mean (for reports), e.g. ``"0-255"``.
+    """
+
+    family: str
+    train: Split
+    test: Split
+    class_names: tuple[str, ...]
+    class_descriptions: tuple[str, ...]
+    val: Split | None = None
+    group_names: tuple[str, ...] = ()
+    input_scale: str = "0-1"
+
+    def __post_init__(self) -> None:
+        _check(
+            len(self.class_names) == len(self.class_descriptions),
+            "SpuriousDataset needs one description per class name",
+        )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.train.images.shape[1:]
+        return (int(c), int(h), int(w))
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "train": self.train.to_state(),
+            "test": self.test.to_state(),
+            "val": None if self.val is None else self.val.to_state(),
+            "class_names": list(self.class_names),
+            "class_descriptions": list(self.class_descriptions),
+            "group_names": list(self.group_names),
+            "input_scale": self.input_scale,
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> SpuriousDataset:
+        return cls(
+            family=state["family"],
+            train=Split.from_state(state["train"]),
+            test=Split.from_state(state["test"]),
+            val=None if state["val"] is None else Split.from_state(state["val"]),
+            class_names=tuple(state["class_names"]),
+            class_descriptions=tuple(state["class_descriptions"]),
+            group_names=tuple(state["group_names"]),
+            input_scale=state["input_scale"],
+        )
+
+
+@dataclass(frozen=True)
+class AlignmentSet:
+    """The training samples chosen for alignment.
+
+    - ``indices``: int64 ``[N]`` indices into ``SpuriousDataset.train``.
+    - ``scores``: float32 ``[N]``, the selection score (predictive entropy, nats).
+    - ``strategy``: how they were chosen (``"lowest-entropy"``, ...).
+    """
+
+    indices: torch.Tensor
+    scores: torch.Tensor
+    strategy: str
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+    def to_state(self) -> dict[str, Any]:
+        return {"indices": self.indices, "scores": self.scores, "strategy": self.strategy}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> AlignmentSet:
+        return cls(**state)
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """What a Segmenter returns for a batch of attribution maps.
+
+    - ``labels``: int64 ``[B, H, W]``, cluster index in ``0..J-1`` for every pixel.
+    - ``shares``: float32 ``[B, J]``, mixture weight of each cluster = its share of the positive
+      attribution (rows sum to 1).
+    - ``num_clusters``: J.
+    - ``degenerate``: bool ``[B]``, True where the map had no positive attribution; such a
+      sample has every pixel in cluster 0 and shares ``[1, 0, ...]``.
+    - ``log_likelihood``: float64 ``[B]``, the weighted log-likelihood reached (per unit weight).
+    """
+
+    labels: torch.Tensor
+    shares: torch.Tensor
+    num_clusters: int
+    degenerate: torch.Tensor
+    log_likelihood: torch.Tensor
+
+    def __post_init__(self) -> None:
+        b = self.labels.shape[0]
+        _check(self.labels.dim() == 3, f"Segmentation.labels must be [B,H,W], got {tuple(self.labels.shape)}")
+        _check(
+            tuple(self.shares.shape) == (b, self.num_clusters),
+            f"Segmentation.shares must be [{b},{self.num_clusters}], got {tuple(self.shares.shape)}",
+        )
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def to_state(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> Segmentation:
+        return cls(**state)
+
+
+@dataclass(frozen=True)
+class RenderedSample:
+    """The three PNG images shown to a Critic for one alignment sample.
+
+    ``original``, ``clusters`` and ``overlay`` are PNG file bytes; ``colors`` are the palette
+    names of clusters ``0..J-1`` in order; ``files`` are the paths written in the run directory.
+    """
+
+    sample_id: int
+    original: bytes
+    clusters: bytes
+    overlay: bytes
+    colors: tuple[str, ...]
+    files: tuple[str, ...] = ()
+
+    @property
+    def images(self) -> tuple[bytes, bytes, bytes]:
+        return (self.original, self.clusters, self.overlay)
+
+
+@dataclass(frozen=True)
+class CritiqueRequest:
+    """Everything a Critic may use about one alignment sample.
+
+    - ``sample_id``: index into the training split.
+    - ``label`` / ``class_description``: the true class in words.
+    - ``family``: the data set's template family.
+    - ``rendered``: the three images and the ordered colour names.
+    - ``cluster_map``: int64 ``[H, W]`` cluster labels (for critics that work on geometry).
+    - ``true_mask``: bool ``[H, W]`` or ``None``; only critics with ``needs_true_masks`` may read it.
+    """
+
+    sample_id: int
+    label: str
+    class_description: str
+    family: str
+    rendered: RenderedSample
+    cluster_map: torch.Tensor
+    true_mask: torch.Tensor | None = None
+
+    @property
+    def colors(self) -> tuple[str, ...]:
+        return self.rendered.colors
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Tokens spent and money paid for LVLM calls (zero for local critics)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    requests: int = 0
+    cache_hits: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            self.cost_usd + other.cost_usd,
+            self.requests + other.requests,
+            self.cache_hits + other.cache_hits,
+        )
+
+    def to_state(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class Critique:
+    """A Critic's free-text discussion of one sample's clusters.
+
+    ``text`` is ``None`` exactly when ``failure`` says why no critique could be had.
+    """
+
+    sample_id: int
+    colors: tuple[str, ...]
+    text: str | None
+    failure: str | None = None
+    model: str = ""
+    usage: Usage = field(default_factory=Usage)
+
+    def __post_init__(self) -> None:
+        _check((self.text is None) != (self.failure is None), "Critique needs exactly one of text, failure")
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "sample_id": self.sample_id,
+            "colors": list(self.colors),
+            "text": self.text,
+            "failure": self.failure,
+            "model": self.model,
+            "usage": self.usage.to_state(),
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> Critique:
+        return cls(
+            sample_id=state["sample_id"],
+            colors=tuple(state["colors"]),
+            text=state["text"],
+            failure=state["failure"],
+            model=state["model"],
+            usage=Usage(**state["usage"]),
+        )
+
+
+@dataclass(frozen=True)
+class Verdicts:
+    """A Judge's verdicts for one sample: ``relevant[j]`` True = "yes" (relevant), False = "no"
+    (spurious) for cluster ``colors[j]``. ``relevant`` is ``None`` exactly when ``failure`` says
+    why no valid verdicts could be had; such a sample is left out of alignment."""
+
+    sample_id: int
+    colors: tuple[str, ...]
+    relevant: tuple[bool, ...] | None
+    failure: str | None = None
+    attempts: int = 1
+    usage: Usage = field(default_factory=Usage)
+
+    def __post_init__(self) -> None:
+        _check((self.relevant is None) != (self.failure is None), "Verdicts needs exactly one of relevant, failure")
+        if self.relevant is not None:
+            _check(
+                len(self.relevant) == len(self.colors),
+                f"Verdicts for sample {self.sample_id}: {len(self.relevant)} verdicts for {len(self.colors)} colours",
+            )
+
+    @property
+    def ok(self) -> bool:
+        return self.relevant is not None
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "sample_id": self.sample_id,
+            "colors": list(self.colors),
+            "relevant": None if self.relevant is None else list(self.relevant),
+            "failure": self.failure,
+            "attempts": self.attempts,
+            "usage": self.usage.to_state(),
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> Verdicts:
+        return cls(
+            sample_id=state["sample_id"],
+            colors=tuple(state["colors"]),
+            relevant=None if state["relevant"] is None else tuple(state["relevant"]),
+            failure=state["failure"],
+            attempts=state["attempts"],
+            usage=Usage(**state["usage"]),
+        )
+
+
+def total_usage(items: Sequence[Critique | Verdicts]) -> Usage:
+    out = Usage()
+    for item in items:
+        out = out + item.usage
+    return out

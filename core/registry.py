@@ -1,0 +1,247 @@
+"""Plugin discovery and the registry of factories.
+
+Plugins are modules found through the entry point group ``lvlmva`` (the built-ins too, through
+this project's own entry point). Each implements ``lvlmva_register(registry)`` and adds
+``(role, name, factory)`` triples; the registry records which distribution supplied each one.
+
+Environment:
+
+- ``LVLMVA_DISABLE_PLUGINS=a,b``: block entry points named ``a`` and ``b``, or single plugins
+  written as ``role:name`` (``critic:openai``).
+- ``LVLMVA_DISABLE_PLUGIN_AUTOLOAD=1``: load only this project's own entry point (the test suite
+  sets it so that whatever else is installed cannot change test results).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from types import ModuleType
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .protocols import ROLES, check_capabilities
+
+__all__ = [
+    "PluginEntry",
+    "PluginRegistry",
+    "PluginError",
+    "get_plugin_manager",
+    "get_registry",
+    "reset_plugins",
+]
+
+ENTRY_POINT_GROUP = "lvlmva"
+OWN_DISTRIBUTION = "lvlmva"
+
+
+class PluginError(Exception):
+    """A plugin could not be registered or loaded; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class PluginEntry:
+    role: str
+    name: str
+    factory: type | str
+    distribution: str
+    version: str
+    source: str  # the module that registered it
+
+    @property
+    def summary(self) -> str:
+        """First line of the plugin class's docstring (imports a lazy factory)."""
+        try:
+            doc = inspect.getdoc(resolve_factory(self.factory)) or ""
+        except PluginError as exc:
+            return f"(cannot import: {exc})"
+        return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def resolve_factory(factory: type | str) -> type:
+    if not isinstance(factory, str):
+        return factory
+    module_name, sep, attr = factory.partition(":")
+    if not sep or not module_name or not attr:
+        raise PluginError(f"lazy factory {factory!r} must look like 'package.module:ClassName'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise PluginError(f"cannot import {module_name!r} for {factory!r}: {exc}") from exc
+    try:
+        obj: Any = module
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except AttributeError as exc:
+        raise PluginError(f"{module_name!r} has no attribute {attr!r} (factory {factory!r})") from exc
+    return obj
+
+
+class PluginRegistry:
+    """Role -> name -> :class:`PluginEntry`. Passed to every ``lvlmva_register`` hook."""
+
+    def __init__(self, blocked: Iterable[str] = ()) -> None:
+        self._entries: dict[str, dict[str, PluginEntry]] = {role: {} for role in ROLES}
+        self._blocked = set(blocked)
+        self._source: tuple[str, str, str] = ("unknown", "", "")
+        self._resolved: dict[tuple[str, str], type] = {}
+
+    # -- used by hooks ---------------------------------------------------------------------
+    def add(self, role: str, name: str, factory: type | str) -> None:
+        """Register ``factory`` (a class, or ``"module:attr"`` imported on first use) as plugin
+        ``name`` of ``role``. A second plugin of the same role and name is an error that names
+        both sources."""
+        if role not in ROLES:
+            raise PluginError(
+                f"{self._source[2] or self._source[0]} registers {name!r} for unknown role {role!r}; "
+                f"roles are: {', '.join(ROLES)}"
+            )
+        if not isinstance(factory, (str, type)):
+            raise PluginError(f"factory for {role}:{name} must be a class or 'module:attr', got {factory!r}")
+        if f"{role}:{name}" in self._blocked:
+            return
+        dist, version, module = self._source
+        existing = self._entries[role].get(name)
+        if existing is not None:
+            raise PluginError(
+                f"duplicate {role} plugin {name!r}: registered by {existing.source} "
+                f"({existing.distribution} {existing.version}) and again by {module} ({dist} {version})"
+            )
+        self._entries[role][name] = PluginEntry(role, name, factory, dist, version, module)
+
+    # -- used by the pipeline ----------------------------------------------------------------
+    def names(self, role: str) -> list[str]:
+        return sorted(self._entries[role])
+
+    def entries(self, role: str | None = None) -> Iterator[PluginEntry]:
+        for r in ROLES if role is None else [role]:
+            for name in sorted(self._entries[r]):
+                yield self._entries[r][name]
+
+    def entry(self, role: str, name: str) -> PluginEntry:
+        if role not in ROLES:
+            raise PluginError(f"unknown role {role!r}; roles are: {', '.join(ROLES)}")
+        try:
+            return self._entries[role][name]
+        except KeyError:
+            known = ", ".join(self.names(role)) or "(none registered)"
+            raise PluginError(f"unknown {role} plugin {name!r}; registered: {known}") from None
+
+    def get(self, role: str, name: str) -> type:
+        """The plugin class, imported on first use and checked against the role's protocol."""
+        key = (role, name)
+        if key not in self._resolved:
+            entry = self.entry(role, name)
+            cls = resolve_factory(entry.factory)
+            missing = check_capabilities(role, cls)
+            if missing:
+                raise PluginError(
+                    f"{role} plugin {name!r} ({entry.factory!r} from {entry.distribution}) lacks "
+                    f"{', '.join(sorted(missing))} required of a {role}"
+                )
+            self._resolved[key] = cls
+        return self._resolved[key]
+
+
+class _Loaded:
+    def __init__(self, pm: pluggy.PluginManager, registry: PluginRegistry) -> None:
+        self.pm = pm
+        self.registry = registry
+
+
+_LOADED: _Loaded | None = None
+
+
+def _blocked_names() -> set[str]:
+    raw = os.environ.get("LVLMVA_DISABLE_PLUGINS", "")
+    return {part.strip() for part in raw.split(",") if part.strip()}
+
+
+def _entry_points() -> list[tuple[metadata.EntryPoint, str, str]]:
+    only_own = os.environ.get("LVLMVA_DISABLE_PLUGIN_AUTOLOAD", "") not in ("", "0")
+    found = []
+    seen: set[tuple[str, str]] = set()
+    for dist in metadata.distributions():
+        dist_name = dist.metadata["Name"] or "unknown"
+        if only_own and dist_name != OWN_DISTRIBUTION:
+            continue
+        for ep in dist.entry_points:
+            if ep.group != ENTRY_POINT_GROUP:
+                continue
+            key = (dist_name, ep.name)
+            if key in seen:  # the same distribution seen twice on sys.path
+                continue
+            seen.add(key)
+            found.append((ep, dist_name, dist.version))
+    return found
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    return _load().pm
+
+
+def get_registry() -> PluginRegistry:
+    """The registry of every installed plugin (loaded once per process)."""
+    return _load().registry
+
+
+def reset_plugins() -> None:
+    """Forget loaded plugins (tests; after installing a plugin in a running process)."""
+    global _LOADED
+    _LOADED = None
+    importlib.invalidate_caches()
+
+
+def _load() -> _Loaded:
+    global _LOADED
+    if _LOADED is not None:
+        return _LOADED
+    blocked = _blocked_names()
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    origin: dict[int, tuple[str, str, str]] = {}
+    for ep, dist_name, version in _entry_points():
+        if ep.name in blocked:
+            pm.set_blocked(ep.name)
+            continue
+        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            raise PluginError(
+                f"two entry points named {ep.name!r} in group {ENTRY_POINT_GROUP!r} "
+                f"(the second from {dist_name} {version}); rename one"
+            )
+        try:
+            plugin = ep.load()
+        except Exception as exc:  # report which plugin broke, with its own error
+            raise PluginError(f"cannot load plugin {ep.name!r} ({ep.value}) from {dist_name} {version}: {exc}") from exc
+        pm.register(plugin, name=ep.name)
+        origin[id(plugin)] = (dist_name, version, _module_name(plugin, ep.value))
+    pm.check_pending()
+    registry = PluginRegistry(blocked)
+    for impl in pm.hook.lvlmva_register.get_hookimpls():
+        registry._source = origin.get(id(impl.plugin), ("unknown", "", _module_name(impl.plugin, impl.plugin_name)))
+        impl.function(registry=registry)
+    registry._source = ("unknown", "", "")
+    _LOADED = _Loaded(pm, registry)
+    return _LOADED
+
+
+def register_module(module: ModuleType | object, name: str, distribution: str = "local", version: str = "") -> None:
+    """Register a plugin object in this process without an entry point (notebooks, tests)."""
+    loaded = _load()
+    loaded.pm.register(module, name=name)
+    loaded.pm.check_pending()
+    impl = getattr(module, "lvlmva_register", None)
+    if impl is not None:
+        loaded.registry._source = (distribution, version, _module_name(module, name))
+        impl(registry=loaded.registry)
+        loaded.registry._source = ("unknown", "", "")
+
+
+def _module_name(plugin: object, fallback: str) -> str:
+    return getattr(plugin, "__name__", None) or type(plugin).__name__ or fallback

@@ -1,0 +1,1 @@
+"""Prompt templates shipped with lvlmva (one file per dataset family and role)."""

@@ -1,0 +1,1 @@
+"""Dataset providers and their class specifications."""

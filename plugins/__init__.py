@@ -1,0 +1,46 @@
+"""The built-in plugins, registered through this project's own entry point (group ``lvlmva``)
+exactly as a third party's plugins are. Factories are lazy strings so that a run imports only
+the plugins it uses (an OpenAI critic never imports transformers)."""
+
+from __future__ import annotations
+
+from lvlmva.hookspecs import hookimpl
+
+BUILTINS: dict[str, dict[str, str]] = {
+    "dataset": {
+        "decoy-mnist": "lvlmva.datasets.decoy_mnist:DecoyMnistProvider",
+    },
+    "model": {
+        "mlp": "lvlmva.plugins.models.mlp:MlpFactory",
+    },
+    "attributor": {
+        "deeplift-shap": "lvlmva.plugins.attributors.deeplift_shap:DeepLiftShapAttributor",
+    },
+    "segmenter": {
+        "ppeps-wgm": "lvlmva.plugins.segmenters.ppeps_wgm:PpepsWgmSegmenter",
+    },
+    "critic": {
+        "oracle": "lvlmva.plugins.critics.oracle:OracleCritic",
+        "openai": "lvlmva.plugins.lvlm.openai_backend:OpenAICritic",
+        "transformers": "lvlmva.plugins.lvlm.transformers_backend:TransformersCritic",
+    },
+    "judge": {
+        "rules": "lvlmva.plugins.judges.rules:RulesJudge",
+        "openai": "lvlmva.plugins.lvlm.openai_backend:OpenAIJudge",
+        "transformers": "lvlmva.plugins.lvlm.transformers_backend:TransformersJudge",
+    },
+    "aligner": {
+        "rrr": "lvlmva.plugins.aligners.rrr:RrrAligner",
+    },
+    "mitigator": {},
+    "evaluator": {
+        "standard": "lvlmva.plugins.evaluators.standard:StandardEvaluator",
+    },
+}
+
+
+@hookimpl
+def lvlmva_register(registry):
+    for role, plugins in BUILTINS.items():
+        for name, factory in plugins.items():
+            registry.add(role, name, factory)
