@@ -278,7 +278,8 @@ class Usage:
 class Critique:
     """A Critic's free-text discussion of one sample's clusters.
 
-    ``text`` is ``None`` exactly when ``failure`` says why no critique could be had.
+    ``text`` is ``None`` exactly when ``failure`` says why no critique could be had. Critics copy
+    ``family`` and ``label`` from the request so that a Judge can pick its template.
     """
 
     sample_id: int
@@ -287,6 +288,8 @@ class Critique:
     failure: str | None = None
     model: str = ""
     usage: Usage = field(default_factory=Usage)
+    family: str = ""
+    label: str = ""
 
     def __post_init__(self) -> None:
         _check((self.text is None) != (self.failure is None), "Critique needs exactly one of text, failure")
@@ -299,6 +302,8 @@ class Critique:
             "failure": self.failure,
             "model": self.model,
             "usage": self.usage.to_state(),
+            "family": self.family,
+            "label": self.label,
         }
 
     @classmethod
@@ -310,6 +315,8 @@ class Critique:
             failure=state["failure"],
             model=state["model"],
             usage=Usage(**state["usage"]),
+            family=state.get("family", ""),
+            label=state.get("label", ""),
         )
 
 
