@@ -68,6 +68,7 @@ class RunContext:
     - ``cache_dir``: the user cache (responses, downloaded data), shared between runs.
     - ``refresh``: ignore caches of paid or slow results (``--refresh``).
     - ``progress``: show progress bars (False when not a TTY or when quiet).
+    - ``stage``: the pipeline stage running (added to every logged JSON line as ``run_stage``).
     """
 
     seed: int
@@ -77,6 +78,7 @@ class RunContext:
     cache_dir: Path
     refresh: bool = False
     progress: bool = False
+    stage: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def generator(self, salt: str) -> torch.Generator:
@@ -92,6 +94,8 @@ class RunContext:
     def log_jsonl(self, name: str, record: dict[str, Any]) -> None:
         """Append one JSON line to ``run_dir/name`` (``metrics.jsonl``, ``transcripts.jsonl``).
         Thread-safe; flushed per line so a killed run keeps what it logged."""
+        if self.stage:
+            record = {"run_stage": self.stage, **record}
         line = json.dumps(record, default=str, sort_keys=True)
         with self._lock, open(self.run_dir / name, "a", encoding="utf-8") as fh:
             fh.write(line + "\n")

@@ -1,0 +1,152 @@
+"""The ``lvlmva`` command.
+
+Exit codes: 0 success; 2 bad input (settings, plugin names, combinations), before any work;
+1 failure during a run (the stage is named and the run directory kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+from .pipeline import Pipeline, StageFailed
+from .protocols import ROLES
+from .registry import PluginError, get_registry
+from .settings import SettingsError, load_settings
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lvlmva",
+        description="LVLM-aided visual alignment: explain a vision model, let an LVLM critic judge "
+        "the explanation against an expert's class descriptions, and fine-tune the model away from "
+        "what was judged spurious.",
+        epilog="Settings precedence: --set > LVLMVA_SECTION__KEY environment > settings file > defaults.",
+    )
+    parser.add_argument("--version", action="version", version=f"lvlmva {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add_settings_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("settings", type=Path, metavar="SETTINGS", help="a TOML settings file")
+        p.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+            help="override one setting (repeatable); VALUE is a TOML literal or a bare string",
+        )
+
+    compose = sub.add_parser("compose", help="run the pipeline of a settings file")
+    add_settings_args(compose)
+    compose.add_argument("--out", type=Path, metavar="DIR", help="run directory (default: run.out_dir/run.name)")
+    compose.add_argument("--dry-run", action="store_true", help="validate and print which stages would run, reuse or skip")
+    compose.add_argument("--refresh", action="store_true", help="ignore cached LVLM responses and ask again")
+    compose.add_argument("--quiet", action="store_true", help="no progress bars or stage lines")
+
+    validate = sub.add_parser("validate", help="check a settings file without running anything")
+    add_settings_args(validate)
+
+    plugins = sub.add_parser("plugins", help="list every role's plugins and where they come from")
+    plugins.add_argument("--role", choices=list(ROLES), help="only this role")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return EXIT_BAD_INPUT
+    try:
+        return {"compose": _compose, "validate": _validate, "plugins": _plugins}[args.command](args)
+    except (SettingsError, PluginError) as exc:
+        print(f"lvlmva: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _pipeline(args: argparse.Namespace, quiet: bool = True) -> Pipeline:
+    settings = load_settings(args.settings, args.overrides)
+    out = getattr(args, "out", None) or Path(settings.run.out_dir) / settings.run_name
+    echo = (lambda _msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
+    return Pipeline(
+        settings, out, refresh=getattr(args, "refresh", False),
+        progress=not quiet and sys.stderr.isatty(), echo=echo,
+    )
+
+
+def _validate(args: argparse.Namespace) -> int:
+    pipeline = _pipeline(args)
+    print(f"{args.settings}: ok")
+    for outcome in pipeline.plan():
+        choice = pipeline.settings.plugins.get(_role_of(outcome.name) or "")
+        plugin = f" [{choice.name}]" if choice else ""
+        note = f": {outcome.reason}" if outcome.reason else ""
+        print(f"  {outcome.name:<9} {outcome.status}{plugin}{note}")
+    return EXIT_OK
+
+
+def _role_of(stage: str) -> str | None:
+    from .pipeline import STAGE_BY_NAME
+
+    return STAGE_BY_NAME[stage].role
+
+
+def _compose(args: argparse.Namespace) -> int:
+    pipeline = _pipeline(args, quiet=args.quiet)
+    if args.dry_run:
+        print(f"run directory: {pipeline.run_dir}")
+        for outcome in pipeline.plan():
+            choice = pipeline.settings.plugins.get(_role_of(outcome.name) or "")
+            plugin = f" [{choice.name}]" if choice else ""
+            what = {"pending": "would compute", "reused": "would reuse", "skipped": "skip"}[outcome.status]
+            note = f": {outcome.reason}" if outcome.reason else ""
+            print(f"  {outcome.name:<9} {what}{plugin}{note}")
+        return EXIT_OK
+    if not args.quiet:
+        print(f"lvlmva {__version__}: run directory {pipeline.run_dir}", file=sys.stderr)
+    try:
+        results = pipeline.run()
+    except StageFailed as exc:
+        print(f"lvlmva: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    summary = _summary(results)
+    if summary:
+        print(summary)
+    print(f"results: {pipeline.run_dir / 'results.json'}")
+    report = pipeline.run_dir / "report.md"
+    if report.exists():
+        print(f"report:  {report}")
+    return EXIT_OK
+
+
+def _summary(results: dict) -> str:
+    lines = []
+    for name, metrics in (results.get("models") or {}).items():
+        parts = [f"{key}={metrics[key]:.4f}" for key in ("accuracy", "aga", "wga", "alignment_score") if isinstance(metrics.get(key), float)]
+        lines.append(f"  {name:<16} " + " ".join(parts))
+    verdicts = results.get("verdicts")
+    if verdicts and isinstance(verdicts.get("verdict_accuracy"), float):
+        lines.append(f"  verdict accuracy {verdicts['verdict_accuracy']:.4f}")
+    return "\n".join(lines)
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    registry = get_registry()
+    table = Table(title="lvlmva plugins", show_lines=False)
+    for column in ("role", "name", "distribution", "version", "summary"):
+        table.add_column(column, overflow="fold")
+    for role in [args.role] if args.role else list(ROLES):
+        entries = list(registry.entries(role))
+        if not entries:
+            table.add_row(role, "-", "", "", "(none installed)")
+        for entry in entries:
+            table.add_row(role, entry.name, entry.distribution, entry.version, entry.summary)
+    Console(width=160 if not sys.stdout.isatty() else None).print(table)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Right-for-the-Right-Reasons alignment (Ross et al. 2017).
+
+The loss, for a batch of ``B`` samples with binary correction masks ``A`` (``A = 0`` for
+ordinary samples)::
+
+    L = CE + lam * penalty
+    CE      = mean_n  cross_entropy(f(x_n), y_n)
+    penalty = mean_n  sum_{c,i} (A_ni * d/dx_nci sum_k log_softmax(f(x_n))_k)^2
+
+Reduction: the penalty is summed over channels and pixels and averaged over the *whole* batch,
+ordinary samples included (they contribute 0 but count in the mean), exactly like the cross
+entropy. With 8 alignment + 64 ordinary samples per step the penalty is therefore 8/72 of the
+mean penalty of the alignment samples; ``lam`` values from other code bases that sum over the
+batch must be divided by the batch size to compare. ``gamma`` (L2 on the weights) is 0 in the
+method; the option ``weight_decay`` gives Adam's decoupled-from-the-loss equivalent when wanted.
+
+The input gradients use plain ``torch.autograd.grad(..., create_graph=True)`` (double
+backprop), never captum: the penalty must stay differentiable with respect to the parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from lvlmva.protocols import PluginOptions, RunContext
+from lvlmva.records import AlignmentSet, SpuriousDataset
+from pydantic import Field
+from torch import nn
+
+__all__ = ["rrr_loss", "RrrAligner", "RrrOptions"]
+
+
+def _has_batch_coupling(model: nn.Module) -> bool:
+    """True when a layer mixes samples of a batch (batch norm using batch statistics): the
+    batch may then not be split into separately forwarded parts without changing the loss."""
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()
+    )
+
+
+def rrr_loss(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    masks: torch.Tensor,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The RRR loss of one batch: returns ``(total, ce, penalty)`` with ``total = ce + lam *
+    penalty`` (see the module docstring for the reductions: both terms are means over the batch).
+
+    - ``inputs``: float ``[B, C, H, W]``; ``targets``: int64 ``[B]``.
+    - ``masks``: ``[B, H, W]`` (broadcast over channels) or ``[B, C, H, W]``, bool or float;
+      non-zero = "the model must not use this pixel".
+
+    Input gradients are computed only for samples whose mask is non-empty; the cross entropy
+    covers all samples. For models that treat samples independently this is the same number as
+    differentiating the whole batch (the penalty of an all-zero mask is 0), at a fraction of the
+    double-backprop cost. Models with batch statistics in training mode (batch norm) are
+    forwarded as one batch so that the statistics are those of the whole batch.
+    """
+    if inputs.dim() != 4:
+        raise ValueError(f"rrr_loss: inputs must be [B,C,H,W], got {tuple(inputs.shape)}")
+    b = inputs.shape[0]
+    if masks.dim() == 3:
+        masks = masks.unsqueeze(1)
+    if masks.dim() != 4 or masks.shape[0] != b or masks.shape[2:] != inputs.shape[2:]:
+        raise ValueError(
+            f"rrr_loss: masks must be [B,H,W] or [B,C,H,W] matching inputs {tuple(inputs.shape)}, "
+            f"got {tuple(masks.shape)}"
+        )
+    if masks.shape[1] not in (1, inputs.shape[1]):
+        raise ValueError(
+            f"rrr_loss: mask channels {masks.shape[1]} do not broadcast to {inputs.shape[1]}"
+        )
+    if tuple(targets.shape) != (b,):
+        raise ValueError(f"rrr_loss: targets must be [{b}], got {tuple(targets.shape)}")
+    weights = masks.to(inputs.dtype)
+    inputs = inputs.detach()
+    masked = weights.flatten(1).ne(0).any(dim=1)
+
+    if _has_batch_coupling(model):
+        x = inputs.clone().requires_grad_(True)
+        logits = model(x)
+        ce = F.cross_entropy(logits, targets)
+        (grad,) = torch.autograd.grad(F.log_softmax(logits, dim=1).sum(), x, create_graph=True)
+        penalty = (weights * grad).square().sum() / b
+        return ce + lam * penalty, ce, penalty
+
+    sel = masked.nonzero().squeeze(1)
+    rest = (~masked).nonzero().squeeze(1)
+    ce_sum = inputs.new_zeros(())
+    penalty_sum = inputs.new_zeros(())
+    if sel.numel():
+        x = inputs[sel].requires_grad_(True)
+        logits = model(x)
+        ce_sum = F.cross_entropy(logits, targets[sel], reduction="sum")
+        # Sum over samples and classes: each sample's input gradient only sees its own outputs.
+        (grad,) = torch.autograd.grad(F.log_softmax(logits, dim=1).sum(), x, create_graph=True)
+        penalty_sum = (weights[sel] * grad).square().sum()
+    if rest.numel():
+        ce_sum = ce_sum + F.cross_entropy(model(inputs[rest]), targets[rest], reduction="sum")
+    ce = ce_sum / b
+    penalty = penalty_sum / b
+    return ce + lam * penalty, ce, penalty
+
+
+class RrrOptions(PluginOptions):
+    """Options of the RRR aligner."""
+
+    lam: float = Field(
+        1.0,
+        ge=0,
+        description="lambda: weight of the input-gradient penalty (penalty = sum over pixels, mean "
+        "over the batch of 8 alignment + 64 ordinary samples). Its scale depends on the input "
+        "scale: gradients on 0-255 inputs are 255x smaller than on 0-1 inputs.",
+    )
+    epochs: int = Field(3, ge=0, description="Passes over the ordinary training samples.")
+    lr: float = Field(
+        1e-3, gt=0, description="Adam learning rate (the paper used 1e-5 with 1000 epochs)."
+    )
+    weight_decay: float = Field(
+        0.0, ge=0, description="Adam weight decay (gamma; 0 in the method)."
+    )
+    alignment_batch: int = Field(
+        8, ge=1, description="Alignment samples per step (cycled through a seeded permutation)."
+    )
+    ordinary_batch: int = Field(
+        64, ge=0, description="Ordinary training samples per step (mask A = 0)."
+    )
+    max_steps_per_epoch: int | None = Field(
+        None,
+        ge=1,
+        description="Stop an epoch after this many steps (quick runs); None = full pass.",
+    )
+
+
+class RrrAligner:
+    """Fine-tunes a copy of the model with the Right-for-the-Right-Reasons loss (Ross et al. 2017).
+
+    Each step takes ``alignment_batch`` alignment samples with their masks (a seeded permutation
+    of the alignment set, repeated as needed) and ``ordinary_batch`` training samples with an
+    empty mask (a seeded permutation of the whole training split per epoch; an epoch is one pass
+    over it). Tensors stay resident; batches move to ``ctx.device`` per step. The returned model
+    is a new module in eval mode; the input model is left unchanged.
+    """
+
+    Options: ClassVar[type[PluginOptions]] = RrrOptions
+    needs_masks: ClassVar[bool] = True
+
+    def __init__(self, options: RrrOptions) -> None:
+        self.options = options
+
+    def align(
+        self,
+        model: nn.Module,
+        data: SpuriousDataset,
+        alignment: AlignmentSet,
+        masks: torch.Tensor,
+        ctx: RunContext,
+    ) -> nn.Module:
+        opts = self.options
+        n_align = len(alignment)
+        if n_align == 0:
+            raise ValueError("RrrAligner: the alignment set is empty (no sample has a valid mask)")
+        spatial = tuple(data.train.images.shape[2:])
+        if masks.dim() != 3 or masks.shape[0] != n_align or tuple(masks.shape[1:]) != spatial:
+            raise ValueError(
+                f"RrrAligner: masks must be [{n_align},{spatial[0]},{spatial[1]}] for the "
+                f"alignment set, got {tuple(masks.shape)}"
+            )
+        train = data.train
+        n_train = len(train)
+        if opts.ordinary_batch > 0 and n_train == 0:
+            raise ValueError("RrrAligner: the training split is empty")
+
+        device = ctx.device
+        aligned = copy.deepcopy(model).to(device)
+        aligned.train()
+        optimiser = torch.optim.Adam(
+            aligned.parameters(), lr=opts.lr, weight_decay=opts.weight_decay
+        )
+
+        align_images = train.images[alignment.indices]
+        align_labels = train.labels[alignment.indices]
+        align_masks = masks.to(torch.bool)
+        ordinary_masks = torch.zeros(
+            (min(opts.ordinary_batch, n_train), *spatial), dtype=torch.bool
+        )
+        align_gen = ctx.generator("rrr-alignment-order")
+        align_stream = _CyclingPermutation(n_align, align_gen)
+
+        if opts.ordinary_batch > 0:
+            steps = math.ceil(n_train / opts.ordinary_batch)
+        else:
+            steps = math.ceil(n_align / opts.alignment_batch)
+        if opts.max_steps_per_epoch is not None:
+            steps = min(steps, opts.max_steps_per_epoch)
+
+        # Dropout and other stochastic layers draw from the global generator: seed it from the
+        # run and restore it afterwards so that aligning does not shift other stages' numbers.
+        cuda_devices = [device] if device.type == "cuda" else []
+        with (
+            torch.random.fork_rng(devices=cuda_devices),
+            _progress(ctx, opts.epochs * steps) as advance,
+        ):
+            torch.manual_seed(ctx.generator("rrr-stochastic-layers").initial_seed())
+            for epoch in range(opts.epochs):
+                start = time.perf_counter()
+                order = torch.randperm(n_train, generator=ctx.generator(f"rrr-epoch-{epoch}"))
+                totals = torch.zeros(3, dtype=torch.float64)
+                for step in range(steps):
+                    a_idx = align_stream.take(opts.alignment_batch)
+                    o_idx = order[step * opts.ordinary_batch : (step + 1) * opts.ordinary_batch]
+                    inputs = torch.cat([align_images[a_idx], train.images[o_idx]]).to(device)
+                    targets = torch.cat([align_labels[a_idx], train.labels[o_idx]]).to(device)
+                    batch_masks = torch.cat(
+                        [align_masks[a_idx], ordinary_masks[: o_idx.numel()]]
+                    ).to(device)
+                    total, ce, penalty = rrr_loss(aligned, inputs, targets, batch_masks, opts.lam)
+                    if not torch.isfinite(total):
+                        raise FloatingPointError(
+                            f"RrrAligner: loss became {total.item()} at epoch {epoch} step {step} "
+                            f"(ce {ce.item()}, penalty {penalty.item()}); lower lam or lr"
+                        )
+                    optimiser.zero_grad(set_to_none=True)
+                    total.backward()
+                    optimiser.step()
+                    totals += (
+                        torch.stack([total.detach(), ce.detach(), penalty.detach()]).double().cpu()
+                    )
+                    advance()
+                means = (totals / max(steps, 1)).tolist()
+                ctx.log_jsonl(
+                    "metrics.jsonl",
+                    {
+                        "stage": "align",
+                        "epoch": epoch,
+                        "loss": means[0],
+                        "ce": means[1],
+                        "penalty": means[2],
+                        "steps": steps,
+                        "seconds": time.perf_counter() - start,
+                    },
+                )
+        aligned.eval()
+        return aligned
+
+
+class _CyclingPermutation:
+    """An endless stream of indices ``0..n-1``: seeded permutations, one after another."""
+
+    def __init__(self, n: int, generator: torch.Generator) -> None:
+        self.n = n
+        self.generator = generator
+        self.buffer = torch.empty(0, dtype=torch.int64)
+
+    def take(self, k: int) -> torch.Tensor:
+        while self.buffer.numel() < k:
+            self.buffer = torch.cat([self.buffer, torch.randperm(self.n, generator=self.generator)])
+        out, self.buffer = self.buffer[:k], self.buffer[k:]
+        return out
+
+
+@contextlib.contextmanager
+def _progress(ctx: RunContext, total: int) -> Iterator[Callable[[], None]]:
+    """Yields a function that advances a rich progress bar over ``total`` steps when
+    ``ctx.progress``, and does nothing otherwise."""
+    if not ctx.progress:
+        yield lambda: None
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as progress:
+        task = progress.add_task("align (RRR)", total=total)
+        yield lambda: progress.advance(task)

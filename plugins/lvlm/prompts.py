@@ -1,0 +1,197 @@
+"""Prompt templates for LVLM critics and judges: loading, checking and filling them in.
+
+A template is a TOML file with a ``version`` string and a ``text`` (the prompt, with the
+placeholders ``<label>``, ``<class_description>``, ``<num_clusters>``, ``<cluster_colors>``).
+Judge templates may add ``user``: the user message around the critique (``<critique>``); critic
+templates may add a ``class_descriptions`` table (the expert's class specifications).
+
+Built-in templates live in :mod:`lvlmva.templates` (one per dataset family and role); a user
+points the plugin option ``template`` at a file of their own. The version goes into the response
+cache key, so editing a template and bumping its version never reuses stale answers.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lvlmva.records import Critique, CritiqueRequest
+from lvlmva.templates import ROLES, builtin_template_path
+
+__all__ = [
+    "PLACEHOLDERS",
+    "REQUIRED_PLACEHOLDERS",
+    "DEFAULT_JUDGE_USER",
+    "TemplateError",
+    "PromptTemplate",
+    "load_template",
+    "class_specifications",
+    "format_colors",
+    "render_critic_prompt",
+    "render_judge_prompt",
+]
+
+#: every placeholder a template may use
+PLACEHOLDERS = ("<label>", "<class_description>", "<num_clusters>", "<cluster_colors>")
+
+#: placeholders a template of each role must contain (a judge does not need the class)
+REQUIRED_PLACEHOLDERS: dict[str, tuple[str, ...]] = {
+    "critic": ("<label>", "<class_description>", "<num_clusters>", "<cluster_colors>"),
+    "judge": ("<num_clusters>", "<cluster_colors>"),
+}
+
+#: the judge's user message when a template gives none
+DEFAULT_JUDGE_USER = "The answer to convert:\n\n<critique>"
+
+CRITIQUE_PLACEHOLDER = "<critique>"
+
+
+class TemplateError(ValueError):
+    """A template file is missing, unreadable, or lacks a key or placeholder; the message names
+    the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A loaded prompt template.
+
+    - ``family``: the dataset family (``"decoy-mnist"``, ``"knee"``, ``"skin"``, ...).
+    - ``role``: ``"critic"`` or ``"judge"``.
+    - ``version``: goes into the response cache key.
+    - ``text``: the prompt (critic) or the instructions with few-shot examples (judge).
+    - ``user``: the judge's user message around ``<critique>`` (unused by critics).
+    - ``class_descriptions``: the expert's class specifications shipped with a critic template.
+    - ``source``: the file it came from.
+    """
+
+    family: str
+    role: str
+    version: str
+    text: str
+    user: str = DEFAULT_JUDGE_USER
+    class_descriptions: Mapping[str, str] = field(default_factory=dict)
+    source: str = ""
+
+
+def load_template(family: str, role: str, path: str | Path | None = None) -> PromptTemplate:
+    """The template for ``family`` and ``role``: the built-in one, or the user's file at ``path``.
+
+    Raises :class:`TemplateError` naming the file and the missing key or placeholder.
+    """
+    if role not in ROLES:
+        raise TemplateError(f"unknown template role {role!r}; roles are: {', '.join(ROLES)}")
+    if path is None:
+        try:
+            file = builtin_template_path(family, role)
+        except FileNotFoundError as exc:
+            raise TemplateError(str(exc)) from None
+    else:
+        file = Path(path).expanduser()
+    try:
+        raw = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TemplateError(f"{file}: no such {role} template file") from None
+    except OSError as exc:
+        raise TemplateError(f"{file}: cannot read {role} template: {exc}") from None
+    try:
+        data = tomllib.loads(raw)
+    except tomllib.TOMLDecodeError as exc:
+        raise TemplateError(f"{file}: not valid TOML: {exc}") from None
+
+    for key in ("version", "text"):
+        if key not in data:
+            raise TemplateError(f"{file}: {role} template needs the key {key!r} (a string)")
+        if not isinstance(data[key], str) or not data[key].strip():
+            raise TemplateError(f"{file}: {key!r} must be a non-empty string, got {data[key]!r}")
+    allowed = {"version", "text", "user", "class_descriptions", "family", "role"}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise TemplateError(f"{file}: unknown keys {unknown}; allowed: {sorted(allowed)}")
+    if "role" in data and data["role"] != role:
+        raise TemplateError(f"{file}: declares role {data['role']!r} but is used as a {role} template")
+
+    text = data["text"].strip()
+    missing = [p for p in REQUIRED_PLACEHOLDERS[role] if p not in text]
+    if missing:
+        raise TemplateError(
+            f"{file}: {role} template text lacks the placeholder(s) {', '.join(missing)} "
+            f"(a {role} template must contain {', '.join(REQUIRED_PLACEHOLDERS[role])})"
+        )
+    user = data.get("user", DEFAULT_JUDGE_USER)
+    if not isinstance(user, str):
+        raise TemplateError(f"{file}: 'user' must be a string, got {user!r}")
+    user = user.strip()
+    if role == "judge" and CRITIQUE_PLACEHOLDER not in user:
+        raise TemplateError(f"{file}: judge template 'user' lacks the placeholder {CRITIQUE_PLACEHOLDER}")
+    descriptions = data.get("class_descriptions", {})
+    if not isinstance(descriptions, dict) or not all(
+        isinstance(v, str) for v in descriptions.values()
+    ):
+        raise TemplateError(f"{file}: 'class_descriptions' must be a table of strings")
+    return PromptTemplate(
+        family=str(data.get("family", family)),
+        role=role,
+        version=data["version"].strip(),
+        text=text,
+        user=user,
+        class_descriptions={str(k): v for k, v in descriptions.items()},
+        source=str(file),
+    )
+
+
+def class_specifications(family: str) -> dict[str, str]:
+    """The expert's class descriptions shipped with the built-in critic template of ``family``
+    (class name -> description), e.g. for a data set provider that has none of its own."""
+    return dict(load_template(family, "critic").class_descriptions)
+
+
+def format_colors(colors: Sequence[str]) -> str:
+    """Colour names as the prompts list them: ``"red, blue, green"``."""
+    return ", ".join(colors)
+
+
+def _fill(text: str, values: Mapping[str, str]) -> str:
+    # Plain replacement, not str.format: templates contain JSON braces.
+    for placeholder, value in values.items():
+        text = text.replace(placeholder, value)
+    return text
+
+
+def render_critic_prompt(template: PromptTemplate, request: CritiqueRequest) -> str:
+    """The critic prompt for one alignment sample."""
+    if template.role != "critic":
+        raise TemplateError(f"{template.source}: a {template.role} template cannot render a critic prompt")
+    colors = request.colors
+    if not colors:
+        raise ValueError(f"sample {request.sample_id}: no cluster colours to ask about")
+    return _fill(
+        template.text,
+        {
+            "<label>": str(request.label),
+            "<class_description>": str(request.class_description),
+            "<num_clusters>": str(len(colors)),
+            "<cluster_colors>": format_colors(colors),
+        },
+    )
+
+
+def render_judge_prompt(template: PromptTemplate, critique: Critique) -> tuple[str, str]:
+    """``(instructions, user_text)`` for judging one critique: the instructions (system message)
+    with few-shot examples, and the user message that carries the critique's text."""
+    if template.role != "judge":
+        raise TemplateError(f"{template.source}: a {template.role} template cannot render a judge prompt")
+    if critique.text is None:
+        raise ValueError(
+            f"sample {critique.sample_id}: the critique failed ({critique.failure}); nothing to judge"
+        )
+    values = {
+        "<label>": critique.label,
+        "<num_clusters>": str(len(critique.colors)),
+        "<cluster_colors>": format_colors(critique.colors),
+    }
+    instructions = _fill(template.text, values)
+    # The critique goes in last so that text inside it is never treated as a placeholder.
+    user = _fill(template.user, values).replace(CRITIQUE_PLACEHOLDER, critique.text.strip())
+    return instructions, user
