@@ -1,0 +1,279 @@
+"""Tiny plugins for pipeline tests: fast, deterministic, and instrumented (they count calls and
+can be told to fail or to stall, so resume and kill behaviour can be observed)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from pathlib import Path
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from lvlmva.hookspecs import hookimpl
+from lvlmva.protocols import PluginOptions
+from lvlmva.records import Critique, Segmentation, Split, SpuriousDataset, Verdicts
+
+CALLS_FILE_ENV = "LVLMVA_TOY_CALLS"
+
+
+def _count(name: str) -> None:
+    path = os.environ.get(CALLS_FILE_ENV)
+    if path:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(name + "\n")
+
+
+def _maybe_stall(name: str) -> None:
+    if os.environ.get("LVLMVA_TOY_STALL") == name:
+        Path(os.environ["LVLMVA_TOY_STALL_FLAG"]).write_text("stalling")
+        time.sleep(120)
+    if os.environ.get("LVLMVA_TOY_FAIL") == name:
+        raise RuntimeError(f"toy {name} was told to fail")
+
+
+class ToyDataset:
+    """Two classes of 8x8 images; class 1 carries a bright pixel block in a corner (the shortcut)."""
+
+    class Options(PluginOptions):
+        n: int = Field(96, description="training samples")
+
+    has_groups = True
+    has_true_masks = True
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+
+    def load(self, ctx):
+        _count("data")
+        g = ctx.generator("toy-data")
+
+        def make(n: int) -> Split:
+            labels = torch.randint(0, 2, (n,), generator=g)
+            images = torch.rand(n, 1, 8, 8, generator=g) * 0.2
+            images[labels == 1, 0, 2:6, 2:6] += 0.8
+            masks = torch.zeros(n, 8, 8, dtype=torch.bool)
+            masks[:, :2, :2] = True
+            images[:, 0, :2, :2] = labels.view(-1, 1, 1).float()
+            return Split(images.float(), labels.long(), labels.long() * 2, masks)
+
+        return SpuriousDataset(
+            family="toy",
+            train=make(self.options.n),
+            test=make(48),
+            class_names=("plain", "square"),
+            class_descriptions=("no square", "a square in the middle"),
+            group_names=("plain/a", "plain/b", "square/a", "square/b"),
+        )
+
+
+class ToyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU())
+        self.head = nn.Linear(16, 2)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class ToyModel:
+    """A 64-16-2 MLP."""
+
+    class Options(PluginOptions):
+        pass
+
+    def __init__(self, options) -> None:
+        self.options = options
+
+    def build(self, input_shape, num_classes):
+        return ToyNet()
+
+
+class ToyAttributor:
+    """Gradient times input."""
+
+    class Options(PluginOptions):
+        pass
+
+    needs_background = False
+
+    def __init__(self, options) -> None:
+        self.options = options
+
+    def attribute(self, model, inputs, targets, reference_pool, ctx):
+        _count("attribute")
+        x = inputs.clone().requires_grad_(True)
+        out = model(x).gather(1, targets.view(-1, 1)).sum()
+        (grad,) = torch.autograd.grad(out, x)
+        return (grad * x).detach()
+
+
+class ToySegmenter:
+    """Four quadrants as four clusters."""
+
+    class Options(PluginOptions):
+        num_clusters: int = Field(4, description="always 4")
+
+    def __init__(self, options) -> None:
+        self.options = options
+
+    def segment(self, attributions, ctx):
+        _count("segment")
+        b, _, h, w = attributions.shape
+        rows = (torch.arange(h) >= h // 2).long().view(h, 1)
+        cols = (torch.arange(w) >= w // 2).long().view(1, w)
+        labels = (rows * 2 + cols).expand(b, h, w).clone()
+        return Segmentation(
+            labels=labels,
+            shares=torch.full((b, 4), 0.25),
+            num_clusters=4,
+            degenerate=torch.zeros(b, dtype=torch.bool),
+            log_likelihood=torch.zeros(b, dtype=torch.float64),
+        )
+
+
+class ToyCritic:
+    """Calls the top-left quadrant spurious."""
+
+    class Options(PluginOptions):
+        pass
+
+    accepts_images = True
+    needs_true_masks = False
+
+    def __init__(self, options) -> None:
+        self.options = options
+
+    def critique(self, requests, ctx):
+        _count("critic")
+        _maybe_stall("critic")
+        return [
+            Critique(r.sample_id, r.colors, "\n".join(f"{c}: Verdict: {'no' if i == 0 else 'yes'}" for i, c in enumerate(r.colors)), family=r.family, label=r.label)
+            for r in requests
+        ]
+
+
+class ToyJudge:
+    """Reads the toy critic's lines; fails on sample ids listed in an option."""
+
+    class Options(PluginOptions):
+        fail_ids: list[int] = Field(default_factory=list, description="samples to fail")
+
+    def __init__(self, options) -> None:
+        self.options = options
+
+    def judge(self, critiques, ctx):
+        _count("judge")
+        out = []
+        for c in critiques:
+            if c.sample_id in self.options.fail_ids:
+                out.append(Verdicts(c.sample_id, c.colors, None, failure="told to fail"))
+                continue
+            rel = tuple(line.rstrip().endswith("yes") for line in c.text.splitlines())
+            out.append(Verdicts(c.sample_id, c.colors, rel))
+        return out
+
+
+class ToyAligner:
+    """Copies the model and nudges its head (enough to tell it apart)."""
+
+    class Options(PluginOptions):
+        shift: float = Field(0.01, description="added to the head bias")
+
+    needs_masks = True
+
+    def __init__(self, options) -> None:
+        self.options = options
+
+    def align(self, model, data, alignment, masks, ctx):
+        _count("align")
+        _maybe_stall("align")
+        new = copy.deepcopy(model)
+        with torch.no_grad():
+            new.head.bias += self.options.shift * float(masks.float().mean())
+        return new
+
+
+class ToyEvaluator:
+    """Accuracy on the test split."""
+
+    class Options(PluginOptions):
+        pass
+
+    needs_groups = False
+    needs_true_masks = False
+
+    def __init__(self, options) -> None:
+        self.options = options
+
+    def evaluate(self, model, data, ctx, attribute=None):
+        _count("evaluate")
+        with torch.no_grad():
+            pred = model(data.test.images).argmax(1)
+        return {"accuracy": float((pred == data.test.labels).float().mean())}
+
+
+TOYS = {
+    "dataset": {"toy": ToyDataset},
+    "model": {"toy": ToyModel},
+    "attributor": {"toy": ToyAttributor},
+    "segmenter": {"toy": ToySegmenter},
+    "critic": {"toy": ToyCritic},
+    "judge": {"toy": ToyJudge},
+    "aligner": {"toy": ToyAligner},
+    "evaluator": {"toy": ToyEvaluator},
+}
+
+
+@hookimpl
+def lvlmva_register(registry):
+    for role, plugins in TOYS.items():
+        for name, cls in plugins.items():
+            registry.add(role, name, cls)
+
+
+TOY_SETTINGS = """
+[run]
+seed = 0
+device = "cpu"
+
+[dataset]
+plugin = "toy"
+
+[model]
+plugin = "toy"
+
+[train]
+epochs = 2
+batch_size = 16
+
+[selection]
+n = 12
+
+[attributor]
+plugin = "toy"
+
+[segmenter]
+plugin = "toy"
+
+[critic]
+plugin = "toy"
+
+[judge]
+plugin = "toy"
+
+[aligner]
+plugin = "toy"
+
+[evaluator]
+plugin = "toy"
+
+[report]
+enabled = false
+"""
