@@ -165,7 +165,11 @@ def render_samples(
     the first ``num_clusters`` names of ``options.palette``.
     """
     b = images.shape[0]
-    if labels.dim() != 3 or labels.shape[0] != b or tuple(labels.shape[1:]) != tuple(images.shape[2:]):
+    if (
+        labels.dim() != 3
+        or labels.shape[0] != b
+        or tuple(labels.shape[1:]) != tuple(images.shape[2:])
+    ):
         raise ValueError(
             f"labels {tuple(labels.shape)} do not match images {tuple(images.shape)} (want [B,H,W])"
         )
@@ -184,8 +188,11 @@ def render_samples(
     clusters = colorize_labels(labels, palette)
     alpha = float(options.overlay_alpha)
     overlay = (
-        (1.0 - alpha) * original.to(torch.float32) + alpha * clusters.to(torch.float32)
-    ).round().clamp(0, 255).to(torch.uint8)
+        ((1.0 - alpha) * original.to(torch.float32) + alpha * clusters.to(torch.float32))
+        .round()
+        .clamp(0, 255)
+        .to(torch.uint8)
+    )
     original, clusters, overlay = (_upscale(t, factor) for t in (original, clusters, overlay))
 
     out_dir = Path(out_dir)

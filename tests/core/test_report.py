@@ -1,0 +1,215 @@
+"""Tests of lvlmva.report.write_report on small fake results."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from lvlmva.records import Critique, Verdicts
+from lvlmva.rendering import render_samples
+from lvlmva.report import write_report
+from lvlmva.settings import RenderOptions, ReportOptions
+from PIL import Image
+
+RESULTS = {
+    "models": {
+        "aligned": {"accuracy": 0.9123, "aga": 0.9012, "wga": 0.8345, "alignment_score": 0.9511},
+        "original": {
+            "accuracy": 0.5512,
+            "aga": 0.5234,
+            "wga": 0.1056,
+            "alignment_score": 0.3120,
+            "group_accuracy": {"decoy-match": 0.9876, "decoy-mismatch": 0.1056},
+        },
+        "true-mask bound": {"accuracy": 0.9601, "aga": 0.9555, "wga": 0.9333},
+    },
+    "verdicts": {
+        "verdict_accuracy": 0.8750,
+        "cluster_accuracy": 0.9375,
+        "confusion": {"tp": 7, "fp": 1, "tn": 23, "fn": 1},
+        "failed": 1,
+    },
+    "alignment": {
+        "samples": 3,
+        "failed": 1,
+        "failures": [{"sample_id": 12, "stage": "judge", "reason": "colour 'grey': not discussed"}],
+    },
+    "usage": {
+        "prompt_tokens": 1234,
+        "completion_tokens": 567,
+        "cost_usd": 0.0421,
+        "requests": 3,
+        "cache_hits": 1,
+    },
+    "timings": {"train": 12.5, "critic": 3.5},
+}
+
+
+def _run_pieces(run_dir):
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 1, 8, 8, generator=g)
+    labels = torch.randint(0, 3, (3, 8, 8), generator=g)
+    rendered = render_samples(
+        images, labels, [10, 11, 12], RenderOptions(size=28), 3, run_dir / "render", "render"
+    )
+    colors = rendered[0].colors
+    verdicts = [
+        Verdicts(10, colors, (False, True, True)),
+        Verdicts(11, colors, (True, True, False)),
+        Verdicts(12, colors, None, failure="rules judge, sample 12: colour 'grey': not discussed"),
+    ]
+    critiques = [
+        Critique(i, colors, f"red: sample {i} text. Verdict: no\n" * 3, model="oracle")
+        for i in (10, 11, 12)
+    ]
+    test_images = torch.rand(4, 1, 8, 8, generator=g)
+    attributions = {k: torch.randn(4, 1, 8, 8, generator=g) for k in ("original", "aligned")}
+    with open(run_dir / "metrics.jsonl", "w", encoding="utf-8") as fh:
+        for tag in ("train", "align"):
+            for e in range(3):
+                fh.write(
+                    json.dumps(
+                        {
+                            "stage": tag,
+                            "epoch": e,
+                            "loss": 1 / (e + 1),
+                            "train_accuracy": 0.5 + e / 10,
+                        }
+                    )
+                    + "\n"
+                )
+        fh.write(json.dumps({"stage": "evaluate", "accuracy": 0.5}) + "\n")
+    return rendered, verdicts, critiques, test_images, attributions
+
+
+def _open_png(path):
+    with Image.open(path) as im:
+        im.load()
+        assert im.format == "PNG" and im.width > 100 and im.height > 100
+
+
+def test_full_report(tmp_path):
+    rendered, verdicts, critiques, test_images, attributions = _run_pieces(tmp_path)
+    path = write_report(
+        tmp_path,
+        RESULTS,
+        options=ReportOptions(samples=2, test_images=3),
+        rendered=rendered,
+        verdicts=verdicts,
+        critiques=critiques,
+        test_images=test_images,
+        test_labels=torch.tensor([0, 1, 2, 3]),
+        attributions=attributions,
+        class_names=["zero", "one", "two", "three"],
+    )
+    assert path == tmp_path / "report.md"
+    text = path.read_text(encoding="utf-8")
+    # the model table, rows in the order original, aligned, bound
+    assert "| original | 0.5512 | 0.5234 | 0.1056 | – | 0.3120 |" in text
+    assert "| aligned | 0.9123 | 0.9012 | 0.8345 | – | 0.9511 |" in text
+    assert "| true-mask bound | 0.9601 | 0.9555 | 0.9333 | – | – |" in text
+    assert (
+        text.index("| original |") < text.index("| aligned |") < text.index("| true-mask bound |")
+    )
+    assert "| decoy-match | decoy-mismatch |" in text.replace("| Model ", "")
+    # verdicts, failures, usage, timings
+    assert "| verdict_accuracy | 0.8750 |" in text
+    assert "| truly spurious | 7 | 1 |" in text and "| truly relevant | 1 | 23 |" in text
+    assert "2 of 3 samples got valid verdicts." in text
+    assert "failed (left out of alignment): 1" in text and "colour 'grey': not discussed" in text
+    assert "| cost (USD) | 0.0421 |" in text and "| prompt tokens | 1234 |" in text
+    assert "| critic | 3.5 |" in text
+    assert "| total | 16.0 |" in text
+    # figures exist, open, and are linked
+    for name in ("alignment_samples", "attributions", "training_curves"):
+        assert f"(figures/{name}.png)" in text
+        _open_png(tmp_path / "figures" / f"{name}.png")
+    assert "The first 2 of 3 alignment samples" in text
+    assert "(train, align)" in text
+    # critiques with verdicts; no temporary files left behind
+    assert "### Sample 10 (oracle)" in text and "Verdicts: no: red; yes: blue, green." in text
+    assert "Verdicts: verdicts failed (rules judge, sample 12" in text
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_report_without_critic_or_figures(tmp_path):
+    results = {
+        "models": {"original": {"accuracy": 0.5}},
+        "alignment": {"samples": 4, "failed": 0, "failures": []},
+    }
+    path = write_report(
+        tmp_path,
+        results,
+        options=ReportOptions(),
+        rendered=[],
+        verdicts=[],
+        critiques=[],
+        test_images=None,
+        test_labels=None,
+        attributions={},
+        class_names=["a", "b"],
+    )
+    text = path.read_text(encoding="utf-8")
+    assert "No verdicts: this run had no critic and judge" in text
+    assert "No critiques: this run had no critic." in text
+    assert "No LVLM usage recorded." in text
+    assert "No test attributions were computed" in text
+    assert "No per-epoch training records" in text
+    assert "| original | 0.5000 |" in text
+    assert not (tmp_path / "figures").exists()
+
+
+def test_unreadable_metrics_lines_are_reported(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"stage": "train", "epoch": 0, "loss": 1.0}\n{broken\n'
+    )
+    path = write_report(
+        tmp_path,
+        {},
+        options=ReportOptions(),
+        rendered=[],
+        verdicts=[],
+        critiques=[],
+        test_images=None,
+        test_labels=None,
+        attributions={},
+        class_names=[],
+    )
+    text = path.read_text(encoding="utf-8")
+    assert "metrics.jsonl line 2 is not JSON" in text
+    assert "No model was evaluated" in text
+    _open_png(tmp_path / "figures" / "training_curves.png")
+
+
+def test_attribution_shape_mismatch_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="attributions of 'original'"):
+        write_report(
+            tmp_path,
+            {},
+            options=ReportOptions(),
+            rendered=[],
+            verdicts=[],
+            critiques=[],
+            test_images=torch.rand(2, 1, 8, 8),
+            test_labels=None,
+            attributions={"original": torch.rand(2, 1, 4, 4)},
+            class_names=[],
+        )
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_disabled_report_writes_nothing(tmp_path):
+    path = write_report(
+        tmp_path,
+        RESULTS,
+        options=ReportOptions(enabled=False),
+        rendered=[],
+        verdicts=[],
+        critiques=[],
+        test_images=None,
+        test_labels=None,
+        attributions={},
+        class_names=[],
+    )
+    assert path == tmp_path / "report.md" and not path.exists()
