@@ -16,12 +16,12 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from lvlmva.plugins.aligners.rrr import rrr_loss
+from torch import nn
 
 TARGET = 2.5
 
@@ -40,16 +40,21 @@ def rrr_loss_whole_batch(model, inputs, targets, masks, lam):
     return ce + lam * penalty, ce, penalty
 
 
-def time_steps(step, steps: int, warmup: int = 20) -> float:
-    """Median seconds per call of ``step`` over ``steps`` calls after ``warmup`` calls."""
+def time_interleaved(
+    steps: dict[str, Callable[[], None]], rounds: int, warmup: int = 20
+) -> dict[str, float]:
+    """Median seconds per call of each step function. The functions run in turn, one call each
+    per round, so that load from other processes on the machine hits all of them alike."""
     for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> int:
@@ -79,21 +84,23 @@ def main() -> int:
     rrr_step = make_step(lambda m: rrr_loss(m, inputs, targets, masks, 1.0)[0])
     whole_step = make_step(lambda m: rrr_loss_whole_batch(m, inputs, targets, masks, 1.0)[0])
 
-    # Interleave rounds so that drifts of the machine's speed hit all variants alike.
-    ce_t, rrr_t, whole_t = [], [], []
-    rounds = 5
-    for _ in range(rounds):
-        ce_t.append(time_steps(ce_step, args.steps // rounds))
-        rrr_t.append(time_steps(rrr_step, args.steps // rounds))
-        whole_t.append(time_steps(whole_step, args.steps // rounds))
-    ce_s, rrr_s, whole_s = (statistics.median(t) for t in (ce_t, rrr_t, whole_t))
+    medians = time_interleaved(
+        {"ce": ce_step, "rrr": rrr_step, "whole": whole_step}, rounds=args.steps
+    )
+    ce_s, rrr_s, whole_s = medians["ce"], medians["rrr"], medians["whole"]
 
     ratio = rrr_s / ce_s
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch 8+64, MLP 784-256-10")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch 8+64, MLP 784-256-10"
+    )
     print(f"baseline  cross-entropy step      : {ce_s * 1e6:9.1f} us")
     print(f"rrr_loss step (masked rows only)  : {rrr_s * 1e6:9.1f} us  ratio {ratio:.2f}x")
-    print(f"rrr step, whole-batch input grads : {whole_s * 1e6:9.1f} us  ratio {whole_s / ce_s:.2f}x")
-    print(f"target: rrr_loss step <= {TARGET}x cross-entropy step -> {'met' if ratio <= TARGET else 'MISSED'}")
+    print(
+        f"rrr step, whole-batch input grads : {whole_s * 1e6:9.1f} us  ratio {whole_s / ce_s:.2f}x"
+    )
+    print(
+        f"target: rrr_loss step <= {TARGET}x cross-entropy step -> {'met' if ratio <= TARGET else 'MISSED'}"
+    )
     return 0 if ratio <= TARGET else 1
 
 

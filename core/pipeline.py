@@ -583,6 +583,17 @@ class Pipeline:
         data: SpuriousDataset = self.get("data")
         return lambda model, x, y: attributor.attribute(model, x, y, data.train.images, ctx)
 
+    def compute_seconds(self) -> dict[str, float]:
+        """Seconds each finished stage took when it was computed (also for reused stages)."""
+        out: dict[str, float] = {}
+        for spec in STAGES:
+            marker = self.run_dir / spec.name / "fingerprint.json"
+            if spec.name in self.outcomes and self.outcomes[spec.name].status == "computed":
+                out[spec.name] = self.outcomes[spec.name].seconds
+            elif marker.exists():
+                out[spec.name] = float(json.loads(marker.read_text()).get("seconds", 0.0))
+        return out
+
     def models(self) -> dict[str, nn.Module]:
         out = {}
         for stage, label in MODEL_STAGES.items():
@@ -645,7 +656,7 @@ class Pipeline:
                 attributions[label] = attribute(model, images, labels).detach().cpu()
         path = write_report(
             self.run_dir,
-            self.get("evaluate") or {},
+            {**(self.get("evaluate") or {}), "timings": self.compute_seconds()},
             options=self.settings.report,
             rendered=self.get("render") or [],
             verdicts=self.get("judge") or [],

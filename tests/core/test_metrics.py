@@ -1,0 +1,225 @@
+"""Metrics against plain numpy reference implementations on random data."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from lvlmva.metrics import (
+    accuracy,
+    alignment_score,
+    average_group_accuracy,
+    group_accuracies,
+    mean_std,
+    proportion_weighted_accuracy,
+    spurious_attribution_share,
+    verdict_metrics,
+    wilcoxon_signed_rank,
+    worst_group_accuracy,
+)
+from lvlmva.records import Verdicts
+from scipy import stats
+
+# -- numpy reference twins ---------------------------------------------------------------------
+
+
+def np_group_accs(pred, labels, groups, num_groups):
+    out = np.full(num_groups, np.nan)
+    for g in range(num_groups):
+        sel = groups == g
+        if sel.any():
+            out[g] = np.mean(pred[sel] == labels[sel])
+    return out
+
+
+def np_alignment_score(attr, masks):
+    shares = []
+    for a, m in zip(attr, masks, strict=True):
+        mag = np.abs(a).sum(axis=0)
+        if mag.sum() == 0:
+            continue
+        shares.append((mag * m).sum() / mag.sum())
+    return 1.0 - np.mean(shares) if shares else np.nan
+
+
+def np_verdict_metrics(labels, relevant, masks, min_overlap):
+    """relevant[b] is None (failed) or a list of bools per cluster."""
+    tp = fp = tn = fn = 0
+    for lab, rel, m in zip(labels, relevant, masks, strict=True):
+        if rel is None:
+            continue
+        for j, is_relevant in enumerate(rel):
+            pixels = lab == j
+            if not pixels.any():
+                continue
+            spurious = (pixels & m).sum() >= min_overlap
+            said_no = not is_relevant
+            tp += spurious and said_no
+            fn += spurious and not said_no
+            fp += (not spurious) and said_no
+            tn += (not spurious) and not said_no
+    return tp, fp, tn, fn
+
+
+# -- tests -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def grouped(rng):
+    n, k, num_groups = 300, 5, 6
+    labels = rng.integers(0, k, n)
+    logits = rng.normal(size=(n, k))
+    groups = rng.integers(0, num_groups - 1, n)  # the last group stays empty
+    return logits, labels, groups, num_groups
+
+
+def test_accuracy_matches_numpy(grouped):
+    logits, labels, _, _ = grouped
+    want = np.mean(logits.argmax(1) == labels)
+    assert accuracy(torch.from_numpy(logits), torch.from_numpy(labels)) == pytest.approx(want)
+    pred = torch.from_numpy(logits.argmax(1))
+    assert accuracy(pred, torch.from_numpy(labels)) == pytest.approx(want)
+    with pytest.raises(ValueError, match="no samples"):
+        accuracy(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+
+
+def test_group_metrics_match_numpy(grouped):
+    logits, labels, groups, num_groups = grouped
+    pred = logits.argmax(1)
+    ref = np_group_accs(pred, labels, groups, num_groups)
+    args = (
+        torch.from_numpy(logits),
+        torch.from_numpy(labels),
+        torch.from_numpy(groups),
+        num_groups,
+    )
+    got = group_accuracies(*args)
+    np.testing.assert_allclose(got.numpy(), ref, equal_nan=True)
+    assert math.isnan(got[-1])
+    assert average_group_accuracy(*args) == pytest.approx(np.nanmean(ref))
+    assert worst_group_accuracy(*args) == pytest.approx(np.nanmin(ref))
+
+
+def test_proportion_weighted_accuracy_matches_numpy(grouped, rng):
+    logits, labels, groups, num_groups = grouped
+    pred = logits.argmax(1)
+    ref_accs = np_group_accs(pred, labels, groups, num_groups)
+    weights = rng.random(num_groups)
+    present = ~np.isnan(ref_accs)
+    want = (weights[present] * ref_accs[present]).sum() / weights[present].sum()
+    args = (
+        torch.from_numpy(logits),
+        torch.from_numpy(labels),
+        torch.from_numpy(groups),
+        num_groups,
+    )
+    assert proportion_weighted_accuracy(
+        *args, group_weights=torch.from_numpy(weights)
+    ) == pytest.approx(want)
+    # the evaluated set's own proportions give plain accuracy, which differs from AGA
+    assert proportion_weighted_accuracy(*args) == pytest.approx(np.mean(pred == labels))
+    assert proportion_weighted_accuracy(*args) != pytest.approx(average_group_accuracy(*args))
+    with pytest.raises(ValueError, match="non-negative"):
+        proportion_weighted_accuracy(*args, group_weights=torch.ones(num_groups - 1))
+
+
+def test_group_indices_out_of_range_are_errors():
+    with pytest.raises(ValueError, match="0..1"):
+        group_accuracies(
+            torch.zeros(3), torch.zeros(3, dtype=torch.long), torch.tensor([0, 1, 2]), 2
+        )
+
+
+def test_alignment_score_matches_numpy_and_skips_zero_maps(rng):
+    attr = rng.normal(size=(9, 3, 6, 6))
+    attr[4] = 0.0
+    masks = rng.random((9, 6, 6)) < 0.2
+    got = alignment_score(torch.from_numpy(attr).float(), torch.from_numpy(masks))
+    assert got == pytest.approx(np_alignment_score(attr, masks), rel=1e-6)
+    shares = spurious_attribution_share(torch.from_numpy(attr), torch.from_numpy(masks))
+    assert int(shares.isnan().sum()) == 1 and math.isnan(shares[4])
+    assert math.isnan(
+        alignment_score(torch.zeros(2, 1, 3, 3), torch.ones(2, 3, 3, dtype=torch.bool))
+    )
+
+
+def test_alignment_score_extremes():
+    attr = torch.zeros(2, 1, 4, 4)
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    masks[:, 0, 0] = True
+    attr[:, 0, 0, 0] = -5.0  # every bit of attribution on the decoy
+    assert alignment_score(attr, masks) == pytest.approx(0.0)
+    attr[:, 0, 3, 3] = 5.0  # half of it
+    assert alignment_score(attr, masks) == pytest.approx(0.5)
+
+
+def test_verdict_metrics_match_numpy(rng):
+    b, j, h, w = 12, 5, 10, 10
+    labels = rng.integers(0, j, (b, h, w))
+    labels[:, :, :5] = rng.integers(0, 2, (b, h, 5))  # clusters 2..4 are often small or empty
+    labels[0][labels[0] == 4] = 3  # sample 0 has an empty cluster 4
+    masks = np.zeros((b, h, w), dtype=bool)
+    masks[:, :3, :3] = True
+    relevant = [list(rng.random(j) < 0.5) for _ in range(b)]
+    relevant[3] = None
+    colors = tuple("rgbyp")
+    verdicts = [
+        Verdicts(i, colors, None, failure="invalid JSON")
+        if r is None
+        else Verdicts(i, colors, tuple(bool(x) for x in r))
+        for i, r in enumerate(relevant)
+    ]
+    for min_overlap in (1, 4):
+        got = verdict_metrics(
+            torch.from_numpy(labels), verdicts, torch.from_numpy(masks), min_overlap
+        )
+        tp, fp, tn, fn = np_verdict_metrics(labels, relevant, masks, min_overlap)
+        assert got["confusion"] == {"tp": tp, "fp": fp, "tn": tn, "fn": fn}
+        assert got["verdict_accuracy"] == pytest.approx(tp / (tp + fn))
+        assert got["cluster_accuracy"] == pytest.approx((tp + tn) / (tp + fp + tn + fn))
+        assert got["failed"] == 1 and got["failed_sample_ids"] == [3]
+        assert got["judged_samples"] == b - 1
+        assert got["empty_clusters"] >= 1
+
+
+def test_verdict_metrics_perfect_and_undefined():
+    labels = torch.zeros(1, 4, 4, dtype=torch.long)
+    labels[0, :2, :2] = 1
+    masks = torch.zeros(1, 4, 4, dtype=torch.bool)
+    masks[0, 0, 0] = True
+    perfect = verdict_metrics(labels, [Verdicts(7, ("red", "blue"), (True, False))], masks)
+    assert perfect["verdict_accuracy"] == 1.0 and perfect["cluster_accuracy"] == 1.0
+    assert perfect["confusion"] == {"tp": 1, "fp": 0, "tn": 1, "fn": 0}
+    failed = verdict_metrics(labels, [Verdicts(7, ("red", "blue"), None, failure="x")], masks)
+    assert failed["verdict_accuracy"] is None and failed["clusters"] == 0
+    with pytest.raises(ValueError, match="only 1 verdicts"):
+        verdict_metrics(labels, [Verdicts(7, ("red",), (True,))], masks)
+    with pytest.raises(ValueError, match="2 verdicts for 1"):
+        verdict_metrics(labels, [Verdicts(7, ("red",), (True,))] * 2, masks)
+
+
+def test_wilcoxon_matches_scipy(rng):
+    a = rng.normal(size=7)
+    b = a + rng.normal(0.5, 0.3, size=7)
+    got = wilcoxon_signed_rank(torch.from_numpy(a), list(b))
+    want = stats.wilcoxon(a, b)
+    assert got["statistic"] == pytest.approx(want.statistic)
+    assert got["p_value"] == pytest.approx(want.pvalue)
+    assert got["n"] == 7
+    with pytest.raises(ValueError, match="pairs"):
+        wilcoxon_signed_rank([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="every difference is zero"):
+        wilcoxon_signed_rank([1.0, 2.0], [1.0, 2.0])
+
+
+def test_mean_std_matches_numpy(rng):
+    x = rng.normal(size=7)
+    mean, std = mean_std(list(x))
+    assert mean == pytest.approx(np.mean(x))
+    assert std == pytest.approx(np.std(x, ddof=1))
+    assert mean_std(x, ddof=0)[1] == pytest.approx(np.std(x))
+    assert math.isnan(mean_std([0.5])[1])
+    with pytest.raises(ValueError):
+        mean_std([])
