@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -238,7 +238,10 @@ class Mitigator(Protocol):
 
 @runtime_checkable
 class Evaluator(Protocol):
-    """Scores a model on a data set: returns a flat dict of named numbers (JSON-serialisable).
+    """Scores a model on a data set: returns a dict of named numbers (JSON-serialisable).
+
+    ``attribute``, when given, explains a model with the run's attributor:
+    ``attribute(model, inputs, targets) -> [B, C, H, W]`` (for attribution-based metrics).
 
     Flags: ``needs_groups``, ``needs_true_masks``.
     """
@@ -247,7 +250,13 @@ class Evaluator(Protocol):
     needs_groups: ClassVar[bool]
     needs_true_masks: ClassVar[bool]
 
-    def evaluate(self, model: nn.Module, data: SpuriousDataset, ctx: RunContext) -> dict[str, Any]: ...
+    def evaluate(
+        self,
+        model: nn.Module,
+        data: SpuriousDataset,
+        ctx: RunContext,
+        attribute: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ) -> dict[str, Any]: ...
 
 
 #: role name -> protocol; the names are the settings sections that pick a plugin of that role.
