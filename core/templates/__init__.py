@@ -38,6 +38,6 @@ def builtin_template_path(family: str, role: str) -> Path:
         raise FileNotFoundError(
             f"no built-in {role} template for family {family!r} (looked for {path.name}); "
             f"built-in families: {', '.join(builtin_families()) or '(none)'}; "
-            f"or set the plugin option template = \"path/to/your.toml\""
+            f'or set the plugin option template = "path/to/your.toml"'
         )
     return path

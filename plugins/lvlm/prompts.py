@@ -12,11 +12,11 @@ cache key, so editing a template and bumping its version never reuses stale answ
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tomllib
 from lvlmva.records import Critique, CritiqueRequest
 from lvlmva.templates import ROLES, builtin_template_path
 
@@ -110,7 +110,9 @@ def load_template(family: str, role: str, path: str | Path | None = None) -> Pro
     if unknown:
         raise TemplateError(f"{file}: unknown keys {unknown}; allowed: {sorted(allowed)}")
     if "role" in data and data["role"] != role:
-        raise TemplateError(f"{file}: declares role {data['role']!r} but is used as a {role} template")
+        raise TemplateError(
+            f"{file}: declares role {data['role']!r} but is used as a {role} template"
+        )
 
     text = data["text"].strip()
     missing = [p for p in REQUIRED_PLACEHOLDERS[role] if p not in text]
@@ -124,7 +126,9 @@ def load_template(family: str, role: str, path: str | Path | None = None) -> Pro
         raise TemplateError(f"{file}: 'user' must be a string, got {user!r}")
     user = user.strip()
     if role == "judge" and CRITIQUE_PLACEHOLDER not in user:
-        raise TemplateError(f"{file}: judge template 'user' lacks the placeholder {CRITIQUE_PLACEHOLDER}")
+        raise TemplateError(
+            f"{file}: judge template 'user' lacks the placeholder {CRITIQUE_PLACEHOLDER}"
+        )
     descriptions = data.get("class_descriptions", {})
     if not isinstance(descriptions, dict) or not all(
         isinstance(v, str) for v in descriptions.values()
@@ -143,7 +147,8 @@ def load_template(family: str, role: str, path: str | Path | None = None) -> Pro
 
 def class_specifications(family: str) -> dict[str, str]:
     """The expert's class descriptions shipped with the built-in critic template of ``family``
-    (class name -> description), e.g. for a data set provider that has none of its own."""
+    (class name -> description; empty when the family's data set ships its own, as
+    DecoyMNIST's does), for data set providers that have none of their own (knee, skin)."""
     return dict(load_template(family, "critic").class_descriptions)
 
 
@@ -162,7 +167,9 @@ def _fill(text: str, values: Mapping[str, str]) -> str:
 def render_critic_prompt(template: PromptTemplate, request: CritiqueRequest) -> str:
     """The critic prompt for one alignment sample."""
     if template.role != "critic":
-        raise TemplateError(f"{template.source}: a {template.role} template cannot render a critic prompt")
+        raise TemplateError(
+            f"{template.source}: a {template.role} template cannot render a critic prompt"
+        )
     colors = request.colors
     if not colors:
         raise ValueError(f"sample {request.sample_id}: no cluster colours to ask about")
@@ -181,7 +188,9 @@ def render_judge_prompt(template: PromptTemplate, critique: Critique) -> tuple[s
     """``(instructions, user_text)`` for judging one critique: the instructions (system message)
     with few-shot examples, and the user message that carries the critique's text."""
     if template.role != "judge":
-        raise TemplateError(f"{template.source}: a {template.role} template cannot render a judge prompt")
+        raise TemplateError(
+            f"{template.source}: a {template.role} template cannot render a judge prompt"
+        )
     if critique.text is None:
         raise ValueError(
             f"sample {critique.sample_id}: the critique failed ({critique.failure}); nothing to judge"

@@ -14,8 +14,14 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
-from pydantic import ValidationInfo
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "JudgeAnswerError",
@@ -71,7 +77,9 @@ class JudgeAnswer(BaseModel):
             problems.append("missing colour(s) " + ", ".join(f'"{c}"' for c in missing))
         duplicate = [c for c, n in seen.items() if n > 1]
         if duplicate:
-            problems.append("colour(s) listed more than once " + ", ".join(f'"{c}"' for c in duplicate))
+            problems.append(
+                "colour(s) listed more than once " + ", ".join(f'"{c}"' for c in duplicate)
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -128,7 +136,7 @@ def _describe(exc: ValidationError) -> str:
         if err["type"] == "missing":
             msg = "is missing"
         elif err["type"] == "literal_error":
-            msg = f"must be \"yes\" or \"no\", got {err.get('input')!r}"
+            msg = f'must be "yes" or "no", got {err.get("input")!r}'
         parts.append(f"{where} {msg}".strip())
     return "; ".join(parts)
 
@@ -141,21 +149,26 @@ def parse_judge_answer(text: str, colors: Sequence[str]) -> tuple[bool, ...]:
     """
     if not colors:
         raise ValueError("parse_judge_answer needs the expected colours")
-    value = extract_json_object(text)
+    try:
+        value = extract_json_object(text)
+    except JudgeAnswerError as exc:
+        raise JudgeAnswerError(f"{exc}. " + expected_format(colors)) from None
     if not isinstance(value, dict):
         raise JudgeAnswerError(
-            f"expected a JSON object with the key \"output\", got a {type(value).__name__}. "
+            f'expected a JSON object with the key "output", got a {type(value).__name__}. '
             + expected_format(colors)
         )
     if "output" not in value:
         raise JudgeAnswerError(
-            f"the JSON object has no key \"output\" (keys: {', '.join(map(str, value)) or 'none'}). "
+            f'the JSON object has no key "output" (keys: {", ".join(map(str, value)) or "none"}). '
             + expected_format(colors)
         )
     try:
         answer = JudgeAnswer.model_validate(value, context={"colors": list(colors)})
     except ValidationError as exc:
-        raise JudgeAnswerError(f"invalid answer: {_describe(exc)}. " + expected_format(colors)) from None
+        raise JudgeAnswerError(
+            f"invalid answer: {_describe(exc)}. " + expected_format(colors)
+        ) from None
     by_color = {item.color: item.verdict == "yes" for item in answer.output}
     return tuple(by_color[c.lower()] for c in colors)
 
