@@ -102,6 +102,10 @@ def _compose(args: argparse.Namespace) -> int:
             note = f": {outcome.reason}" if outcome.reason else ""
             print(f"  {outcome.name:<9} {what}{plugin}{note}")
         return EXIT_OK
+    try:
+        pipeline.device  # noqa: B018 -- resolve run.device now: a bad device is bad input (exit 2)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
     if not args.quiet:
         print(f"lvlmva {__version__}: run directory {pipeline.run_dir}", file=sys.stderr)
     try:

@@ -26,7 +26,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .protocols import ROLES, check_capabilities
+from .protocols import ROLES, PluginOptions, check_capabilities
 
 __all__ = [
     "PluginEntry",
@@ -64,16 +64,28 @@ class PluginEntry:
         return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
+def _split_lazy(factory: str) -> tuple[str, str]:
+    """``"package.module:Class"`` -> ``("package.module", "Class")``, or a PluginError."""
+    module_name, sep, attr = factory.partition(":")
+    parts = [*module_name.split("."), *attr.split(".")]
+    if not sep or not all(part.isidentifier() for part in parts):
+        raise PluginError(f"lazy factory {factory!r} must look like 'package.module:ClassName'")
+    return module_name, attr
+
+
 def resolve_factory(factory: type | str) -> type:
+    """The class behind ``factory``: itself, or the ``"module:attr"`` string imported now."""
     if not isinstance(factory, str):
         return factory
-    module_name, sep, attr = factory.partition(":")
-    if not sep or not module_name or not attr:
-        raise PluginError(f"lazy factory {factory!r} must look like 'package.module:ClassName'")
+    module_name, attr = _split_lazy(factory)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise PluginError(f"cannot import {module_name!r} for {factory!r}: {exc}") from exc
+    except Exception as exc:  # a plugin module that breaks on import: name it, keep its error
+        raise PluginError(
+            f"importing {module_name!r} for {factory!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
     try:
         obj: Any = module
         for part in attr.split("."):
@@ -104,6 +116,13 @@ class PluginRegistry:
             )
         if not isinstance(factory, (str, type)):
             raise PluginError(f"factory for {role}:{name} must be a class or 'module:attr', got {factory!r}")
+        if isinstance(factory, str):
+            try:
+                _split_lazy(factory)
+            except PluginError as exc:
+                raise PluginError(
+                    f"{self._source[2] or self._source[0]} registers {role}:{name}: {exc}"
+                ) from None
         if f"{role}:{name}" in self._blocked:
             return
         dist, version, module = self._source
@@ -117,16 +136,26 @@ class PluginRegistry:
 
     # -- used by the pipeline ----------------------------------------------------------------
     def names(self, role: str) -> list[str]:
+        """Registered plugin names of ``role``, sorted."""
+        self._check_role(role)
         return sorted(self._entries[role])
 
     def entries(self, role: str | None = None) -> Iterator[PluginEntry]:
+        """Every entry, or those of ``role``, in role then name order."""
+        if role is not None:
+            self._check_role(role)
         for r in ROLES if role is None else [role]:
             for name in sorted(self._entries[r]):
                 yield self._entries[r][name]
 
-    def entry(self, role: str, name: str) -> PluginEntry:
+    @staticmethod
+    def _check_role(role: str) -> None:
         if role not in ROLES:
             raise PluginError(f"unknown role {role!r}; roles are: {', '.join(ROLES)}")
+
+    def entry(self, role: str, name: str) -> PluginEntry:
+        """The entry of plugin ``name`` of ``role`` (nothing is imported)."""
+        self._check_role(role)
         try:
             return self._entries[role][name]
         except KeyError:
@@ -139,11 +168,22 @@ class PluginRegistry:
         if key not in self._resolved:
             entry = self.entry(role, name)
             cls = resolve_factory(entry.factory)
+            if not isinstance(cls, type):
+                raise PluginError(
+                    f"{role} plugin {name!r} ({entry.factory!r} from {entry.distribution}) is a "
+                    f"{type(cls).__name__}, not a class"
+                )
             missing = check_capabilities(role, cls)
             if missing:
                 raise PluginError(
                     f"{role} plugin {name!r} ({entry.factory!r} from {entry.distribution}) lacks "
                     f"{', '.join(sorted(missing))} required of a {role}"
+                )
+            options = cls.Options
+            if not (isinstance(options, type) and issubclass(options, PluginOptions)):
+                raise PluginError(
+                    f"{role} plugin {name!r} ({entry.factory!r} from {entry.distribution}): "
+                    f"Options must subclass lvlmva.PluginOptions, got {options!r}"
                 )
             self._resolved[key] = cls
         return self._resolved[key]
@@ -221,7 +261,7 @@ def _load() -> _Loaded:
             raise PluginError(f"cannot load plugin {ep.name!r} ({ep.value}) from {dist_name} {version}: {exc}") from exc
         pm.register(plugin, name=ep.name)
         origin[id(plugin)] = (dist_name, version, _module_name(plugin, ep.value))
-    pm.check_pending()
+    _check_pending(pm)
     registry = PluginRegistry(blocked)
     for impl in pm.hook.lvlmva_register.get_hookimpls():
         registry._source = origin.get(id(impl.plugin), ("unknown", "", _module_name(impl.plugin, impl.plugin_name)))
@@ -231,16 +271,40 @@ def _load() -> _Loaded:
     return _LOADED
 
 
+def _check_pending(pm: pluggy.PluginManager) -> None:
+    """``pm.check_pending()`` as a :class:`PluginError` that names the unknown hook."""
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(
+            f"{exc}; hooks are: {', '.join(sorted(n for n in dir(hookspecs) if n.startswith('lvlmva_')))}"
+        ) from exc
+
+
 def register_module(module: ModuleType | object, name: str, distribution: str = "local", version: str = "") -> None:
-    """Register a plugin object in this process without an entry point (notebooks, tests)."""
+    """Register a plugin object in this process without an entry point (notebooks, tests).
+
+    ``name`` is its plugin name: one listed in ``LVLMVA_DISABLE_PLUGINS`` is not registered. An
+    object with a misspelled hook is refused (and left unregistered)."""
     loaded = _load()
+    if name in _blocked_names():
+        return
     loaded.pm.register(module, name=name)
-    loaded.pm.check_pending()
+    try:
+        _check_pending(loaded.pm)
+    except PluginError:
+        loaded.pm.unregister(module)
+        raise
     impl = getattr(module, "lvlmva_register", None)
     if impl is not None:
         loaded.registry._source = (distribution, version, _module_name(module, name))
-        impl(registry=loaded.registry)
-        loaded.registry._source = ("unknown", "", "")
+        try:
+            impl(registry=loaded.registry)
+        except PluginError:
+            loaded.pm.unregister(module)  # a refused plugin leaves no half-registered hooks
+            raise
+        finally:
+            loaded.registry._source = ("unknown", "", "")
 
 
 def _module_name(plugin: object, fallback: str) -> str:

@@ -10,6 +10,7 @@ fixed models below. Unknown keys are errors; secrets never come from a file.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -66,6 +67,19 @@ class RunOptions(PluginOptions):
     device: str = Field("auto", description='"auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...')
     cache_dir: Path | None = Field(None, description="User cache (downloaded data, LVLM responses). Default: $XDG_CACHE_HOME/lvlmva or ~/.cache/lvlmva.")
     deterministic: bool = Field(True, description="Ask torch for deterministic kernels (same settings + seed + device = same numbers).")
+
+    @field_validator("device")
+    @classmethod
+    def _device_parses(cls, value: str) -> str:
+        # Only the spelling is checked here: whether CUDA is present is known where the run starts.
+        if value != "auto":
+            import torch
+
+            try:
+                torch.device(value)
+            except RuntimeError:
+                raise ValueError(f"{value!r} is not a torch device (auto, cpu, cuda, cuda:1, mps, ...)") from None
+        return value
 
 
 class TrainOptions(PluginOptions):
@@ -223,9 +237,10 @@ def _parse_literal(text: str) -> Any:
     """A value from the command line or the environment: a TOML literal (``3``, ``1e-5``,
     ``true``, ``[256, 128]``, ``"x"``) when it parses as one, else the plain string."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    return text if isinstance(value, (datetime.date, datetime.time)) else value
 
 
 def _set_dotted(target: dict[str, Any], dotted: str, value: Any, origin: str) -> None:
@@ -243,28 +258,42 @@ def _set_dotted(target: dict[str, Any], dotted: str, value: Any, origin: str) ->
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """``["train.epochs=3", "critic.model=gpt-5"]`` -> nested dict of parsed values."""
+    return _parse_overrides(items)[0]
+
+
+def _parse_overrides(items: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Parsed values and, in the same layout, the text they were parsed from."""
     out: dict[str, Any] = {}
+    raw_out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep:
             raise SettingsError(f"--set {item!r}: expected section.key=value")
         _set_dotted(out, key.strip(), _parse_literal(raw.strip()), f"--set {item!r}")
-    return out
+        _set_dotted(raw_out, key.strip(), raw.strip(), f"--set {item!r}")
+    return out, raw_out
 
 
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Parsed values of ``LVLMVA_SECTION__KEY`` variables and the text of each."""
     sections = set(CORE_SECTIONS) | set(ROLES)
     out: dict[str, Any] = {}
+    raw_out: dict[str, Any] = {}
     for name, raw in environ.items():
+        # LVLMVA_DISABLE_PLUGINS and friends have no "__": they are not settings
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
         section, _, rest = name[len(ENV_PREFIX) :].partition("__")
         section = section.lower()
         if section not in sections:
-            continue  # LVLMVA_DISABLE_PLUGINS and friends are not settings
+            allowed = ", ".join([*CORE_SECTIONS, *ROLES])
+            raise SettingsError(
+                f"environment {name}: unknown section [{section}]; allowed sections: {allowed}"
+            )
         dotted = ".".join([section, *(p.lower() for p in rest.split("__"))])
         _set_dotted(out, dotted, _parse_literal(raw), f"environment {name}")
-    return out
+        _set_dotted(raw_out, dotted, raw, f"environment {name}")
+    return out, raw_out
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -373,20 +402,37 @@ class _Provenance:
         return "defaults"
 
 
-def _describe_allowed(model: type[PluginOptions], loc: Sequence[str | int], err_type: str, ctx: dict) -> str:
+def _describe_allowed(
+    model: type[PluginOptions], loc: Sequence[str | int], err_type: str, ctx: dict, extra_keys: Sequence[str] = ()
+) -> str:
     if err_type == "extra_forbidden":
         target: Any = model
         for part in loc[:-1]:
             field = getattr(target, "model_fields", {}).get(part)
             target = getattr(field, "annotation", None)
         names = sorted(getattr(target, "model_fields", {}) or [])
+        if len(loc) == 1:
+            names = [*extra_keys, *names]
         return "allowed keys: " + (", ".join(names) if names else "(none)")
     if "expected" in ctx:
         return f"allowed: {ctx['expected']}"
-    for bound in ("ge", "gt", "le", "lt"):
+    for bound, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
         if bound in ctx:
-            return f"allowed: {bound} {ctx[bound]}"
+            return f"allowed: {sign} {ctx[bound]}"
     return ""
+
+
+def _as_typed_text(values: dict[str, Any], raw: dict[str, Any], exc: ValidationError) -> dict[str, Any] | None:
+    """``values`` with each rejected top-level value that came from ``--set`` or the environment
+    replaced by its text, when parsing it as a TOML literal made it a non-string: ``true`` for
+    ``masks.source = "true"``, ``2024`` for a run name. ``None`` when nothing can be retried."""
+    retry = dict(values)
+    for err in exc.errors():
+        key = str(err["loc"][0]) if err["loc"] else ""
+        text = raw.get(key)
+        if isinstance(text, str) and key in values and not isinstance(values[key], str):
+            retry[key] = text
+    return retry if retry != values else None
 
 
 def _validate_section(
@@ -395,10 +441,18 @@ def _validate_section(
     values: dict[str, Any],
     prov: _Provenance,
     label: str,
+    raw: dict[str, Any] | None = None,
 ) -> PluginOptions:
     try:
         return model.model_validate(values)
-    except ValidationError as exc:
+    except ValidationError as first:
+        retry = _as_typed_text(values, raw or {}, first)
+        exc = first
+        if retry is not None:
+            try:
+                return model.model_validate(retry)
+            except ValidationError:
+                pass  # report the errors of the values as parsed
         lines = []
         for err in exc.errors():
             loc = [str(p) for p in err["loc"]]
@@ -407,12 +461,14 @@ def _validate_section(
             for part in loc:
                 node = node.get(part, None) if isinstance(node, dict) else None
             value = err.get("input", node)
-            allowed = _describe_allowed(model, loc, err["type"], err.get("ctx") or {})
+            allowed = _describe_allowed(
+                model, loc, err["type"], err.get("ctx") or {}, ("plugin",) if section in ROLES else ()
+            )
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
             line = f"{prov.origin(dotted)}: {'.'.join(dotted)} = {value!r}: {msg}"
             if label:
                 line += f" ({label})"
-            if allowed:
+            if allowed and allowed.removeprefix("allowed: ") not in msg:
                 line += f"; {allowed}"
             lines.append(line)
         raise SettingsError("\n".join(lines)) from None
@@ -438,12 +494,26 @@ def load_settings(
     """Compose and validate settings; raises :class:`SettingsError` naming every problem."""
     path = Path(path) if path is not None else None
     file_layer = _read_toml(path) if path is not None else {}
-    over_layer = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
-    env_layer = _env_overrides(os.environ if environ is None else environ)
+    if isinstance(overrides, Mapping):
+        over_layer, over_raw = dict(overrides), {}
+    else:
+        over_layer, over_raw = _parse_overrides(overrides)
+    env_layer, env_raw = _env_overrides(os.environ if environ is None else environ)
     label = str(path) if path else "settings"
     _check_no_secrets(file_layer, label)
     _check_no_secrets(over_layer, "--set")
+    _check_no_secrets(env_layer, "environment")
     prov = _Provenance(path, over_layer, env_layer, file_layer)
+
+    def raw_text(section: str) -> dict[str, Any]:
+        """The text of each key of ``section`` whose value came from --set or the environment."""
+        out = {}
+        for key in {**env_raw.get(section, {}), **over_raw.get(section, {})}:
+            origin = prov.origin([section, key])
+            layer = over_raw if origin.startswith("--set") else env_raw if origin.startswith("environment") else {}
+            if key in layer.get(section, {}):
+                out[key] = layer[section][key]
+        return out
 
     unknown = [k for k in (*file_layer, *over_layer) if k not in _Composed.model_fields]
     if unknown:
@@ -465,7 +535,9 @@ def load_settings(
     core: dict[str, PluginOptions] = {}
     for section, model in CORE_SECTIONS.items():
         try:
-            core[section] = _validate_section(section, model, getattr(composed, section) or {}, prov, "")
+            core[section] = _validate_section(
+                section, model, getattr(composed, section) or {}, prov, "", raw_text(section)
+            )
         except SettingsError as exc:
             problems.append(str(exc))
     plugins: dict[str, PluginChoice] = {}
@@ -483,7 +555,9 @@ def load_settings(
             problems.append(f"{prov.origin([role, 'plugin'])}: {role}.plugin = {name!r}: {exc}")
             continue
         try:
-            options = _validate_section(role, cls.Options, values, prov, f"{role} plugin {name!r}")
+            options = _validate_section(
+                role, cls.Options, values, prov, f"{role} plugin {name!r}", raw_text(role)
+            )
         except SettingsError as exc:
             problems.append(str(exc))
             continue

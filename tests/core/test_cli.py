@@ -1,0 +1,136 @@
+"""The ``lvlmva`` command: exit codes (0 ok, 2 bad input before any work) and what it prints.
+Exit 1 on a failing stage is covered with the pipeline's tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lvlmva import __version__
+from lvlmva.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from lvlmva.protocols import ROLES
+
+
+@pytest.fixture
+def misspelled(tmp_path: Path) -> Path:
+    path = tmp_path / "misspelled.toml"
+    path.write_text("[train]\nepohcs = 2\n")
+    return path
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == EXIT_OK
+    assert capsys.readouterr().out.strip() == f"lvlmva {__version__}"
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    assert main([]) == EXIT_BAD_INPUT
+    out = capsys.readouterr().out
+    assert out.startswith("usage: lvlmva")
+    for command in ("compose", "validate", "plugins"):
+        assert command in out
+
+
+def test_unknown_command_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["composee"])
+    assert exit_.value.code == EXIT_BAD_INPUT
+    assert "invalid choice: 'composee'" in capsys.readouterr().err
+
+
+def test_validate_names_a_misspelled_key(misspelled, capsys):
+    assert main(["validate", str(misspelled)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith(f"lvlmva: error: {misspelled}: train.epohcs = 2: unknown key; allowed keys: ")
+    assert "epochs" in err
+
+
+def test_validate_exit_code_in_a_real_process(misspelled, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LVLMVA_")}
+    env["LVLMVA_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-m", "lvlmva.cli", "validate", str(misspelled), "--set", "train.lr=-1"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == EXIT_BAD_INPUT
+    assert "train.epohcs = 2: unknown key" in result.stderr
+    assert "--set train.lr: train.lr = -1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_validate_ok_prints_the_plan(toy_registered, capsys):
+    assert main(["validate", str(toy_registered)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == f"{toy_registered}: ok"
+    assert "train     pending [mlp]" in out
+    assert "evaluate  pending [toy-eval]" in out
+    assert "critic    skipped: no [critic] plugin configured" in out
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epochs=-1", "--set train.epochs: train.epochs = -1"),
+        ("dataset.plugin=nope", "unknown dataset plugin 'nope'; registered: "),
+        ("run.device=cuda:7", "run.device: 'cuda:7'"),  # spelled right; no such device here
+    ],
+)
+def test_compose_with_bad_input_exits_2_before_creating_the_run_directory(
+    toy_registered, tmp_path, capsys, override, message
+):
+    if override == "run.device=cuda:7":
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.device_count() > 7:
+            pytest.skip("this machine has a cuda:7")
+    run_dir = tmp_path / "run"
+    code = main(["compose", str(toy_registered), "--out", str(run_dir), "--set", override])
+    assert code == EXIT_BAD_INPUT
+    assert message in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
+def test_compose_with_roles_that_do_not_fit_exits_2(toy_registered, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = main(["compose", str(toy_registered), "--out", str(run_dir), "--set", "judge.plugin=rules"])
+    assert code == EXIT_BAD_INPUT
+    assert "[judge] is set but [critic] is not" in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
+def test_dry_run_plans_without_creating_the_run_directory(toy_registered, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["compose", str(toy_registered), "--out", str(run_dir), "--dry-run"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert f"run directory: {run_dir}" in out
+    assert "train     would compute [mlp]" in out
+    assert "mitigate  skip" in out
+    assert not run_dir.exists()
+
+
+def test_plugins_lists_every_role(capsys, fresh_plugins):
+    assert main(["plugins"]) == EXIT_OK
+    out = capsys.readouterr().out
+    first_column = {line.split("│")[1].strip() for line in out.splitlines() if line.startswith("│")}
+    assert set(ROLES) <= first_column
+    assert " mlp " in out and " lvlmva " in out
+
+
+def test_plugins_of_one_role(capsys, fresh_plugins):
+    assert main(["plugins", "--role", "critic"]) == EXIT_OK
+    out = capsys.readouterr().out
+    first_column = {line.split("│")[1].strip() for line in out.splitlines() if line.startswith("│")}
+    assert first_column == {"critic"}
+    assert " oracle " in out and " decoy-mnist " not in out
+
+
+def test_plugins_with_an_unknown_role_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["plugins", "--role", "critics"])
+    assert exit_.value.code == EXIT_BAD_INPUT

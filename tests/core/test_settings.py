@@ -1,0 +1,363 @@
+"""Settings composition: precedence of the sources, literal parsing, every error message with
+its provenance, secrets, and the resolved TOML round trip. Plugin sections use a tiny registry
+of test plugins so that these tests do not depend on the built-in plugins."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import Field
+
+from lvlmva.protocols import PluginOptions
+from lvlmva.registry import PluginRegistry
+from lvlmva.settings import (
+    CORE_SECTIONS,
+    SettingsError,
+    TrainOptions,
+    load_settings,
+    parse_overrides,
+)
+
+
+class FakeCritic:
+    """A critic with a few typed options."""
+
+    class Options(PluginOptions):
+        model: str = Field("small", description="Model name.")
+        temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature.")
+        api_key_env: str = Field("FAKE_API_KEY", description="Variable holding the key.")
+        sizes: list[int] = Field(default_factory=lambda: [1, 2], description="Some sizes.")
+
+    accepts_images = True
+    needs_true_masks = False
+
+    def __init__(self, options) -> None:
+        self.options = options
+
+    def critique(self, requests, ctx):
+        return []
+
+
+class OtherCritic(FakeCritic):
+    """A second critic, so that listings have more than one name."""
+
+
+@pytest.fixture
+def registry() -> PluginRegistry:
+    reg = PluginRegistry()
+    reg.add("critic", "fake", FakeCritic)
+    reg.add("critic", "other", OtherCritic)
+    return reg
+
+
+@pytest.fixture
+def write(tmp_path: Path):
+    def write(text: str, name: str = "settings.toml") -> Path:
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write
+
+
+def load(path, overrides=(), environ=None, registry=None):
+    return load_settings(path, overrides, environ={} if environ is None else environ, registry=registry or PluginRegistry())
+
+
+def error_of(path, overrides=(), environ=None, registry=None) -> str:
+    with pytest.raises(SettingsError) as err:
+        load(path, overrides, environ, registry)
+    return str(err.value)
+
+
+# -- precedence --------------------------------------------------------------------------------
+
+
+def test_defaults_without_any_source():
+    settings = load(None)
+    assert settings.train == TrainOptions()
+    assert settings.run.seed == 0 and settings.plugins == {}
+    assert settings.run_name == "run"
+
+
+@pytest.mark.parametrize(
+    "file_value, env_value, set_value, expected",
+    [
+        (None, None, None, 3),  # defaults
+        (7, None, None, 7),  # file > defaults
+        (7, 8, None, 8),  # env > file
+        (None, 8, None, 8),  # env > defaults
+        (7, None, 9, 9),  # --set > file
+        (None, 8, 9, 9),  # --set > env
+        (7, 8, 9, 9),  # --set > env > file
+    ],
+)
+def test_precedence_of_each_source(write, file_value, env_value, set_value, expected):
+    # lr only in the file: a higher source replaces single keys, not whole sections
+    text = "[train]\nlr = 0.5\n" + (f"epochs = {file_value}\n" if file_value is not None else "")
+    environ = {"LVLMVA_TRAIN__EPOCHS": str(env_value)} if env_value is not None else {}
+    overrides = [f"train.epochs={set_value}"] if set_value is not None else []
+    settings = load(write(text), overrides, environ)
+    assert settings.train.epochs == expected
+    assert settings.train.lr == 0.5
+    assert settings.train.batch_size == TrainOptions().batch_size
+
+
+def test_precedence_in_a_plugin_section(write, registry):
+    path = write('[critic]\nplugin = "fake"\nmodel = "from-file"\ntemperature = 0.5\n')
+    assert load(path, registry=registry).plugins["critic"].options.model == "from-file"
+    env = {"LVLMVA_CRITIC__MODEL": "from-env"}
+    choice = load(path, environ=env, registry=registry).plugins["critic"]
+    assert (choice.name, choice.options.model, choice.options.temperature) == ("fake", "from-env", 0.5)
+    choice = load(path, ["critic.model=from-set", "critic.plugin=other"], env, registry).plugins["critic"]
+    assert (choice.name, choice.options.model, choice.options.temperature) == ("other", "from-set", 0.5)
+    assert isinstance(choice.options, OtherCritic.Options)
+
+
+def test_a_plugin_section_can_come_from_the_environment_alone(registry):
+    settings = load(None, environ={"LVLMVA_CRITIC__PLUGIN": "fake"}, registry=registry)
+    assert settings.plugins["critic"].options == FakeCritic.Options()
+
+
+def test_other_lvlmva_variables_are_not_settings():
+    env = {"LVLMVA_DISABLE_PLUGINS": "x", "LVLMVA_DISABLE_PLUGIN_AUTOLOAD": "1", "OTHER__X": "1"}
+    assert load(None, environ=env).as_dict() == load(None).as_dict()
+
+
+# -- literal parsing -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("5", 5),
+        ("1e-4", 1e-4),
+        ("0.25", 0.25),
+        ("true", True),
+        ("[256, 128]", [256, 128]),
+        ('["red", "blue"]', ["red", "blue"]),
+        ("gpt-5", "gpt-5"),
+        ('"42"', "42"),
+        ("hello world", "hello world"),
+        ("2024-05-01", "2024-05-01"),  # a TOML date is never an option value: stays text
+        ("", ""),
+    ],
+)
+def test_override_values_are_toml_literals(raw, expected):
+    parsed = parse_overrides([f"section.key={raw}"])["section"]["key"]
+    assert parsed == expected and type(parsed) is type(expected)
+
+
+def test_env_and_set_values_reach_typed_options(registry):
+    env = {
+        "LVLMVA_TRAIN__LR": "1e-4",
+        "LVLMVA_RENDER__PALETTE": '["red", "blue"]',
+        "LVLMVA_RUN__DETERMINISTIC": "false",
+        "LVLMVA_CRITIC__PLUGIN": "fake",
+    }
+    overrides = ["train.epochs=5", "critic.sizes=[4, 5, 6]", "run.name=my run", "critic.model=gpt-5"]
+    settings = load(None, overrides, env, registry)
+    assert settings.train.lr == 1e-4 and settings.train.epochs == 5
+    assert settings.render.palette == ["red", "blue"]
+    assert settings.run.deterministic is False
+    assert settings.run_name == "my run"
+    assert settings.plugins["critic"].options.sizes == [4, 5, 6]
+    assert settings.plugins["critic"].options.model == "gpt-5"
+
+
+def test_nested_keys_and_whitespace_in_overrides():
+    assert parse_overrides([" train.epochs = 4 ", "a.b.c=1"]) == {"train": {"epochs": 4}, "a": {"b": {"c": 1}}}
+
+
+# -- errors, each with its message ------------------------------------------------------------
+
+
+def test_unknown_section_in_file(write):
+    path = write("[trian]\nepochs = 1\n")
+    message = error_of(path)
+    assert message.startswith(f"{path}: unknown section [trian]; allowed sections: run, train")
+
+
+def test_unknown_section_from_set_and_env():
+    assert "--set trian: unknown section [trian]" in error_of(None, ["trian.epochs=1"])
+    message = error_of(None, environ={"LVLMVA_TRIAN__EPOCHS": "1"})
+    assert message.startswith("environment LVLMVA_TRIAN__EPOCHS: unknown section [trian]")
+
+
+def test_unknown_key_in_a_core_section(write):
+    path = write("[train]\nepohcs = 3\n")
+    message = error_of(path)
+    assert message == (
+        f"{path}: train.epohcs = 3: unknown key; "
+        f"allowed keys: {', '.join(sorted(TrainOptions.model_fields))}"
+    )
+
+
+def test_unknown_key_in_a_plugin_section(write, registry):
+    path = write('[critic]\nplugin = "fake"\nmodle = "gpt-5"\n')
+    message = error_of(path, registry=registry)
+    assert message == (
+        f"{path}: critic.modle = 'gpt-5': unknown key (critic plugin 'fake'); "
+        "allowed keys: plugin, api_key_env, model, sizes, temperature"
+    )
+
+
+def test_wrong_type_names_what_is_allowed(write):
+    path = write('[train]\nepochs = "many"\n')
+    message = error_of(path)
+    assert f"{path}: train.epochs = 'many':" in message
+    assert "valid integer" in message
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ("epochs = -1", "train.epochs = -1: Input should be greater than or equal to 0; allowed: >= 0"),
+        ("lr = 0", "train.lr = 0: Input should be greater than 0; allowed: > 0.0"),
+        ('resident = "sometimes"', "train.resident = 'sometimes': Input should be 'auto', 'always' or 'never'"),
+    ],
+)
+def test_bounds_and_choices_name_what_is_allowed(write, line, expected):
+    path = write(f"[train]\n{line}\n")
+    assert error_of(path) == f"{path}: {expected}"
+
+
+def test_bounds_in_a_plugin_section(write, registry):
+    path = write('[critic]\nplugin = "fake"\ntemperature = 5\n')
+    message = error_of(path, registry=registry)
+    assert message == f"{path}: critic.temperature = 5: Input should be less than or equal to 2 (critic plugin 'fake'); allowed: <= 2.0"
+
+
+def test_unknown_plugin_lists_registered_names(write, registry):
+    path = write('[critic]\nplugin = "gpt"\n')
+    message = error_of(path, registry=registry)
+    assert message == f"{path}: critic.plugin = 'gpt': unknown critic plugin 'gpt'; registered: fake, other"
+
+
+def test_missing_plugin_key(write, registry):
+    path = write('[critic]\nmodel = "x"\n')
+    assert error_of(path, registry=registry) == f'{path}: [critic] needs plugin = "name"; registered: fake, other'
+
+
+def test_section_that_is_not_a_table(write):
+    path = write("train = 5\n")
+    assert "[train] must be a table of settings, got 5" in error_of(path)
+
+
+def test_invalid_toml(write):
+    path = write("[train\nepochs = 1\n")
+    assert error_of(path).startswith(f"{path}: not valid TOML:")
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.toml"
+    assert error_of(path) == f"{path}: no such settings file"
+
+
+def test_every_problem_is_reported_at_once(write, registry):
+    path = write('[train]\nepochs = -1\n[selection]\nn = 0\n[critic]\nplugin = "gpt"\n')
+    lines = error_of(path, registry=registry).splitlines()
+    assert [line.split(":")[1].strip().split(" ")[0] for line in lines] == ["train.epochs", "selection.n", "critic.plugin"]
+
+
+@pytest.mark.parametrize("key", ["api_key", "API_KEY", "token", "password"])
+def test_secret_in_file_is_refused_without_echoing_it(write, registry, key):
+    path = write(f'[critic]\nplugin = "fake"\n{key} = "sk-very-secret"\n')
+    message = error_of(path, registry=registry)
+    assert message.startswith(f"{path}: critic.{key}: secrets are read from the environment only")
+    assert "api_key_env" in message
+    assert "sk-very-secret" not in message
+
+
+def test_secret_from_set_or_settings_env_is_refused(registry):
+    message = error_of(None, ["critic.api_key=sk-very-secret"], registry=registry)
+    assert message.startswith("--set: critic.api_key: secrets are read from the environment only")
+    # a secret given as a setting would be written into settings.resolved.toml
+    message = error_of(None, environ={"LVLMVA_CRITIC__API_KEY": "sk-very-secret"}, registry=registry)
+    assert message.startswith("environment: critic.api_key: secrets")
+    assert "sk-very-secret" not in message
+
+
+def test_set_without_equals_sign():
+    assert error_of(None, ["train.epochs"]) == "--set 'train.epochs': expected section.key=value"
+
+
+@pytest.mark.parametrize("item", ["epochs=3", ".epochs=3", "train.=3"])
+def test_set_without_a_section(item):
+    assert error_of(None, [item]) == f"--set {item!r}: {item.split('=')[0]!r} must be 'section.key' (e.g. train.epochs)"
+
+
+def test_bad_device_spelling():
+    message = error_of(None, ["run.device=gpu"])
+    assert message.startswith("--set run.device: run.device = 'gpu': Value error, 'gpu' is not a torch device")
+    assert load(None, ["run.device=cuda:1"]).run.device == "cuda:1"  # CUDA presence is checked at run time
+
+
+# -- provenance -------------------------------------------------------------------------------
+
+
+def test_bad_value_from_env_names_the_variable(write):
+    path = write("[train]\nepochs = 2\n")
+    message = error_of(path, environ={"LVLMVA_TRAIN__EPOCHS": "-1"})
+    assert message.startswith("environment LVLMVA_TRAIN__EPOCHS: train.epochs = -1:")
+
+
+def test_bad_value_from_set_names_set(write):
+    path = write("[train]\nepochs = 2\n")
+    message = error_of(path, ["train.epochs=-1"], {"LVLMVA_TRAIN__EPOCHS": "4"})
+    assert message.startswith("--set train.epochs: train.epochs = -1:")
+
+
+def test_bad_file_value_overridden_by_a_good_one_is_fine(write):
+    path = write("[train]\nepochs = -1\n")
+    assert load(path, ["train.epochs=2"]).train.epochs == 2
+
+
+def test_unknown_key_from_env_in_a_plugin_section(registry):
+    env = {"LVLMVA_CRITIC__PLUGIN": "fake", "LVLMVA_CRITIC__MODLE": "x"}
+    message = error_of(None, environ=env, registry=registry)
+    assert message.startswith("environment LVLMVA_CRITIC__MODLE: critic.modle = 'x': unknown key")
+
+
+# -- resolved settings ------------------------------------------------------------------------
+
+
+def test_to_toml_round_trip(write, registry, tmp_path):
+    path = write(
+        '[run]\nname = "exp"\nseed = 3\n[train]\nepochs = 1\n[critic]\nplugin = "fake"\nsizes = [7]\n'
+    )
+    settings = load(path, ["critic.temperature=1.5", "render.palette=[\"red\", \"blue\"]"], {"LVLMVA_SELECTION__N": "9"}, registry)
+    resolved = tmp_path / "resolved.toml"
+    resolved.write_text(settings.to_toml())
+    again = load(resolved, registry=registry)
+    assert again.as_dict() == settings.as_dict()
+    assert again.fingerprint(list(settings.as_dict())) == settings.fingerprint(list(settings.as_dict()))
+    assert set(again.as_dict()) == {*CORE_SECTIONS, "critic"}
+    assert again.plugins["critic"].options.temperature == 1.5
+    assert again.selection.n == 9 and again.run.seed == 3
+
+
+def test_fingerprint_changes_only_with_the_named_sections(registry):
+    a = load(None, ["train.epochs=1"])
+    b = load(None, ["train.epochs=2"])
+    assert a.fingerprint(["selection", "critic"]) == b.fingerprint(["selection", "critic"])
+    assert a.fingerprint(["train"]) != b.fingerprint(["train"])
+
+
+def test_run_name_defaults_to_the_file_stem(write):
+    assert load(write("", "my-experiment.toml")).run_name == "my-experiment"
+
+
+def test_text_that_parses_as_another_type_is_kept_for_string_options(registry):
+    # "true" is a TOML bool, but masks.source = "true" is a string choice; 2024 a run name
+    settings = load(None, ["masks.source=true", "run.name=2024", "critic.plugin=fake", "critic.model=5"], registry=registry)
+    assert (settings.masks.source, settings.run.name) == ("true", "2024")
+    assert settings.plugins["critic"].options.model == "5"
+    assert load(None, environ={"LVLMVA_MASKS__SOURCE": "true"}).masks.source == "true"
+    # numbers stay numbers where numbers are asked for, and bad text is still an error
+    assert load(None, ["train.epochs=4"]).train.epochs == 4
+    assert "--set train.epochs: train.epochs = 'four'" in error_of(None, ["train.epochs=four"])
+    # a file's value is TOML already: no second guess
+    with pytest.raises(SettingsError, match="masks.source = True"):
+        load_settings(None, {"masks": {"source": True}}, environ={}, registry=registry)
