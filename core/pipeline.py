@@ -298,21 +298,30 @@ class Pipeline:
     def run(self) -> dict[str, Any]:
         """Run every stage; returns the results (the content of results.json)."""
         hooks = get_plugin_manager().hook
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.run_dir / "settings.resolved.toml", self.settings.to_toml())
-        write_atomic(self.run_dir / "env.json", json.dumps(environment_info(self.device), indent=2, sort_keys=True))
         results: dict[str, Any] = {}
+        status = "failed"
+        saved = _GlobalTorchState.save()
         try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.run_dir / "settings.resolved.toml", self.settings.to_toml())
+            write_atomic(self.run_dir / "env.json", json.dumps(environment_info(self.device), indent=2, sort_keys=True))
+            pending = {o.name for o in self.plan() if o.status == "pending"}
             for spec in STAGES:
+                if not spec.persist:
+                    # The data set is cheap and deterministic, so it is not stored; it is loaded
+                    # in its own slot (own seed, own hooks) when any later stage must compute.
+                    if pending - {spec.name}:
+                        self.get(spec.name)
+                    continue
                 self._run_stage(spec, hooks)
             results = self.get("evaluate") or {}
-        except StageFailed:
-            hooks.lvlmva_run_finished(run_dir=self.run_dir, results={}, status="failed")
-            raise
+            status = "ok"
         finally:
+            saved.restore()
             timings = {o.name: {"status": o.status, "seconds": round(o.seconds, 3)} for o in self.outcomes.values()}
-            write_atomic(self.run_dir / "timings.json", json.dumps(timings, indent=2))
-        hooks.lvlmva_run_finished(run_dir=self.run_dir, results=results, status="ok")
+            if self.run_dir.exists():
+                write_atomic(self.run_dir / "timings.json", json.dumps(timings, indent=2))
+            hooks.lvlmva_run_finished(run_dir=self.run_dir, results=results if status == "ok" else {}, status=status)
         return results
 
     def _run_stage(self, spec: StageSpec, hooks: Any) -> None:
@@ -329,8 +338,6 @@ class Pipeline:
             self.echo(f"  = {spec.name:<9} reused ({fp[:8]})")
             hooks.lvlmva_stage_finished(stage=spec.name, run_dir=self.run_dir, status="reused", seconds=0.0)
             return
-        if not spec.persist:
-            return  # computed on first use (cheap and deterministic: the data set)
         self._compute(spec, hooks)
 
     def _finished(self, spec: StageSpec) -> bool:
@@ -349,7 +356,7 @@ class Pipeline:
             partial.mkdir(parents=True)
             self._forget_logs(spec.name)
         hooks.lvlmva_stage_started(stage=spec.name, run_dir=self.run_dir, fingerprint=fp)
-        ctx = self.context(spec.name, partial if spec.persist else None)
+        ctx = self.context(spec.name, partial if spec.persist else self.run_dir)
         from .training import seed_everything
 
         seed_everything(_stage_seed(self.settings.run.seed, spec.name), self.settings.run.deterministic)
@@ -407,7 +414,9 @@ class Pipeline:
         if self.skip_reason(spec) is not None:
             return None
         if not spec.persist:
-            return self._compute(spec, get_plugin_manager().hook)
+            # Computed in the middle of another stage: keep that stage's random state intact.
+            with _isolated_rng():
+                return self._compute(spec, get_plugin_manager().hook)
         if not self._finished(spec):
             raise RuntimeError(f"stage {name!r} has no finished artifact (run the stages in order)")
         state = torch.load(self.run_dir / name / "artifact.pt", weights_only=True, map_location="cpu")
@@ -667,6 +676,46 @@ class Pipeline:
             class_names=data.class_names,
         )
         return {"path": str(path)}
+
+
+class _GlobalTorchState:
+    """torch's process-wide determinism switches, restored after a run so that a run inside a
+    larger program (a notebook, a test session) leaves them as it found them."""
+
+    def __init__(self, enabled: bool, warn_only: bool, cudnn_benchmark: bool) -> None:
+        self.enabled, self.warn_only, self.cudnn_benchmark = enabled, warn_only, cudnn_benchmark
+
+    @classmethod
+    def save(cls) -> _GlobalTorchState:
+        return cls(
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.backends.cudnn.benchmark,
+        )
+
+    def restore(self) -> None:
+        torch.use_deterministic_algorithms(self.enabled, warn_only=self.warn_only)
+        torch.backends.cudnn.benchmark = self.cudnn_benchmark
+
+
+class _isolated_rng:
+    """Save and restore torch's, numpy's and random's global generators."""
+
+    def __enter__(self) -> None:
+        import random
+
+        import numpy as np
+
+        self._states = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+
+    def __exit__(self, *exc: object) -> None:
+        import random
+
+        import numpy as np
+
+        torch.set_rng_state(self._states[0])
+        np.random.set_state(self._states[1])
+        random.setstate(self._states[2])
 
 
 def _stage_seed(seed: int, stage: str) -> int:
