@@ -10,6 +10,7 @@ times per forward. :func:`prepare_model_for_deeplift` gives every use its own mo
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 
@@ -290,6 +291,10 @@ class DeepLiftShapAttributor:
         out = []
         for part in _chunks(inputs.shape[0], self.options.batch_size):
             x = inputs[part].to(device, torch.float32)
-            attr = explainer.attribute(x, baselines=background, target=targets[part].to(device))
+            with warnings.catch_warnings():
+                # captum announces on every call that it hooks non-linear modules for the
+                # duration of the attribution; that is expected here, not a problem to report.
+                warnings.filterwarnings("ignore", message="Setting forward, backward hooks", category=UserWarning)
+                attr = explainer.attribute(x, baselines=background, target=targets[part].to(device))
             out.append(attr.detach().to("cpu", torch.float32))
         return torch.cat(out)
