@@ -7,6 +7,7 @@ Exit codes: 0 success; 2 bad input (settings, plugin names, combinations), befor
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -53,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(signal, "SIGPIPE") and argv is None:
+        # `lvlmva validate x.toml | head` should end quietly, not with a traceback.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = _parser().parse_args(argv)
     if args.command is None:
         _parser().print_help()
