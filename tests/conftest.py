@@ -41,6 +41,22 @@ def ctx(tmp_path: Path) -> RunContext:
     )
 
 
+@pytest.fixture(scope="session")
+def tiny_lvlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random LLaVA model saved once per session (loads with from_pretrained)."""
+    from lvlmva.testing.tiny_lvlm import build_tiny_lvlm
+
+    return build_tiny_lvlm(tmp_path_factory.mktemp("tiny-lvlm"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random text-only Llama saved once per session."""
+    from lvlmva.testing.tiny_lvlm import build_tiny_causal_lm
+
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-causal-lm"), seed=0)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

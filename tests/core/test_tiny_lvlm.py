@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from lvlmva.testing.tiny_lvlm import (
     IMAGE_TOKEN,
     TINY_IMAGE_SIZE,
     TINY_PATCH_SIZE,
     build_tiny_causal_lm,
-    build_tiny_lvlm,
     train_tiny_tokenizer,
 )
 
@@ -19,16 +19,6 @@ transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
 
 TOKENS_PER_IMAGE = (TINY_IMAGE_SIZE // TINY_PATCH_SIZE) ** 2
-
-
-@pytest.fixture(scope="session")
-def tiny_lvlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_lvlm(tmp_path_factory.mktemp("tiny-lvlm"), seed=0)
-
-
-@pytest.fixture(scope="session")
-def tiny_causal_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-causal-lm"), seed=0)
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from lvlmva.plugins.lvlm import transformers_backend as backend
 from lvlmva.plugins.lvlm.prompts import load_template, render_critic_prompt
 from lvlmva.plugins.lvlm.transformers_backend import (
@@ -32,8 +33,6 @@ from lvlmva.testing.tiny_lvlm import (
     IMAGE_TOKEN,
     TINY_IMAGE_SIZE,
     TINY_PATCH_SIZE,
-    build_tiny_causal_lm,
-    build_tiny_lvlm,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -41,16 +40,6 @@ Image = pytest.importorskip("PIL.Image")
 
 COLORS = ("red", "blue", "green")
 TOKENS_PER_IMAGE = (TINY_IMAGE_SIZE // TINY_PATCH_SIZE) ** 2
-
-
-@pytest.fixture(scope="session")
-def tiny_lvlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_lvlm(tmp_path_factory.mktemp("tiny-lvlm"), seed=0)
-
-
-@pytest.fixture(scope="session")
-def tiny_causal_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-causal-lm"), seed=0)
 
 
 def _png(color: tuple[int, int, int], size: int = 40) -> bytes:
