@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from lvlmva.plugins.lvlm.openai_backend import OpenAICritic, OpenAIJudge
 from lvlmva.protocols import RunContext
 from lvlmva.testing.openai_server import ScriptedOpenAIServer, synthetic_requests

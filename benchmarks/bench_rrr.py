@@ -20,8 +20,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from lvlmva.plugins.aligners.rrr import rrr_loss
 from torch import nn
+
+from lvlmva.plugins.aligners.rrr import rrr_loss
 
 TARGET = 2.5
 

@@ -488,6 +488,7 @@ def synthetic_requests(
     """``n`` :class:`~lvlmva.records.CritiqueRequest` with small random PNGs (distinct per
     sample), for exercising LVLM backends without a real data set."""
     import torch
+
     from lvlmva.records import CritiqueRequest, RenderedSample
 
     rng = random.Random(seed)

@@ -29,10 +29,11 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from lvlmva.protocols import PluginOptions, RunContext
-from lvlmva.records import AlignmentSet, SpuriousDataset
 from pydantic import Field
 from torch import nn
+
+from lvlmva.protocols import PluginOptions, RunContext
+from lvlmva.records import AlignmentSet, SpuriousDataset
 
 __all__ = ["rrr_loss", "RrrAligner", "RrrOptions"]
 

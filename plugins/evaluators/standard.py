@@ -6,6 +6,9 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
+from pydantic import Field
+from torch import nn
+
 from lvlmva.metrics import (
     accuracy,
     alignment_score,
@@ -18,8 +21,6 @@ from lvlmva.metrics import (
 from lvlmva.protocols import PluginOptions, RunContext
 from lvlmva.records import SpuriousDataset
 from lvlmva.training import predict_logits
-from pydantic import Field
-from torch import nn
 
 __all__ = ["StandardEvaluator", "StandardEvaluatorOptions"]
 

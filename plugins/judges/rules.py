@@ -6,10 +6,11 @@ import json
 import re
 from collections.abc import Sequence
 
+from pydantic import Field
+
 from lvlmva.protocols import PluginOptions, RunContext
 from lvlmva.records import Critique, Verdicts
 from lvlmva.rendering import COLOR_SYNONYMS, PALETTE
-from pydantic import Field
 
 __all__ = ["RulesJudge"]
 

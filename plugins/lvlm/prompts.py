@@ -12,11 +12,11 @@ cache key, so editing a template and bumping its version never reuses stale answ
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tomllib
 from lvlmva.records import Critique, CritiqueRequest
 from lvlmva.templates import ROLES, builtin_template_path
 

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
+from pydantic import Field
+
 from lvlmva.plugins.lvlm.cache import ResponseCache, sha256_hex
 from lvlmva.plugins.lvlm.prompts import (
     PromptTemplate,
@@ -33,7 +35,6 @@ from lvlmva.plugins.lvlm.prompts import (
 from lvlmva.plugins.lvlm.verdict_schema import JudgeAnswerError, parse_judge_answer
 from lvlmva.protocols import PluginOptions, RunContext
 from lvlmva.records import Critique, CritiqueRequest, Usage, Verdicts
-from pydantic import Field
 
 __all__ = [
     "BACKEND",

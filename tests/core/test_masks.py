@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from lvlmva.masks import cluster_overlap, masks_from_verdicts, true_cluster_spurious
 from lvlmva.records import Verdicts
 

@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy import stats
+
 from lvlmva.metrics import (
     accuracy,
     alignment_score,
@@ -20,7 +22,6 @@ from lvlmva.metrics import (
     worst_group_accuracy,
 )
 from lvlmva.records import Verdicts
-from scipy import stats
 
 # -- numpy reference twins ---------------------------------------------------------------------
 

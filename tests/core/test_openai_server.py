@@ -7,6 +7,7 @@ import json
 import time
 
 import pytest
+
 from lvlmva.plugins.lvlm.prompts import load_template, render_critic_prompt
 from lvlmva.testing.openai_server import (
     FAULT_KINDS,

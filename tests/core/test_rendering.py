@@ -8,6 +8,8 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from lvlmva.rendering import (
     PALETTE,
     colorize_labels,
@@ -18,7 +20,6 @@ from lvlmva.rendering import (
     upscale_factor,
 )
 from lvlmva.settings import RenderOptions
-from PIL import Image
 
 
 def _decode(png: bytes) -> np.ndarray:

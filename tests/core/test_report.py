@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
+from PIL import Image
+
 from lvlmva.records import Critique, Verdicts
 from lvlmva.rendering import render_samples
 from lvlmva.report import write_report
 from lvlmva.settings import RenderOptions, ReportOptions
-from PIL import Image
 
 RESULTS = {
     "models": {

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from lvlmva.plugins.lvlm import cache as cache_module
 from lvlmva.plugins.lvlm.cache import ResponseCache, sha256_hex
 

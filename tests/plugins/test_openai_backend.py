@@ -11,10 +11,11 @@ import sys
 import textwrap
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import pytest
+
 from lvlmva.plugins.lvlm.cache import ResponseCache
 from lvlmva.plugins.lvlm.openai_backend import (
     ModelPrice,
@@ -85,7 +86,7 @@ def test_registered_with_documented_options(role, cls):
 def test_retry_after_parsing():
     assert retry_after_seconds({"retry-after-ms": "1500", "retry-after": "9"}) == 1.5
     assert retry_after_seconds({"retry-after": "2"}) == 2.0
-    later = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
+    later = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
     assert 25 < retry_after_seconds({"retry-after": later}) <= 30
     assert retry_after_seconds({"retry-after": "soon"}) is None
     assert retry_after_seconds({}) is None and retry_after_seconds(None) is None

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from lvlmva.plugins.aligners.rrr import RrrAligner, RrrOptions, rrr_loss
 from lvlmva.protocols import Aligner, check_capabilities
 from lvlmva.records import AlignmentSet, Split, SpuriousDataset
-from torch import nn
 
 
 class Linear(nn.Module):

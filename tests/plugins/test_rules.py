@@ -5,6 +5,7 @@ from __future__ import annotations
 import pydantic
 import pytest
 import torch
+
 from lvlmva.plugins.critics.oracle import OracleCritic
 from lvlmva.plugins.judges.rules import RulesJudge
 from lvlmva.protocols import Judge, check_capabilities

@@ -8,12 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
 from lvlmva.plugins import BUILTINS
 from lvlmva.plugins.evaluators.standard import StandardEvaluator, StandardEvaluatorOptions
 from lvlmva.protocols import Evaluator, check_capabilities
 from lvlmva.records import Split, SpuriousDataset
 from lvlmva.testing.data import tiny_decoy_dataset
-from torch import nn
 
 
 @pytest.fixture(scope="module")

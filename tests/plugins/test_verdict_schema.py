@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from lvlmva.plugins.lvlm.verdict_schema import (
     JudgeAnswerError,
     judge_json_schema,
