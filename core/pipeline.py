@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,16 +82,16 @@ class StageSpec:
 
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("data", ("dataset", "run.seed"), (), "dataset", persist=False, summary="load the data set"),
-    StageSpec("train", ("model", "train", "run.seed", "run.device"), ("data",), "model", summary="train the original model f"),
+    StageSpec("train", ("model", "train", "run.seed", "device"), ("data",), "model", summary="train the original model f"),
     StageSpec("select", ("selection",), ("data", "train"), summary="choose alignment samples"),
     StageSpec("attribute", ("attributor",), ("data", "train", "select"), "attributor", summary="explain f on them"),
     StageSpec("segment", ("segmenter",), ("attribute",), "segmenter", summary="split explanations into clusters"),
     StageSpec("render", ("render",), ("data", "select", "segment"), summary="draw cluster images"),
     StageSpec("critic", ("critic",), ("data", "select", "segment", "render"), "critic", summary="discuss clusters"),
     StageSpec("judge", ("judge",), ("critic",), "judge", summary="turn critiques into verdicts"),
-    StageSpec("masks", ("masks",), ("data", "select", "segment", "judge"), summary="correction masks"),
+    StageSpec("masks", ("masks.source",), ("data", "select", "segment", "judge"), summary="correction masks"),
     StageSpec("align", ("aligner",), ("data", "train", "select", "masks"), "aligner", summary="fine-tune with RRR"),
-    StageSpec("bound", ("aligner", "masks"), ("data", "train", "select"), "aligner", summary="align with true masks (upper bound)"),
+    StageSpec("bound", ("aligner",), ("data", "train", "select"), "aligner", summary="align with true masks (upper bound)"),
     StageSpec("mitigate", ("mitigator",), ("data", "train"), "mitigator", summary="shortcut-mitigation baseline"),
     StageSpec(
         "evaluate",
@@ -102,6 +103,9 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("report", ("report", "attributor"), ("data", "train", "render", "critic", "judge", "align", "bound", "mitigate", "evaluate"), summary="report.md and figures"),
 )
 STAGE_BY_NAME = {s.name: s for s in STAGES}
+
+#: stages that --refresh recomputes instead of reusing (their answers are paid for by call)
+REFRESHED_STAGES = ("critic", "judge")
 
 #: model artifacts and the name each gets in results.json
 MODEL_STAGES = {"train": "original", "align": "aligned", "bound": "true-mask bound", "mitigate": "mitigated"}
@@ -117,6 +121,8 @@ def _json_default(value: Any) -> Any:
         return value.tolist()
     if isinstance(value, Path):
         return str(value)
+    if hasattr(value, "item") and hasattr(value, "dtype"):  # numpy scalars
+        return value.item()
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
@@ -157,9 +163,14 @@ class Pipeline:
         self._plugins: dict[str, Any] = {}
         self._memory: dict[str, Any] = {}
         self.outcomes: dict[str, StageOutcome] = {}
-        self.fingerprints = self._fingerprints()
-        self._device: torch.device | None = None
+        from .training import resolve_device
+
+        try:
+            self._device = resolve_device(run.device)
+        except ValueError as exc:
+            raise ConfigurationError(f"run.device = {run.device!r}: {exc}") from None
         self.check()
+        self.fingerprints = self._fingerprints()
 
     # -- planning ---------------------------------------------------------------------------
     def plugin(self, role: str) -> Any:
@@ -193,9 +204,32 @@ class Pipeline:
         return out
 
     def _setting(self, key: str) -> Any:
+        """A settings section (or ``section.key``) as the fingerprint sees it: the device as
+        resolved ("auto" and "cpu" are the same on a machine without CUDA), options marked
+        ``fingerprint=False`` left out (they change how, not what: batch sizes for inference,
+        concurrency, where data is read from), files marked ``fingerprint="content"`` hashed by
+        content, and a role's plugin with the distribution and version that supplied it."""
+        if key == "device":
+            return self.device.type
         section, _, sub = key.partition(".")
         value = self.settings.section(section)
-        return value if not sub or value is None else value.get(sub)
+        if value is None:
+            return None
+        choice = self.settings.plugins.get(section)
+        model = type(choice.options) if choice is not None else type(self.settings.core[section])
+        out = {}
+        for name, item in value.items():
+            field = model.model_fields.get(name)
+            marker = (field.json_schema_extra or {}).get("fingerprint", True) if field is not None and isinstance(field.json_schema_extra, dict) else True
+            if marker is False:
+                continue
+            if marker == "content" and item:
+                item = {"path": item, "sha256": _file_sha256(Path(item))}
+            out[name] = item
+        if choice is not None:
+            entry = self.registry.entry(section, choice.name)
+            out["__source__"] = f"{entry.distribution} {entry.version}"
+        return out if not sub else out.get(sub)
 
     def skip_reason(self, spec: StageSpec) -> str | None:
         """Why ``spec`` will not run with these settings (``None`` when it runs)."""
@@ -262,7 +296,8 @@ class Pipeline:
             raise ConfigurationError("\n".join(problems))
 
     def plan(self) -> list[StageOutcome]:
-        """What a run would do now: reuse, compute or skip, stage by stage."""
+        """What a run would do now: reuse, compute or skip, stage by stage. The data set (not
+        stored) counts as pending only when a later stage must compute."""
         out = []
         for spec in STAGES:
             reason = self.skip_reason(spec)
@@ -272,18 +307,16 @@ class Pipeline:
                 out.append(StageOutcome(spec.name, "reused", self.fingerprints[spec.name]))
             else:
                 out.append(StageOutcome(spec.name, "pending", self.fingerprints[spec.name]))
+        if not any(o.status == "pending" for o in out if STAGE_BY_NAME[o.name].persist):
+            out = [StageOutcome(o.name, "reused", o.fingerprint) if o.status == "pending" else o for o in out]
         return out
 
     # -- running ----------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        if self._device is None:
-            from .training import resolve_device
-
-            self._device = resolve_device(self.settings.run.device)
         return self._device
 
-    def context(self, stage: str, stage_dir: Path | None = None) -> RunContext:
+    def context(self, stage: str, stage_dir: Path | None = None, attempt: str = "") -> RunContext:
         return RunContext(
             seed=self.settings.run.seed,
             device=self.device,
@@ -293,6 +326,7 @@ class Pipeline:
             refresh=self.refresh,
             progress=self.progress,
             stage=stage,
+            attempt=attempt,
         )
 
     def run(self) -> dict[str, Any]:
@@ -305,6 +339,7 @@ class Pipeline:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(self.run_dir / "settings.resolved.toml", self.settings.to_toml())
             write_atomic(self.run_dir / "env.json", json.dumps(environment_info(self.device), indent=2, sort_keys=True))
+            self._unpublish()
             pending = {o.name for o in self.plan() if o.status == "pending"}
             for spec in STAGES:
                 if not spec.persist:
@@ -314,7 +349,7 @@ class Pipeline:
                         self.get(spec.name)
                     continue
                 self._run_stage(spec, hooks)
-            results = self.get("evaluate") or {}
+            results = self._publish()
             status = "ok"
         finally:
             saved.restore()
@@ -341,6 +376,8 @@ class Pipeline:
         self._compute(spec, hooks)
 
     def _finished(self, spec: StageSpec) -> bool:
+        if self.refresh and spec.name in REFRESHED_STAGES and spec.name not in self.outcomes:
+            return False  # --refresh: ask the critic and judge again (not just their caches)
         marker = self.run_dir / spec.name / "fingerprint.json"
         try:
             stored = json.loads(marker.read_text())
@@ -354,15 +391,22 @@ class Pipeline:
         if spec.persist:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
-            self._forget_logs(spec.name)
+        attempt = uuid.uuid4().hex[:12]
         hooks.lvlmva_stage_started(stage=spec.name, run_dir=self.run_dir, fingerprint=fp)
-        ctx = self.context(spec.name, partial if spec.persist else self.run_dir)
+        ctx = self.context(spec.name, partial if spec.persist else self.run_dir, attempt)
         from .training import seed_everything
 
         seed_everything(_stage_seed(self.settings.run.seed, spec.name), self.settings.run.deterministic)
         started = time.perf_counter()
         try:
             value = getattr(self, f"_stage_{spec.name}")(ctx)
+            if spec.persist:
+                artifact = partial / "artifact.pt"
+                torch.save(self._to_state(spec.name, value), artifact)
+                try:  # what cannot be loaded back must not be committed as finished
+                    torch.load(artifact, weights_only=True, map_location="cpu")
+                except Exception as exc:  # torch raises UnpicklingError or others; re-raised below
+                    raise TypeError(f"the {spec.name} artifact holds values that cannot be stored safely: {exc}") from exc
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # recorded with the stage's name, then re-raised as StageFailed
@@ -373,7 +417,6 @@ class Pipeline:
             raise StageFailed(spec.name, self.run_dir, exc) from exc
         seconds = time.perf_counter() - started
         if spec.persist:
-            torch.save(self._to_state(spec.name, value), partial / "artifact.pt")
             marker = {"stage": spec.name, "fingerprint": fp, "seconds": seconds, "lvlmva": __version__}
             (partial / "fingerprint.json").write_text(json.dumps(marker, indent=2))
             final = self.run_dir / spec.name
@@ -383,15 +426,18 @@ class Pipeline:
                 os.replace(final, old)
             os.replace(partial, final)
             shutil.rmtree(old, ignore_errors=True)
+            self._forget_logs(spec.name, keep_attempt=attempt)
+        if spec.name in ("evaluate", "report"):
+            value = self._to_state(spec.name, value)  # the same plain data a reuse would load
         self._memory[spec.name] = value
         self.outcomes[spec.name] = StageOutcome(spec.name, "computed", fp, seconds)
         self.echo(f"  + {spec.name:<9} computed in {seconds:.1f}s")
         hooks.lvlmva_stage_finished(stage=spec.name, run_dir=self.run_dir, status="computed", seconds=seconds)
         return value
 
-    def _forget_logs(self, stage: str) -> None:
-        """Drop JSON lines an earlier computation of ``stage`` logged: they describe an artifact
-        that is being replaced (paid LVLM answers stay in the response cache)."""
+    def _forget_logs(self, stage: str, keep_attempt: str) -> None:
+        """Once a new artifact of ``stage`` is committed, drop the JSON lines that earlier or
+        interrupted computations of it logged (paid LVLM answers stay in the response cache)."""
         for name in ("metrics.jsonl", "transcripts.jsonl"):
             path = self.run_dir / name
             if not path.exists():
@@ -399,7 +445,8 @@ class Pipeline:
             kept = []
             for line in path.read_text(encoding="utf-8").splitlines():
                 try:
-                    if json.loads(line).get("run_stage") == stage:
+                    record = json.loads(line)
+                    if record.get("run_stage") == stage and record.get("run_attempt") != keep_attempt:
                         continue
                 except json.JSONDecodeError:
                     continue  # a line cut by a kill
@@ -439,11 +486,15 @@ class Pipeline:
             ]
         if name in ("critic", "judge"):
             return [item.to_state() for item in value]
-        return value  # attribute, masks, evaluate, report: tensors and plain data already
+        if name in ("evaluate", "report"):
+            # Plugins' metrics may hold numpy scalars or paths: store them as the JSON they become.
+            return json.loads(json.dumps(value, default=_json_default))
+        return value  # attribute, masks: tensors and plain data already
 
     def _from_state(self, name: str, state: Any) -> Any:
         if name in MODEL_STAGES:
-            model = self.new_model()
+            with _isolated_rng():  # building the module draws initial weights we then overwrite
+                model = self.new_model()
             model.load_state_dict(state["state_dict"])
             return model.eval()
         if name == "select":
@@ -644,13 +695,11 @@ class Pipeline:
         usage: Usage = total_usage([*(critiques or []), *(verdicts or [])])
         results["usage"] = usage.to_state()
         results["input_scale"] = data.input_scale
-        results["settings"] = self.settings.as_dict()
-        write_atomic(self.run_dir / "results.json", json.dumps(results, indent=2, sort_keys=True, default=_json_default))
         return results
 
     def _stage_report(self, ctx: RunContext) -> dict[str, Any]:
         if not self.settings.report.enabled:
-            return {"path": None}
+            return {"written": False}
         from .report import write_report
 
         data: SpuriousDataset = self.get("data")
@@ -674,8 +723,33 @@ class Pipeline:
             test_labels=labels,
             attributions=attributions,
             class_names=data.class_names,
+            out_dir=ctx.stage_dir,
+            title=self.settings.run_name,
         )
-        return {"path": str(path)}
+        return {"written": path.exists()}
+
+    # -- published files ----------------------------------------------------------------------
+    def _unpublish(self) -> None:
+        """Remove results.json, report.md and figures/ from an earlier run: they are published
+        again from this run's artifacts at its end, so a failed run never shows stale ones."""
+        for name in ("results.json", "report.md"):
+            (self.run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(self.run_dir / "figures", ignore_errors=True)
+
+    def _publish(self) -> dict[str, Any]:
+        """Write results.json (the evaluation plus the settings that made it) and copy the
+        report out of its stage folder; returns the results."""
+        evaluation = self.get("evaluate")
+        if evaluation is None:
+            return {}
+        results = {**evaluation, "settings": self.settings.as_dict()}
+        write_atomic(self.run_dir / "results.json", json.dumps(results, indent=2, sort_keys=True, default=_json_default))
+        report = self.run_dir / "report"
+        if (self.get("report") or {}).get("written"):
+            if (report / "figures").exists():
+                shutil.copytree(report / "figures", self.run_dir / "figures", dirs_exist_ok=True)
+            write_atomic(self.run_dir / "report.md", (report / "report.md").read_bytes())
+        return results
 
 
 class _GlobalTorchState:
@@ -716,6 +790,13 @@ class _isolated_rng:
         torch.set_rng_state(self._states[0])
         np.random.set_state(self._states[1])
         random.setstate(self._states[2])
+
+
+def _file_sha256(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc}") from None
 
 
 def _stage_seed(seed: int, stage: str) -> int:

@@ -68,7 +68,9 @@ class RunContext:
     - ``cache_dir``: the user cache (responses, downloaded data), shared between runs.
     - ``refresh``: ignore caches of paid or slow results (``--refresh``).
     - ``progress``: show progress bars (False when not a TTY or when quiet).
-    - ``stage``: the pipeline stage running (added to every logged JSON line as ``run_stage``).
+    - ``stage``: the pipeline stage running, and ``attempt`` an id of this computation of it
+      (added to every logged JSON line as ``run_stage`` and ``run_attempt``, so that lines of a
+      replaced or interrupted computation can be dropped once a new artifact is committed).
     """
 
     seed: int
@@ -79,6 +81,7 @@ class RunContext:
     refresh: bool = False
     progress: bool = False
     stage: str = ""
+    attempt: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def generator(self, salt: str) -> torch.Generator:
@@ -95,7 +98,7 @@ class RunContext:
         """Append one JSON line to ``run_dir/name`` (``metrics.jsonl``, ``transcripts.jsonl``).
         Thread-safe; flushed per line so a killed run keeps what it logged."""
         if self.stage:
-            record = {"run_stage": self.stage, **record}
+            record = {"run_stage": self.stage, "run_attempt": self.attempt, **record}
         line = json.dumps(record, default=str, sort_keys=True)
         with self._lock, open(self.run_dir / name, "a", encoding="utf-8") as fh:
             fh.write(line + "\n")

@@ -415,8 +415,11 @@ def write_report(
     test_labels: torch.Tensor | None,
     attributions: dict[str, torch.Tensor],
     class_names: Sequence[str],
+    out_dir: Path | None = None,
+    title: str | None = None,
 ) -> Path:
-    """Write ``run_dir/report.md`` and its figures (``run_dir/figures/*.png``); return the path.
+    """Write ``report.md`` and its figures (``figures/*.png``) into ``out_dir`` (default
+    ``run_dir``); return the report's path.
 
     - ``results``: the layout of ``results.json`` (``models``, ``verdicts``, ``alignment``,
       ``usage``, ``timings``, ...); missing parts are reported as missing.
@@ -430,11 +433,12 @@ def write_report(
     With ``options.enabled`` False nothing is written and the path is returned all the same.
     """
     run_dir = Path(run_dir)
-    report_path = run_dir / "report.md"
+    out_dir = Path(out_dir) if out_dir is not None else run_dir
+    report_path = out_dir / "report.md"
     if not options.enabled:
         return report_path
-    figures = run_dir / FIGURES_DIR
-    name = (results.get("settings") or {}).get("run", {}).get("name") or run_dir.name
+    figures = out_dir / FIGURES_DIR
+    name = title or (results.get("settings") or {}).get("run", {}).get("name") or run_dir.name
     lines = [f"# lvlmva report: {name}", ""]
     lines += _models_section(results)
     lines += _verdicts_section(results, verdicts)

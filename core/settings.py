@@ -92,6 +92,7 @@ class TrainOptions(PluginOptions):
     resident: Literal["auto", "always", "never"] = Field(
         "auto",
         description='Slice tensors held in memory instead of a DataLoader: "auto" when the split fits in memory.',
+        json_schema_extra={"fingerprint": False},
     )
 
 
@@ -113,6 +114,14 @@ class RenderOptions(PluginOptions):
         description="Ordered colour names for clusters 0..J-1 (from lvlmva.rendering.PALETTE).",
     )
     overlay_alpha: float = Field(0.45, ge=0, le=1, description="Opacity of the cluster map in the overlay image.")
+
+    @field_validator("palette")
+    @classmethod
+    def _known_colours(cls, names: list[str]) -> list[str]:
+        from .rendering import palette_for
+
+        palette_for(names)  # raises ValueError naming the unknown or repeated colour
+        return names
 
 
 class MaskOptions(PluginOptions):
@@ -485,6 +494,29 @@ def _check_no_secrets(layer: dict[str, Any], label: str, trail: tuple[str, ...] 
             )
 
 
+def _drop_keys_of_replaced_plugins(registry: PluginRegistry, *layers: dict[str, Any]) -> None:
+    """When a higher layer (``--set``, then the environment) picks another plugin for a role,
+    the lower layers' keys that the new plugin does not take belonged to the old one: drop
+    them, so that ``--set critic.plugin=openai`` works on a file written for the oracle (keys
+    both plugins take, such as a temperature, still apply)."""
+    for role in ROLES:
+        chosen = None
+        for layer in layers:
+            section = layer.get(role)
+            if not isinstance(section, dict):
+                continue
+            if chosen is None:
+                chosen = section.get("plugin")
+                continue
+            if section.get("plugin", chosen) == chosen:
+                continue
+            try:
+                accepted = set(registry.get(role, str(chosen)).Options.model_fields)
+            except PluginError:
+                return  # the unknown plugin name is reported when the section is validated
+            layer[role] = {k: v for k, v in section.items() if k in accepted}
+
+
 def load_settings(
     path: str | Path | None,
     overrides: Sequence[str] | Mapping[str, Any] = (),
@@ -500,6 +532,8 @@ def load_settings(
         over_layer, over_raw = _parse_overrides(overrides)
     env_layer, env_raw = _env_overrides(os.environ if environ is None else environ)
     label = str(path) if path else "settings"
+    registry = registry or get_registry()
+    _drop_keys_of_replaced_plugins(registry, over_layer, env_layer, file_layer)
     _check_no_secrets(file_layer, label)
     _check_no_secrets(over_layer, "--set")
     _check_no_secrets(env_layer, "environment")
@@ -530,7 +564,6 @@ def load_settings(
     finally:
         _Composed._layers = ({}, {}, {})
 
-    registry = registry or get_registry()
     problems: list[str] = []
     core: dict[str, PluginOptions] = {}
     for section, model in CORE_SECTIONS.items():

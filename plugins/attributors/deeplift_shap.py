@@ -212,6 +212,7 @@ class DeepLiftShapOptions(PluginOptions):
         ge=1,
         description="Inputs per DeepLiftShap call; each call runs batch_size x background_size "
         "examples through the model.",
+        json_schema_extra={"fingerprint": False},
     )
     multiply_by_inputs: bool = Field(
         True,
@@ -294,7 +295,9 @@ class DeepLiftShapAttributor:
             with warnings.catch_warnings():
                 # captum announces on every call that it hooks non-linear modules for the
                 # duration of the attribution; that is expected here, not a problem to report.
-                warnings.filterwarnings("ignore", message="Setting forward, backward hooks", category=UserWarning)
+                warnings.filterwarnings(
+                    "ignore", message="Setting forward, backward hooks", category=UserWarning
+                )
                 attr = explainer.attribute(x, baselines=background, target=targets[part].to(device))
             out.append(attr.detach().to("cpu", torch.float32))
         return torch.cat(out)

@@ -31,7 +31,12 @@ AttributeFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 class StandardEvaluatorOptions(PluginOptions):
     """Options of the standard evaluator."""
 
-    batch_size: int = Field(1024, ge=1, description="Test images per forward pass.")
+    batch_size: int = Field(
+        1024,
+        ge=1,
+        description="Test images per forward pass.",
+        json_schema_extra={"fingerprint": False},
+    )
     alignment_score_samples: int = Field(
         256,
         ge=0,
@@ -39,7 +44,10 @@ class StandardEvaluatorOptions(PluginOptions):
         "computed when the data set has true spurious masks; 0 = skip the score.",
     )
     attribution_batch_size: int = Field(
-        64, ge=1, description="Test images per call of the attributor for the alignment score."
+        64,
+        ge=1,
+        description="Test images per call of the attributor for the alignment score.",
+        json_schema_extra={"fingerprint": False},
     )
 
 

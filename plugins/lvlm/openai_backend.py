@@ -143,30 +143,38 @@ class OpenAIOptions(PluginOptions):
         120.0,
         gt=0,
         description="Seconds to wait for one answer before the attempt counts as timed out.",
+        json_schema_extra={"fingerprint": False},
     )
     max_attempts: int = Field(
         5,
         ge=1,
         description="HTTP attempts per request on transient errors (429, 5xx, timeouts, connection errors, unreadable bodies).",
+        json_schema_extra={"fingerprint": False},
     )
     backoff_initial_s: float = Field(
         1.0,
         ge=0,
         description="Wait before the first retry; doubles each retry (with jitter) up to backoff_max_s.",
+        json_schema_extra={"fingerprint": False},
     )
     backoff_max_s: float = Field(
         60.0,
         ge=0,
         description="Longest wait between retries, unless the server's Retry-After asks for more.",
+        json_schema_extra={"fingerprint": False},
     )
     jitter: float = Field(
         0.5,
         ge=0,
         le=1,
         description="Share of each backoff wait drawn at random, so that concurrent retries spread out.",
+        json_schema_extra={"fingerprint": False},
     )
     concurrency: int = Field(
-        8, ge=1, description="Requests in flight at once across the alignment set."
+        8,
+        ge=1,
+        description="Requests in flight at once across the alignment set.",
+        json_schema_extra={"fingerprint": False},
     )
     image_detail: Literal["auto", "low", "high"] = Field(
         "auto", description="Image detail level sent with each image (OpenAI's 'detail')."
@@ -178,6 +186,7 @@ class OpenAIOptions(PluginOptions):
     template: str | None = Field(
         None,
         description="Path to a prompt template TOML of your own; None: the built-in template of the data set's family.",
+        json_schema_extra={"fingerprint": "content"},
     )
     family: str | None = Field(
         None,
@@ -187,7 +196,9 @@ class OpenAIOptions(PluginOptions):
         True, description="Read and write the response cache (--refresh still skips reading)."
     )
     cache_dir: Path | None = Field(
-        None, description="Folder of responses.sqlite; None: the run's cache directory."
+        None,
+        description="Folder of responses.sqlite; None: the run's cache directory.",
+        json_schema_extra={"fingerprint": False},
     )
     prices: dict[str, ModelPrice] = Field(
         default_factory=lambda: {k: ModelPrice(**v) for k, v in DEFAULT_PRICES.items()},

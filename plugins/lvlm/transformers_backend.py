@@ -78,6 +78,7 @@ class TransformersOptions(PluginOptions):
     template: Path | None = Field(
         None,
         description="A user's prompt template file (TOML with version and text); None = the built-in one of the family.",
+        json_schema_extra={"fingerprint": "content"},
     )
     family: str | None = Field(
         None,
@@ -91,7 +92,9 @@ class TransformersOptions(PluginOptions):
     )
     cache: bool = Field(True, description="Read and write the shared response cache.")
     cache_dir: Path | None = Field(
-        None, description="Folder of responses.sqlite; None = the run's user cache directory."
+        None,
+        description="Folder of responses.sqlite; None = the run's user cache directory.",
+        json_schema_extra={"fingerprint": False},
     )
 
 

@@ -204,7 +204,7 @@ class ToyEvaluator:
     """Accuracy on the test split."""
 
     class Options(PluginOptions):
-        pass
+        numpy_scalars: bool = Field(False, description="report numpy scalars, as sklearn metrics do")
 
     needs_groups = False
     needs_true_masks = False
@@ -216,7 +216,12 @@ class ToyEvaluator:
         _count("evaluate")
         with torch.no_grad():
             pred = model(data.test.images).argmax(1)
-        return {"accuracy": float((pred == data.test.labels).float().mean())}
+        accuracy = float((pred == data.test.labels).float().mean())
+        if self.options.numpy_scalars:
+            import numpy as np
+
+            return {"accuracy": np.float64(accuracy), "where": Path("somewhere")}
+        return {"accuracy": accuracy}
 
 
 TOYS = {

@@ -197,3 +197,64 @@ def test_cli_exit_1_names_the_stage(tmp_path, settings_file, monkeypatch):
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert "stage 'critic' failed" in done.stderr and str(tmp_path / "run") in done.stderr
+
+
+def test_published_files_never_go_stale(tmp_path, settings_file, registry, monkeypatch):
+    run_dir = tmp_path / "run"
+    _run(settings_file, run_dir, registry, overrides=["report.enabled=true"])
+    assert (run_dir / "results.json").exists() and (run_dir / "report.md").exists()
+    # a failing run leaves no results.json or report.md from the run before it
+    monkeypatch.setenv("LVLMVA_TOY_FAIL", "align")
+    with pytest.raises(StageFailed):
+        _run(settings_file, run_dir, registry, overrides=["report.enabled=true", "aligner.shift=0.3"])
+    assert not (run_dir / "results.json").exists() and not (run_dir / "report.md").exists()
+    monkeypatch.delenv("LVLMVA_TOY_FAIL")
+    # deleted published files come back from the stored artifacts, with today's settings
+    _run(settings_file, run_dir, registry, overrides=["report.enabled=true"])
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["settings"]["report"]["enabled"] is True
+    _, again = _run(settings_file, run_dir, registry, overrides=["report.enabled=false"])
+    assert not (run_dir / "report.md").exists()
+    assert again["settings"]["report"]["enabled"] is False
+
+
+def test_refresh_asks_the_critic_and_judge_again(tmp_path, settings_file, registry, calls):
+    run_dir = tmp_path / "run"
+    _run(settings_file, run_dir, registry)
+    calls.unlink()
+    pipe, _ = _run(settings_file, run_dir, registry, refresh=True)
+    assert pipe.outcomes["critic"].status == pipe.outcomes["judge"].status == "computed"
+    assert pipe.outcomes["train"].status == "reused"
+    assert _read_calls(calls).count("critic") == 1
+
+
+def test_logs_of_a_kept_artifact_survive_a_failed_recompute(tmp_path, settings_file, registry, monkeypatch):
+    run_dir = tmp_path / "run"
+    _run(settings_file, run_dir, registry)
+
+    def stages() -> list[str]:
+        return [json.loads(x)["run_stage"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    before = stages()
+    monkeypatch.setenv("LVLMVA_TOY_FAIL", "critic")
+    with pytest.raises(StageFailed):
+        _run(settings_file, run_dir, registry, overrides=["train.epochs=3"])
+    # train was recomputed (3 new lines replace 2 old ones) before the critic failed
+    assert stages().count("train") == 3 and len(before) == 2
+
+
+def test_numpy_metrics_store_and_reload(tmp_path, settings_file, registry):
+    run_dir = tmp_path / "run"
+    _, first = _run(settings_file, run_dir, registry, overrides=["evaluator.numpy_scalars=true"])
+    pipe, second = _run(settings_file, run_dir, registry, overrides=["evaluator.numpy_scalars=true"])
+    assert pipe.outcomes["evaluate"].status == "reused"
+    assert first["models"] == second["models"] and isinstance(second["models"]["original"]["accuracy"], float)
+
+
+def test_settings_that_change_nothing_do_not_recompute(tmp_path, settings_file, registry):
+    run_dir = tmp_path / "run"
+    _run(settings_file, run_dir, registry)
+    pipe, _ = _run(settings_file, run_dir, registry, overrides=["masks.true_mask_bound=false", "run.device=auto"] if not torch.cuda.is_available() else ["masks.true_mask_bound=false"])
+    status = {k: o.status for k, o in pipe.outcomes.items()}
+    assert status["train"] == status["masks"] == status["align"] == "reused"
+    assert status["bound"] == "skipped"

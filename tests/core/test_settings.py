@@ -43,6 +43,13 @@ class OtherCritic(FakeCritic):
     """A second critic, so that listings have more than one name."""
 
 
+class SlimCritic(FakeCritic):
+    """A critic that takes only a model name."""
+
+    class Options(PluginOptions):
+        model: str = Field("slim", description="Model name.")
+
+
 @pytest.fixture
 def registry() -> PluginRegistry:
     reg = PluginRegistry()
@@ -113,6 +120,23 @@ def test_precedence_in_a_plugin_section(write, registry):
     choice = load(path, ["critic.model=from-set", "critic.plugin=other"], env, registry).plugins["critic"]
     assert (choice.name, choice.options.model, choice.options.temperature) == ("other", "from-set", 0.5)
     assert isinstance(choice.options, OtherCritic.Options)
+
+
+def test_switching_plugin_from_the_command_line_drops_the_old_plugins_keys(write, registry):
+    registry.add("critic", "slim", SlimCritic)
+    path = write('[critic]\nplugin = "fake"\nmodel = "m"\ntemperature = 0.5\nsizes = [3]\n')
+    choice = load(path, ["critic.plugin=slim"], {}, registry).plugins["critic"]
+    assert choice.name == "slim" and choice.options.model == "m"  # a key both take still applies
+    env = {"LVLMVA_CRITIC__PLUGIN": "slim"}
+    assert load(path, environ=env, registry=registry).plugins["critic"].name == "slim"
+    # the file's own typo is still an error when the file's plugin is kept
+    bad = write('[critic]\nplugin = "fake"\ntemperatur = 0.5\n', "bad.toml")
+    assert "critic.temperatur" in error_of(bad, registry=registry)
+
+
+def test_unknown_palette_colour_is_a_settings_error(write):
+    message = error_of(write('[render]\npalette = ["red", "mauve"]\n'))
+    assert "render.palette" in message and "mauve" in message and "allowed: red, blue" in message
 
 
 def test_a_plugin_section_can_come_from_the_environment_alone(registry):
