@@ -284,9 +284,18 @@ class Pipeline:
             problems.append("masks.source = 'true' needs a data set with true spurious masks")
         if "aligner" in plugins and self.settings.masks.source == "verdicts" and "judge" not in plugins:
             problems.append("[aligner] needs masks: configure [critic] and [judge], or set masks.source = 'true'")
+        for role in ("mitigator", "evaluator"):
+            cls = self.plugin_class(role)
+            if cls is None:
+                continue
+            if getattr(cls, "needs_groups", False) and not self._provider_flag("has_groups"):
+                problems.append(f"{role} {plugins[role].name!r} needs group labels, which the data set does not provide")
+            if getattr(cls, "needs_true_masks", False) and not has_true:
+                problems.append(f"{role} {plugins[role].name!r} needs true spurious masks, which the data set does not provide")
         mitigator = self.plugin_class("mitigator")
-        if mitigator is not None and getattr(mitigator, "needs_groups", False) and not self._provider_flag("has_groups"):
-            problems.append(f"mitigator {plugins['mitigator'].name!r} needs group labels, which the data set does not provide")
+        val_size = getattr(plugins["dataset"].options, "val_size", None) if "dataset" in plugins else None
+        if mitigator is not None and getattr(mitigator, "needs_validation", False) and val_size == 0:
+            problems.append(f"mitigator {plugins['mitigator'].name!r} needs a validation split: set dataset.val_size")
         segmenter = plugins.get("segmenter")
         if segmenter is not None:
             j = getattr(segmenter.options, "num_clusters", None)
