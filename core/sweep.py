@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .pipeline import STAGES, Pipeline, write_atomic
-from .settings import load_settings
+from .pipeline import STAGES, Pipeline, StageFailed, write_atomic
+from .settings import SettingsError, load_settings
 
 SHARED_STAGES = ("train", "select", "attribute", "segment", "render", "critic", "judge", "masks")
 METRICS = ("accuracy", "aga", "wga", "alignment_score")
@@ -36,17 +36,27 @@ def _copy_finished(src: Path, dst: Path, pipeline: Pipeline) -> None:
 def run_sweep(settings_path: Path, lams: list[float], out: Path, overrides: list[str], key: str = "aligner.lam") -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     first: Path | None = None
-    for lam in lams:
-        settings = load_settings(settings_path, [*overrides, f"{key}={lam!r}", "report.enabled=false"])
-        run_dir = out / f"lam_{lam:g}"
-        pipeline = Pipeline(settings, run_dir, echo=lambda msg: print(msg, file=sys.stderr))
+    pipelines = [
+        (lam, Pipeline(load_settings(settings_path, [*overrides, f"{key}={lam!r}", "report.enabled=false"]), out / f"lam_{lam!r}", echo=lambda msg: print(msg, file=sys.stderr)))
+        for lam in lams
+    ]  # every setting is checked before the first run starts
+    if "evaluator" not in pipelines[0][1].settings.plugins:
+        raise SettingsError("a sweep compares evaluations: configure [evaluator]")
+    for lam, pipeline in pipelines:
+        run_dir = pipeline.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         if first is not None:
             _copy_finished(first, run_dir, pipeline)
         print(f"lambda = {lam:g}: {run_dir}", file=sys.stderr)
-        results = pipeline.run()
-        first = first or run_dir
         row: dict[str, Any] = {"lam": lam}
+        try:
+            results = pipeline.run()
+        except StageFailed as exc:  # recorded in the table; the other lambdas still run
+            print(f"lambda = {lam:g}: {exc}", file=sys.stderr)
+            row["failed"] = f"{exc.stage}: {exc.cause}"
+            rows.append(row)
+            continue
+        first = first or run_dir
         for model, metrics in results["models"].items():
             for name in METRICS:
                 if isinstance(metrics.get(name), float):
@@ -62,10 +72,12 @@ def write_sweep(rows: list[dict[str, Any]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = sorted({k for r in rows for k in r if k != "lam"})
+    columns = sorted({k for r in rows for k in r if k not in ("lam", "failed")})
     lines = ["| lambda | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for r in rows:
         cells = [f"{r[c]:.4f}" if c in r else "" for c in columns]
+        if "failed" in r:
+            cells = [f"failed ({r['failed']})"] + [""] * (len(columns) - 1)
         lines.append(f"| {r['lam']:g} | " + " | ".join(cells) + " |")
     write_atomic(out / "sweep.md", "\n".join(lines) + "\n")
     write_atomic(out / "sweep.json", json.dumps(rows, indent=2))
@@ -80,7 +92,8 @@ def write_sweep(rows: list[dict[str, Any]], out: Path) -> None:
     ax.set_ylabel("accuracy on the decoy test set")
     ax.set_ylim(0, 1)
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # nothing to label when every value failed
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out / "sweep.png", dpi=120)
     plt.close(fig)
@@ -94,10 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/sweep"))
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args(argv)
-    rows = run_sweep(args.settings, args.lams, args.out, args.overrides, args.key)
+    try:
+        rows = run_sweep(args.settings, args.lams, args.out, args.overrides, args.key)
+    except SettingsError as exc:
+        print(f"sweep: error: {exc}", file=sys.stderr)
+        return 2
     print((args.out / "sweep.md").read_text())
     print(f"plot: {args.out / 'sweep.png'}")
-    return 0 if rows else 1
+    return 0 if rows and not any("failed" in r for r in rows) else 1
 
 
 if __name__ == "__main__":
