@@ -355,7 +355,10 @@ def _attributions_figure(
 
 
 def _read_curves(run_dir: Path) -> tuple[dict[str, list[dict[str, float]]], list[str]]:
-    """Per stage tag, the epoch records of ``metrics.jsonl``; plus notes on unreadable lines."""
+    """Per curve, the epoch records of ``metrics.jsonl``; plus notes on unreadable lines. A
+    curve is the pipeline stage that logged it (``run_stage``: "train", "align", "bound") where
+    known, else the record's own ``stage`` tag: the aligner logs as "align" in both the align
+    and the bound stage, which are different curves."""
     path = run_dir / "metrics.jsonl"
     curves: dict[str, list[dict[str, float]]] = {}
     notes: list[str] = []
@@ -371,7 +374,7 @@ def _read_curves(run_dir: Path) -> tuple[dict[str, list[dict[str, float]]], list
             continue
         if not isinstance(record, dict) or "epoch" not in record or "stage" not in record:
             continue  # other metric lines (evaluations, timings) are not curves
-        curves.setdefault(str(record["stage"]), []).append(record)
+        curves.setdefault(str(record.get("run_stage") or record["stage"]), []).append(record)
     return curves, notes
 
 

@@ -244,7 +244,7 @@ class RrrAligner:
                     "metrics.jsonl",
                     {
                         "stage": "align",
-                        "epoch": epoch,
+                        "epoch": epoch + 1,  # counted from 1, as the trainer counts
                         "loss": means[0],
                         "ce": means[1],
                         "penalty": means[2],

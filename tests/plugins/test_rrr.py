@@ -228,7 +228,7 @@ def test_aligner_reduces_penalty_and_leaves_input_unchanged(ctx):
     assert after < 0.2 * before, (before, after)
 
     lines = [json.loads(x) for x in (ctx.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [line["epoch"] for line in lines] == [0, 1]
+    assert [line["epoch"] for line in lines] == [1, 2]
     assert all(line["stage"] == "align" for line in lines)
     for line in lines:
         assert {"loss", "ce", "penalty", "seconds"} <= set(line)
