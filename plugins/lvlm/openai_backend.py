@@ -403,6 +403,24 @@ class _OpenAIBackend:
             max_retries=0,  # retries are ours: counted, logged, and honouring Retry-After
         )
 
+    async def _answer_all(
+        self, items: Sequence[Any], answer_one: Any, ctx: RunContext, role: str
+    ) -> list[Any]:
+        """Answer every item with ``answer_one(client, semaphore, cache, item, ctx)``: one
+        client, one cache connection and at most ``concurrency`` requests in flight."""
+        cache = self._open_cache(ctx)
+        semaphore = asyncio.Semaphore(self.options.concurrency)
+        try:
+            async with self._client() as client:
+                jobs = [
+                    (lambda item=item: answer_one(client, semaphore, cache, item, ctx))
+                    for item in items
+                ]
+                return await self._gather(jobs, ctx, role)
+        finally:
+            if cache is not None:
+                cache.close()
+
     async def _gather(
         self, jobs: Sequence[Callable[[], Awaitable[T]]], ctx: RunContext, label: str
     ) -> list[T]:
@@ -451,18 +469,7 @@ class OpenAICritic(_OpenAIBackend):
     async def _critique_all(
         self, requests: Sequence[CritiqueRequest], ctx: RunContext
     ) -> list[Critique]:
-        cache = self._open_cache(ctx)
-        semaphore = asyncio.Semaphore(self.options.concurrency)
-        try:
-            async with self._client() as client:
-                jobs = [
-                    (lambda r=r: self._critique_one(client, semaphore, cache, r, ctx))
-                    for r in requests
-                ]
-                return await self._gather(jobs, ctx, "critic")
-        finally:
-            if cache is not None:
-                cache.close()
+        return await self._answer_all(requests, self._critique_one, ctx, "critic")
 
     async def _critique_one(
         self,
@@ -594,18 +601,7 @@ class OpenAIJudge(_OpenAIBackend):
     async def _judge_all(self, critiques: Sequence[Critique], ctx: RunContext) -> list[Verdicts]:
         if all(c.text is None for c in critiques):
             return [self._failed_critique(c, ctx) for c in critiques]
-        cache = self._open_cache(ctx)
-        semaphore = asyncio.Semaphore(self.options.concurrency)
-        try:
-            async with self._client() as client:
-                jobs = [
-                    (lambda c=c: self._judge_one(client, semaphore, cache, c, ctx))
-                    for c in critiques
-                ]
-                return await self._gather(jobs, ctx, "judge")
-        finally:
-            if cache is not None:
-                cache.close()
+        return await self._answer_all(critiques, self._judge_one, ctx, "judge")
 
     def _failed_critique(self, critique: Critique, ctx: RunContext) -> Verdicts:
         reason = f"no critique to judge: {critique.failure}"
