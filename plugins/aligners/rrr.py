@@ -142,6 +142,12 @@ class RrrOptions(PluginOptions):
         ge=1,
         description="Stop an epoch after this many steps (quick runs); None = full pass.",
     )
+    max_grad_norm: float | None = Field(
+        None,
+        gt=0,
+        description="Clip the parameter gradient's norm to this value before each Adam step "
+        "(torch.nn.utils.clip_grad_norm_); None = no clipping, as in the method.",
+    )
 
 
 class RrrAligner:
@@ -234,6 +240,8 @@ class RrrAligner:
                         )
                     optimiser.zero_grad(set_to_none=True)
                     total.backward()
+                    if opts.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(aligned.parameters(), opts.max_grad_norm)
                     optimiser.step()
                     totals += (
                         torch.stack([total.detach(), ce.detach(), penalty.detach()]).double().cpu()
