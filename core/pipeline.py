@@ -14,6 +14,7 @@ into place only when complete, so a killed run never leaves a half-written artif
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -47,7 +48,7 @@ from .records import (
 from .registry import PluginRegistry, get_plugin_manager, get_registry
 from .settings import Settings, SettingsError
 
-__all__ = ["STAGES", "StageSpec", "Pipeline", "StageFailed", "ConfigurationError", "default_cache_dir"]
+__all__ = ["STAGES", "StageSpec", "Pipeline", "StageFailed", "ConfigurationError", "RunDirectoryBusy", "default_cache_dir"]
 
 #: bump when a stage's artifact format changes, so that old run directories recompute
 ARTIFACT_VERSION = 1
@@ -344,8 +345,9 @@ class Pipeline:
         results: dict[str, Any] = {}
         status = "failed"
         saved = _GlobalTorchState.save()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        lock = _RunLock(self.run_dir)  # two runs in one directory would delete each other's work
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(self.run_dir / "settings.resolved.toml", self.settings.to_toml())
             write_atomic(self.run_dir / "env.json", json.dumps(environment_info(self.device), indent=2, sort_keys=True))
             self._unpublish()
@@ -361,6 +363,7 @@ class Pipeline:
             results = self._publish()
             status = "ok"
         finally:
+            lock.release()
             saved.restore()
             timings = {o.name: {"status": o.status, "seconds": round(o.seconds, 3)} for o in self.outcomes.values()}
             if self.run_dir.exists():
@@ -643,7 +646,9 @@ class Pipeline:
         return self.plugin("aligner").align(self.get("train"), data, chosen, masks, ctx)
 
     def _stage_mitigate(self, ctx: RunContext) -> nn.Module:
-        return self.plugin("mitigator").mitigate(self.get("train"), self.new_model, self.get("data"), ctx)
+        # A copy: the original model is evaluated as "original" in the same run.
+        original = copy.deepcopy(self.get("train"))
+        return self.plugin("mitigator").mitigate(original, self.new_model, self.get("data"), ctx)
 
     def attribute_fn(self, ctx: RunContext) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None:
         attributor = self.plugin("attributor")
@@ -759,6 +764,31 @@ class Pipeline:
                 shutil.copytree(report / "figures", self.run_dir / "figures", dirs_exist_ok=True)
             write_atomic(self.run_dir / "report.md", (report / "report.md").read_bytes())
         return results
+
+
+class RunDirectoryBusy(ConfigurationError):
+    """Another process is running in the same run directory."""
+
+
+class _RunLock:
+    """An exclusive lock on ``run_dir/.lock`` for the length of a run (released by the OS when
+    the process dies, so a killed run never leaves the directory locked)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        import fcntl
+
+        self._fh = open(run_dir / ".lock", "w")  # noqa: SIM115 (held open for the whole run)
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._fh.close()
+            raise RunDirectoryBusy(f"{run_dir} is in use by another lvlmva run; wait for it or use --out") from None
+
+    def release(self) -> None:
+        import fcntl
+
+        fcntl.flock(self._fh, fcntl.LOCK_UN)
+        self._fh.close()
 
 
 class _GlobalTorchState:

@@ -297,14 +297,19 @@ def register_module(module: ModuleType | object, name: str, distribution: str = 
         raise
     impl = getattr(module, "lvlmva_register", None)
     if impl is not None:
-        loaded.registry._source = (distribution, version, _module_name(module, name))
+        registry = loaded.registry
+        registry._source = (distribution, version, _module_name(module, name))
+        before = {role: dict(entries) for role, entries in registry._entries.items()}
         try:
-            impl(registry=loaded.registry)
+            impl(registry=registry)
         except PluginError:
-            loaded.pm.unregister(module)  # a refused plugin leaves no half-registered hooks
+            # a refused plugin leaves nothing behind: no hooks, and none of the entries it added
+            # before the error (a retry would otherwise meet its own half as a duplicate)
+            loaded.pm.unregister(module)
+            registry._entries = before
             raise
         finally:
-            loaded.registry._source = ("unknown", "", "")
+            registry._source = ("unknown", "", "")
 
 
 def _module_name(plugin: object, fallback: str) -> str:

@@ -258,3 +258,17 @@ def test_settings_that_change_nothing_do_not_recompute(tmp_path, settings_file, 
     status = {k: o.status for k, o in pipe.outcomes.items()}
     assert status["train"] == status["masks"] == status["align"] == "reused"
     assert status["bound"] == "skipped"
+
+
+def test_a_second_run_in_the_same_directory_is_refused(tmp_path, settings_file, registry):
+    from lvlmva.pipeline import RunDirectoryBusy, _RunLock
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    held = _RunLock(run_dir)
+    try:
+        with pytest.raises(RunDirectoryBusy, match="in use by another lvlmva run"):
+            _run(settings_file, run_dir, registry)
+    finally:
+        held.release()
+    _run(settings_file, run_dir, registry)  # free again

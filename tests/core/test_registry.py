@@ -333,3 +333,19 @@ def test_register_module_respects_the_block_list(fresh_plugins, monkeypatch):
     register_module(_plugin_module("blocked_plugins", lambda r: r.add("critic", "blocked", GoodCritic)), "blocked-one")
     assert "blocked" not in get_registry().names("critic")
     assert get_plugin_manager().get_plugin("blocked-one") is None
+
+
+def test_a_refused_module_leaves_no_entries_behind(fresh_plugins):
+    def register(r):
+        r.add("critic", "half-first", GoodCritic)
+        r.add("critic", "oracle", GoodCritic)  # clashes with the built-in: refused
+
+    module = _plugin_module("half_plugins", register)
+    with pytest.raises(PluginError, match="duplicate critic plugin 'oracle'"):
+        register_module(module, "half")
+    assert "half-first" not in get_registry().names("critic")
+    assert get_plugin_manager().get_plugin("half") is None
+    # fixed, it registers cleanly instead of meeting its own first half as a duplicate
+    fixed = _plugin_module("half_plugins_fixed", lambda r: r.add("critic", "half-first", GoodCritic))
+    register_module(fixed, "half")
+    assert "half-first" in get_registry().names("critic")
