@@ -349,3 +349,21 @@ def test_a_refused_module_leaves_no_entries_behind(fresh_plugins):
     fixed = _plugin_module("half_plugins_fixed", lambda r: r.add("critic", "half-first", GoodCritic))
     register_module(fixed, "half")
     assert "half-first" in get_registry().names("critic")
+
+
+def test_a_run_with_the_openai_critic_never_imports_transformers():
+    import subprocess
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    code = (
+        "import sys\n"
+        "from lvlmva.settings import load_settings\n"
+        "from lvlmva.pipeline import Pipeline\n"
+        f"s = load_settings({str(examples / 'decoy_mnist_openai.toml')!r}, environ={{}})\n"
+        "p = Pipeline(s, 'unused', echo=lambda m: None)\n"
+        "for role in s.plugins: p.plugin(role)\n"
+        "print('transformers' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
