@@ -9,6 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pipeline_toys  # noqa: E402
+
 from lvlmva.registry import register_module  # noqa: E402
 from lvlmva.sweep import main, run_sweep  # noqa: E402
 
