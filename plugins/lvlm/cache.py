@@ -155,3 +155,13 @@ class ResponseCache:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def open_response_cache(
+    enabled: bool, cache_dir: Path | None, run_cache_dir: Path
+) -> ResponseCache | None:
+    """The shared ``responses.sqlite`` of a backend: in the plugin's ``cache_dir`` option when
+    set, else in the run's cache folder; ``None`` when the plugin's ``cache`` option is off."""
+    if not enabled:
+        return None
+    return ResponseCache(Path(cache_dir or run_cache_dir) / "responses.sqlite")

@@ -30,8 +30,8 @@ from pydantic import Field
 from lvlmva.protocols import PluginOptions, RunContext
 from lvlmva.records import Critique, CritiqueRequest, Usage, Verdicts
 
-from .cache import ResponseCache, sha256_hex
-from .prompts import PromptTemplate, load_template, render_critic_prompt, render_judge_prompt
+from .cache import ResponseCache, open_response_cache, sha256_hex
+from .prompts import PromptTemplate, TemplateBook, render_critic_prompt, render_judge_prompt
 from .verdict_schema import JudgeAnswerError, judge_json_schema, parse_judge_answer
 
 __all__ = [
@@ -260,7 +260,7 @@ class _OpenAIBackend:
 
     def __init__(self, options: OpenAIOptions) -> None:
         self.options = options
-        self._templates: dict[str, PromptTemplate] = {}
+        self._templates = TemplateBook(self.role, "openai", options.family, options.template)
         self._key = ""
 
     # -- secrets ---------------------------------------------------------------------------------
@@ -284,22 +284,10 @@ class _OpenAIBackend:
 
     # -- templates ---------------------------------------------------------------------------------
     def _template(self, family: str) -> PromptTemplate:
-        family = self.options.family or family
-        if not family:
-            raise ValueError(
-                f"{self.role} plugin 'openai': no template family (the samples carry none); "
-                f"set {self.role}.family or {self.role}.template"
-            )
-        if family not in self._templates:
-            self._templates[family] = load_template(family, self.role, self.options.template)
-        return self._templates[family]
+        return self._templates.get(family)
 
-    # -- cache -----------------------------------------------------------------------------------
     def _open_cache(self, ctx: RunContext) -> ResponseCache | None:
-        if not self.options.cache:
-            return None
-        folder = self.options.cache_dir or ctx.cache_dir
-        return ResponseCache(Path(folder) / "responses.sqlite")
+        return open_response_cache(self.options.cache, self.options.cache_dir, ctx.cache_dir)
 
     def _params(self, ctx: RunContext) -> dict[str, Any]:
         params: dict[str, Any] = {
@@ -454,9 +442,6 @@ class OpenAICritic(_OpenAIBackend):
     needs_true_masks: ClassVar[bool] = False
     role: ClassVar[str] = "critic"
 
-    def __init__(self, options: OpenAICritic.Options) -> None:
-        super().__init__(options)
-
     def critique(self, requests: Sequence[CritiqueRequest], ctx: RunContext) -> list[Critique]:
         """One Critique per request, in order; unanswerable requests carry ``failure``."""
         if not requests:
@@ -583,9 +568,6 @@ class OpenAIJudge(_OpenAIBackend):
         )
 
     role: ClassVar[str] = "judge"
-
-    def __init__(self, options: OpenAIJudge.Options) -> None:
-        super().__init__(options)
 
     def judge(self, critiques: Sequence[Critique], ctx: RunContext) -> list[Verdicts]:
         """One Verdicts per critique, in order; invalid answers end as recorded failures."""

@@ -75,6 +75,28 @@ class PromptTemplate:
     source: str = ""
 
 
+class TemplateBook:
+    """A backend's templates for one role, each family loaded once.
+
+    ``family`` (a plugin option) overrides the family a sample carries; ``path`` (a plugin
+    option) replaces the built-in file."""
+
+    def __init__(self, role: str, plugin: str, family: str | None, path: str | Path | None) -> None:
+        self.role, self.plugin, self.family, self.path = role, plugin, family, path
+        self._loaded: dict[str, PromptTemplate] = {}
+
+    def get(self, family: str) -> PromptTemplate:
+        family = self.family or family
+        if not family:
+            raise ValueError(
+                f"{self.role} plugin {self.plugin!r}: no template family (the input carries "
+                f"none); set {self.role}.family or {self.role}.template"
+            )
+        if family not in self._loaded:
+            self._loaded[family] = load_template(family, self.role, self.path)
+        return self._loaded[family]
+
+
 def load_template(family: str, role: str, path: str | Path | None = None) -> PromptTemplate:
     """The template for ``family`` and ``role``: the built-in one, or the user's file at ``path``.
 

@@ -25,10 +25,10 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field
 
-from lvlmva.plugins.lvlm.cache import ResponseCache, sha256_hex
+from lvlmva.plugins.lvlm.cache import ResponseCache, open_response_cache, sha256_hex
 from lvlmva.plugins.lvlm.prompts import (
     PromptTemplate,
-    load_template,
+    TemplateBook,
     render_critic_prompt,
     render_judge_prompt,
 )
@@ -304,25 +304,13 @@ class _TransformersBackend:
     def __init__(self, options: TransformersOptions) -> None:
         self.options = options
         self._local: LocalModel | None = None
-        self._templates: dict[str, PromptTemplate] = {}
+        self._templates = TemplateBook(self.role, "transformers", options.family, options.template)
 
-    def _template(self, family: str, sample_id: int) -> PromptTemplate:
-        family = self.options.family or family
-        if not family:
-            raise ValueError(
-                f"sample {sample_id}: no template family (the input carries none and the "
-                f"{self.role} option 'family' is not set)"
-            )
-        if family not in self._templates:
-            self._templates[family] = load_template(family, self.role, self.options.template)
-        return self._templates[family]
+    def _template(self, family: str) -> PromptTemplate:
+        return self._templates.get(family)
 
     def _cache(self, ctx: RunContext) -> ResponseCache | None:
-        if not self.options.cache:
-            return None
-        folder = self.options.cache_dir or ctx.cache_dir
-        folder.mkdir(parents=True, exist_ok=True)
-        return ResponseCache(folder / "responses.sqlite")
+        return open_response_cache(self.options.cache, self.options.cache_dir, ctx.cache_dir)
 
     def _generation_params(self) -> dict[str, Any]:
         return {
@@ -400,7 +388,7 @@ class TransformersCritic(_TransformersBackend):
         results: list[Critique | None] = [None] * len(requests)
         pending: list[tuple[int, PromptTemplate, str, list[str], str | None]] = []
         for i, request in enumerate(requests):
-            template = self._template(request.family, request.sample_id)
+            template = self._template(request.family)
             prompt = render_critic_prompt(template, request)
             hashes = [sha256_hex(png) for png in request.rendered.images]
             key = None if cache is None else self._key(cache, template, prompt, hashes)
@@ -537,7 +525,7 @@ class TransformersJudge(_TransformersBackend):
                     cache_hit=False,
                 )
                 continue
-            template = self._template(critique.family, critique.sample_id)
+            template = self._template(critique.family)
             instructions, user = render_judge_prompt(template, critique)
             chat = self._chat(instructions, user)
             key = None if cache is None else self._key(cache, template, chat, [])
