@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .masks import cluster_overlap
 from .records import Verdicts
 
 __all__ = [
@@ -225,13 +226,10 @@ def verdict_metrics(
         no[i, :k] = ~torch.tensor(v.relevant, dtype=torch.bool)
         judged[i, :k] = True
 
-    flat = labels.flatten(1).clamp(max=num_clusters - 1)
-    sizes = torch.zeros(b, num_clusters, dtype=torch.int64).scatter_add_(
-        1, flat, torch.ones_like(flat)
-    )
-    overlap = torch.zeros(b, num_clusters, dtype=torch.int64).scatter_add_(
-        1, flat, true_masks.flatten(1).long()
-    )
+    # Failed samples may carry any labels; count their clusters too (they are not judged).
+    width = max(num_clusters, int(labels.max()) + 1 if labels.numel() else 1)
+    sizes, overlap = cluster_overlap(labels, true_masks.bool(), width)
+    sizes, overlap = sizes[:, :num_clusters], overlap[:, :num_clusters]
     counted = judged & (sizes > 0) & torch.tensor(ok, dtype=torch.bool).unsqueeze(1)
     truth = overlap >= min_overlap
 

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .atomic import write_atomic
 from .protocols import RunContext
 from .records import (
     AlignmentSet,
@@ -125,16 +126,6 @@ def _json_default(value: Any) -> Any:
     if hasattr(value, "item") and hasattr(value, "dtype"):  # numpy scalars
         return value.item()
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write a file so that readers see the old content or the new, never a part."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data.encode() if isinstance(data, str) else data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass

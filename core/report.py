@@ -16,8 +16,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import tempfile
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,6 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
+from .atomic import write_atomic
 from .records import Critique, RenderedSample, Verdicts
 from .settings import ReportOptions
 
@@ -53,28 +52,12 @@ _CRITIQUE_CHARS = 1200
 _FAILURES_SHOWN = 10
 
 
-# -- atomic files ------------------------------------------------------------------------------
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        # Remove the partial file, then let the error propagate unchanged.
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_figure(fig: Figure, path: Path) -> None:
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     # No "Software" metadata: the same figure gives the same bytes across matplotlib patches.
     fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
-    _write_atomic(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
 
 
 # -- formatting --------------------------------------------------------------------------------
@@ -502,5 +485,5 @@ def write_report(
 
     lines += _critiques_section(critiques, verdicts)
     text = "\n".join(lines).rstrip() + "\n"
-    _write_atomic(report_path, text.encode("utf-8"))
+    write_atomic(report_path, text.encode("utf-8"))
     return report_path

