@@ -78,38 +78,31 @@ def _pipeline(args: argparse.Namespace, quiet: bool = True) -> Pipeline:
     )
 
 
+def _print_plan(pipeline: Pipeline, words: dict[str, str]) -> None:
+    """One line per stage: what a run would do with it, its plugin, and why it is skipped."""
+    from .pipeline import STAGE_BY_NAME
+
+    for outcome in pipeline.plan():
+        spec = STAGE_BY_NAME[outcome.name]
+        choice = pipeline.settings.plugins.get(spec.role or "")
+        plugin = f" [{choice.name}]" if choice else ""
+        note = f": {outcome.reason}" if outcome.reason else f"  ({spec.summary})"
+        print(f"  {outcome.name:<9} {words.get(outcome.status, outcome.status)}{plugin}{note}")
+
+
 def _validate(args: argparse.Namespace) -> int:
     pipeline = _pipeline(args)
     print(f"{args.settings}: ok")
-    for outcome in pipeline.plan():
-        choice = pipeline.settings.plugins.get(_role_of(outcome.name) or "")
-        plugin = f" [{choice.name}]" if choice else ""
-        note = f": {outcome.reason}" if outcome.reason else ""
-        print(f"  {outcome.name:<9} {outcome.status}{plugin}{note}")
+    _print_plan(pipeline, {})
     return EXIT_OK
-
-
-def _role_of(stage: str) -> str | None:
-    from .pipeline import STAGE_BY_NAME
-
-    return STAGE_BY_NAME[stage].role
 
 
 def _compose(args: argparse.Namespace) -> int:
     pipeline = _pipeline(args, quiet=args.quiet)
     if args.dry_run:
         print(f"run directory: {pipeline.run_dir}")
-        for outcome in pipeline.plan():
-            choice = pipeline.settings.plugins.get(_role_of(outcome.name) or "")
-            plugin = f" [{choice.name}]" if choice else ""
-            what = {"pending": "would compute", "reused": "would reuse", "skipped": "skip"}[outcome.status]
-            note = f": {outcome.reason}" if outcome.reason else ""
-            print(f"  {outcome.name:<9} {what}{plugin}{note}")
+        _print_plan(pipeline, {"pending": "would compute", "reused": "would reuse", "skipped": "skip"})
         return EXIT_OK
-    try:
-        pipeline.device  # noqa: B018 -- resolve run.device now: a bad device is bad input (exit 2)
-    except ValueError as exc:
-        raise SettingsError(str(exc)) from None
     if not args.quiet:
         print(f"lvlmva {__version__}: run directory {pipeline.run_dir}", file=sys.stderr)
     try:

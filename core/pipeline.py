@@ -224,30 +224,22 @@ class Pipeline:
         return out if not sub else out.get(sub)
 
     def skip_reason(self, spec: StageSpec) -> str | None:
-        """Why ``spec`` will not run with these settings (``None`` when it runs)."""
-        if spec.role is not None and spec.role not in self.settings.plugins:
+        """Why ``spec`` will not run with these settings (``None`` when it runs). ``check()``
+        has made sure that a critic comes with a judge, an attributor and a segmenter, and that
+        an aligner has masks to use, so a stage's own role and the critic decide."""
+        plugins, masks = self.settings.plugins, self.settings.masks
+        if spec.role is not None and spec.role not in plugins:
             return f"no [{spec.role}] plugin configured"
-        masks = self.settings.masks
-        has_true = self._provider_flag("has_true_masks")
-        if spec.name in ("attribute", "segment", "render") and "critic" not in self.settings.plugins:
-            if spec.name == "attribute" or self.skip_reason(STAGE_BY_NAME["attribute"]):
-                return "no critic configured: nothing to explain to"
-        if spec.name == "segment" and self.skip_reason(STAGE_BY_NAME["attribute"]):
-            return "no attributions"
-        if spec.name == "render" and self.skip_reason(STAGE_BY_NAME["segment"]):
-            return "no segmentation"
-        if spec.name == "masks" and masks.source == "verdicts" and "judge" not in self.settings.plugins:
+        if spec.name in ("attribute", "segment", "render") and "critic" not in plugins:
+            return "no critic configured: nothing to explain to"
+        if spec.name == "masks" and masks.source == "verdicts" and "judge" not in plugins:
             return "no critic/judge configured and masks.source = 'verdicts'"
-        if spec.name == "align" and self.skip_reason(STAGE_BY_NAME["masks"]):
-            return "no correction masks"
         if spec.name == "bound":
-            if spec.role not in self.settings.plugins:
-                return f"no [{spec.role}] plugin configured"
             if not masks.true_mask_bound:
                 return "masks.true_mask_bound = false"
             if masks.source == "true":
                 return "the aligned model already uses true masks"
-            if not has_true:
+            if not self._provider_flag("has_true_masks"):
                 return "the data set has no true spurious masks"
         return None
 
@@ -478,9 +470,7 @@ class Pipeline:
     def _to_state(self, name: str, value: Any) -> Any:
         if name in MODEL_STAGES:
             return {"state_dict": {k: v.detach().cpu() for k, v in value.state_dict().items()}}
-        if name == "select":
-            return value.to_state()
-        if name == "segment":
+        if name in ("select", "segment"):
             return value.to_state()
         if name == "render":
             return [
@@ -500,10 +490,8 @@ class Pipeline:
                 model = self.new_model()
             model.load_state_dict(state["state_dict"])
             return model.eval()
-        if name == "select":
-            return AlignmentSet.from_state(state)
-        if name == "segment":
-            return Segmentation.from_state(state)
+        if name in ("select", "segment"):
+            return {"select": AlignmentSet, "segment": Segmentation}[name].from_state(state)
         if name == "render":
             return [RenderedSample(**{**r, "colors": tuple(r["colors"]), "files": tuple(r["files"])}) for r in state]
         if name == "critic":
@@ -684,11 +672,13 @@ class Pipeline:
             results["verdicts"] = verdict_metrics(seg.labels, verdicts, data.train.spurious_masks[chosen.indices])
         masks = self.get("masks")
         if masks is not None:
-            failures = list(masks["failures"])
-            if critiques is not None:
-                failures = [{"sample_id": c.sample_id, "stage": "critic", "reason": c.failure} for c in critiques if c.failure] + [
-                    f for f in failures if f["sample_id"] not in {c.sample_id for c in critiques if c.failure}
-                ]
+            # One failure per sample: a critique that failed is reported with the critic's reason,
+            # not the judge's "no critique to judge".
+            by_sample = {f["sample_id"]: f for f in masks["failures"]}
+            for c in critiques or []:
+                if c.failure is not None:
+                    by_sample[c.sample_id] = {"sample_id": c.sample_id, "stage": "critic", "reason": c.failure}
+            failures = sorted(by_sample.values(), key=lambda f: f["sample_id"])
             results["alignment"] = {
                 "samples": int(masks["ok"].numel()),
                 "aligned_on": int(masks["ok"].sum()),

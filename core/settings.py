@@ -11,8 +11,6 @@ fixed models below. Unknown keys are errors; secrets never come from a file.
 from __future__ import annotations
 
 import datetime
-import hashlib
-import json
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -213,11 +211,6 @@ class Settings:
             if value is not None:
                 out[name] = value
         return out
-
-    def fingerprint(self, sections: Sequence[str]) -> str:
-        """Hash of the named sections' resolved values (unset roles hash as ``None``)."""
-        blob = json.dumps({s: self.section(s) for s in sections}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()
 
     def to_toml(self) -> str:
         import tomli_w

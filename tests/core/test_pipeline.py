@@ -64,7 +64,10 @@ def test_fresh_run_then_full_reuse(tmp_path, settings_file, registry, calls):
     for name in ("settings.resolved.toml", "env.json", "results.json", "metrics.jsonl", "timings.json"):
         assert (run_dir / name).exists(), name
     env = json.loads((run_dir / "env.json").read_text())
-    assert env["packages"]["torch"] == torch.__version__.split("+")[0] or env["packages"]["torch"]
+    from importlib import metadata
+
+    assert env["packages"]["torch"] == metadata.version("torch")
+    assert env["device"] == "cpu" and env["python"] == sys.version.split()[0]
     first_calls = _read_calls(calls)
     assert first_calls.count("critic") == 1
 
