@@ -280,6 +280,14 @@ class Critique:
 
     ``text`` is ``None`` exactly when ``failure`` says why no critique could be had. Critics copy
     ``family`` and ``label`` from the request so that a Judge can pick its template.
+
+    ``retryable`` marks a failure to *obtain* an answer (connection refused, a timeout, an HTTP
+    error after the retries, a local generation error): it says nothing about the sample, so the
+    pipeline leaves the stage unfinished and a re-run asks again. A failure with ``retryable``
+    False is about an answer that was had but cannot be used (empty, cut off); it is recorded
+    and the sample is left out of alignment. Write ``failure`` without sample-specific details
+    for transport failures ("connection refused at http://127.0.0.1:9/v1"): the pipeline counts
+    equal reasons in its error message.
     """
 
     sample_id: int
@@ -290,9 +298,11 @@ class Critique:
     usage: Usage = field(default_factory=Usage)
     family: str = ""
     label: str = ""
+    retryable: bool = False
 
     def __post_init__(self) -> None:
         _check((self.text is None) != (self.failure is None), "Critique needs exactly one of text, failure")
+        _check(not (self.retryable and self.failure is None), "Critique: only a failure can be retryable")
 
     def to_state(self) -> dict[str, Any]:
         return {
@@ -304,6 +314,7 @@ class Critique:
             "usage": self.usage.to_state(),
             "family": self.family,
             "label": self.label,
+            "retryable": self.retryable,
         }
 
     @classmethod
@@ -317,6 +328,7 @@ class Critique:
             usage=Usage(**state["usage"]),
             family=state.get("family", ""),
             label=state.get("label", ""),
+            retryable=state.get("retryable", False),
         )
 
 
@@ -324,7 +336,12 @@ class Critique:
 class Verdicts:
     """A Judge's verdicts for one sample: ``relevant[j]`` True = "yes" (relevant), False = "no"
     (spurious) for cluster ``colors[j]``. ``relevant`` is ``None`` exactly when ``failure`` says
-    why no valid verdicts could be had; such a sample is left out of alignment."""
+    why no valid verdicts could be had; such a sample is left out of alignment.
+
+    ``retryable`` has the meaning it has on :class:`Critique` (no answer could be obtained: the
+    stage is left unfinished and a re-run asks again). ``ignored_colors`` are colours the judge
+    gave a verdict for that are not among the sample's clusters: recorded, not used.
+    """
 
     sample_id: int
     colors: tuple[str, ...]
@@ -332,9 +349,12 @@ class Verdicts:
     failure: str | None = None
     attempts: int = 1
     usage: Usage = field(default_factory=Usage)
+    retryable: bool = False
+    ignored_colors: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check((self.relevant is None) != (self.failure is None), "Verdicts needs exactly one of relevant, failure")
+        _check(not (self.retryable and self.failure is None), "Verdicts: only a failure can be retryable")
         if self.relevant is not None:
             _check(
                 len(self.relevant) == len(self.colors),
@@ -353,6 +373,8 @@ class Verdicts:
             "failure": self.failure,
             "attempts": self.attempts,
             "usage": self.usage.to_state(),
+            "retryable": self.retryable,
+            "ignored_colors": list(self.ignored_colors),
         }
 
     @classmethod
@@ -364,6 +386,8 @@ class Verdicts:
             failure=state["failure"],
             attempts=state["attempts"],
             usage=Usage(**state["usage"]),
+            retryable=state.get("retryable", False),
+            ignored_colors=tuple(state.get("ignored_colors", ())),
         )
 
 

@@ -2,7 +2,8 @@
 
 It plays scripted answers and injects the faults a real deployment shows: 429 with
 ``Retry-After``, 500, answers delayed past the client's timeout, truncated bodies, and prose
-where JSON was asked for. It counts and records every request, so a test can assert how many
+where JSON was asked for; by script also 401, 403, 404, 503, dropped connections and answers
+cut off at ``max_tokens``. It counts and records every request, so a test can assert how many
 calls a run made.
 
     with ScriptedOpenAIServer(latency_s=0.5) as server:
@@ -35,6 +36,8 @@ from typing import Any
 __all__ = [
     "FAULT_KINDS",
     "RANDOM_FAULT_KINDS",
+    "SCRIPTED_FAULT_KINDS",
+    "fault_when",
     "ScriptedOpenAIServer",
     "RecordedRequest",
     "default_answer",
@@ -52,6 +55,22 @@ FAULT_KINDS = ("429", "500", "delay", "truncate", "prose", "400")
 #: the faults drawn at random by default (the transient ones and a wrong answer)
 RANDOM_FAULT_KINDS = ("429", "500", "delay", "truncate", "prose")
 
+#: further faults for ``faults=`` scripts: other HTTP errors, "disconnect" (the connection is
+#: closed without a response), and "length", an answer cut to its first half with
+#: ``finish_reason = "length"`` (as when ``max_tokens`` runs out)
+SCRIPTED_FAULT_KINDS = ("401", "403", "404", "503", "disconnect", "length")
+
+_ALL_FAULT_KINDS = FAULT_KINDS + SCRIPTED_FAULT_KINDS
+
+#: status, message and error code of the plain HTTP-error faults
+_ERROR_FAULTS = {
+    "401": (401, "Incorrect API key provided (scripted)", "invalid_api_key"),
+    "403": (403, "Project does not have access to this model (scripted)", "forbidden"),
+    "404": (404, "The model does not exist (scripted)", "model_not_found"),
+    "500": (500, "internal error (scripted)", "server_error"),
+    "503": (503, "service unavailable (scripted)", "server_error"),
+}
+
 #: colour names the default answerer recognises in prompts (a superset of the default palette)
 KNOWN_COLORS = (
     "red", "blue", "green", "yellow", "pink", "brown", "grey", "orange", "purple",
@@ -60,6 +79,15 @@ KNOWN_COLORS = (
 
 Answerer = Callable[[dict[str, Any]], str]
 FaultScript = Callable[[int, dict[str, Any]], "str | None"]
+
+
+def fault_when(text: str, kind: str) -> FaultScript:
+    """A ``faults=`` script that gives ``kind`` to every request whose JSON body contains
+    ``text`` (a prompt phrase, a colour), on every attempt: a persistent failure of chosen
+    samples while the others are answered."""
+    if kind not in _ALL_FAULT_KINDS:
+        raise ValueError(f"unknown fault kind {kind!r}; known: {', '.join(_ALL_FAULT_KINDS)}")
+    return lambda index, body: kind if text in json.dumps(body) else None
 
 
 @dataclass(frozen=True)
@@ -176,7 +204,8 @@ class ScriptedOpenAIServer:
       it does not depend on the order in which concurrent requests arrive; a repeated request
       draws again (a retry can succeed).
     - ``faults``: an explicit script instead, ``callable(index, request_json) -> kind | None``
-      or a sequence of kinds (``None`` = answer normally) indexed by request number.
+      (:func:`fault_when` makes one) or a sequence of kinds (``None`` = answer normally)
+      indexed by request number; scripts may also use :data:`SCRIPTED_FAULT_KINDS`.
     - ``retry_after_s``: the ``Retry-After`` a 429 carries; ``fault_delay_s``: how long a
       ``"delay"`` fault stalls (set it past the client's timeout).
     """
@@ -193,9 +222,9 @@ class ScriptedOpenAIServer:
         retry_after_s: float = 0.05,
         fault_delay_s: float = 2.0,
     ) -> None:
-        unknown = [k for k in fault_kinds if k not in FAULT_KINDS]
+        unknown = [k for k in fault_kinds if k not in _ALL_FAULT_KINDS]
         if unknown:
-            raise ValueError(f"unknown fault kinds {unknown}; known: {', '.join(FAULT_KINDS)}")
+            raise ValueError(f"unknown fault kinds {unknown}; known: {', '.join(_ALL_FAULT_KINDS)}")
         if not 0.0 <= fault_rate <= 1.0:
             raise ValueError(f"fault_rate must be in [0, 1], got {fault_rate}")
         self._answer = answer
@@ -301,7 +330,7 @@ class ScriptedOpenAIServer:
                 kind = self.faults(index, body)
             else:
                 kind = self.faults[index] if index < len(self.faults) else None
-            if kind is not None and kind not in FAULT_KINDS:
+            if kind is not None and kind not in _ALL_FAULT_KINDS:
                 raise ValueError(f"fault script gave unknown kind {kind!r}")
             return kind
         if self.fault_rate <= 0:
@@ -428,16 +457,21 @@ class _Handler(BaseHTTPRequestHandler):
                 },
             )
             return
-        if fault == "500":
-            self._send_json(
-                500, {"error": {"message": "internal error (scripted)", "type": "server_error"}}
-            )
+        if fault == "disconnect":
+            self.close_connection = True
+            return
+        if fault in _ERROR_FAULTS:
+            status, message, code = _ERROR_FAULTS[fault]
+            self._send_json(status, {"error": {"message": message, "type": code, "code": code}})
             return
         if fault == "delay":
             time.sleep(srv.fault_delay_s)
         text = srv._answer_text(body)
         if fault == "prose":
             text = "Sure! The clusters look fine to me overall, some relevant and some not."
+        finish_reason = "stop"
+        if fault == "length":
+            text, finish_reason = text[: max(1, len(text) // 2)], "length"
         payload = {
             "id": f"chatcmpl-scripted-{record.index}",
             "object": "chat.completion",
@@ -447,7 +481,7 @@ class _Handler(BaseHTTPRequestHandler):
                 {
                     "index": 0,
                     "message": {"role": "assistant", "content": text},
-                    "finish_reason": "stop",
+                    "finish_reason": finish_reason,
                 }
             ],
             "usage": _usage_for(body, text),

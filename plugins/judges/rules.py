@@ -73,7 +73,8 @@ class RulesJudge:
     colour whose verdict is ambiguous or absent, and a heading that names a colour the sample
     does not have all fail the sample (the failure names the colour and the problem); a critique
     that already failed passes its reason on. A critique that is the JSON a judge model returns
-    (``{"output": [{"color": ..., "verdict": "yes"|"no"}, ...]}``) is read as such.
+    (``{"output": [{"color": ..., "verdict": "yes"|"no"}, ...]}``) is read as such; there, as for
+    the model judges, a colour the sample does not have is set aside in ``ignored_colors``.
     """
 
     class Options(PluginOptions):
@@ -139,13 +140,17 @@ class RulesJudge:
         colors = tuple(critique.colors)
         if critique.text is None:
             return self._failed(critique, f"critic failed: {critique.failure}")
-        parsed = self._from_json(critique.text, colors)
-        if parsed is None:
-            parsed = self._from_text(critique.text, colors)
-        relevant, problems = parsed
+        ignored: tuple[str, ...] = ()
+        from_json = self._from_json(critique.text, colors)
+        if from_json is not None:
+            relevant, problems, ignored = from_json
+        else:
+            relevant, problems = self._from_text(critique.text, colors)
         if problems:
             return self._failed(critique, "; ".join(problems))
-        return Verdicts(sample_id=critique.sample_id, colors=colors, relevant=relevant)
+        return Verdicts(
+            sample_id=critique.sample_id, colors=colors, relevant=relevant, ignored_colors=ignored
+        )
 
     @staticmethod
     def _failed(critique: Critique, reason: str) -> Verdicts:
@@ -158,8 +163,9 @@ class RulesJudge:
 
     def _from_json(
         self, text: str, colors: tuple[str, ...]
-    ) -> tuple[tuple[bool, ...] | None, list[str]] | None:
-        """Verdicts from a judge model's JSON answer; ``None`` when the text is not JSON."""
+    ) -> tuple[tuple[bool, ...] | None, list[str], tuple[str, ...]] | None:
+        """Verdicts, problems and the colours set aside (judged but not the sample's) from a
+        judge model's JSON answer; ``None`` when the text is not JSON."""
         stripped = text.strip()
         if not stripped.startswith("{"):
             return None
@@ -169,7 +175,7 @@ class RulesJudge:
             return None  # prose that happens to start with a brace: read it as text
         items = data.get("output") if isinstance(data, dict) else None
         if not isinstance(items, list):
-            return None, ['JSON answer lacks an "output" list']
+            return None, ['JSON answer lacks an "output" list'], ()
         found: dict[str, list[bool | None]] = {}
         problems: list[str] = []
         for item in items:
@@ -182,7 +188,9 @@ class RulesJudge:
                 problems.append(f"colour {color!r}: verdict {item['verdict']!r} is not yes/no")
                 continue
             found.setdefault(color, []).append(verdict == "yes")
-        return self._collect(found, colors, problems)
+        own = {_canonical(c) for c in colors}
+        ignored = tuple(c for c in found if c not in own)
+        return (*self._collect(found, colors, problems), ignored)
 
     def _from_text(
         self, text: str, colors: tuple[str, ...]

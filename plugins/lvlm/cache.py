@@ -3,8 +3,9 @@
 The key is the SHA-256 of a canonical JSON of what determines an answer (backend kind, model,
 template version, the SHA-256 of each image, prompt text, generation parameters); it never holds
 an API key or a server address, so a cache can be shared and moved between machines. Only
-answers worth keeping are stored: raw critic answers of successful calls, and judge answers that
-passed validation. Several threads and processes may use one file at once.
+answers worth keeping are stored: critic answers that are whole (neither empty nor cut off at the
+token limit), and judge answers that passed validation. Several threads and processes may use
+one file at once.
 """
 
 from __future__ import annotations

@@ -3,8 +3,14 @@
 Works with OpenAI itself and with local servers that speak the same protocol (vLLM, Ollama,
 llama.cpp, LM Studio). Requests run concurrently up to ``concurrency``; transient failures
 (429, 5xx, timeouts, dropped connections, unreadable bodies) are retried with exponential
-backoff and jitter, honouring ``Retry-After``. Answers go into a shared SQLite response cache,
-so a re-run never pays twice. Every exchange is written to ``transcripts.jsonl``.
+backoff and jitter, honouring ``Retry-After`` up to ``backoff_max_s``. Answers go into a shared
+SQLite response cache, so a re-run never pays twice. Every exchange is written to
+``transcripts.jsonl``.
+
+A request that gets no answer (transport errors after the retries, and HTTP errors such as 401
+that no retry fixes) is a ``retryable`` failure whose text names the cause and the server, the
+same for every sample it hit; an answer that was had but cannot be used (empty, cut off at
+``max_tokens``, a judge answer still invalid after repair) is a failure that is not retryable.
 
 The API key is read from the environment variable named by ``api_key_env`` and kept in memory
 only: it never enters a cache key, a transcript, a failure message or a settings file.
@@ -14,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -24,15 +32,29 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
+from urllib.parse import parse_qsl, urlsplit
 
-from pydantic import Field
+from pydantic import ConfigDict, Field, field_validator
 
 from lvlmva.protocols import PluginOptions, RunContext
 from lvlmva.records import Critique, CritiqueRequest, Usage, Verdicts
+from lvlmva.templates import builtin_families
 
 from .cache import ResponseCache, open_response_cache, sha256_hex
-from .prompts import PromptTemplate, TemplateBook, render_critic_prompt, render_judge_prompt
-from .verdict_schema import JudgeAnswerError, judge_json_schema, parse_judge_answer
+from .prompts import (
+    PromptTemplate,
+    TemplateBook,
+    TemplateError,
+    load_template,
+    render_critic_prompt,
+    render_judge_prompt,
+)
+from .verdict_schema import (
+    JudgeAnswerError,
+    ParsedVerdicts,
+    judge_json_schema,
+    parse_judge_answer,
+)
 
 __all__ = [
     "DEFAULT_PRICES",
@@ -41,7 +63,10 @@ __all__ = [
     "OpenAICritic",
     "OpenAIJudge",
     "RequestFailed",
+    "SpendingEstimate",
     "cost_usd",
+    "estimate_spending",
+    "image_tokens",
     "retry_after_seconds",
 ]
 
@@ -49,6 +74,13 @@ T = TypeVar("T")
 
 #: placeholder key for servers that need none (``api_key_env = ""``)
 NO_KEY = "not-needed"
+
+#: where the client sends requests when neither ``base_url`` nor ``$OPENAI_BASE_URL`` says
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: query parameter names that carry a credential (``?api_key=``, ``?access_token=``, ``?auth=``)
+_CREDENTIAL_PARAM = re.compile(r"key|token|secret|passw(?:or)?d|auth", re.IGNORECASE)
 
 
 class ModelPrice(PluginOptions):
@@ -112,8 +144,24 @@ def retry_after_seconds(headers: Any) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
+def _is_key_like(name: str) -> bool:
+    """Whether an ``api_key_env`` value is more likely a key than a variable's name: OpenAI's
+    ``sk-`` prefix, or a long run of lowercase letters and digits as keys and tokens are."""
+    if name.startswith(("sk-", "sk_")):
+        return True
+    return (
+        len(name) >= 24
+        and "_" not in name
+        and any(c.islower() for c in name)
+        and any(c.isdigit() for c in name)
+    )
+
+
 class OpenAIOptions(PluginOptions):
     """Settings shared by the OpenAI-compatible critic and judge."""
+
+    # A value refused below may be a secret: pydantic's error text must not repeat any input.
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     model: str = Field(
         "gpt-4o",
@@ -122,11 +170,13 @@ class OpenAIOptions(PluginOptions):
     )
     base_url: str | None = Field(
         None,
-        description="Server URL ending in /v1 (vLLM: http://127.0.0.1:8000/v1, Ollama: http://127.0.0.1:11434/v1). None: OpenAI (or $OPENAI_BASE_URL). Never part of the cache key.",
+        description="Server URL ending in /v1 (vLLM: http://127.0.0.1:8000/v1, Ollama: http://127.0.0.1:11434/v1). None: OpenAI (or $OPENAI_BASE_URL). Never part of the cache key; a URL with credentials (user:password@, ?api_key=...) is refused.",
+        json_schema_extra={"redact_errors": True},
     )
     api_key_env: str = Field(
         "OPENAI_API_KEY",
-        description='Name of the environment variable holding the API key (never the key itself). "" for local servers that need no key.',
+        description='Name of the environment variable holding the API key (never the key itself: a value that looks like a key is refused). "" for local servers that need no key.',
+        json_schema_extra={"redact_errors": True},
     )
     temperature: float = Field(
         0.0,
@@ -160,7 +210,7 @@ class OpenAIOptions(PluginOptions):
     backoff_max_s: float = Field(
         60.0,
         ge=0,
-        description="Longest wait between retries, unless the server's Retry-After asks for more.",
+        description="Longest wait between retries; a server's Retry-After (or retry-after-ms) is honoured up to this too.",
         json_schema_extra={"fingerprint": False},
     )
     jitter: float = Field(
@@ -204,6 +254,140 @@ class OpenAIOptions(PluginOptions):
         default_factory=lambda: {k: ModelPrice(**v) for k, v in DEFAULT_PRICES.items()},
         description="USD per 1,000 tokens by model name, {model = {prompt_per_1k, completion_per_1k}}; models not listed cost 0 (reported as unknown).",
     )
+    max_requests: int | None = Field(
+        None,
+        ge=0,
+        description="Most requests this stage may send, retries not counted (the judge counts its repair rounds); a run that may need more stops before any work. None: no limit.",
+        json_schema_extra={"fingerprint": False},
+    )
+    max_cost_usd: float | None = Field(
+        None,
+        ge=0,
+        description="Most USD this stage may cost by an upper estimate (every request with the longest prompt and a max_tokens answer, at the prices in prices); a run estimated above it stops before any work. None: no limit.",
+        json_schema_extra={"fingerprint": False},
+    )
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _a_name_not_a_key(cls, name: str) -> str:
+        # The messages never repeat the value: it may be the key itself.
+        if not name:
+            return name
+        if _is_key_like(name):
+            raise ValueError(
+                "this looks like an API key, not the name of an environment variable: "
+                "export the key in a variable (e.g. OPENAI_API_KEY) and give its name here"
+            )
+        if not _ENV_NAME.match(name):
+            raise ValueError(
+                "not a valid environment variable name (letters, digits and _, not starting "
+                'with a digit): give the name of the variable that holds the key, or "" for a '
+                "server that needs no key"
+            )
+        return name
+
+    @field_validator("base_url")
+    @classmethod
+    def _a_url_without_credentials(cls, url: str | None) -> str | None:
+        # The messages never repeat the value: it may hold a credential.
+        if url is None:
+            return url
+        try:
+            parts = urlsplit(url)
+            params = parse_qsl(parts.query, keep_blank_values=True)
+        except ValueError:
+            raise ValueError("not a URL: give the server's http(s):// URL ending in /v1") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                "not an http:// or https:// URL with a host (e.g. http://127.0.0.1:8000/v1)"
+            )
+        if "@" in parts.netloc:
+            raise ValueError(
+                "the URL holds credentials (user:password@host); put the key in the variable "
+                "named by api_key_env instead"
+            )
+        if any(_CREDENTIAL_PARAM.search(name) for name, _ in params):
+            raise ValueError(
+                "the URL has a query parameter named like a credential (key, token, secret, "
+                "password, auth); put the key in the variable named by api_key_env instead"
+            )
+        return url
+
+
+#: images a critic request carries: the original, the cluster map, the overlay
+CRITIC_IMAGES = 3
+
+#: characters per token of English prompt text, the usual rough rule
+CHARS_PER_TOKEN = 4
+
+
+def image_tokens(detail: str) -> int:
+    """Prompt tokens OpenAI counts for one rendered image: 85 at detail "low"; otherwise 85 plus
+    170 per 512-px tile, and the renderer's 224..512 px images take one tile."""
+    return 85 if detail == "low" else 85 + 170
+
+
+@dataclass(frozen=True)
+class SpendingEstimate:
+    """An upper estimate of what one stage may send: ``requests`` (retries not counted, and why
+    that many in ``basis``), tokens per request, and ``cost_usd`` (``None`` when ``prices`` has
+    no entry for the model)."""
+
+    requests: int
+    basis: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float | None
+
+
+def _template_chars(role: str, options: OpenAIOptions) -> int:
+    """Characters of the longest prompt a template of ``role`` can give before the sample's own
+    text: the user's file, or the family's built-in one, else the longest built-in one."""
+    if options.template is not None:
+        templates = [load_template(options.family or "custom", role, options.template)]
+    else:
+        families = [options.family] if options.family else builtin_families()
+        templates = [load_template(family, role) for family in families]
+
+    def chars(t: PromptTemplate) -> int:
+        if role == "judge":
+            return len(t.text) + len(t.user)
+        return len(t.text) + max(map(len, t.class_descriptions.values()), default=0)
+
+    return max(map(chars, templates), default=0)
+
+
+def estimate_spending(role: str, options: OpenAIOptions, samples: int) -> SpendingEstimate:
+    """Most requests and cost a ``role`` stage may need for ``samples`` alignment samples, every
+    answer assumed uncached and ``max_tokens`` long. Raises :class:`TemplateError` when the
+    template the options name does not load."""
+    prompt_tokens = _template_chars(role, options) // CHARS_PER_TOKEN
+    if role == "critic":
+        requests = samples
+        basis = f"{samples} alignment samples"
+        prompt_tokens += CRITIC_IMAGES * image_tokens(options.image_detail)
+    else:
+        repairs = getattr(options, "repair_attempts", 0)
+        requests = samples * (1 + repairs)
+        basis = (
+            f"{samples} alignment samples, up to {1 + repairs} answers each with "
+            f"repair_attempts = {repairs}"
+        )
+        # The critique inside the prompt is a critic answer, bounded by the critic's max_tokens;
+        # the judge's own max_tokens stands in for it (the judge does not know the critic's).
+        prompt_tokens += options.max_tokens
+    each = cost_usd(options.prices, options.model, prompt_tokens, options.max_tokens)
+    return SpendingEstimate(
+        requests=requests,
+        basis=basis,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=options.max_tokens,
+        cost_usd=None if each is None else requests * each,
+    )
+
+
+def _usd(value: float) -> str:
+    return f"${value:.2f}" if value >= 0.01 else f"${value:.2g}"
 
 
 class RequestFailed(Exception):
@@ -223,6 +407,35 @@ class _Answer:
     finish_reason: str | None = None
     attempts: int = 1
     errors: list[str] = field(default_factory=list)
+
+
+def _connection_failure(exc: BaseException) -> tuple[bool, str]:
+    """``(refused, reason)`` of a connection error: whether its exception chain holds a refused
+    connection (deep down, past the HTTP library's own errors), and the HTTP library's message
+    (the client's own, "Connection error.", says nothing)."""
+    refused = False
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ConnectionRefusedError) or (
+            isinstance(current, OSError) and current.errno == errno.ECONNREFUSED
+        ):
+            refused = True
+        current = current.__cause__ or current.__context__
+    transport = exc.__cause__ or exc.__context__ or exc
+    return refused, (str(transport) or type(transport).__name__)[:120]
+
+
+def _server_message(exc: Any) -> str:
+    """The message of a server's error body (``{"error": {"message": ...}}``), else the
+    client's text."""
+    body = exc.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            return inner["message"]
+    return str(exc.message)
 
 
 def _data_url(png: bytes) -> str:
@@ -276,6 +489,46 @@ class _OpenAIBackend:
             )
         return key
 
+    # -- before the run --------------------------------------------------------------------------
+    def preflight(self, samples: int) -> list[str]:
+        """What would stop this stage, found before any work: an unset key variable, a template
+        that does not load, and a request or cost estimate past ``max_requests`` /
+        ``max_cost_usd`` for ``samples`` alignment samples."""
+        who, role = f"{self.role} 'openai'", self.role
+        problems = []
+        name = self.options.api_key_env
+        if name and not os.environ.get(name):
+            problems.append(
+                f"{who}: the environment variable {name} named by {role}.api_key_env is not set "
+                f'or empty; export it, or set {role}.api_key_env = "" for a server that needs '
+                "no key"
+            )
+        try:
+            estimate = estimate_spending(role, self.options, samples)
+        except TemplateError as exc:
+            return [*problems, f"{who}: {exc}"]
+        limit = self.options.max_requests
+        if limit is not None and estimate.requests > limit:
+            problems.append(
+                f"{who}: this run may send up to {estimate.requests} requests ({estimate.basis}), "
+                f"more than {role}.max_requests = {limit}"
+            )
+        budget = self.options.max_cost_usd
+        if budget is not None and estimate.cost_usd is None:
+            problems.append(
+                f"{who}: {role}.max_cost_usd is set but {role}.prices has no price for model "
+                f"{self.options.model!r}; add the model to {role}.prices "
+                "({prompt_per_1k = ..., completion_per_1k = ...}) or unset max_cost_usd"
+            )
+        elif budget is not None and estimate.cost_usd > budget:
+            problems.append(
+                f"{who}: estimated cost up to {_usd(estimate.cost_usd)} ({estimate.requests} "
+                f"requests of {self.options.model}, about {estimate.prompt_tokens} prompt and "
+                f"{estimate.completion_tokens} completion tokens each), more than "
+                f"{role}.max_cost_usd = {budget:g}"
+            )
+        return problems
+
     def _redact(self, text: str) -> str:
         key = self._key
         if key and key != NO_KEY and key in text:
@@ -305,6 +558,19 @@ class _OpenAIBackend:
         return 0.0 if cost is None else cost
 
     # -- transport -------------------------------------------------------------------------------
+    @property
+    def _address(self) -> str:
+        """The server requests go to, as failure texts name it (credentials and query left
+        out: ``$OPENAI_BASE_URL`` is not checked like the option is)."""
+        url = self.options.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            parts = None
+        if parts is None or not parts.scheme or not parts.netloc:
+            return "$OPENAI_BASE_URL (not a URL)"
+        return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+
     def _backoff(self, retry: int, rng: random.Random) -> float:
         base = min(self.options.backoff_max_s, self.options.backoff_initial_s * (2.0**retry))
         return base * (1.0 - self.options.jitter * rng.random())
@@ -318,10 +584,14 @@ class _OpenAIBackend:
         extra: dict[str, Any],
         rng: random.Random,
     ) -> _Answer:
-        """One chat completion with retries on transient failures; raises RequestFailed."""
+        """One chat completion with retries on transient failures; raises RequestFailed.
+
+        Each attempt's error, with its details, goes into ``errors`` (the transcript); the
+        failure names only the last cause and the server, so that equal causes read alike."""
         import openai
 
         errors: list[str] = []
+        cause = ""
         for attempt in range(1, self.options.max_attempts + 1):
             wait: float | None = None
             try:
@@ -334,28 +604,43 @@ class _OpenAIBackend:
                         extra_body=self.options.extra_body or None,
                     )
             except openai.APITimeoutError:
-                errors.append(f"attempt {attempt}: timed out after {self.options.timeout_s:g} s")
+                cause = f"timed out after {self.options.timeout_s:g} s"
+                errors.append(f"attempt {attempt}: {cause}")
             except openai.APIConnectionError as exc:
-                errors.append(f"attempt {attempt}: connection error: {self._redact(str(exc))}")
+                refused, reason = _connection_failure(exc)
+                cause = (
+                    "connection refused"
+                    if refused
+                    else f"connection error ({self._redact(reason)})"
+                )
+                errors.append(
+                    f"attempt {attempt}: connection error: {self._redact(reason)}"
+                    + ("; connection refused" if refused else "")
+                )
             except openai.APIStatusError as exc:
                 status = exc.status_code
-                message = self._redact(f"HTTP {status}: {exc.message}")
+                message = self._redact(_server_message(exc))
+                errors.append(f"attempt {attempt}: HTTP {status}: {message}")
                 if status == 429 or status == 408 or status >= 500:
-                    errors.append(f"attempt {attempt}: {message}")
+                    cause = "HTTP 429 (rate limited)" if status == 429 else f"HTTP {status}"
                     wait = retry_after_seconds(getattr(exc.response, "headers", None))
                 else:
-                    errors.append(f"attempt {attempt}: {message}")
+                    # 400, 401, 403, 404, ...: a setting to fix, which no retry would change.
                     hint = ""
                     if status == 400 and "response_format" in extra:
                         hint = (
                             " (if the server does not support structured output, set "
                             'judge.response_format = "json_object" or "none")'
                         )
-                    raise RequestFailed(f"{message}{hint}; not retried", attempt, errors) from None
+                    raise RequestFailed(
+                        f"HTTP {status}: {message} at {self._address}{hint}", attempt, errors
+                    ) from None
             except openai.APIResponseValidationError as exc:
+                cause = "unreadable response"
                 errors.append(f"attempt {attempt}: unreadable response: {self._redact(str(exc))}")
             except ValueError as exc:
                 # A body cut short fails JSON decoding inside the client.
+                cause = "unreadable response body"
                 errors.append(
                     f"attempt {attempt}: unreadable response body: {self._redact(str(exc))}"
                 )
@@ -373,13 +658,14 @@ class _OpenAIBackend:
                 )
                 return answer
             if attempt < self.options.max_attempts:
-                delay = wait if wait is not None else self._backoff(attempt - 1, rng)
+                # A server may ask for any wait; backoff_max_s bounds how long a run stalls.
+                delay = (
+                    min(wait, self.options.backoff_max_s)
+                    if wait is not None
+                    else self._backoff(attempt - 1, rng)
+                )
                 await asyncio.sleep(delay)
-        raise RequestFailed(
-            f"no answer after {self.options.max_attempts} attempts (last: {errors[-1]})",
-            self.options.max_attempts,
-            errors,
-        )
+        raise RequestFailed(f"{cause} at {self._address}", self.options.max_attempts, errors)
 
     def _client(self) -> Any:
         import openai
@@ -517,24 +803,30 @@ class OpenAICritic(_OpenAIBackend):
         except RequestFailed as exc:
             usage = Usage(requests=exc.attempts)
             record.update(answer=None, cache_hit=False, attempts=exc.attempts, errors=exc.errors,
-                          latency_s=time.perf_counter() - started, failure=str(exc), usage=usage.to_state())  # fmt: skip
+                          latency_s=time.perf_counter() - started, failure=str(exc), retryable=True,
+                          usage=usage.to_state())  # fmt: skip
             ctx.log_jsonl("transcripts.jsonl", record)
-            return Critique(
-                text=None, failure=f"critic request failed: {exc}", usage=usage, **common
-            )
+            return Critique(text=None, failure=str(exc), usage=usage, retryable=True, **common)
 
         usage = Usage(
             answer.prompt_tokens, answer.completion_tokens, self._cost(answer), answer.attempts, 0
         )
         failure = None
-        if not answer.text.strip():
+        if answer.finish_reason == "length":
+            # Half a discussion may lack the last clusters: not an answer to keep or cache. (An
+            # empty one is a reasoning model that spent max_tokens on thinking.)
+            failure = (
+                f"critic answer cut off at max_tokens = {self.options.max_tokens}; "
+                "raise critic.max_tokens"
+            )
+        elif not answer.text.strip():
             failure = f"critic returned an empty answer (finish_reason={answer.finish_reason})"
         elif cache is not None:
             cache.put(key, answer.text, {"model": self.options.model, "prompt_tokens": answer.prompt_tokens,
                                          "completion_tokens": answer.completion_tokens})  # fmt: skip
         record.update(answer=answer.text, cache_hit=False, attempts=answer.attempts, errors=answer.errors,
                       finish_reason=answer.finish_reason, latency_s=time.perf_counter() - started,
-                      failure=failure, usage=usage.to_state())  # fmt: skip
+                      failure=failure, retryable=False, usage=usage.to_state())  # fmt: skip
         ctx.log_jsonl("transcripts.jsonl", record)
         if failure is not None:
             return Critique(text=None, failure=failure, usage=usage, **common)
@@ -586,10 +878,12 @@ class OpenAIJudge(_OpenAIBackend):
         return await self._answer_all(critiques, self._judge_one, ctx, "judge")
 
     def _failed_critique(self, critique: Critique, ctx: RunContext) -> Verdicts:
+        # Not retryable: asking the judge again cannot help; the critic's failure is the one
+        # a re-run must fix.
         reason = f"no critique to judge: {critique.failure}"
         ctx.log_jsonl("transcripts.jsonl", {"stage": "judge", "backend": "openai", "model": self.options.model,
                                             "sample_id": critique.sample_id, "failure": reason, "attempts": 0,
-                                            "cache_hit": False})  # fmt: skip
+                                            "cache_hit": False, "retryable": False})  # fmt: skip
         return Verdicts(critique.sample_id, critique.colors, None, failure=reason, attempts=0)
 
     def _response_format(self, colors: Sequence[str]) -> dict[str, Any]:
@@ -646,16 +940,18 @@ class OpenAIJudge(_OpenAIBackend):
         cached = None if (cache is None or ctx.refresh) else cache.get(key)
         if cached is not None:
             try:
-                relevant = parse_judge_answer(cached, colors)
+                parsed = parse_judge_answer(cached, colors)
             except JudgeAnswerError:
                 cached = None  # stored under an older validator: ask again
             else:
                 usage = Usage(cache_hits=1)
-                record.update(answer=cached, verdicts=_verdict_map(colors, relevant), cache_hit=True,
-                              attempts=0, answers=0, latency_s=time.perf_counter() - started,
-                              failure=None, usage=usage.to_state())  # fmt: skip
+                record.update(answer=cached, verdicts=_verdict_map(colors, parsed.relevant),
+                              ignored_colors=list(parsed.ignored), cache_hit=True, attempts=0,
+                              answers=0, latency_s=time.perf_counter() - started, failure=None,
+                              usage=usage.to_state())  # fmt: skip
                 ctx.log_jsonl("transcripts.jsonl", record)
-                return Verdicts(critique.sample_id, colors, relevant, attempts=0, usage=usage)
+                return Verdicts(critique.sample_id, colors, parsed.relevant, attempts=0,
+                                usage=usage, ignored_colors=parsed.ignored)  # fmt: skip
 
         messages: list[dict[str, Any]] = [
             {"role": "system", "content": instructions},
@@ -667,8 +963,9 @@ class OpenAIJudge(_OpenAIBackend):
         answers: list[str] = []
         problems: list[str] = []
         errors: list[str] = []
-        relevant: tuple[bool, ...] | None = None
+        parsed: ParsedVerdicts | None = None
         failure: str | None = None
+        retryable = False
         for round_ in range(self.options.repair_attempts + 1):
             try:
                 answer = await self._complete(client, semaphore, messages, params, extra, rng)
@@ -676,7 +973,7 @@ class OpenAIJudge(_OpenAIBackend):
                 http_attempts += exc.attempts
                 errors.extend(exc.errors)
                 usage = usage + Usage(requests=exc.attempts)
-                failure = f"judge request failed: {exc}"
+                failure, retryable = str(exc), True
                 break
             http_attempts += answer.attempts
             errors.extend(answer.errors)
@@ -685,11 +982,16 @@ class OpenAIJudge(_OpenAIBackend):
             )
             answers.append(answer.text)
             try:
-                relevant = parse_judge_answer(answer.text, colors)
+                parsed = parse_judge_answer(answer.text, colors)
             except JudgeAnswerError as exc:
                 problems.append(str(exc))
                 if round_ == self.options.repair_attempts:
                     failure = f"invalid judge answer after {round_ + 1} answer(s): {exc}"
+                    if answer.finish_reason == "length":
+                        failure += (
+                            f" (the answer was cut off at max_tokens = {self.options.max_tokens};"
+                            " raise judge.max_tokens)"
+                        )
                     break
                 messages = [
                     *messages,
@@ -701,6 +1003,8 @@ class OpenAIJudge(_OpenAIBackend):
                 ]
                 continue
             if cache is not None:
+                # Only an answer that parsed; stored under the first prompt's key, repaired or
+                # not, so that a re-run gets the valid answer at once.
                 cache.put(key, answer.text, {"model": self.options.model, "prompt_tokens": answer.prompt_tokens,
                                              "completion_tokens": answer.completion_tokens})  # fmt: skip
             break
@@ -709,16 +1013,18 @@ class OpenAIJudge(_OpenAIBackend):
             answer=answers[-1] if answers else None,
             answers=answers,
             validation_errors=problems,
-            verdicts=None if relevant is None else _verdict_map(colors, relevant),
+            verdicts=None if parsed is None else _verdict_map(colors, parsed.relevant),
+            ignored_colors=[] if parsed is None else list(parsed.ignored),
             cache_hit=False,
             attempts=http_attempts,
             errors=errors,
             latency_s=time.perf_counter() - started,
             failure=failure,
+            retryable=retryable,
             usage=usage.to_state(),
         )
         ctx.log_jsonl("transcripts.jsonl", record)
-        if relevant is None:
+        if parsed is None:
             return Verdicts(
                 critique.sample_id,
                 colors,
@@ -726,8 +1032,10 @@ class OpenAIJudge(_OpenAIBackend):
                 failure=failure,
                 attempts=max(1, len(answers)),
                 usage=usage,
+                retryable=retryable,
             )
-        return Verdicts(critique.sample_id, colors, relevant, attempts=len(answers), usage=usage)
+        return Verdicts(critique.sample_id, colors, parsed.relevant, attempts=len(answers),
+                        usage=usage, ignored_colors=parsed.ignored)  # fmt: skip
 
 
 def _verdict_map(colors: Sequence[str], relevant: Sequence[bool]) -> dict[str, str]:

@@ -11,6 +11,10 @@ one transcript line per sample and attempt.
 ``from_pretrained`` (set ``local_files_only`` to forbid network access). The model is loaded
 lazily, on the first answer that is not in the cache, so a fully cached re-run loads nothing.
 transformers is imported inside functions: importing this module stays cheap.
+
+A generation error (out of memory, a device fault) is a ``retryable`` failure: it says nothing
+about the sample. An answer that is empty, cut off at ``max_new_tokens``, or a judge answer
+still invalid after repair is a failure that is not retryable, and is never cached.
 """
 
 from __future__ import annotations
@@ -29,10 +33,12 @@ from lvlmva.plugins.lvlm.cache import ResponseCache, open_response_cache, sha256
 from lvlmva.plugins.lvlm.prompts import (
     PromptTemplate,
     TemplateBook,
+    TemplateError,
+    load_template,
     render_critic_prompt,
     render_judge_prompt,
 )
-from lvlmva.plugins.lvlm.verdict_schema import JudgeAnswerError, parse_judge_answer
+from lvlmva.plugins.lvlm.verdict_schema import JudgeAnswerError, ParsedVerdicts, parse_judge_answer
 from lvlmva.protocols import PluginOptions, RunContext
 from lvlmva.records import Critique, CritiqueRequest, Usage, Verdicts
 
@@ -215,11 +221,13 @@ def load_local_model(
 
 @dataclass(frozen=True)
 class GeneratedAnswer:
-    """One decoded answer and the tokens it took (prompt without padding, answer with eos)."""
+    """One decoded answer and the tokens it took (prompt without padding, answer with eos);
+    ``finished`` is False when ``max_new_tokens`` ran out before the end-of-sequence token."""
 
     text: str
     prompt_tokens: int
     completion_tokens: int
+    finished: bool = True
 
 
 def _chat_text(local: LocalModel, messages: list[dict[str, Any]]) -> str:
@@ -280,10 +288,14 @@ def generate_batch(
     # The answer's tokens up to and including its first end-of-sequence token.
     completion = ((is_eos.cumsum(dim=1) - is_eos.long()) == 0).sum(dim=1)
     prompt_tokens = inputs["attention_mask"].sum(dim=1).cpu()
+    # A finished row holds its end-of-sequence token: generation pads rows that end early.
+    finished = is_eos.any(dim=1)
     answers = tok.batch_decode(new, skip_special_tokens=True)
     return [
-        GeneratedAnswer(text.strip(), int(p), int(c))
-        for text, p, c in zip(answers, prompt_tokens.tolist(), completion.tolist(), strict=True)
+        GeneratedAnswer(text.strip(), int(p), int(c), bool(f))
+        for text, p, c, f in zip(
+            answers, prompt_tokens.tolist(), completion.tolist(), finished.tolist(), strict=True
+        )
     ]
 
 
@@ -308,6 +320,28 @@ class _TransformersBackend:
 
     def _template(self, family: str) -> PromptTemplate:
         return self._templates.get(family)
+
+    def preflight(self, samples: int) -> list[str]:
+        """Problems that would otherwise stop this stage only after the stages before it ran: a
+        model folder that is not there, a CUDA device that is not there, a template that does
+        not load. (Nothing is paid for, so there is no budget to check.)"""
+        who = f"{self.role} 'transformers'"
+        problems = []
+        model = self.options.model
+        # A Hugging Face id ("org/name") is looked up by from_pretrained; a path is ours to check.
+        if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().is_dir():
+            problems.append(f"{who}: {self.role}.model {model!r} is not a folder")
+        device = self.options.device
+        if device.startswith("cuda"):
+            index = torch.device(device).index or 0
+            if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+                problems.append(f"{who}: {self.role}.device = {device!r}, but no such CUDA device")
+        if self.options.template is not None or self.options.family is not None:
+            try:
+                load_template(self.options.family or "custom", self.role, self.options.template)
+            except TemplateError as exc:
+                problems.append(f"{who}: {exc}")
+        return problems
 
     def _cache(self, ctx: RunContext) -> ResponseCache | None:
         return open_response_cache(self.options.cache, self.options.cache_dir, ctx.cache_dir)
@@ -428,36 +462,50 @@ class TransformersCritic(_TransformersBackend):
             )
             error = None
         except (RuntimeError, ValueError) as exc:
-            # Recorded per sample (the protocol asks for failures, not a lost stage).
+            # Recorded per sample (the protocol asks for failures, not a lost stage); retryable:
+            # the model, not the sample, failed.
             answers, error = [None] * len(chunk), f"generation failed: {type(exc).__name__}: {exc}"
         latency = (time.perf_counter() - start) / len(chunk)
         for (i, template, prompt, hashes, key), answer in zip(chunk, answers, strict=True):
             request = requests[i]
             if answer is None:
-                results[i] = self._critique(request, None, error, Usage(requests=1))
+                results[i] = self._critique(request, None, error, Usage(requests=1), True)
+                self._log(ctx, request, template, prompt, hashes, results[i], latency, False)
+                continue
+            usage = Usage(answer.prompt_tokens, answer.completion_tokens, 0.0, 1, 0)
+            if not answer.finished:
+                # Half a discussion may lack the last clusters: not an answer to keep or cache.
+                failure = (
+                    f"critic answer cut off at max_new_tokens = {self.options.max_new_tokens}; "
+                    "raise critic.max_new_tokens"
+                )
+                results[i] = self._critique(request, None, failure, usage)
+            elif not answer.text:
+                results[i] = self._critique(request, None, "the model's answer was empty", usage)
             else:
-                usage = Usage(answer.prompt_tokens, answer.completion_tokens, 0.0, 1, 0)
-                if answer.text:
-                    results[i] = self._critique(request, answer.text, None, usage)
-                    if key is not None:
-                        cache.put(
-                            key,
-                            answer.text,
-                            {
-                                "backend": BACKEND,
-                                "role": self.role,
-                                "model": self.options.model,
-                                "sample_id": request.sample_id,
-                            },
-                        )
-                else:
-                    results[i] = self._critique(
-                        request, None, "the model's answer was empty", usage
+                results[i] = self._critique(request, answer.text, None, usage)
+                if key is not None:
+                    cache.put(
+                        key,
+                        answer.text,
+                        {
+                            "backend": BACKEND,
+                            "role": self.role,
+                            "model": self.options.model,
+                            "sample_id": request.sample_id,
+                        },
                     )
-            self._log(ctx, request, template, prompt, hashes, results[i], latency, False)
+            self._log(
+                ctx, request, template, prompt, hashes, results[i], latency, False, answer.text
+            )
 
     def _critique(
-        self, request: CritiqueRequest, text: str | None, failure: str | None, usage: Usage
+        self,
+        request: CritiqueRequest,
+        text: str | None,
+        failure: str | None,
+        usage: Usage,
+        retryable: bool = False,
     ) -> Critique:
         return Critique(
             sample_id=request.sample_id,
@@ -468,9 +516,13 @@ class TransformersCritic(_TransformersBackend):
             usage=usage,
             family=request.family,
             label=request.label,
+            retryable=retryable,
         )
 
-    def _log(self, ctx, request, template, prompt, hashes, critique, latency, cache_hit) -> None:
+    def _log(
+        self, ctx, request, template, prompt, hashes, critique, latency, cache_hit, answer=None
+    ) -> None:
+        """One transcript line; ``answer`` is the model's text also when it was not usable."""
         files = list(request.rendered.files) or [None] * len(hashes)
         self._transcript(
             ctx,
@@ -481,8 +533,9 @@ class TransformersCritic(_TransformersBackend):
             template_version=template.version,
             prompt=prompt,
             images=[{"sha256": h, "file": f} for h, f in zip(hashes, files, strict=False)],
-            answer=critique.text,
+            answer=critique.text if answer is None else answer,
             failure=critique.failure,
+            retryable=critique.retryable,
             attempts=0 if cache_hit else 1,
             latency_s=round(latency, 4),
             cache_hit=cache_hit,
@@ -513,6 +566,8 @@ class TransformersJudge(_TransformersBackend):
         pending: list[_JudgeTask] = []
         for i, critique in enumerate(critiques):
             if critique.text is None:
+                # Not retryable: judging again cannot help; the critic's failure is the one a
+                # re-run must fix.
                 reason = f"critic failed: {critique.failure}"
                 results[i] = Verdicts(critique.sample_id, critique.colors, None, reason, attempts=0)
                 self._transcript(
@@ -521,6 +576,7 @@ class TransformersJudge(_TransformersBackend):
                     colors=list(critique.colors),
                     verdicts=None,
                     failure=reason,
+                    retryable=False,
                     attempts=0,
                     cache_hit=False,
                 )
@@ -533,17 +589,15 @@ class TransformersJudge(_TransformersBackend):
             task = _JudgeTask(i, critique, template, chat, key)
             if cached is not None:
                 try:
-                    relevant = parse_judge_answer(cached, critique.colors)
+                    parsed = parse_judge_answer(cached, critique.colors)
                 except JudgeAnswerError:
                     # Only validated answers are stored; one that no longer parses (a changed
                     # parser) is asked again rather than trusted.
                     pending.append(task)
                     continue
                 task.usage = Usage(cache_hits=1)
-                results[i] = Verdicts(
-                    critique.sample_id, critique.colors, relevant, attempts=0, usage=task.usage
-                )
-                self._log(ctx, task, cached, relevant, None, 0, 0.0, True)
+                results[i] = self._verdicts(task, parsed, 0)
+                self._log(ctx, task, cached, parsed, None, 0, 0.0, True)
             else:
                 pending.append(task)
 
@@ -571,23 +625,28 @@ class TransformersJudge(_TransformersBackend):
                     local, [t.chat for t in chunk], None, self.options.max_new_tokens
                 )
             except (RuntimeError, ValueError) as exc:
+                # Retryable: the model, not the answer, failed.
                 error = f"generation failed: {type(exc).__name__}: {exc}"
                 for t in chunk:
-                    results[t.index] = self._failure(t, error, attempt)
-                    self._log(ctx, t, None, None, error, attempt, 0.0, False)
+                    results[t.index] = self._failure(t, error, attempt, retryable=True)
+                    self._log(ctx, t, None, None, error, attempt, 0.0, False, retryable=True)
                 return
             latency = (time.perf_counter() - start) / len(chunk)
             retry: list[_JudgeTask] = []
             for t, answer in zip(chunk, answers, strict=True):
                 t.usage = t.usage + Usage(answer.prompt_tokens, answer.completion_tokens, 0.0, 1, 0)
                 try:
-                    relevant = parse_judge_answer(answer.text, t.critique.colors)
+                    parsed = parse_judge_answer(answer.text, t.critique.colors)
                 except JudgeAnswerError as exc:
                     self._log(ctx, t, answer.text, None, str(exc), attempt, latency, False)
                     if attempt == last:
-                        results[t.index] = self._failure(
-                            t, f"invalid answer after {attempt} attempt(s): {exc}", attempt
-                        )
+                        reason = f"invalid answer after {attempt} attempt(s): {exc}"
+                        if not answer.finished:
+                            reason += (
+                                " (the answer was cut off at max_new_tokens = "
+                                f"{self.options.max_new_tokens}; raise judge.max_new_tokens)"
+                            )
+                        results[t.index] = self._failure(t, reason, attempt)
                     else:
                         t.chat = [
                             *t.chat,
@@ -599,14 +658,8 @@ class TransformersJudge(_TransformersBackend):
                         ]
                         retry.append(t)
                     continue
-                results[t.index] = Verdicts(
-                    t.critique.sample_id,
-                    t.critique.colors,
-                    relevant,
-                    attempts=attempt,
-                    usage=t.usage,
-                )
-                self._log(ctx, t, answer.text, relevant, None, attempt, latency, False)
+                results[t.index] = self._verdicts(t, parsed, attempt)
+                self._log(ctx, t, answer.text, parsed, None, attempt, latency, False)
                 if t.key is not None:
                     # Stored under the first prompt's key: a re-run gets the valid answer at once.
                     cache.put(
@@ -624,11 +677,28 @@ class TransformersJudge(_TransformersBackend):
                 return
             chunk = retry
 
-    def _failure(self, task: _JudgeTask, reason: str, attempts: int) -> Verdicts:
+    def _verdicts(self, task: _JudgeTask, parsed: ParsedVerdicts, attempts: int) -> Verdicts:
         c = task.critique
-        return Verdicts(c.sample_id, c.colors, None, reason, attempts=attempts, usage=task.usage)
+        return Verdicts(
+            c.sample_id,
+            c.colors,
+            parsed.relevant,
+            attempts=attempts,
+            usage=task.usage,
+            ignored_colors=parsed.ignored,
+        )
 
-    def _log(self, ctx, task, answer, relevant, failure, attempt, latency, cache_hit) -> None:
+    def _failure(
+        self, task: _JudgeTask, reason: str, attempts: int, retryable: bool = False
+    ) -> Verdicts:
+        c = task.critique
+        return Verdicts(
+            c.sample_id, c.colors, None, reason, attempts, task.usage, retryable=retryable
+        )
+
+    def _log(
+        self, ctx, task, answer, parsed, failure, attempt, latency, cache_hit, retryable=False
+    ) -> None:
         self._transcript(
             ctx,
             sample_id=task.critique.sample_id,
@@ -639,11 +709,17 @@ class TransformersJudge(_TransformersBackend):
             prompt=task.chat,
             answer=answer,
             verdicts=None
-            if relevant is None
+            if parsed is None
             else dict(
-                zip(task.critique.colors, ["yes" if r else "no" for r in relevant], strict=True)
+                zip(
+                    task.critique.colors,
+                    ["yes" if r else "no" for r in parsed.relevant],
+                    strict=True,
+                )
             ),
+            ignored_colors=[] if parsed is None else list(parsed.ignored),
             failure=failure,
+            retryable=retryable,
             attempts=attempt,
             latency_s=round(latency, 4),
             cache_hit=cache_hit,

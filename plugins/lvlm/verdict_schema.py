@@ -2,7 +2,8 @@
 
 :func:`parse_judge_answer` validates an answer with pydantic (every colour exactly once, verdict
 ``"yes"`` or ``"no"``) and raises :class:`JudgeAnswerError` with a message written to be sent
-back to the model on a retry. :func:`judge_json_schema` is the same format as a JSON schema for
+back to the model on a retry. Colours the sample does not have are set aside, not an error (see
+:class:`ParsedVerdicts`). :func:`judge_json_schema` is the same format as a JSON schema for
 servers that support structured output.
 """
 
@@ -12,6 +13,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import (
@@ -27,6 +29,7 @@ __all__ = [
     "JudgeAnswerError",
     "ColorVerdict",
     "JudgeAnswer",
+    "ParsedVerdicts",
     "extract_json_object",
     "parse_judge_answer",
     "judge_json_schema",
@@ -69,13 +72,12 @@ class JudgeAnswer(BaseModel):
             return self
         seen = Counter(item.color for item in self.output)
         problems = []
-        unknown = [c for c in seen if c not in colors]
-        if unknown:
-            problems.append("unknown colour(s) " + ", ".join(f'"{c}"' for c in unknown))
         missing = [c for c in colors if c not in seen]
         if missing:
             problems.append("missing colour(s) " + ", ".join(f'"{c}"' for c in missing))
-        duplicate = [c for c, n in seen.items() if n > 1]
+        # An extra colour repeated is set aside like any extra colour; only a sample's own
+        # colour given twice leaves its verdict in doubt.
+        duplicate = [c for c, n in seen.items() if n > 1 and c in colors]
         if duplicate:
             problems.append(
                 "colour(s) listed more than once " + ", ".join(f'"{c}"' for c in duplicate)
@@ -83,6 +85,16 @@ class JudgeAnswer(BaseModel):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+@dataclass(frozen=True)
+class ParsedVerdicts:
+    """A valid judge answer: ``relevant[j]`` is the verdict for the sample's colour ``j`` (True =
+    "yes", relevant), and ``ignored`` the colours the answer gave verdicts for that the sample
+    does not have (in the order they appear), kept so that they can be recorded."""
+
+    relevant: tuple[bool, ...]
+    ignored: tuple[str, ...] = ()
 
 
 def expected_format(colors: Sequence[str]) -> str:
@@ -141,11 +153,13 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def parse_judge_answer(text: str, colors: Sequence[str]) -> tuple[bool, ...]:
-    """Verdicts in the order of ``colors``: True = "yes" (relevant), False = "no" (spurious).
+def parse_judge_answer(text: str, colors: Sequence[str]) -> ParsedVerdicts:
+    """Verdicts in the order of ``colors`` (True = "yes", relevant; False = "no", spurious), and
+    the colours not among ``colors`` that the answer also judged, set aside.
 
-    Raises :class:`JudgeAnswerError` when the answer is not JSON, lacks ``"output"``, misses,
-    repeats or invents a colour, or has a verdict other than yes/no.
+    An extra colour says nothing about the sample's clusters, so it does not spoil the verdicts
+    that are there. Raises :class:`JudgeAnswerError` when the answer is not JSON, lacks
+    ``"output"``, misses or repeats one of ``colors``, or has a verdict other than yes/no.
     """
     if not colors:
         raise ValueError("parse_judge_answer needs the expected colours")
@@ -170,7 +184,9 @@ def parse_judge_answer(text: str, colors: Sequence[str]) -> tuple[bool, ...]:
             f"invalid answer: {_describe(exc)}. " + expected_format(colors)
         ) from None
     by_color = {item.color: item.verdict == "yes" for item in answer.output}
-    return tuple(by_color[c.lower()] for c in colors)
+    wanted = [c.lower() for c in colors]
+    ignored = tuple(dict.fromkeys(item.color for item in answer.output if item.color not in wanted))
+    return ParsedVerdicts(tuple(by_color[c] for c in wanted), ignored)
 
 
 def judge_json_schema(colors: Sequence[str]) -> dict[str, Any]:

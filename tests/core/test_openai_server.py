@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import time
+from collections import Counter
 
 import pytest
 
@@ -45,15 +46,21 @@ def test_scripted_answers_usage_and_records():
         assert server.base_url == f"http://127.0.0.1:{server.port}/v1"
         answers = []
         for i in range(3):
-            status, _, data = _post(server, _chat(f"q{i}"))
+            status, _, data = _post(server, _chat(f"question number {i}"))
             assert status == 200
             payload = json.loads(data)
             answers.append(payload["choices"][0]["message"]["content"])
-            usage = payload["usage"]
-            assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
+            # the documented rough count: 17 prompt characters // 4, answer length // 4 (min 1)
+            assert payload["usage"] == {
+                "prompt_tokens": 4,
+                "completion_tokens": 1,
+                "total_tokens": 5,
+            }
         assert answers == ["first", "second", "second"]
         assert server.count == 3 and server.answered == 3
-        assert [r.body["messages"][0]["content"] for r in server.requests] == ["q0", "q1", "q2"]
+        assert [r.body["messages"][0]["content"] for r in server.requests] == [
+            f"question number {i}" for i in range(3)
+        ]
         assert server.requests[0].headers["authorization"] == "Bearer secret-abc"
 
 
@@ -105,9 +112,10 @@ def test_seeded_fault_rate_is_deterministic_and_near_the_rate():
 
     first, again, other = run(1), run(1), run(2)
     assert first == again and first != other
-    share = sum(f is not None for f in first) / len(first)
-    assert 0.2 <= share <= 0.4
-    assert {f for f in first if f} == {"429", "500", "delay", "truncate", "prose"}
+    # Pinned from one run: seed 1 draws 53 faults in 200 requests, about one standard deviation
+    # (6.5) below the 60 that rate 0.3 expects, spread over every random fault kind.
+    kinds = Counter(f for f in first if f is not None)
+    assert kinds == {"429": 12, "500": 8, "delay": 13, "truncate": 10, "prose": 10}
 
 
 def test_bad_arguments_and_routes():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import pytest
+from pydantic import ValidationError
 
 from lvlmva.plugins.lvlm.cache import ResponseCache
 from lvlmva.plugins.lvlm.openai_backend import (
@@ -22,6 +24,7 @@ from lvlmva.plugins.lvlm.openai_backend import (
     OpenAICritic,
     OpenAIJudge,
     cost_usd,
+    estimate_spending,
     retry_after_seconds,
 )
 from lvlmva.plugins.lvlm.prompts import load_template, render_critic_prompt, render_judge_prompt
@@ -32,6 +35,7 @@ from lvlmva.testing.openai_server import (
     ScriptedOpenAIServer,
     critic_answer,
     data_url_bytes,
+    fault_when,
     judge_answer_from_critique,
     synthetic_requests,
 )
@@ -69,6 +73,22 @@ def _transcripts(ctx: RunContext) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def _cached_answers(ctx: RunContext) -> list[str]:
+    path = ctx.cache_dir / "responses.sqlite"
+    if not path.exists():
+        return []
+    with ResponseCache(path) as cache:
+        return [row[0] for row in cache._conn().execute("SELECT answer FROM responses")]
+
+
+def _closed_port_url() -> str:
+    """The URL of a loopback port nothing listens on (a connection to it is refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
 # -- plugin surface -----------------------------------------------------------------------------
 
 
@@ -81,6 +101,59 @@ def test_registered_with_documented_options(role, cls):
         cls.Options(no_such_option=1)
     assert OpenAICritic.accepts_images and not OpenAICritic.needs_true_masks
     assert OpenAIJudge.Options().model == "gpt-4o-mini" and OpenAICritic.Options().model == "gpt-4o"
+
+
+@pytest.mark.parametrize("cls", [OpenAICritic, OpenAIJudge])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "sk-proj-4f9a2cDOnotLEAK",
+        "sk_live_4f9a2cDOnotLEAK",
+        "abcdef0123456789abcdef0123",  # a token's shape: long, lowercase and digits, no "_"
+        "MY-KEY",
+        "2FA_TOKEN",
+        "OPENAI_API_KEY ",
+    ],
+)
+def test_key_like_api_key_env_is_refused_without_echoing_it(cls, value):
+    with pytest.raises(ValidationError) as info:
+        cls.Options(api_key_env=value)
+    [error] = info.value.errors()
+    assert error["loc"] == ("api_key_env",)
+    assert value.strip() not in error["msg"] and value.strip() not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "value", ["", "OPENAI_API_KEY", "_MY_KEY_2", "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123", "a_b"]
+)
+def test_variable_names_are_accepted_as_api_key_env(value):
+    assert OpenAICritic.Options(api_key_env=value).api_key_env == value
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "http://user:s3cretpw@127.0.0.1:8000/v1",
+        "https://proxy.example/v1?api_key=s3cretpw",
+        "https://proxy.example/v1?x=1&Access-Token=s3cretpw",
+        "https://proxy.example/v1?auth=s3cretpw",
+        "s3cretpw",  # a key pasted where the URL goes
+    ],
+)
+def test_base_url_with_credentials_is_refused_without_echoing_it(value):
+    with pytest.raises(ValidationError) as info:
+        OpenAIJudge.Options(base_url=value)
+    [error] = info.value.errors()
+    assert error["loc"] == ("base_url",)
+    assert "s3cretpw" not in error["msg"] and "s3cretpw" not in str(info.value)
+
+
+def test_plain_base_urls_are_accepted_and_secret_fields_marked_for_redaction():
+    for url in ["http://127.0.0.1:8000/v1", "https://x.example/openai/v1?api-version=2024-06-01"]:
+        assert OpenAICritic.Options(base_url=url).base_url == url
+    for cls in (OpenAICritic, OpenAIJudge):
+        for name in ("api_key_env", "base_url"):
+            assert cls.Options.model_fields[name].json_schema_extra["redact_errors"] is True
 
 
 def test_retry_after_parsing():
@@ -146,7 +219,8 @@ def test_transient_errors_are_retried_honouring_retry_after(ctx):
         answer="Red: ok", faults=["429", "500", "truncate", None], retry_after_s=0.3
     ) as server:
         start = time.perf_counter()
-        out = _critic(server, backoff_initial_s=0.0).critique(synthetic_requests(1, COLORS), ctx)
+        critic = _critic(server, backoff_initial_s=0.0, backoff_max_s=5.0)
+        out = critic.critique(synthetic_requests(1, COLORS), ctx)
         elapsed = time.perf_counter() - start
         assert server.count == 4
     assert out[0].text == "Red: ok" and out[0].usage.requests == 4
@@ -155,6 +229,18 @@ def test_transient_errors_are_retried_honouring_retry_after(ctx):
     assert line["attempts"] == 4 and len(line["errors"]) == 3
     assert "HTTP 429" in line["errors"][0] and "HTTP 500" in line["errors"][1]
     assert "unreadable" in line["errors"][2]
+
+
+def test_retry_after_is_capped_by_backoff_max(ctx):
+    with ScriptedOpenAIServer(
+        answer="Red: ok", faults=["429", "429", None], retry_after_s=30
+    ) as server:
+        start = time.perf_counter()
+        out = _critic(server, backoff_max_s=0.1).critique(synthetic_requests(1, COLORS), ctx)
+        elapsed = time.perf_counter() - start
+        assert server.count == 3
+    assert out[0].text == "Red: ok"
+    assert elapsed < 10  # two waits of at most 0.1 s, not of 30 s
 
 
 def test_timeout_is_retried(ctx):
@@ -168,35 +254,119 @@ def test_timeout_is_retried(ctx):
 
 def test_exhausted_attempts_become_a_failure_not_an_exception(ctx):
     requests = synthetic_requests(2, COLORS)
-    with ScriptedOpenAIServer(
-        answer="Red: ok", faults=lambda i, body: "500" if "digit 0" in json.dumps(body) else None
-    ) as server:
+    with ScriptedOpenAIServer(answer="Red: ok", faults=fault_when("digit 0", "500")) as server:
         out = _critic(server, max_attempts=3).critique(requests, ctx)
         assert server.count == 4
-    assert (
-        out[0].text is None
-        and "no answer after 3 attempts" in out[0].failure
-        and "HTTP 500" in out[0].failure
-    )
-    assert out[1].text == "Red: ok"
-    assert out[0].usage.requests == 3
+        assert out[0].text is None and out[0].failure == f"HTTP 500 at {server.base_url}"
+    assert out[0].retryable and out[0].usage.requests == 3
+    assert out[1].text == "Red: ok" and not out[1].retryable
+    # The attempts and each one's error stay in the transcript.
+    line = next(line for line in _transcripts(ctx) if line["sample_id"] == 0)
+    assert line["attempts"] == 3 and len(line["errors"]) == 3 and line["retryable"] is True
+    assert line["errors"][0].startswith("attempt 1: HTTP 500: internal error")
 
 
-def test_client_errors_are_not_retried(ctx):
+@pytest.mark.parametrize(
+    ("fault", "cause"),
+    [
+        ("503", "HTTP 503"),
+        ("429", "HTTP 429 (rate limited)"),
+        ("delay", "timed out after 0.2 s"),
+        ("truncate", "unreadable response body"),
+        ("disconnect", "connection error (Server disconnected without sending a response.)"),
+    ],
+)
+def test_transport_failures_name_the_cause_and_the_server_alike_for_every_sample(ctx, fault, cause):
+    requests = synthetic_requests(3, COLORS)
+    with ScriptedOpenAIServer(
+        answer=_blue_is_spurious, faults=lambda i, body: fault, fault_delay_s=0.6, retry_after_s=0
+    ) as server:
+        critic = _critic(server, max_attempts=2, timeout_s=0.2, backoff_initial_s=0.0)
+        out = critic.critique(requests, ctx)
+        verdicts = _judge(server, max_attempts=2, timeout_s=0.2, backoff_initial_s=0.0).judge(
+            [_critique(i) for i in range(3)], ctx
+        )
+        url = server.base_url
+    assert {c.failure for c in out} == {f"{cause} at {url}"}
+    assert {v.failure for v in verdicts} == {f"{cause} at {url}"}
+    assert all(c.retryable and c.text is None for c in out)
+    assert all(v.retryable and v.relevant is None for v in verdicts)
+    assert _cached_answers(ctx) == []
+
+
+def test_refused_connection_is_named_with_the_address(ctx):
+    url = _closed_port_url()
+    options = dict(FAST, base_url=url, max_attempts=2, backoff_initial_s=0.0)
+    out = OpenAICritic(OpenAICritic.Options(**options)).critique(synthetic_requests(2, COLORS), ctx)
+    assert [c.failure for c in out] == [f"connection refused at {url}"] * 2
+    assert all(c.retryable for c in out)
+    errors = _transcripts(ctx)[0]["errors"]
+    assert len(errors) == 2 and errors[0].startswith("attempt 1: connection error: ")
+    verdicts = OpenAIJudge(OpenAIJudge.Options(**options)).judge([_critique()], ctx)
+    assert verdicts[0].failure == f"connection refused at {url}" and verdicts[0].retryable
+
+
+def test_the_address_comes_from_the_environment_without_credentials(ctx, monkeypatch):
+    url = _closed_port_url()
+    host_and_path = url.removeprefix("http://")
+    monkeypatch.setenv("OPENAI_BASE_URL", f"http://user:pa55word@{host_and_path}?api_key=zz9")
+    critic = OpenAICritic(OpenAICritic.Options(**{**FAST, "max_attempts": 1}))
+    [out] = critic.critique(synthetic_requests(1, COLORS), ctx)
+    assert out.failure == f"connection refused at {url}"
+    monkeypatch.delenv("OPENAI_BASE_URL")
+    assert critic._address == "https://api.openai.com/v1"
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        ("401", "Incorrect API key provided (scripted)"),
+        ("403", "Project does not have access to this model (scripted)"),
+        ("404", "The model does not exist (scripted)"),
+    ],
+)
+def test_client_errors_are_not_retried_and_ask_again_next_run(ctx, fault, message):
+    with ScriptedOpenAIServer(faults=[fault, None]) as server:
+        out = _critic(server).critique(synthetic_requests(1, COLORS), ctx)
+        assert server.count == 1
+        assert out[0].failure == f"HTTP {fault}: {message} at {server.base_url}"
+    # Not an answer about the sample but a setting to fix: a re-run asks again.
+    assert out[0].retryable and _cached_answers(ctx) == []
+
+
+def test_a_bad_request_names_the_server_message(ctx):
     with ScriptedOpenAIServer(faults=["400", None]) as server:
         out = _critic(server).critique(synthetic_requests(1, COLORS), ctx)
         assert server.count == 1
-    assert "HTTP 400" in out[0].failure and "not retried" in out[0].failure
+        assert out[0].failure.startswith("HTTP 400: bad request (scripted)")
+        assert out[0].failure.endswith(f" at {server.base_url}") and out[0].retryable
 
 
 def test_empty_answer_is_a_failure_and_not_cached(ctx):
     with ScriptedOpenAIServer(answer="") as server:
         critic = _critic(server)
-        assert critic.critique(synthetic_requests(1, COLORS), ctx)[0].failure.startswith(
-            "critic returned an empty answer"
-        )
+        [out] = critic.critique(synthetic_requests(1, COLORS), ctx)
+        assert out.failure.startswith("critic returned an empty answer") and not out.retryable
         critic.critique(synthetic_requests(1, COLORS), ctx)
         assert server.count == 2
+
+
+def test_an_answer_cut_off_at_max_tokens_is_a_failure_and_not_cached(ctx):
+    requests = synthetic_requests(3, COLORS)
+    with ScriptedOpenAIServer(
+        answer=lambda body: "" if "digit 2" in json.dumps(body) else "Red: fine. Verdict: yes",
+        faults=fault_when("digit 1", "length"),
+    ) as server:
+        out = _critic(server, max_tokens=50).critique(requests, ctx)
+        assert out[0].text == "Red: fine. Verdict: yes"
+        assert out[1].failure == "critic answer cut off at max_tokens = 50; raise critic.max_tokens"
+        assert out[2].failure.startswith("critic returned an empty answer")
+        assert not any(c.retryable for c in out)
+        assert _cached_answers(ctx) == ["Red: fine. Verdict: yes"]
+        _critic(server, max_tokens=50).critique(requests, ctx)
+        assert server.count == 5  # the two unusable answers were asked for again
+    line = next(line for line in _transcripts(ctx) if line["sample_id"] == 1)
+    assert line["finish_reason"] == "length" and line["answer"]
 
 
 def test_concurrency_is_bounded_and_used(ctx):
@@ -225,6 +395,106 @@ def test_missing_key_variable_fails_before_any_request(ctx, monkeypatch):
         with pytest.raises(RuntimeError, match="LVLMVA_TEST_ABSENT_KEY"):
             critic.critique(synthetic_requests(1, COLORS), ctx)
         assert server.count == 0
+
+
+# -- preflight ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("role", "cls"), [("critic", OpenAICritic), ("judge", OpenAIJudge)])
+def test_preflight_names_an_unset_key_variable_never_a_value(monkeypatch, role, cls):
+    plugin = cls(cls.Options(api_key_env="LVLMVA_TEST_PREFLIGHT_KEY"))
+    monkeypatch.delenv("LVLMVA_TEST_PREFLIGHT_KEY", raising=False)
+    [problem] = plugin.preflight(8)
+    assert problem.startswith(
+        f"{role} 'openai': the environment variable LVLMVA_TEST_PREFLIGHT_KEY"
+    )
+    assert f"{role}.api_key_env" in problem
+    monkeypatch.setenv("LVLMVA_TEST_PREFLIGHT_KEY", "")
+    assert len(plugin.preflight(8)) == 1
+    monkeypatch.setenv("LVLMVA_TEST_PREFLIGHT_KEY", "sk-present-DO-NOT-LEAK")
+    assert plugin.preflight(8) == []
+    assert cls(cls.Options(api_key_env="")).preflight(8) == []
+
+
+def test_preflight_request_limits():
+    critic = OpenAICritic(OpenAICritic.Options(api_key_env="", max_requests=10))
+    assert critic.preflight(64) == [
+        "critic 'openai': this run may send up to 64 requests (64 alignment samples), "
+        "more than critic.max_requests = 10"
+    ]
+    assert critic.preflight(10) == []
+    judge = OpenAIJudge(OpenAIJudge.Options(api_key_env="", max_requests=100, repair_attempts=1))
+    assert judge.preflight(64) == [
+        "judge 'openai': this run may send up to 128 requests (64 alignment samples, up to 2 "
+        "answers each with repair_attempts = 1), more than judge.max_requests = 100"
+    ]
+    assert judge.preflight(50) == []
+
+
+def _template_file(tmp_path, role: str, chars: int) -> str:
+    """A template whose prompt text (with the judge's user message) has ``chars`` characters."""
+    if role == "critic":
+        head, user = "<label> <class_description> <num_clusters> <cluster_colors> ", ""
+    else:
+        head, user = "<num_clusters> <cluster_colors> ", "<critique>"
+    text = head + "x" * (chars - len(head) - len(user))
+    path = tmp_path / f"{role}.toml"
+    path.write_text(f'version = "1"\ntext = "{text}"\nuser = "{user or "<critique>"}"\n')
+    return str(path)
+
+
+def test_preflight_cost_estimate_from_template_images_and_prices(tmp_path):
+    prices = {"priced": {"prompt_per_1k": 1.0, "completion_per_1k": 2.0}}
+    common = dict(api_key_env="", model="priced", prices=prices, max_tokens=100)
+    critic_options = OpenAICritic.Options(
+        **common, template=_template_file(tmp_path, "critic", 400), image_detail="low"
+    )
+    # 400 characters = 100 tokens, three images at 85: 355 prompt and 100 completion tokens, a
+    # request costs 0.355 + 0.2 USD.
+    estimate = estimate_spending("critic", critic_options, 2)
+    assert (estimate.requests, estimate.prompt_tokens, estimate.completion_tokens) == (2, 355, 100)
+    assert estimate.cost_usd == pytest.approx(2 * 0.555)
+    detailed = critic_options.model_copy(update={"image_detail": "auto"})
+    assert estimate_spending("critic", detailed, 2).prompt_tokens == 100 + 3 * 255
+    over = OpenAICritic(critic_options.model_copy(update={"max_cost_usd": 1.0}))
+    assert over.preflight(2) == [
+        "critic 'openai': estimated cost up to $1.11 (2 requests of priced, about 355 prompt and "
+        "100 completion tokens each), more than critic.max_cost_usd = 1"
+    ]
+    assert over.preflight(1) == []
+
+    # The judge: its template, the critique bounded by max_tokens, and the repair rounds.
+    judge_options = OpenAIJudge.Options(
+        **common, template=_template_file(tmp_path, "judge", 200), repair_attempts=2
+    )
+    estimate = estimate_spending("judge", judge_options, 4)
+    assert (estimate.requests, estimate.prompt_tokens) == (12, 50 + 100)
+    assert estimate.cost_usd == pytest.approx(12 * (0.150 + 0.2))
+    judge = OpenAIJudge(judge_options.model_copy(update={"max_cost_usd": 4.0}))
+    assert judge.preflight(4)[0].startswith("judge 'openai': estimated cost up to $4.20 ")
+
+
+def test_preflight_cost_limit_needs_a_price_and_a_loadable_template(tmp_path):
+    critic = OpenAICritic(OpenAICritic.Options(api_key_env="", model="local-vlm", max_cost_usd=1))
+    [problem] = critic.preflight(4)
+    assert "no price for model 'local-vlm'" in problem and "critic.prices" in problem
+    assert OpenAICritic(OpenAICritic.Options(api_key_env="", model="local-vlm")).preflight(4) == []
+    missing = OpenAIJudge(OpenAIJudge.Options(api_key_env="", template=str(tmp_path / "no.toml")))
+    [problem] = missing.preflight(4)
+    assert problem.startswith("judge 'openai': ") and "no such judge template file" in problem
+
+
+def test_preflight_estimate_of_the_built_in_templates_bounds_a_real_run():
+    """The estimate is an upper bound: the prompt a built-in template really gives is shorter."""
+    options = OpenAICritic.Options(api_key_env="", model="gpt-4o")
+    estimate = estimate_spending("critic", options, 1)
+    longest = max(
+        len(render_critic_prompt(load_template(f, "critic"), r))
+        for f in ("decoy-mnist", "knee", "skin")
+        for r in synthetic_requests(1, ("red", "blue", "green", "yellow", "pink"), family=f)
+    )
+    assert longest // 4 + 3 * 255 <= estimate.prompt_tokens
+    assert 0 < estimate.cost_usd < 0.05
 
 
 def test_unknown_family_fails_before_any_request(ctx):
@@ -269,6 +539,7 @@ def test_judge_repairs_an_invalid_answer_with_the_error_fed_back(ctx):
         out = _judge(server).judge([_critique()], ctx)
         second = server.requests[1].body["messages"]
     assert out[0].relevant == EXPECTED and out[0].attempts == 2
+    assert _cached_answers(ctx) == [VALID]  # the repaired answer only, under the first key
     assert second[2] == {"role": "assistant", "content": "The red one is fine, blue is not."}
     assert second[3]["role"] == "user" and "no JSON object" in second[3]["content"]
     assert "red, blue, green" in second[3]["content"]
@@ -291,17 +562,53 @@ def test_judge_records_failure_after_repair_and_never_caches_it(ctx):
         assert server.count == 2
         judge.judge([_critique()], ctx)  # nothing was cached: asked again
         assert server.count == 4
+    assert out[0].retryable is False
     assert len(ResponseCache(ctx.cache_dir / "responses.sqlite")) == 0
+
+
+def test_judge_answer_cut_off_says_to_raise_max_tokens(ctx):
+    with ScriptedOpenAIServer(answer=VALID, faults=lambda i, body: "length") as server:
+        [out] = _judge(server, max_tokens=20).judge([_critique()], ctx)
+        assert server.count == 2
+    assert out.failure.startswith("invalid judge answer after 2 answer(s): ")
+    assert out.failure.endswith("cut off at max_tokens = 20; raise judge.max_tokens)")
+    assert not out.retryable and _cached_answers(ctx) == []
+
+
+def test_judge_request_failing_during_repair_is_retryable(ctx):
+    with ScriptedOpenAIServer(answer="no JSON here", faults=[None, "401"]) as server:
+        [out] = _judge(server).judge([_critique()], ctx)
+        assert (
+            out.failure == f"HTTP 401: Incorrect API key provided (scripted) at {server.base_url}"
+        )
+    assert out.retryable and out.relevant is None and _cached_answers(ctx) == []
+
+
+def test_judge_sets_extra_colours_aside_also_when_read_from_the_cache(ctx):
+    items = [{"color": "pink", "verdict": "yes"}] + json.loads(VALID)["output"]
+    answer = json.dumps({"output": items})
+    with ScriptedOpenAIServer(answer=answer) as server:
+        [first] = _judge(server).judge([_critique()], ctx)
+        [again] = _judge(server).judge([_critique()], ctx)
+        assert server.count == 1
+    assert first.relevant == EXPECTED and first.ignored_colors == ("pink",) and first.attempts == 1
+    assert again.relevant == EXPECTED and again.ignored_colors == ("pink",)
+    assert again.usage.cache_hits == 1
+    assert [line["ignored_colors"] for line in _transcripts(ctx)] == [["pink"], ["pink"]]
 
 
 def test_failed_critique_is_a_failed_verdict_without_requests(ctx):
     failed = Critique(
-        2, COLORS, None, failure="critic request failed: HTTP 500", family="decoy-mnist"
+        2, COLORS, None, failure="HTTP 500 at http://x/v1", family="decoy-mnist", retryable=True
     )
     with ScriptedOpenAIServer(answer=VALID) as server:
         out = _judge(server).judge([failed, _critique(3)], ctx)
         assert server.count == 1
-    assert out[0].relevant is None and "HTTP 500" in out[0].failure
+    assert (
+        out[0].relevant is None
+        and out[0].failure == "no critique to judge: HTTP 500 at http://x/v1"
+    )
+    assert not out[0].retryable  # asking the judge again cannot help
     assert out[1].relevant == EXPECTED
 
 

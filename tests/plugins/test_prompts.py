@@ -72,7 +72,8 @@ def test_judge_few_shot_examples_are_valid_answers(family):
         import json
 
         colors = [item["color"] for item in json.loads(line)["output"]]
-        assert len(parse_judge_answer(line, colors)) == len(colors)
+        parsed = parse_judge_answer(line, colors)
+        assert len(parsed.relevant) == len(colors) and parsed.ignored == ()
 
 
 def test_class_specifications_of_the_medical_families():

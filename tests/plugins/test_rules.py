@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pydantic
 import pytest
 import torch
@@ -181,10 +183,19 @@ def test_failures_name_the_colour_and_the_problem(text, message):
     assert message in v.failure
 
 
+def test_json_answer_sets_extra_colours_aside():
+    items = [("pink", "no"), ("red", "no"), ("blue", "yes"), ("green", "yes"), ("yellow", "no")]
+    items += [("Gray", "yes"), ("Pink", "no")]
+    text = json.dumps({"output": [{"color": c, "verdict": v} for c, v in items]})
+    v = _judge(text)
+    assert v.relevant == WANT and v.ignored_colors == ("pink",)
+    assert _judge(LVLM_ANSWERS["judge json"]).ignored_colors == ()
+
+
 def test_a_failed_critique_passes_its_reason_on():
-    v = _judge(None, failure="openai critic: timed out after 3 attempts")
-    assert not v.ok
-    assert "critic failed: openai critic: timed out after 3 attempts" in v.failure
+    v = _judge(None, failure="connection refused at http://127.0.0.1:9/v1")
+    assert not v.ok and not v.retryable
+    assert "critic failed: connection refused at http://127.0.0.1:9/v1" in v.failure
 
 
 def test_custom_words():

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from lvlmva.plugins.lvlm import transformers_backend as backend
+from lvlmva.plugins.lvlm.cache import ResponseCache
 from lvlmva.plugins.lvlm.prompts import load_template, render_critic_prompt
 from lvlmva.plugins.lvlm.transformers_backend import (
     TransformersCritic,
@@ -82,12 +83,24 @@ def _transcripts(ctx: RunContext) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def _cached_answers(ctx: RunContext) -> list[str]:
+    path = ctx.cache_dir / "responses.sqlite"
+    if not path.exists():
+        return []
+    with ResponseCache(path) as cache:
+        return sorted(row[0] for row in cache._conn().execute("SELECT answer FROM responses"))
+
+
 class GenerateSpy:
-    """Wraps ``generate`` of a model class: records each call's inputs and can script answers."""
+    """Wraps ``generate`` of a model class: records each call's inputs and can script answers.
+
+    A scripted answer ends with the end-of-sequence token unless ``cut_off(call, row)`` says
+    that ``max_new_tokens`` ran out first."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, cls: type, tokenizer: Any) -> None:
         self.calls: list[dict[str, torch.Tensor]] = []
         self.script: Callable[[int, int], str] | None = None  # (call, row) -> answer text
+        self.cut_off: Callable[[int, int], bool] = lambda call, row: False
         self.tokenizer = tokenizer
         real = cls.generate
         spy = self
@@ -102,12 +115,19 @@ class GenerateSpy:
 
     def _scripted(self, input_ids: torch.Tensor, call: int) -> torch.Tensor:
         tok = self.tokenizer
-        rows = [
-            tok(self.script(call, r), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            for r in range(input_ids.shape[0])
-        ]
+        rows, ended = [], []
+        for r in range(input_ids.shape[0]):
+            ids = tok(self.script(call, r), add_special_tokens=False)["input_ids"]
+            ended.append(not self.cut_off(call, r))
+            rows.append(ids + [tok.eos_token_id] if ended[-1] else ids)
         width = max(map(len, rows))
-        new = torch.tensor([row + [tok.pad_token_id] * (width - len(row)) for row in rows])
+        # Finished rows are padded (pad may be eos); a cut-off row runs on with more words.
+        new = torch.tensor(
+            [
+                row + ([tok.pad_token_id] if end else row[-1:]) * (width - len(row))
+                for row, end in zip(rows, ended, strict=True)
+            ]
+        )
         return torch.cat([input_ids, new], dim=1)
 
     def prompt(self, call: int, row: int) -> str:
@@ -192,6 +212,8 @@ def test_critic_batches_prompts_with_images_and_matches_a_direct_generate(
 
     # Reference: the same prompt through the plain transformers path, one sample at a time.
     model = transformers.AutoModelForImageTextToText.from_pretrained(tiny_lvlm_dir)
+    eos = torch.tensor(model.generation_config.eos_token_id).reshape(-1)
+    answered = {line["sample_id"]: line["answer"] for line in _transcripts(ctx)}
     for request, critique in zip(requests, critiques, strict=True):
         chat = [
             {
@@ -206,11 +228,17 @@ def test_critic_batches_prompts_with_images_and_matches_a_direct_generate(
             text=[text], images=[images], return_tensors="pt", add_special_tokens=False
         )
         out = model.generate(**batch, max_new_tokens=6, do_sample=False)
-        expected = processor.batch_decode(
-            out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
-        )[0].strip()
+        new = out[:, batch["input_ids"].shape[1] :]
+        expected = processor.batch_decode(new, skip_special_tokens=True)[0].strip()
         assert expected, "the tiny model answered nothing: pick another seed or prompt"
-        assert critique.text == expected
+        assert answered[request.sample_id] == expected
+        if torch.isin(new, eos).any():
+            assert critique.text == expected
+        else:  # six random tokens rarely end the answer: cut off, recorded, not used
+            assert critique.text is None and not critique.retryable
+            assert critique.failure == (
+                "critic answer cut off at max_new_tokens = 6; raise critic.max_new_tokens"
+            )
 
     lines = _transcripts(ctx)
     assert [line["sample_id"] for line in lines] == [10, 11, 12]
@@ -278,13 +306,32 @@ def test_critic_records_generation_errors_as_failures(
     options = TransformersCritic.Options(model=str(tiny_lvlm_dir), batch_size=2)
     out = TransformersCritic(options).critique([_request(i, i) for i in range(4)], ctx)
     assert [c.sample_id for c in out] == [0, 1, 2, 3]
-    assert all("simulated" in c.failure and c.text is None for c in out[:2])
-    assert out[2].text is None and "empty" in out[2].failure
-    assert out[3].text == "fine"
+    assert all("simulated" in c.failure and c.text is None and c.retryable for c in out[:2])
+    assert out[2].text is None and "empty" in out[2].failure and not out[2].retryable
+    assert out[3].text == "fine" and not out[3].retryable
+    assert _cached_answers(ctx) == ["fine"]
     # Failures are never cached: a second run asks for the three failed samples again.
     spy.script = lambda call, row: "now fine"
     again = TransformersCritic(options).critique([_request(i, i) for i in range(4)], ctx)
     assert [c.text for c in again] == ["now fine"] * 3 + ["fine"]
+
+
+def test_critic_answer_cut_off_at_max_new_tokens_is_a_failure_and_not_cached(
+    tiny_lvlm_dir: Path, ctx: RunContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    processor = transformers.AutoProcessor.from_pretrained(tiny_lvlm_dir)
+    spy = GenerateSpy(monkeypatch, transformers.LlavaForConditionalGeneration, processor.tokenizer)
+    spy.script = lambda call, row: ["Red: on the digit. Verdict: yes", "Red: on the dig"][row]
+    spy.cut_off = lambda call, row: row == 1
+    options = TransformersCritic.Options(model=str(tiny_lvlm_dir), max_new_tokens=30)
+    out = TransformersCritic(options).critique([_request(0, 0), _request(1, 1)], ctx)
+    assert out[0].text == "Red: on the digit. Verdict: yes"
+    assert out[1].text is None and not out[1].retryable
+    assert out[1].failure == (
+        "critic answer cut off at max_new_tokens = 30; raise critic.max_new_tokens"
+    )
+    assert _cached_answers(ctx) == ["Red: on the digit. Verdict: yes"]
+    assert _transcripts(ctx)[1]["answer"].startswith("Red: on the dig")
 
 
 # -- judge ----------------------------------------------------------------------------------
@@ -311,6 +358,7 @@ def test_judge_turns_gibberish_into_a_recorded_failure(
     assert len(lines) == 4 and all(line["verdicts"] is None and line["failure"] for line in lines)
     assert sorted(line["attempts"] for line in lines) == [1, 1, 2, 2]
     # Nothing invalid was cached: the next run asks again.
+    assert _cached_answers(ctx) == []
     TransformersJudge(options).judge([_critique(3)], ctx)
     assert len(spy.calls) == 4
 
@@ -350,6 +398,8 @@ def test_judge_scripted_answers_give_verdicts_retry_and_cache(
         5: {"red": "yes", "blue": "no", "green": "yes"},
         6: {"red": "no", "blue": "no", "green": "yes"},
     }
+    # The valid answers only, the repaired one under the first prompt's key.
+    assert _cached_answers(ctx) == sorted([answers[(0, 0)], answers[(1, 0)]])
 
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the model must not be loaded when every answer is cached")
@@ -359,6 +409,71 @@ def test_judge_scripted_answers_give_verdicts_retry_and_cache(
     assert [v.relevant for v in again] == [verdicts[0].relevant, verdicts[1].relevant]
     assert all(v.usage.cache_hits == 1 for v in again)
     assert len(spy.calls) == 2
+
+
+def test_judge_generation_errors_are_retryable_and_cut_off_answers_say_so(
+    tiny_causal_lm_dir: Path, ctx: RunContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_causal_lm_dir)
+    spy = GenerateSpy(monkeypatch, transformers.LlamaForCausalLM, tokenizer)
+
+    def script(call: int, row: int) -> str:
+        if call == 0:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return '{"output": [{"color": "red", "verdict": "yes"}, {"col'
+
+    spy.script = script
+    spy.cut_off = lambda call, row: True
+    options = TransformersJudge.Options(model=str(tiny_causal_lm_dir), max_new_tokens=16)
+    [failed] = TransformersJudge(options).judge([_critique(1)], ctx)
+    assert failed.retryable and failed.failure.startswith("generation failed: RuntimeError")
+    [cut] = TransformersJudge(options).judge([_critique(1)], ctx)
+    assert not cut.retryable and cut.failure.startswith("invalid answer after 2 attempt(s)")
+    assert cut.failure.endswith("cut off at max_new_tokens = 16; raise judge.max_new_tokens)")
+    assert _cached_answers(ctx) == []
+    assert [line["retryable"] for line in _transcripts(ctx)] == [True, False, False]
+
+
+def test_judge_sets_extra_colours_aside_also_when_read_from_the_cache(
+    tiny_causal_lm_dir: Path, ctx: RunContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_causal_lm_dir)
+    spy = GenerateSpy(monkeypatch, transformers.LlamaForCausalLM, tokenizer)
+    items = [{"color": "pink", "verdict": "no"}] + json.loads(_valid_json(("yes", "no", "yes")))[
+        "output"
+    ]
+    spy.script = lambda call, row: json.dumps({"output": items})
+    options = TransformersJudge.Options(model=str(tiny_causal_lm_dir))
+    [first] = TransformersJudge(options).judge([_critique(2)], ctx)
+    [again] = TransformersJudge(options).judge([_critique(2)], ctx)
+    assert len(spy.calls) == 1 and again.usage.cache_hits == 1
+    for v in (first, again):
+        assert v.relevant == (True, False, True) and v.ignored_colors == ("pink",)
+    assert [line["ignored_colors"] for line in _transcripts(ctx)] == [["pink"], ["pink"]]
+
+
+def test_preflight_checks_model_folder_device_and_template(
+    tiny_causal_lm_dir: Path, tmp_path: Path
+) -> None:
+    assert (
+        TransformersJudge(TransformersJudge.Options(model=str(tiny_causal_lm_dir))).preflight(4)
+        == []
+    )
+    # A Hugging Face id is left to from_pretrained.
+    assert TransformersJudge(TransformersJudge.Options(model="org/some-model")).preflight(4) == []
+    absent = str(tmp_path / "no-such-model")
+    [problem] = TransformersCritic(TransformersCritic.Options(model=absent)).preflight(4)
+    assert problem == f"critic 'transformers': critic.model {absent!r} is not a folder"
+    device = f"cuda:{torch.cuda.device_count()}"  # one past the last device, if any
+    options = TransformersJudge.Options(model=str(tiny_causal_lm_dir), device=device)
+    assert TransformersJudge(options).preflight(4) == [
+        f"judge 'transformers': judge.device = {device!r}, but no such CUDA device"
+    ]
+    options = TransformersJudge.Options(
+        model=str(tiny_causal_lm_dir), template=tmp_path / "absent.toml"
+    )
+    [problem] = TransformersJudge(options).preflight(4)
+    assert problem.startswith("judge 'transformers': ") and "no such judge template" in problem
 
 
 def test_judge_on_an_image_text_to_text_model_without_images(

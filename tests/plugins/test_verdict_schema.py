@@ -8,6 +8,7 @@ import pytest
 
 from lvlmva.plugins.lvlm.verdict_schema import (
     JudgeAnswerError,
+    ParsedVerdicts,
     judge_json_schema,
     parse_judge_answer,
 )
@@ -21,7 +22,7 @@ def _answer(items) -> str:
 
 def test_valid_answer_in_colour_order():
     text = _answer([("green", "yes"), ("red", "no"), ("blue", "yes")])
-    assert parse_judge_answer(text, COLORS) == (False, True, True)
+    assert parse_judge_answer(text, COLORS) == ParsedVerdicts((False, True, True), ())
 
 
 @pytest.mark.parametrize(
@@ -34,7 +35,7 @@ def test_valid_answer_in_colour_order():
 )
 def test_fences_and_prose_around_one_object(wrap):
     text = wrap.replace("{}", _answer([("red", "yes"), ("blue", "no"), ("green", "no")]))
-    assert parse_judge_answer(text, COLORS) == (True, False, False)
+    assert parse_judge_answer(text, COLORS).relevant == (True, False, False)
 
 
 def test_case_and_spaces_are_normalised_extra_keys_ignored():
@@ -47,7 +48,17 @@ def test_case_and_spaces_are_normalised_extra_keys_ignored():
             ]
         }
     )
-    assert parse_judge_answer(text, COLORS) == (True, False, False)
+    assert parse_judge_answer(text, COLORS).relevant == (True, False, False)
+
+
+def test_extra_colours_are_set_aside_and_the_listed_ones_used():
+    text = _answer(
+        [("pink", "no"), ("red", "yes"), ("blue", "no"), ("Brown", "yes"), ("green", "yes"),
+         ("pink", "yes")]
+    )  # fmt: skip
+    assert parse_judge_answer(text, COLORS) == ParsedVerdicts(
+        (True, False, True), ("pink", "brown")
+    )
 
 
 @pytest.mark.parametrize(
@@ -64,8 +75,8 @@ def test_case_and_spaces_are_normalised_extra_keys_ignored():
             'more than once "red"',
         ),
         (
-            _answer([("red", "yes"), ("blue", "no"), ("green", "no"), ("pink", "no")]),
-            'unknown colour(s) "pink"',
+            _answer([("red", "yes"), ("blue", "no"), ("pink", "no")]),
+            'missing colour(s) "green"',
         ),
         (
             _answer([("red", "maybe"), ("blue", "no"), ("green", "no")]),
