@@ -1,9 +1,9 @@
 """Per-epoch time of the trainer's resident-tensor loop against the same loop over a DataLoader.
 
-Baseline: ``train_classifier`` with ``resident = "never"``: batches come from a
+Baseline: ``Trainer.fit`` with ``resident = "never"``: batches come from a
 ``torch.utils.data.DataLoader`` over a ``TensorDataset`` (the epoch's seeded permutation as the
 sampler), batch 64, on an MLP 784-256-10 with Adam.
-Measured: ``train_classifier`` with ``resident = "always"``: the same permutation, batches sliced
+Measured: ``Trainer.fit`` with ``resident = "always"``: the same permutation, batches sliced
 from tensors held on the device. Both loops give identical weights (see tests/core/test_training.py).
 
 Data: full MNIST when it is already in the cache (``$XDG_CACHE_HOME/lvlmva`` or
@@ -32,7 +32,7 @@ from lvlmva.plugins.models.mlp import MlpFactory
 from lvlmva.protocols import RunContext
 from lvlmva.records import Split
 from lvlmva.settings import TrainOptions
-from lvlmva.training import resolve_device, seed_everything, train_classifier
+from lvlmva.training import Trainer, resolve_device, seed_everything
 
 TARGET = 1.8
 
@@ -58,13 +58,14 @@ def load_digits(samples: int) -> tuple[Split, str]:
 
 
 def epoch_seconds(split: Split, resident: str, device: torch.device, round_: int) -> float:
-    """Seconds of one training epoch (as ``train_classifier`` logs it) on a fresh model."""
+    """Seconds of one training epoch (as ``Trainer.fit`` logs it) on a fresh model."""
     with tempfile.TemporaryDirectory() as tmp:
         ctx = RunContext(seed=round_, device=device, run_dir=Path(tmp), stage_dir=Path(tmp), cache_dir=Path(tmp))
         seed_everything(round_)
-        model = MlpFactory(MlpFactory.Options(hidden=[256])).build((1, 28, 28), 10)
+        factory = MlpFactory(MlpFactory.Options(hidden=[256]))
         opts = TrainOptions(epochs=1, lr=1e-3, batch_size=64, resident=resident)
-        train_classifier(model, split, opts, ctx, tag=f"bench-{resident}")
+        trainer = Trainer(lambda: factory.build((1, 28, 28), 10), opts, ctx)
+        trainer.fit(split, tag=f"bench-{resident}")
         (line,) = (Path(tmp) / "metrics.jsonl").read_text().splitlines()
         return json.loads(line)["seconds"]
 

@@ -1,4 +1,4 @@
-"""Tests of lvlmva.training: devices, seeding, the training loop and batched prediction."""
+"""Tests of lvlmva.training: devices, seeding, the Trainer's loop and batched prediction."""
 
 from __future__ import annotations
 
@@ -8,11 +8,20 @@ import random
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lvlmva.records import Split
 from lvlmva.settings import TrainOptions
-from lvlmva.training import predict_logits, resolve_device, seed_everything, train_classifier
+from lvlmva.training import (
+    EpochEnd,
+    Trainer,
+    _can_fuse,
+    predict_logits,
+    resolve_device,
+    seed_everything,
+    train_classifier,
+)
 
 
 @pytest.fixture
@@ -33,14 +42,64 @@ def _blobs(n: int = 240, seed: int = 0) -> Split:
     return Split(images=x.reshape(n, 1, 2, 2), labels=labels)
 
 
-def _model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
+def _build() -> nn.Module:
+    """A fresh model from torch's global generator, as a model factory builds one."""
     return nn.Sequential(nn.Flatten(), nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
 
 
-def _train(ctx, resident: str = "auto", epochs: int = 3, seed: int = 0, tag: str = "train") -> nn.Module:
-    opts = TrainOptions(epochs=epochs, lr=1e-2, batch_size=32, resident=resident)
-    return train_classifier(_model(seed), _blobs(), opts, ctx, tag=tag)
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return _build()
+
+
+def _trainer(ctx, **options) -> Trainer:
+    opts = {"epochs": 3, "lr": 1e-2, "batch_size": 32, **options}
+    return Trainer(_build, TrainOptions(**opts), ctx)
+
+
+def _train(ctx, resident: str = "auto", epochs: int = 3, seed: int = 0, tag: str = "train"):
+    return _trainer(ctx, resident=resident, epochs=epochs).fit(_blobs(), _model(seed), tag=tag)
+
+
+def _equal(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _close(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return all(torch.allclose(sa[k], sb[k], atol=1e-5) for k in sa)
+
+
+def _reference_fit(model, split, opts, ctx, tag="train", indices=None, weights=None) -> nn.Module:
+    """The training loop written out plainly, one sample list per step: what Trainer.fit must
+    reproduce bit for bit (it is the loop train_classifier ran before Trainer existed, plus the
+    documented meaning of indices and weights)."""
+    optimizer = torch.optim.Adam(
+        model.parameters(),
+        lr=opts.lr,
+        weight_decay=opts.weight_decay,
+        fused=_can_fuse(model, torch.device("cpu")),
+    )
+    listed = torch.arange(len(split)) if indices is None else indices
+    for epoch in range(1, opts.epochs + 1):
+        perm = torch.randperm(len(listed), generator=ctx.generator(f"{tag}-epoch-{epoch}"))
+        model.train()
+        for batch in listed[perm].split(opts.batch_size):
+            logits = model(split.images[batch])
+            if weights is None:
+                loss = F.cross_entropy(logits, split.labels[batch])
+            else:
+                w = weights[batch]
+                if w.sum() == 0:
+                    continue
+                ce = F.cross_entropy(logits, split.labels[batch], reduction="none")
+                loss = (w * ce).sum() / w.sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    return model
 
 
 def _metrics(ctx) -> list[dict]:
@@ -94,7 +153,7 @@ def test_training_learns_and_logs_each_epoch(ctx):
     split = _blobs()
     model = _model()
     before = (predict_logits(model, split.images, "cpu").argmax(1) == split.labels).float().mean()
-    train_classifier(model, split, TrainOptions(epochs=4, lr=1e-2, batch_size=32), ctx, tag="f")
+    Trainer(_build, TrainOptions(epochs=4, lr=1e-2, batch_size=32), ctx).fit(split, model, tag="f")
     after = (predict_logits(model, split.images, "cpu").argmax(1) == split.labels).float().mean()
     assert before < 0.6 and after > 0.95
     assert not model.training
@@ -112,7 +171,7 @@ def test_logged_loss_is_the_mean_over_the_epoch(ctx):
     split = _blobs()
     model = _model()
     expected = nn.functional.cross_entropy(predict_logits(model, split.images, "cpu"), split.labels)
-    train_classifier(model, split, TrainOptions(epochs=1, lr=1e-9, batch_size=50), ctx)
+    Trainer(_build, TrainOptions(epochs=1, lr=1e-9, batch_size=50), ctx).fit(split, model)
     (line,) = _metrics(ctx)
     assert line["loss"] == pytest.approx(float(expected), rel=1e-4)
 
@@ -120,7 +179,7 @@ def test_logged_loss_is_the_mean_over_the_epoch(ctx):
 def test_zero_epochs_leave_the_model_alone(ctx):
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    train_classifier(model, _blobs(), TrainOptions(epochs=0), ctx)
+    Trainer(_build, TrainOptions(epochs=0), ctx).fit(_blobs(), model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not (ctx.run_dir / "metrics.jsonl").exists()
 
@@ -128,14 +187,14 @@ def test_zero_epochs_leave_the_model_alone(ctx):
 def test_empty_split_is_an_error(ctx):
     empty = Split(images=torch.zeros(0, 1, 2, 2), labels=torch.zeros(0, dtype=torch.int64))
     with pytest.raises(ValueError, match="empty"):
-        train_classifier(_model(), empty, TrainOptions(), ctx)
+        Trainer(_build, TrainOptions(), ctx).fit(empty)
 
 
 def test_diverging_loss_is_reported(ctx):
     split = _blobs()
     bad = Split(images=split.images * float("nan"), labels=split.labels)
     with pytest.raises(FloatingPointError, match="loss is nan"):
-        train_classifier(_model(), bad, TrainOptions(epochs=1), ctx)
+        Trainer(_build, TrainOptions(epochs=1), ctx).fit(bad)
 
 
 def test_progress_bar_path_trains_the_same(ctx):
@@ -160,3 +219,216 @@ def test_predict_logits_batches_and_restores_mode():
     assert predict_logits(model, x[:0], "cpu").shape == (0, 3)
     with pytest.raises(ValueError, match="batch_size"):
         predict_logits(model, x, "cpu", batch_size=0)
+
+
+# -- Trainer: the one training loop, on a split, an index list or sample weights -------------
+
+
+@pytest.mark.parametrize("resident", ["always", "never"])
+@pytest.mark.parametrize("case", ["plain", "indices", "weights", "both"])
+def test_fit_matches_the_reference_loop_bit_for_bit(ctx, resident, case):
+    split = _blobs(100)
+    g = torch.Generator().manual_seed(5)
+    indices = torch.randint(0, 100, (130,), generator=g) if case in ("indices", "both") else None
+    weights = None
+    if case in ("weights", "both"):
+        # Varying batch sums (a constant scale would hide a wrong normaliser from Adam) and a
+        # block of zeros long enough that some batches of 4 are all zero.
+        weights = torch.rand(100, generator=g) * 3
+        weights[:70] = 0.0
+    opts = TrainOptions(epochs=2, lr=1e-2, batch_size=4, resident=resident)
+    if weights is not None:
+        listed = torch.arange(100) if indices is None else indices
+        order = listed[torch.randperm(len(listed), generator=ctx.generator("train-epoch-1"))]
+        assert any(weights[batch].sum() == 0 for batch in order.split(4))
+    got = Trainer(_build, opts, ctx).fit(split, _model(), indices=indices, weights=weights)
+    expected = _reference_fit(_model(), split, opts, ctx, indices=indices, weights=weights)
+    assert _equal(got, expected)
+
+
+def test_wrapper_and_explicit_indices_train_exactly_like_fit(ctx):
+    split = _blobs()
+    opts = TrainOptions(epochs=2, lr=1e-2, batch_size=32)
+    fitted = Trainer(_build, opts, ctx).fit(split, _model(), tag="f")
+    assert _equal(train_classifier(_model(), split, opts, ctx, tag="f"), fitted)
+    indexed = Trainer(_build, opts, ctx).fit(split, _model(), indices=torch.arange(240), tag="f")
+    assert _equal(indexed, fitted)
+    lines = _metrics(ctx)
+    assert [line["loss"] for line in lines[:2]] == [line["loss"] for line in lines[2:4]]
+    assert [line["loss"] for line in lines[:2]] == [line["loss"] for line in lines[4:]]
+
+
+def test_new_model_is_fresh_and_reproducible(ctx):
+    trainer = _trainer(ctx)
+    torch.manual_seed(3)
+    first, second = trainer.new_model(), trainer.new_model()
+    torch.manual_seed(3)
+    again = trainer.new_model()
+    assert not _equal(first, second) and _equal(first, again)
+    # Without a model, fit trains the next fresh one.
+    torch.manual_seed(3)
+    fitted = trainer.fit(_blobs())
+    torch.manual_seed(3)
+    assert _equal(fitted, trainer.fit(_blobs(), trainer.new_model()))
+    assert trainer.options.batch_size == 32 and trainer.device == ctx.device and trainer.ctx is ctx
+    with pytest.raises(TypeError, match="not a Module"):
+        Trainer(lambda: "model", TrainOptions(), ctx).new_model()
+
+
+def test_indices_with_repeats_are_visited_as_often_as_listed(ctx):
+    indices = torch.tensor([0, 0, 0, 5, 5, 7, 239], dtype=torch.int64)
+    ends: list[EpochEnd] = []
+    _trainer(ctx, batch_size=2, epochs=3).fit(_blobs(), indices=indices, on_epoch=ends.append)
+    assert [end.epoch for end in ends] == [1, 2, 3]
+    split = _blobs()
+    for end in ends:
+        assert end.order.dtype == torch.int64 and end.order.shape == (7,)
+        assert torch.equal(end.order.sort().values, indices)
+        assert end.predicted.shape == (7,)
+        correct = (end.predicted == split.labels[end.order]).float().mean()
+        assert end.train_accuracy == pytest.approx(float(correct))
+    # Each epoch draws its own permutation of the list.
+    assert len({tuple(end.order.tolist()) for end in ends}) > 1
+    assert [line["epoch"] for line in _metrics(ctx)] == [1, 2, 3]
+
+
+def test_all_one_weights_train_like_no_weights(ctx):
+    split = _blobs()
+    plain = _trainer(ctx).fit(split, _model())
+    weighted = _trainer(ctx).fit(split, _model(), weights=torch.ones(240))
+    assert _close(plain, weighted)
+
+
+def test_zero_weights_train_like_the_complement_in_full_batches(ctx):
+    # One batch per epoch: the weighted mean over all samples is the mean over the others.
+    split = _blobs(60)
+    keep = torch.arange(60) % 4 != 0
+    trainer = _trainer(ctx, batch_size=60, epochs=5)
+    weighted = trainer.fit(split, _model(), weights=keep.float())
+    complement = trainer.fit(split, _model(), indices=keep.nonzero().squeeze(1))
+    assert _close(weighted, complement)
+    everything = trainer.fit(split, _model())
+    assert not _close(weighted, everything)
+
+
+def test_a_batch_of_zero_weights_takes_no_step(ctx):
+    split = _blobs(40)
+    weights = torch.ones(40)
+    weights[:15] = 0.0
+    model = _model()
+    backward_calls = []
+    model[1].weight.register_hook(lambda grad: backward_calls.append(1))
+    _trainer(ctx, batch_size=1, epochs=2).fit(split, model, weights=weights)
+    assert len(backward_calls) == 2 * 25
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+
+
+def test_logged_loss_is_weighted_by_the_sample_weights(ctx):
+    split = _blobs(60)
+    model = _model()
+    ce = F.cross_entropy(predict_logits(model, split.images, "cpu"), split.labels, reduction="none")
+    weights = torch.linspace(0, 2, 60)
+    indices = torch.tensor([1, 1, 1, 30, 59, 59])
+    _trainer(ctx, lr=1e-9, epochs=1).fit(split, model, indices=indices, weights=weights)
+    (line,) = _metrics(ctx)
+    w = weights[indices]
+    assert line["loss"] == pytest.approx(float((w * ce[indices]).sum() / w.sum()), rel=1e-4)
+
+
+class _Spy(nn.Module):
+    """Records the batches it sees and the logits it returns, with the train/eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _model()
+        self.seen: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.net(x)
+        self.seen.append((x.clone(), logits.detach().clone(), self.training))
+        return logits
+
+
+def test_predicted_is_the_argmax_at_step_time(ctx):
+    split = _blobs(50)
+    spy = _Spy()
+    ends: list[EpochEnd] = []
+    # A high learning rate: predictions change from step to step, so a recomputation after the
+    # epoch (or before it) would not match.
+    # Handed over in eval mode, and put back in it by the callback: trained in train mode anyway.
+    def record(end: EpochEnd) -> None:
+        ends.append(end)
+        end.model.eval()
+
+    _trainer(ctx, lr=0.5, batch_size=8, epochs=2).fit(split, spy.eval(), on_epoch=record)
+    per_epoch = -(-50 // 8)
+    assert len(spy.seen) == 2 * per_epoch and all(mode for _, _, mode in spy.seen)
+    for e, end in enumerate(ends):
+        seen = spy.seen[e * per_epoch : (e + 1) * per_epoch]
+        assert torch.equal(torch.cat([x for x, _, _ in seen]), split.images[end.order])
+        argmax = torch.cat([logits.argmax(1) for _, logits, _ in seen])
+        assert end.predicted.dtype == torch.int64 and torch.equal(end.predicted, argmax)
+        correct = (end.predicted == split.labels[end.order]).float().mean()
+        assert end.train_accuracy == pytest.approx(float(correct))
+    after = predict_logits(spy.net, split.images[ends[-1].order], "cpu").argmax(1)
+    assert not torch.equal(after, ends[-1].predicted)
+    lines = _metrics(ctx)
+    assert [(e.loss, e.train_accuracy) for e in ends] == [
+        (line["loss"], line["train_accuracy"]) for line in lines
+    ]
+
+
+def test_on_epoch_returning_true_stops_training(ctx):
+    calls = []
+
+    def stop_at_two(end: EpochEnd) -> bool | None:
+        calls.append(end.epoch)
+        assert end.model.training and end.seconds >= 0
+        return True if end.epoch == 2 else None
+
+    model = _trainer(ctx, epochs=5).fit(_blobs(), on_epoch=stop_at_two)
+    assert calls == [1, 2] and not model.training
+    assert [line["epoch"] for line in _metrics(ctx)] == [1, 2]
+    # Any other answer than True goes on.
+    _trainer(ctx, epochs=3).fit(_blobs(), on_epoch=lambda end: False, tag="g")
+    assert [line["epoch"] for line in _metrics(ctx) if line["stage"] == "g"] == [1, 2, 3]
+
+
+def test_epochs_override(ctx):
+    _trainer(ctx, epochs=5).fit(_blobs(), epochs=1)
+    assert [line["epoch"] for line in _metrics(ctx)] == [1]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"indices": torch.tensor([0, 1], dtype=torch.int32)}, "indices must be a 1-D int64"),
+        ({"indices": torch.ones(240, dtype=torch.bool)}, "indices must be a 1-D int64"),
+        ({"indices": torch.zeros(2, 2, dtype=torch.int64)}, "indices must be a 1-D int64"),
+        ({"indices": [0, 1]}, "indices must be a 1-D int64"),
+        ({"indices": torch.zeros(0, dtype=torch.int64)}, "indices is empty"),
+        ({"indices": torch.tensor([0, 240])}, r"indices must lie in \[0, 240\)"),
+        ({"indices": torch.tensor([-1, 3])}, r"indices must lie in \[0, 240\)"),
+        ({"weights": torch.ones(240, dtype=torch.int64)}, "weights must be a float"),
+        ({"weights": torch.ones(239)}, r"weights must be \[240\]"),
+        ({"weights": -torch.ones(240)}, "weights must be finite and >= 0"),
+        ({"weights": torch.full((240,), float("nan"))}, "weights must be finite and >= 0"),
+        ({"weights": torch.zeros(240)}, "weights are zero on every sample"),
+        (
+            {"weights": (torch.arange(240) > 0).float(), "indices": torch.tensor([0, 0])},
+            "weights are zero on every sample",
+        ),
+        ({"epochs": -1}, "epochs must be an int >= 0"),
+    ],
+)
+def test_fit_rejects_bad_arguments(ctx, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _trainer(ctx).fit(_blobs(), **kwargs)
+    assert not (ctx.run_dir / "metrics.jsonl").exists()
+
+
+def test_trainer_predict_is_predict_logits(ctx):
+    model = _model()
+    x = _blobs(20).images
+    expected = predict_logits(model, x, "cpu", batch_size=3)
+    assert torch.equal(_trainer(ctx).predict(model, x, batch_size=3), expected)
