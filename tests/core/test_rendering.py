@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import colorsys
 import io
 import itertools
 
@@ -42,6 +43,42 @@ def test_palette_has_distinct_names_and_far_apart_colours():
     rgb = np.array([c for _, c in PALETTE], dtype=float)
     dists = [np.linalg.norm(a - b) for a, b in itertools.combinations(rgb, 2)]
     assert min(dists) > 60
+
+
+#: What each palette name means in HSV (hue in degrees, saturation and value in 0..1). Brown is
+#: a dark orange, pink a light (desaturated) magenta-red; the achromatic colours go by value.
+COLOUR_MEANINGS = {
+    "red": lambda h, s, v: (h >= 345 or h <= 10) and s >= 0.6 and v >= 0.5,
+    "orange": lambda h, s, v: 20 <= h <= 40 and s >= 0.7 and v >= 0.85,
+    "brown": lambda h, s, v: 10 <= h <= 40 and s >= 0.4 and 0.25 <= v <= 0.7,
+    "yellow": lambda h, s, v: 45 <= h <= 65 and s >= 0.6 and v >= 0.8,
+    "green": lambda h, s, v: 90 <= h <= 160 and s >= 0.5 and v >= 0.4,
+    "cyan": lambda h, s, v: 170 <= h <= 195 and s >= 0.6 and v >= 0.7,
+    "blue": lambda h, s, v: 200 <= h <= 250 and s >= 0.6 and v >= 0.5,
+    "purple": lambda h, s, v: 260 <= h <= 300 and s >= 0.5 and 0.4 <= v <= 0.9,
+    "pink": lambda h, s, v: 300 <= h <= 350 and 0.2 <= s <= 0.7 and v >= 0.85,
+    "grey": lambda h, s, v: s <= 0.1 and 0.3 <= v <= 0.7,
+    "black": lambda h, s, v: v <= 0.15,
+    "white": lambda h, s, v: s <= 0.1 and v >= 0.95,
+}
+
+
+def _means(name: str, rgb: tuple[int, int, int]) -> bool:
+    h, s, v = colorsys.rgb_to_hsv(*(c / 255 for c in rgb))
+    return COLOUR_MEANINGS[name](360 * h, s, v)
+
+
+def test_every_palette_colour_has_a_meaning_to_check():
+    assert sorted(n for n, _ in PALETTE) == sorted(COLOUR_MEANINGS)
+
+
+@pytest.mark.parametrize(("name", "rgb"), PALETTE, ids=[n for n, _ in PALETTE])
+def test_palette_colour_looks_like_its_name(name, rgb):
+    """The prompts name clusters by colour: the RGB value must be what the word means, and
+    what no other palette word means (so that two swapped entries fail)."""
+    assert _means(name, rgb), (name, rgb)
+    others = [other for other in COLOUR_MEANINGS if other != name and _means(other, rgb)]
+    assert others == [], (name, rgb, others)
 
 
 def test_default_render_palette_is_the_palette_prefix():

@@ -55,7 +55,9 @@ def test_random_strategy_is_seeded(ctx, rng):
     a = select_alignment_set(nn.Flatten(), split, opts, ctx)
     b = select_alignment_set(nn.Flatten(), split, opts, ctx)
     assert torch.equal(a.indices, b.indices)
-    assert len(set(a.indices.tolist())) == 30 and int(a.indices.max()) < len(split)
+    # the documented draw: the first 30 of a permutation from ctx.generator("selection-random")
+    draw = torch.randperm(len(split), generator=ctx.generator("selection-random"))[:30]
+    assert torch.equal(a.indices, draw)
     reference = _entropy_reference(logits.astype(np.float64))
     np.testing.assert_allclose(a.scores.numpy(), reference[a.indices.numpy()], rtol=1e-5, atol=1e-6)
     ctx.seed = 5
@@ -63,8 +65,10 @@ def test_random_strategy_is_seeded(ctx, rng):
     assert not torch.equal(a.indices, c.indices)
 
 
-def test_n_is_clipped_to_the_split(ctx, rng):
+def test_n_beyond_the_split_is_an_error(ctx, rng):
+    """A silently smaller alignment set would change what the results mean."""
     split, _ = _logit_split(rng, n=12)
-    chosen = select_alignment_set(nn.Flatten(), split, SelectionOptions(n=64), ctx)
-    assert len(chosen) == 12
+    with pytest.raises(ValueError, match="selection.n = 64, but the split has only 12 samples"):
+        select_alignment_set(nn.Flatten(), split, SelectionOptions(n=64), ctx)
+    chosen = select_alignment_set(nn.Flatten(), split, SelectionOptions(n=12), ctx)
     assert sorted(chosen.indices.tolist()) == list(range(12))

@@ -186,7 +186,15 @@ def test_resnet18_with_max_pool_runs(ctx) -> None:
     model = tiny_resnet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
     x, pool = torch.randn(2, 3, 32, 32), torch.randn(4, 3, 32, 32)
     attr = attributor(background_size=2).attribute(model, x, torch.tensor([0, 9]), pool, ctx)
-    assert attr.shape == x.shape and torch.isfinite(attr).all() and attr.abs().sum() > 0
+    assert attr.shape == x.shape and torch.isfinite(attr).all()
+    # Completeness does not hold exactly through the max pool (see above), so the values are
+    # pinned instead (one CPU run, the same with 1 and 2 threads; seeded model and inputs).
+    torch.testing.assert_close(
+        attr.flatten(1).sum(1), torch.tensor([-0.060889, -0.070773]), rtol=1e-4, atol=1e-6
+    )
+    torch.testing.assert_close(
+        attr.abs().flatten(1).sum(1), torch.tensor([3.27162, 4.07440]), rtol=1e-4, atol=1e-6
+    )
 
 
 def test_background_is_seeded_and_chunking_does_not_matter(ctx) -> None:

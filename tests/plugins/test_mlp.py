@@ -29,8 +29,12 @@ def test_hidden_layers_and_distinct_relus():
     assert len(relus) == 3 and len({id(m) for m in relus}) == 3
     x = torch.rand(2, 3, 4, 5)
     assert model.features(x).shape == (2, 8) and model(x).shape == (2, 4)
-    # ReLU outputs: features are non-negative
-    assert bool((model.features(x) >= 0).all())
+    # features = ReLU after each hidden layer, the head left out (a hand-written twin)
+    hidden = [m for m in model.modules() if isinstance(m, nn.Linear)][:-1]
+    want = x.flatten(1)
+    for layer in hidden:
+        want = torch.relu(want @ layer.weight.T + layer.bias)
+    torch.testing.assert_close(model.features(x), want)
 
 
 def test_no_hidden_layers_is_a_linear_model():
