@@ -12,9 +12,10 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .pipeline import Pipeline, StageFailed
+from .pipeline import ArtifactError, Pipeline, PublishError, RunDirectory, StageFailed
 from .protocols import ROLES
 from .registry import PluginError, get_registry
+from .results import summary_lines
 from .settings import SettingsError, load_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 def _pipeline(args: argparse.Namespace, quiet: bool = True) -> Pipeline:
     settings = load_settings(args.settings, args.overrides)
     out = getattr(args, "out", None) or Path(settings.run.out_dir) / settings.run_name
+    RunDirectory.check(out)  # a folder that is not ours is refused before anything is built
     echo = (lambda _msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
     return Pipeline(
         settings, out, refresh=getattr(args, "refresh", False),
@@ -79,15 +81,15 @@ def _pipeline(args: argparse.Namespace, quiet: bool = True) -> Pipeline:
 
 
 def _print_plan(pipeline: Pipeline, words: dict[str, str]) -> None:
-    """One line per stage: what a run would do with it, its plugin, and why it is skipped."""
-    from .pipeline import STAGE_BY_NAME
-
+    """One line per stage: what a run would do with it, its plugins, and why it is skipped."""
+    stages = {s.name: s for s in pipeline.stages}
+    width = max(len(name) for name in stages)
     for outcome in pipeline.plan():
-        spec = STAGE_BY_NAME[outcome.name]
-        choice = pipeline.settings.plugins.get(spec.role or "")
-        plugin = f" [{choice.name}]" if choice else ""
-        note = f": {outcome.reason}" if outcome.reason else f"  ({spec.summary})"
-        print(f"  {outcome.name:<9} {words.get(outcome.status, outcome.status)}{plugin}{note}")
+        stage = stages[outcome.name]
+        names = [pipeline.settings.plugins[s].name for s in stage.required_plugins if s in pipeline.settings.plugins]
+        plugin = f" [{', '.join(names)}]" if names else ""
+        note = f": {outcome.reason}" if outcome.reason else f"  ({stage.summary})"
+        print(f"  {outcome.name:<{width}} {words.get(outcome.status, outcome.status)}{plugin}{note}")
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -108,11 +110,16 @@ def _compose(args: argparse.Namespace) -> int:
     try:
         results = pipeline.run()
     except StageFailed as exc:
+        for name, cause in exc.failures.items():
+            print(f"lvlmva: stage {name!r} failed: {_cause(cause)}", file=sys.stderr)
+        print(f"lvlmva: the run directory keeps every finished stage; run again to resume: {exc.run_dir}", file=sys.stderr)
+        return EXIT_FAILED
+    except (PublishError, ArtifactError) as exc:
         print(f"lvlmva: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    summary = _summary(results)
+    summary = summary_lines(results)
     if summary:
-        print(summary)
+        print("\n".join(summary))
     print(f"results: {pipeline.run_dir / 'results.json'}")
     report = pipeline.run_dir / "report.md"
     if report.exists():
@@ -120,15 +127,10 @@ def _compose(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _summary(results: dict) -> str:
-    lines = []
-    for name, metrics in (results.get("models") or {}).items():
-        parts = [f"{key}={metrics[key]:.4f}" for key in ("accuracy", "aga", "wga", "alignment_score") if isinstance(metrics.get(key), float)]
-        lines.append(f"  {name:<16} " + " ".join(parts))
-    verdicts = results.get("verdicts")
-    if verdicts and isinstance(verdicts.get("verdict_accuracy"), float):
-        lines.append(f"  verdict accuracy {verdicts['verdict_accuracy']:.4f}")
-    return "\n".join(lines)
+def _cause(exc: BaseException) -> str:
+    from .pipeline import StageIncomplete
+
+    return str(exc) if isinstance(exc, StageIncomplete) else f"{type(exc).__name__}: {exc}"
 
 
 def _plugins(args: argparse.Namespace) -> int:

@@ -10,6 +10,12 @@ A plugin is a class with:
 
 The pipeline checks capability flags before it calls a plugin. Work is batched: a role method
 receives a whole alignment set, never one sample per call.
+
+Any plugin may also define ``preflight(self, samples: int) -> list[str]``: problems that would
+stop it later, found before any work starts (an unset API-key variable, a request estimate past
+a budget). ``samples`` is the number of alignment samples the run will ask about. The pipeline
+calls it (``lvlmva validate`` too) for the plugins of every stage it cannot reuse, and exits 2
+listing what it returned.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -34,6 +40,9 @@ from .records import (
     Verdicts,
 )
 
+if TYPE_CHECKING:
+    from .training import Trainer
+
 __all__ = [
     "PluginOptions",
     "RunContext",
@@ -47,6 +56,7 @@ __all__ = [
     "Aligner",
     "Mitigator",
     "Evaluator",
+    "Metric",
 ]
 
 
@@ -221,9 +231,17 @@ class Aligner(Protocol):
 class Mitigator(Protocol):
     """A shortcut-mitigation baseline (DFR, JTT, SUBG, ...): returns a mitigated model.
 
-    ``original`` is the trained model ``f``; ``build_model`` makes a fresh untrained one.
+    ``original`` is a copy of the trained model ``f`` (free to change); ``trainer`` is a
+    :class:`lvlmva.training.Trainer` bound to the run's ``[train]`` settings, device, seeds and
+    progress: ``trainer.new_model()`` is a fresh untrained model and ``trainer.fit(...)`` trains
+    exactly as the original was trained, on a split, an index list (repeats allowed) or with
+    sample weights, with per-epoch callbacks for validation-based selection.
 
-    Flags: ``needs_groups`` (uses group labels of train/val), ``needs_validation``.
+    Several instances may run in one run (``[mitigators.dfr]``, ``[mitigators.jtt]``); each is
+    a stage of its own and its instance name labels its model.
+
+    Flags: ``needs_groups`` (uses group labels of train/val), ``needs_validation`` (uses the
+    validation split). Both are checked on the loaded data set before any training.
     """
 
     Options: ClassVar[type[PluginOptions]]
@@ -233,23 +251,81 @@ class Mitigator(Protocol):
     def mitigate(
         self,
         original: nn.Module,
-        build_model: Any,
+        trainer: Trainer,
         data: SpuriousDataset,
         ctx: RunContext,
     ) -> nn.Module: ...
 
 
+@dataclass(frozen=True)
+class Metric:
+    """One number (or one table of numbers) an evaluator reports, described for every table
+    that shows it: the CLI summary, report.md, sweeps and studies read these declarations.
+
+    - ``key``: the key in the evaluator's result dict.
+    - ``title``: the column or table title.
+    - ``higher_is_better``: ``True``/``False``, or ``None`` for counts and other values that are
+      neither.
+    - ``format``: a format spec for one value (``".4f"``, ``"d"``, ``".1%"``).
+    - ``summary``: shown in the one-line CLI summary of each model.
+    - ``description``: one sentence for the report's legend.
+
+    A value may be a number, ``None`` (not computable for this model; shown as a dash), or a
+    mapping from names to numbers (a per-group table: shown as a table of its own).
+    """
+
+    key: str
+    title: str
+    higher_is_better: bool | None = True
+    format: str = ".4f"
+    summary: bool = True
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "title": self.title,
+            "higher_is_better": self.higher_is_better,
+            "format": self.format,
+            "summary": self.summary,
+            "description": self.description,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Metric:
+        return cls(**data)
+
+    def format_value(self, value: Any) -> str:
+        """``value`` written with ``format``; a dash for ``None`` or NaN."""
+        if value is None or (isinstance(value, float) and value != value):
+            return "–"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return str(value)
+        try:
+            return format(value, self.format)
+        except ValueError:  # "d" for a float
+            return format(value, ".4f")
+
+
 @runtime_checkable
 class Evaluator(Protocol):
-    """Scores a model on a data set: returns a dict of named numbers (JSON-serialisable).
+    """Scores a model on a data set: returns a dict of named values (JSON-serialisable).
+
+    ``metrics`` declares the values worth showing (:class:`Metric`: key, title, direction,
+    format); tables and summaries are drawn from it. Other keys of the result (counts, notes)
+    are kept in results.json but not tabulated. Several instances may run in one run
+    (``[evaluators.groups]``, ``[evaluators.corruptions]``), each a stage of its own that scores
+    every model of the run.
 
     ``attribute``, when given, explains a model with the run's attributor:
     ``attribute(model, inputs, targets) -> [B, C, H, W]`` (for attribution-based metrics).
 
-    Flags: ``needs_groups``, ``needs_true_masks``.
+    Flags: ``needs_groups``, ``needs_true_masks``; optionally ``split`` (default ``"test"``), the
+    split its metrics are computed on, which every table names.
     """
 
     Options: ClassVar[type[PluginOptions]]
+    metrics: ClassVar[tuple[Metric, ...]]
     needs_groups: ClassVar[bool]
     needs_true_masks: ClassVar[bool]
 

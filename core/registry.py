@@ -10,6 +10,13 @@ Environment:
   written as ``role:name`` (``critic:openai``).
 - ``LVLMVA_DISABLE_PLUGIN_AUTOLOAD=1``: load only this project's own entry point (the test suite
   sets it so that whatever else is installed cannot change test results).
+- ``LVLMVA_PLUGINS=module,other.module``: also load these importable modules as plugins, without
+  an entry point (a plugin under development, or the toy plugins of ``lvlmva.testing``), as
+  pytest's ``PYTEST_PLUGINS`` does.
+
+Besides factories, a plugin may add pipeline stages: ``registry.add_stage(stage, after="judge")``
+places a :class:`lvlmva.pipeline.Stage` relative to another stage, with an optional ``Options``
+model for a settings section of the stage's name.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from .protocols import ROLES, PluginOptions, check_capabilities
 
 __all__ = [
     "PluginEntry",
+    "StageEntry",
     "PluginRegistry",
     "PluginError",
     "get_plugin_manager",
@@ -62,6 +70,23 @@ class PluginEntry:
         except PluginError as exc:
             return f"(cannot import: {exc})"
         return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+@dataclass(frozen=True)
+class StageEntry:
+    """A pipeline stage added by a plugin, with where it goes and who added it."""
+
+    stage: Any  # lvlmva.pipeline.Stage (not imported here: the pipeline imports the registry)
+    after: str | None
+    before: str | None
+    options: type[PluginOptions] | None
+    distribution: str
+    version: str
+    source: str
+
+    @property
+    def name(self) -> str:
+        return str(self.stage.name)
 
 
 def _split_lazy(factory: str) -> tuple[str, str]:
@@ -103,6 +128,7 @@ class PluginRegistry:
         self._blocked = set(blocked)
         self._source: tuple[str, str, str] = ("unknown", "", "")
         self._resolved: dict[tuple[str, str], type] = {}
+        self._stages: dict[str, StageEntry] = {}
 
     # -- used by hooks ---------------------------------------------------------------------
     def add(self, role: str, name: str, factory: type | str) -> None:
@@ -133,6 +159,45 @@ class PluginRegistry:
                 f"({existing.distribution} {existing.version}) and again by {module} ({dist} {version})"
             )
         self._entries[role][name] = PluginEntry(role, name, factory, dist, version, module)
+
+    def add_stage(
+        self,
+        stage: Any,
+        *,
+        after: str | None = None,
+        before: str | None = None,
+        options: type[PluginOptions] | None = None,
+    ) -> None:
+        """Add a pipeline stage (a :class:`lvlmva.pipeline.Stage`) right after or right before
+        the stage named ``after`` / ``before`` (exactly one). ``options``, when given, is the
+        model of a settings section named like the stage (``[review]`` for a stage "review"),
+        validated like a core section; the stage reads it by declaring the section."""
+        who = self._source[2] or self._source[0]
+        name = getattr(stage, "name", None)
+        if not isinstance(name, str) or not callable(getattr(stage, "run", None)):
+            raise PluginError(f"{who} adds a stage that is not a lvlmva.pipeline.Stage: {stage!r}")
+        if (after is None) == (before is None):
+            raise PluginError(f"{who} adds stage {name!r}: give exactly one of after= or before=")
+        if options is not None and not (isinstance(options, type) and issubclass(options, PluginOptions)):
+            raise PluginError(f"{who} adds stage {name!r}: options must subclass lvlmva.PluginOptions")
+        if f"stage:{name}" in self._blocked:
+            return
+        existing = self._stages.get(name)
+        if existing is not None:
+            raise PluginError(
+                f"duplicate stage {name!r}: added by {existing.source} ({existing.distribution}) "
+                f"and again by {who} ({self._source[0]})"
+            )
+        dist, version, module = self._source
+        self._stages[name] = StageEntry(stage, after, before, options, dist, version, module)
+
+    def stages(self) -> list[StageEntry]:
+        """Stages added by plugins, in the order they were added."""
+        return list(self._stages.values())
+
+    def stage_sections(self) -> dict[str, type[PluginOptions]]:
+        """Settings sections of plugin stages: stage name -> Options model."""
+        return {e.name: e.options for e in self._stages.values() if e.options is not None}
 
     # -- used by the pipeline ----------------------------------------------------------------
     def names(self, role: str) -> list[str]:
@@ -203,6 +268,11 @@ def _blocked_names() -> set[str]:
     return {part.strip() for part in raw.split(",") if part.strip()}
 
 
+def _extra_modules() -> list[str]:
+    raw = os.environ.get("LVLMVA_PLUGINS", "")
+    return [part.strip() for part in raw.split(",") if part.strip()]
+
+
 def _entry_points() -> list[tuple[metadata.EntryPoint, str, str]]:
     only_own = os.environ.get("LVLMVA_DISABLE_PLUGIN_AUTOLOAD", "") not in ("", "0")
     found = []
@@ -261,6 +331,15 @@ def _load() -> _Loaded:
             raise PluginError(f"cannot load plugin {ep.name!r} ({ep.value}) from {dist_name} {version}: {exc}") from exc
         pm.register(plugin, name=ep.name)
         origin[id(plugin)] = (dist_name, version, _module_name(plugin, ep.value))
+    for module_name in _extra_modules():
+        if module_name in blocked or pm.get_plugin(module_name) is not None:
+            continue
+        try:
+            plugin = importlib.import_module(module_name)
+        except Exception as exc:  # name the variable and the module, keep the module's error
+            raise PluginError(f"LVLMVA_PLUGINS: cannot import {module_name!r}: {type(exc).__name__}: {exc}") from exc
+        pm.register(plugin, name=module_name)
+        origin[id(plugin)] = ("LVLMVA_PLUGINS", "", module_name)
     _check_pending(pm)
     registry = PluginRegistry(blocked)
     for impl in pm.hook.lvlmva_register.get_hookimpls():
@@ -300,6 +379,7 @@ def register_module(module: ModuleType | object, name: str, distribution: str = 
         registry = loaded.registry
         registry._source = (distribution, version, _module_name(module, name))
         before = {role: dict(entries) for role, entries in registry._entries.items()}
+        stages_before = dict(registry._stages)
         try:
             impl(registry=registry)
         except PluginError:
@@ -307,6 +387,7 @@ def register_module(module: ModuleType | object, name: str, distribution: str = 
             # before the error (a retry would otherwise meet its own half as a duplicate)
             loaded.pm.unregister(module)
             registry._entries = before
+            registry._stages = stages_before
             raise
         finally:
             registry._source = ("unknown", "", "")

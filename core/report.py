@@ -1,9 +1,9 @@
 """The run report: ``report.md`` with tables of the results and PNG figures beside it.
 
-Sections: models x metrics (before / after alignment / true-mask bound, and any baseline),
-verdict quality, alignment failures, LVLM usage and cost, timings, a grid of alignment samples
-with their verdicts, attributions on test images per model, training curves, and a few critique
-texts. Every part that a run lacks (no critic, no test attributions, no metrics log) is said to
+Sections: one table of models x metrics per evaluator (drawn from the metrics each evaluator
+declares), verdict quality with the critic that produced it, alignment failures, LVLM usage and
+cost, timings, a grid of alignment samples with their verdicts, attributions on test images per
+model, training curves, and a few critique texts. Every part that a run lacks (no critic, no test attributions, no metrics log) is said to
 be missing in the report rather than left out silently.
 
 Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot state, no display)
@@ -19,7 +19,7 @@ import math
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,23 +30,16 @@ from PIL import Image
 
 from .atomic import write_atomic
 from .records import Critique, RenderedSample, Verdicts
+from .results import ORACLE_NOTE, metric_columns, model_labels
 from .settings import ReportOptions
 
-__all__ = ["write_report", "FIGURES_DIR", "MODEL_METRICS"]
+if TYPE_CHECKING:
+    from .pipeline.stage import StageCall
+
+__all__ = ["write_report", "report_stage", "FIGURES_DIR"]
 
 #: Folder in the run directory that holds the report's figures.
 FIGURES_DIR = "figures"
-
-#: (results key, column title) of the model table, in order.
-MODEL_METRICS: tuple[tuple[str, str], ...] = (
-    ("accuracy", "Accuracy"),
-    ("aga", "AGA"),
-    ("wga", "WGA"),
-    ("proportion_weighted_accuracy", "Prop.-weighted acc."),
-    ("alignment_score", "Alignment score"),
-)
-
-_MODEL_ORDER = ("original", "aligned", "true-mask bound")
 _CRITIQUES_SHOWN = 3
 _CRITIQUE_CHARS = 1200
 _FAILURES_SHOWN = 10
@@ -81,48 +74,75 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return out
 
 
-def _ordered_models(models: Mapping[str, Any]) -> list[str]:
-    first = [m for m in _MODEL_ORDER if m in models]
-    return first + [m for m in models if m not in first]
-
-
 # -- sections ----------------------------------------------------------------------------------
 
 
+def _arrow(higher_is_better: bool | None) -> str:
+    return "" if higher_is_better is None else (" ↑" if higher_is_better else " ↓")
+
+
 def _models_section(results: Mapping[str, Any]) -> list[str]:
-    models = results.get("models") or {}
+    """One table per evaluator instance, with the columns its metric declarations name; a
+    metric whose values are mappings (per-group accuracies) gets a table of its own."""
     out = ["## Models", ""]
-    if not models:
+    labels = model_labels(results)
+    columns = metric_columns(results)
+    if not labels or not columns:
         return out + ["No model was evaluated in this run.", ""]
-    names = _ordered_models(models)
-    out += _table(
-        ["Model", *(title for _, title in MODEL_METRICS)],
-        [[name, *(models[name].get(key) for key, _ in MODEL_METRICS)] for name in names],
-    )
-    out.append("")
-    out.append(
-        "AGA = mean of the per-group accuracies; WGA = the worst group's; the alignment score is "
-        "the share of absolute attribution outside the true spurious feature."
-    )
+    for evaluator in dict.fromkeys(c.evaluator for c in columns):
+        mine = [c for c in columns if c.evaluator == evaluator]
+        evaluation = results["evaluations"][evaluator]
+        scored = [m for m in labels if m in (evaluation.get("models") or {})]
+        values = {c.metric.key: c.values(results) for c in mine}
+        scalar = [c for c in mine if not any(isinstance(v, Mapping) for v in values[c.metric.key].values())]
+        # a column no model has a value for (no true masks: no alignment score) is left out
+        scalar = [c for c in scalar if any(v is not None for v in values[c.metric.key].values())]
+        plugin = evaluation.get("plugin", "?")
+        named = f"`{evaluator}`" if plugin == evaluator else f"`{evaluator}` ({plugin})"
+        out.append(f"Evaluator {named}, on the {mine[0].split} split:")
+        out.append("")
+        header = ["Model", *(c.metric.title + _arrow(c.metric.higher_is_better) for c in scalar)]
+        rows = [[labels[m], *(c.metric.format_value(values[c.metric.key].get(m)) for c in scalar)] for m in scored]
+        out += _table(header, rows)
+        legend = [f"{c.metric.title} = {c.metric.description}" for c in scalar if c.metric.description]
+        if legend:
+            out += ["", "; ".join(legend) + "."]
+        for c in mine:
+            if c in scalar:
+                continue
+            tables = {m: v for m, v in values[c.metric.key].items() if isinstance(v, Mapping)}
+            if not tables:
+                continue
+            keys: list[str] = []
+            for table in tables.values():
+                keys += [k for k in table if k not in keys]
+            out += ["", f"{c.metric.title}:", ""]
+            out += _table(
+                ["Model", *keys],
+                [[labels[m], *(c.metric.format_value(tables[m].get(k)) for k in keys)] for m in scored if m in tables],
+            )
+        out.append("")
+    notes = []
     if results.get("input_scale"):
-        out.append(f"Inputs on the {results['input_scale']} scale.")
-    groups: list[str] = []
-    for name in names:
-        for g in models[name].get("group_accuracy") or {}:
-            if g not in groups:
-                groups.append(g)
-    if groups:
-        out += ["", "Accuracy per group:", ""]
-        out += _table(
-            ["Model", *groups],
-            [[n, *((models[n].get("group_accuracy") or {}).get(g) for g in groups)] for n in names],
+        notes.append(f"Inputs on the {results['input_scale']} scale.")
+    machine = results.get("machine") or {}
+    if machine:
+        notes.append(
+            f"Computed on {machine.get('platform', '?')} ({machine.get('processor', '?')}), device "
+            f"{machine.get('device', '?')}, {machine.get('torch_threads', '?')} torch threads: the "
+            "same settings and seed give the same numbers on the same machine; other machines "
+            "differ in the last digits, so compare methods as mean ± std over seeds."
         )
-    return out + [""]
+    return out + notes + [""]
 
 
 def _verdicts_section(results: Mapping[str, Any], verdicts: Sequence[Verdicts]) -> list[str]:
     out = ["## Verdicts", ""]
     metrics = results.get("verdicts")
+    critic = results.get("critic") or {}
+    if critic:
+        note = f" (it {ORACLE_NOTE})" if critic.get("reads_true_masks") else ""
+        out += [f"Verdicts from the {critic.get('label', 'critic')}{note} and the judge.", ""]
     if not metrics and not verdicts:
         return out + [
             "No verdicts: this run had no critic and judge (masks came from elsewhere, e.g. the "
@@ -134,7 +154,7 @@ def _verdicts_section(results: Mapping[str, Any], verdicts: Sequence[Verdicts]) 
         out.append(f"{ok} of {len(verdicts)} samples got valid verdicts.")
         out.append("")
     if metrics:
-        rows = [[k, v] for k, v in metrics.items() if not isinstance(v, (dict, list))]
+        rows = [[k, v] for k, v in metrics.items() if not isinstance(v, (dict, list)) and k not in ("critic", "note")]
         out += _table(["Verdict metric", "Value"], rows)
         confusion = metrics.get("confusion")
         if isinstance(confusion, Mapping):
@@ -293,11 +313,13 @@ def _attributions_figure(
     class_names: Sequence[str],
     limit: int,
     path: Path,
+    labels: Mapping[str, str] | None = None,
 ) -> int:
     from .rendering import to_display
 
     n = min(limit, int(test_images.shape[0]))
-    models = _ordered_models(attributions)
+    labels = labels or {}
+    models = list(attributions)
     if n == 0 or not models:
         return 0
     for name in models:
@@ -329,7 +351,7 @@ def _attributions_figure(
             image = ax.imshow(maps[i], cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-        axes[r, 0].set_ylabel(name, fontsize=8)
+        axes[r, 0].set_ylabel("\n".join(textwrap.wrap(labels.get(name, name), 18)), fontsize=7)
     if image is not None:
         bar = fig.colorbar(image, ax=axes[1:, :].ravel().tolist(), shrink=0.8, ticks=[])
         bar.set_label("− attribution + (per image)", fontsize=7)
@@ -412,8 +434,8 @@ def write_report(
     - ``rendered`` / ``verdicts`` / ``critiques``: the alignment samples' images, verdicts and
       critique texts (empty when the run had no critic).
     - ``test_images`` ``[B, C, H, W]`` with ``test_labels`` ``[B]`` and ``attributions`` mapping a
-      model name (``"original"``, ``"aligned"``, ``"true-mask bound"``) to attributions of those
-      images ``[B, C, H, W]``.
+      model key (``"original"``, ``"aligned"``, ``"true_mask"``, a mitigator's name) to
+      attributions of those images ``[B, C, H, W]``; rows are labelled with ``results["models"]``.
     - Training curves come from ``run_dir/metrics.jsonl`` (one line per epoch and stage tag).
 
     With ``options.enabled`` False nothing is written and the path is returned all the same.
@@ -460,6 +482,7 @@ def write_report(
             class_names,
             options.test_images,
             figures / "attributions.png",
+            model_labels(results),
         )
         lines += [
             f"{n} test images (top row) and each model's attribution for the true class "
@@ -487,3 +510,41 @@ def write_report(
     text = "\n".join(lines).rstrip() + "\n"
     write_atomic(report_path, text.encode("utf-8"))
     return report_path
+
+
+def report_stage(call: StageCall, inputs: Sequence[str]) -> dict[str, Any]:
+    """The report stage: attributions of a few test images per model, then :func:`write_report`
+    into the stage's folder (published at the top of the run directory when the run ends).
+    ``inputs`` are the stages whose computing times the timings table shows."""
+    options: ReportOptions = call.option("report")
+    if not options.enabled:
+        return {"written": False}
+    data = call["data"]
+    n = min(options.test_images, len(data.test))
+    pick = torch.randperm(len(data.test), generator=call.ctx.generator("report-test-images"))[:n]
+    images, labels = data.test.images[pick], data.test.labels[pick]
+    attributions: dict[str, torch.Tensor] = {}
+    attributor = call.plugin("attributor")
+    if attributor is not None and n > 0:
+        for key, model in call.models().items():
+            attributions[key] = attributor.attribute(model, images, labels, data.train.images, call.ctx).detach().cpu()
+    timings = {}
+    for name in inputs:
+        info = call.info(name)
+        if info is not None and info.seconds is not None:
+            timings[info.stage] = info.seconds
+    path = write_report(
+        call.ctx.run_dir,
+        {**call["results"], "timings": timings},
+        options=options,
+        rendered=call["render"] or [],
+        verdicts=call["judge"] or [],
+        critiques=call["critic"] or [],
+        test_images=images,
+        test_labels=labels,
+        attributions=attributions,
+        class_names=data.class_names,
+        out_dir=call.ctx.stage_dir,
+        title=call.ctx.run_dir.name,
+    )
+    return {"written": path.exists()}

@@ -25,7 +25,8 @@ def predictive_entropy(logits: torch.Tensor) -> torch.Tensor:
 def select_alignment_set(
     model: nn.Module, split: Split, options: SelectionOptions, ctx: RunContext
 ) -> AlignmentSet:
-    """Pick ``options.n`` samples of ``split`` (all of them when the split is smaller).
+    """Pick ``options.n`` samples of ``split`` (a ``ValueError`` when the split is smaller:
+    a silently smaller alignment set would change what the results mean).
 
     - ``lowest-entropy``: the most confident samples, most confident first;
     - ``highest-entropy``: the least confident, least confident first;
@@ -33,7 +34,9 @@ def select_alignment_set(
 
     Ties keep index order (stable sort). ``scores`` is the entropy of each chosen sample.
     """
-    n = min(options.n, len(split))
+    n = options.n
+    if n > len(split):
+        raise ValueError(f"selection.n = {n}, but the split has only {len(split)} samples")
     entropy = predictive_entropy(predict_logits(model, split.images, ctx.device))
     if options.strategy == "lowest-entropy":
         indices = torch.argsort(entropy, stable=True)[:n]

@@ -1,24 +1,34 @@
 """Settings: one TOML file, overridden by the environment and the command line.
 
 Precedence, highest first: ``--set section.key=value`` > environment ``LVLMVA_SECTION__KEY`` >
-the TOML file > defaults. Sections named after a role (``dataset``, ``model``, ``attributor``,
-``segmenter``, ``critic``, ``judge``, ``aligner``, ``mitigator``, ``evaluator``) pick a plugin
-with ``plugin = "name"``; the other keys of such a section are validated against that plugin's
-``Options``. The core sections (``run``, ``train``, ``selection``, ``render``, ``masks``, ``report``) have
-fixed models below. Unknown keys are errors; secrets never come from a file.
+the TOML file > defaults.
+
+- Sections named after a role (``dataset``, ``model``, ``attributor``, ``segmenter``,
+  ``critic``, ``judge``, ``aligner``) pick a plugin with ``plugin = "name"``; the other keys of
+  such a section are validated against that plugin's ``Options``.
+- The roles whose methods a run compares have named instances, one table each:
+  ``[mitigators.dfr] plugin = "dfr"``, ``[evaluators.groups] plugin = "standard"``; override one
+  with ``--set mitigators.dfr.key=value`` or ``LVLMVA_MITIGATORS__DFR__KEY``. The old singular
+  sections ``[mitigator]`` and ``[evaluator]`` are refused with the tables to write instead.
+- The core sections (``run``, ``train``, ``selection``, ``render``, ``masks``, ``report``) have
+  fixed models below; a stage added by a plugin may bring a section of its own.
+
+Unknown keys are errors; secrets never come from a file.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import re
+import textwrap
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -42,10 +52,29 @@ __all__ = [
     "load_settings",
     "parse_overrides",
     "CORE_SECTIONS",
+    "SINGLE_ROLES",
+    "INSTANCE_SECTIONS",
 ]
 
 ENV_PREFIX = "LVLMVA_"
 SECRET_KEYS = {"api_key", "apikey", "token", "password", "secret", "access_token"}
+
+#: roles with one plugin per run, each picked by a section of the role's name
+SINGLE_ROLES: tuple[str, ...] = tuple(r for r in ROLES if r not in ("mitigator", "evaluator"))
+
+#: sections of named instances -> their role (``[mitigators.dfr] plugin = "dfr"``)
+INSTANCE_SECTIONS: dict[str, str] = {"mitigators": "mitigator", "evaluators": "evaluator"}
+
+#: model names the pipeline gives its own models; a mitigator instance may not take them
+RESERVED_MODEL_NAMES = ("original", "aligned", "true_mask")
+
+#: instance names become folder names and environment variables (LVLMVA_MITIGATORS__JTT__LR)
+_INSTANCE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+#: keys that were renamed: (section, old key) -> the new dotted key
+RENAMED_KEYS: dict[tuple[str, str], str] = {
+    ("masks", "true_mask_bound"): "masks.true_mask_reference",
+}
 
 
 class SettingsError(Exception):
@@ -65,6 +94,17 @@ class RunOptions(PluginOptions):
     device: str = Field("auto", description='"auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...')
     cache_dir: Path | None = Field(None, description="User cache (downloaded data, LVLM responses). Default: $XDG_CACHE_HOME/lvlmva or ~/.cache/lvlmva.")
     deterministic: bool = Field(True, description="Ask torch for deterministic kernels (same settings + seed + device = same numbers).")
+
+    @field_validator("name")
+    @classmethod
+    def _one_path_component(cls, value: str | None) -> str | None:
+        # The run directory is out_dir/name: a name must not lead out of out_dir or into a
+        # folder of someone else's.
+        if value is None:
+            return value
+        if not value.strip() or value in (".", "..") or "/" in value or "\\" in value or "\0" in value:
+            raise ValueError("must be one folder name: not empty, no '/' or '\\', not '.' or '..'")
+        return value
 
     @field_validator("device")
     @classmethod
@@ -129,9 +169,9 @@ class MaskOptions(PluginOptions):
         "verdicts",
         description='"verdicts": clusters judged "no" (the method); "true": the data set\'s true spurious masks (RRR with true masks, needs no critic or judge).',
     )
-    true_mask_bound: bool = Field(
+    true_mask_reference: bool = Field(
         True,
-        description="Also align with the true masks of the same alignment samples, where the data set has them, as the upper bound to compare against.",
+        description="Also align with the true masks of the same alignment samples, where the data set has them: the true-mask reference to compare against (a reference, not an upper bound: an LVLM-masked model can score above it).",
     )
 
 
@@ -155,11 +195,23 @@ CORE_SECTIONS: dict[str, type[PluginOptions]] = {
 
 @dataclass(frozen=True)
 class PluginChoice:
-    """The plugin a role section picked and its validated options."""
+    """The plugin a settings slot picked and its validated options. ``slot`` is where it was
+    picked: a role's section (``"critic"``) or a named instance (``"mitigators.dfr"``)."""
 
     role: str
     name: str
     options: PluginOptions
+    slot: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.slot:
+            object.__setattr__(self, "slot", self.role)
+
+    @property
+    def instance(self) -> str | None:
+        """The instance name of a named instance (``"dfr"``), else ``None``."""
+        _, sep, name = self.slot.partition(".")
+        return name if sep else None
 
     def as_dict(self) -> dict[str, Any]:
         return {"plugin": self.name, **self.options.model_dump(mode="json")}
@@ -167,7 +219,12 @@ class PluginChoice:
 
 @dataclass(frozen=True)
 class Settings:
-    """Validated, composed settings of one run."""
+    """Validated, composed settings of one run.
+
+    - ``core``: the core sections and the sections of plugin stages, by name.
+    - ``plugins``: every plugin picked, by slot (``"critic"``, ``"mitigators.dfr"``), in the
+      order of the roles and, within an instance section, of the file.
+    """
 
     source: Path | None
     core: dict[str, PluginOptions]
@@ -197,19 +254,33 @@ class Settings:
     def report(self) -> ReportOptions:
         return self.core["report"]  # type: ignore[return-value]
 
+    def instances(self, role: str) -> dict[str, PluginChoice]:
+        """The named instances of ``role`` (``"mitigator"``, ``"evaluator"``): name -> choice."""
+        return {c.instance: c for c in self.plugins.values() if c.role == role and c.instance}  # type: ignore[misc]
+
     def section(self, name: str) -> dict[str, Any] | None:
-        """The resolved section as plain JSON-able data (``None`` for an unset role)."""
+        """A core section or a plugin slot as plain JSON-able data (``None`` when unset)."""
         if name in self.core:
             return self.core[name].model_dump(mode="json")
         choice = self.plugins.get(name)
         return None if choice is None else choice.as_dict()
 
+    def options_model(self, name: str) -> type[PluginOptions]:
+        """The Options model behind a core section or a plugin slot."""
+        if name in self.core:
+            return type(self.core[name])
+        return type(self.plugins[name].options)
+
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for name in [*CORE_SECTIONS, *ROLES]:
-            value = self.section(name)
-            if value is not None:
-                out[name] = value
+        for name, options in self.core.items():
+            out[name] = options.model_dump(mode="json")
+        for slot, choice in self.plugins.items():
+            section, _, instance = slot.partition(".")
+            if instance:
+                out.setdefault(section, {})[instance] = choice.as_dict()
+            else:
+                out[section] = choice.as_dict()
         return out
 
     def to_toml(self) -> str:
@@ -276,9 +347,8 @@ def _parse_overrides(items: Sequence[str]) -> tuple[dict[str, Any], dict[str, An
     return out, raw_out
 
 
-def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _env_overrides(environ: Mapping[str, str], sections: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Parsed values of ``LVLMVA_SECTION__KEY`` variables and the text of each."""
-    sections = set(CORE_SECTIONS) | set(ROLES)
     out: dict[str, Any] = {}
     raw_out: dict[str, Any] = {}
     for name, raw in environ.items():
@@ -288,9 +358,10 @@ def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str
         section, _, rest = name[len(ENV_PREFIX) :].partition("__")
         section = section.lower()
         if section not in sections:
-            allowed = ", ".join([*CORE_SECTIONS, *ROLES])
+            hint = _old_section_hint(section)
             raise SettingsError(
-                f"environment {name}: unknown section [{section}]; allowed sections: {allowed}"
+                f"environment {name}: unknown section [{section}]; "
+                + (hint or f"allowed sections: {', '.join(sections)}")
             )
         dotted = ".".join([section, *(p.lower() for p in rest.split("__"))])
         _set_dotted(out, dotted, _parse_literal(raw), f"environment {name}")
@@ -300,11 +371,19 @@ def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise SettingsError(f"{path}: no such settings file") from None
+    except IsADirectoryError:
+        raise SettingsError(f"{path}: is a folder, not a settings file") from None
     except OSError as exc:
-        raise SettingsError(f"{path}: cannot read settings file: {exc}") from None
+        raise SettingsError(f"{path}: cannot read settings file: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SettingsError(
+            f"{path}: not UTF-8 text (byte {exc.start} is {data[exc.start]:#04x}); save the settings file as UTF-8"
+        ) from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -325,49 +404,11 @@ class _DictSource(PydanticBaseSettingsSource):
         return dict(self._data)
 
 
-def _section_field() -> Any:
-    return Field(default=None)
-
-
-class _Composed(BaseSettings):
-    """The merge of every source, section by section (values checked afterwards)."""
+class _ComposedBase(BaseSettings):
+    """The merge of every source, section by section (values are checked afterwards). The
+    fields, one per allowed section, are made per registry by :func:`_composer`."""
 
     model_config = SettingsConfigDict(extra="forbid")
-
-    run: dict[str, Any] | None = _section_field()
-    train: dict[str, Any] | None = _section_field()
-    selection: dict[str, Any] | None = _section_field()
-    render: dict[str, Any] | None = _section_field()
-    masks: dict[str, Any] | None = _section_field()
-    report: dict[str, Any] | None = _section_field()
-    dataset: dict[str, Any] | None = _section_field()
-    model: dict[str, Any] | None = _section_field()
-    attributor: dict[str, Any] | None = _section_field()
-    segmenter: dict[str, Any] | None = _section_field()
-    critic: dict[str, Any] | None = _section_field()
-    judge: dict[str, Any] | None = _section_field()
-    aligner: dict[str, Any] | None = _section_field()
-    mitigator: dict[str, Any] | None = _section_field()
-    evaluator: dict[str, Any] | None = _section_field()
-
-    _layers: tuple[dict[str, Any], dict[str, Any], dict[str, Any]] = ({}, {}, {})
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        overrides, env, file = cls._layers
-        # pydantic-settings deep-merges sources; earlier ones win.
-        return (
-            InitSettingsSource(settings_cls, init_kwargs=overrides),
-            _DictSource(settings_cls, env),
-            _DictSource(settings_cls, file),
-        )
 
     @model_validator(mode="before")
     @classmethod
@@ -378,7 +419,28 @@ class _Composed(BaseSettings):
         return data
 
 
-assert set(_Composed.model_fields) == set(CORE_SECTIONS) | set(ROLES), "every section needs a field"
+def _composer(sections: Sequence[str], layers: tuple[dict, dict, dict]) -> type[BaseSettings]:
+    fields: dict[str, Any] = {name: (dict[str, Any] | None, Field(default=None)) for name in sections}
+
+    class _Composed(_ComposedBase):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            overrides, env, file = layers
+            # pydantic-settings deep-merges sources (tables inside tables too); earlier ones win.
+            return (
+                InitSettingsSource(settings_cls, init_kwargs=overrides),
+                _DictSource(settings_cls, env),
+                _DictSource(settings_cls, file),
+            )
+
+    return create_model("_Composed", __base__=_Composed, **fields)
 
 
 # -- composition and validation -------------------------------------------------------------
@@ -437,13 +499,22 @@ def _as_typed_text(values: dict[str, Any], raw: dict[str, Any], exc: ValidationE
     return retry if retry != values else None
 
 
+def _redacted(model: type[PluginOptions], key: str) -> bool:
+    """Whether errors about field ``key`` must not show its value (a value that may be a secret
+    given where a name was asked for: ``api_key_env``, ``base_url``)."""
+    field = model.model_fields.get(key)
+    extra = field.json_schema_extra if field is not None else None
+    return isinstance(extra, dict) and bool(extra.get("redact_errors"))
+
+
 def _validate_section(
-    section: str,
+    dotted_section: Sequence[str],
     model: type[PluginOptions],
     values: dict[str, Any],
     prov: _Provenance,
     label: str,
     raw: dict[str, Any] | None = None,
+    plugin_keys: bool = False,
 ) -> PluginOptions:
     try:
         return model.model_validate(values)
@@ -458,16 +529,19 @@ def _validate_section(
         lines = []
         for err in exc.errors():
             loc = [str(p) for p in err["loc"]]
-            dotted = [section, *loc]
+            dotted = [*dotted_section, *loc]
             node: Any = values
             for part in loc:
                 node = node.get(part, None) if isinstance(node, dict) else None
             value = err.get("input", node)
-            allowed = _describe_allowed(
-                model, loc, err["type"], err.get("ctx") or {}, ("plugin",) if section in ROLES else ()
-            )
+            shown = "<hidden>" if loc and _redacted(model, loc[0]) else repr(value)
+            renamed = RENAMED_KEYS.get((dotted_section[0], loc[0])) if len(loc) == 1 else None
+            if err["type"] == "extra_forbidden" and renamed:
+                lines.append(f"{prov.origin(dotted)}: {'.'.join(dotted)} was renamed: write {renamed}")
+                continue
+            allowed = _describe_allowed(model, loc, err["type"], err.get("ctx") or {}, ("plugin",) if plugin_keys else ())
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            line = f"{prov.origin(dotted)}: {'.'.join(dotted)} = {value!r}: {msg}"
+            line = f"{prov.origin(dotted)}: {'.'.join(dotted)} = {shown}: {msg}"
             if label:
                 line += f" ({label})"
             if allowed and allowed.removeprefix("allowed: ") not in msg:
@@ -487,15 +561,37 @@ def _check_no_secrets(layer: dict[str, Any], label: str, trail: tuple[str, ...] 
             )
 
 
+def _slot_paths(*layers: dict[str, Any]) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(slot, role, path) of every plugin slot any layer names: role sections and instances."""
+    out = [(role, role, (role,)) for role in SINGLE_ROLES]
+    for section, role in INSTANCE_SECTIONS.items():
+        names: list[str] = []
+        for layer in layers:
+            table = layer.get(section)
+            if isinstance(table, dict):
+                names += [n for n in table if n not in names]
+        out += [(f"{section}.{n}", role, (section, n)) for n in names]
+    return out
+
+
+def _at(layer: dict[str, Any], path: Sequence[str]) -> Any:
+    node: Any = layer
+    for part in path:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
 def _drop_keys_of_replaced_plugins(registry: PluginRegistry, *layers: dict[str, Any]) -> None:
-    """When a higher layer (``--set``, then the environment) picks another plugin for a role,
+    """When a higher layer (``--set``, then the environment) picks another plugin for a slot,
     the lower layers' keys that the new plugin does not take belonged to the old one: drop
     them, so that ``--set critic.plugin=openai`` works on a file written for the oracle (keys
     both plugins take, such as a temperature, still apply)."""
-    for role in ROLES:
+    for _slot, role, path in _slot_paths(*layers):
         chosen = None
         for layer in layers:
-            section = layer.get(role)
+            section = _at(layer, path)
             if not isinstance(section, dict):
                 continue
             if chosen is None:
@@ -506,8 +602,28 @@ def _drop_keys_of_replaced_plugins(registry: PluginRegistry, *layers: dict[str, 
             try:
                 accepted = set(registry.get(role, str(chosen)).Options.model_fields)
             except PluginError:
-                return  # the unknown plugin name is reported when the section is validated
-            layer[role] = {k: v for k, v in section.items() if k in accepted}
+                break  # the unknown plugin name is reported when the section is validated
+            parent = _at(layer, path[:-1]) if len(path) > 1 else layer
+            parent[path[-1]] = {k: v for k, v in section.items() if k in accepted}
+
+
+def _old_section_hint(section: str, values: Any = None) -> str | None:
+    """How to write a singular ``[mitigator]`` / ``[evaluator]`` section now, or ``None``."""
+    plural = f"{section}s"
+    if plural not in INSTANCE_SECTIONS:
+        return None
+    if not isinstance(values, dict) or "plugin" not in values:
+        return f"[{section}] is written [{plural}.<name>] now, one table per named instance (e.g. [{plural}.standard] plugin = \"standard\")"
+    import tomli_w
+
+    name = re.sub(r"[^a-z0-9_]", "_", str(values["plugin"]).lower()) or "main"
+    if not name[0].isalpha():
+        name = f"m_{name}"
+    table = tomli_w.dumps({plural: {name: values}}).strip()
+    return (
+        f"[{section}] is written [{plural}.<name>] now, one table per named instance; "
+        f"replace it with:\n{textwrap.indent(table, '    ')}"
+    )
 
 
 def load_settings(
@@ -518,76 +634,107 @@ def load_settings(
 ) -> Settings:
     """Compose and validate settings; raises :class:`SettingsError` naming every problem."""
     path = Path(path) if path is not None else None
+    registry = registry or get_registry()
+    stage_sections = {
+        name: model for name, model in registry.stage_sections().items()
+        if name not in CORE_SECTIONS and name not in ROLES and name not in INSTANCE_SECTIONS
+    }  # fmt: skip
+    core_models: dict[str, type[PluginOptions]] = {**CORE_SECTIONS, **stage_sections}
+    sections = [*CORE_SECTIONS, *SINGLE_ROLES, *INSTANCE_SECTIONS, *stage_sections]
     file_layer = _read_toml(path) if path is not None else {}
     if isinstance(overrides, Mapping):
         over_layer, over_raw = dict(overrides), {}
     else:
         over_layer, over_raw = _parse_overrides(overrides)
-    env_layer, env_raw = _env_overrides(os.environ if environ is None else environ)
+    env_layer, env_raw = _env_overrides(os.environ if environ is None else environ, sections)
     label = str(path) if path else "settings"
-    registry = registry or get_registry()
-    _drop_keys_of_replaced_plugins(registry, over_layer, env_layer, file_layer)
     _check_no_secrets(file_layer, label)
     _check_no_secrets(over_layer, "--set")
     _check_no_secrets(env_layer, "environment")
     prov = _Provenance(path, over_layer, env_layer, file_layer)
 
-    def raw_text(section: str) -> dict[str, Any]:
-        """The text of each key of ``section`` whose value came from --set or the environment."""
+    unknown = []
+    for layer in (file_layer, over_layer):
+        for key in layer:
+            if key in sections:
+                continue
+            hint = _old_section_hint(key, layer[key])
+            unknown.append(f"{prov.origin([key])}: " + (hint or f"unknown section [{key}]; allowed sections: {', '.join(sections)}"))
+    if unknown:
+        raise SettingsError("\n".join(unknown))
+    _drop_keys_of_replaced_plugins(registry, over_layer, env_layer, file_layer)
+
+    def raw_text(path_: Sequence[str]) -> dict[str, Any]:
+        """The text of each key under ``path_`` whose value came from --set or the environment."""
         out = {}
-        for key in {**env_raw.get(section, {}), **over_raw.get(section, {})}:
-            origin = prov.origin([section, key])
-            layer = over_raw if origin.startswith("--set") else env_raw if origin.startswith("environment") else {}
-            if key in layer.get(section, {}):
-                out[key] = layer[section][key]
+        over, env = _at(over_raw, path_) or {}, _at(env_raw, path_) or {}
+        for key in {**env, **over}:
+            origin = prov.origin([*path_, key])
+            layer = over if origin.startswith("--set") else env if origin.startswith("environment") else {}
+            if key in layer:
+                out[key] = layer[key]
         return out
 
-    unknown = [k for k in (*file_layer, *over_layer) if k not in _Composed.model_fields]
-    if unknown:
-        allowed = ", ".join([*CORE_SECTIONS, *ROLES])
-        raise SettingsError(
-            "\n".join(f"{prov.origin([k])}: unknown section [{k}]; allowed sections: {allowed}" for k in unknown)
-        )
-
-    _Composed._layers = (over_layer, env_layer, file_layer)
     try:
-        composed = _Composed()
+        composed = _composer(sections, (over_layer, env_layer, file_layer))()
     except ValidationError as exc:
         raise SettingsError(f"{label}: {exc}") from None
-    finally:
-        _Composed._layers = ({}, {}, {})
 
     problems: list[str] = []
     core: dict[str, PluginOptions] = {}
-    for section, model in CORE_SECTIONS.items():
+    for section, model in core_models.items():
         try:
             core[section] = _validate_section(
-                section, model, getattr(composed, section) or {}, prov, "", raw_text(section)
+                [section], model, getattr(composed, section) or {}, prov, "", raw_text([section])
             )
         except SettingsError as exc:
             problems.append(str(exc))
+
+    slots: list[tuple[str, str, tuple[str, ...], dict[str, Any]]] = []
+    for role in SINGLE_ROLES:
+        values = getattr(composed, role)
+        if values:
+            slots.append((role, role, (role,), dict(values)))
+    for section, role in INSTANCE_SECTIONS.items():
+        for instance, values in (getattr(composed, section) or {}).items():
+            where = prov.origin([section, instance])
+            if not isinstance(values, dict):
+                problems.append(f"{where}: {section}.{instance} must be a table with plugin = \"...\", got {values!r}")
+            elif not _INSTANCE_NAME.match(instance):
+                problems.append(
+                    f"{where}: [{section}.{instance}]: an instance name is lower-case letters, digits "
+                    "and _ , starting with a letter (it names a folder and environment variables)"
+                )
+            elif role == "mitigator" and instance in RESERVED_MODEL_NAMES:
+                problems.append(
+                    f"{where}: [{section}.{instance}]: {instance!r} names one of the run's own models "
+                    f"({', '.join(RESERVED_MODEL_NAMES)}); pick another name"
+                )
+            else:
+                slots.append((f"{section}.{instance}", role, (section, instance), dict(values)))
+
     plugins: dict[str, PluginChoice] = {}
-    for role in ROLES:
-        values = dict(getattr(composed, role) or {})
-        if not values:
-            continue
+    for slot, role, path_, values in slots:
         name = values.pop("plugin", None)
         if name is None:
-            problems.append(f"{prov.origin([role])}: [{role}] needs plugin = \"name\"; registered: {', '.join(registry.names(role)) or '(none)'}")
+            problems.append(
+                f"{prov.origin(list(path_))}: [{slot}] needs plugin = \"name\"; "
+                f"registered: {', '.join(registry.names(role)) or '(none)'}"
+            )
             continue
         try:
             cls = registry.get(role, str(name))
         except PluginError as exc:
-            problems.append(f"{prov.origin([role, 'plugin'])}: {role}.plugin = {name!r}: {exc}")
+            problems.append(f"{prov.origin([*path_, 'plugin'])}: {slot}.plugin = {name!r}: {exc}")
             continue
         try:
             options = _validate_section(
-                role, cls.Options, values, prov, f"{role} plugin {name!r}", raw_text(role)
+                list(path_), cls.Options, values, prov, f"{role} plugin {name!r}", raw_text(path_), plugin_keys=True
             )
         except SettingsError as exc:
             problems.append(str(exc))
             continue
-        plugins[role] = PluginChoice(role, str(name), options)
+        plugins[slot] = PluginChoice(role, str(name), options, slot)
     if problems:
         raise SettingsError("\n".join(problems))
     return Settings(source=path, core=core, plugins=plugins)

@@ -4,34 +4,43 @@
 python -m lvlmva.sweep examples/decoy_mnist.toml --lams 1 10 100 1e3 1e4 1e5 1e6 --out runs/sweep
 ```
 
-Stages before alignment do not depend on lambda, so they are computed once (in the first run
-directory) and copied into the others, where their fingerprints match and they are reused.
+Stages before alignment (and the baselines) do not depend on lambda, so they are computed once
+(in the first run directory) and copied into the others, where their fingerprints match and
+they are reused.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
 from .atomic import write_atomic
-from .pipeline import STAGES, Pipeline, StageFailed
+from .pipeline import Pipeline, RunDirectory, StageFailed
+from .results import iter_model_values, metric_columns
 from .settings import SettingsError, load_settings
 
 SHARED_STAGES = ("train", "select", "attribute", "segment", "render", "critic", "judge", "masks")
-METRICS = ("accuracy", "aga", "wga", "alignment_score")
 
 
-def _copy_finished(src: Path, dst: Path, pipeline: Pipeline) -> None:
-    for spec in STAGES:
-        if spec.name not in SHARED_STAGES or not (src / spec.name).exists():
+def _shared(pipeline: Pipeline) -> list[str]:
+    return [*SHARED_STAGES, *(s.name for s in pipeline.stages if s.name.startswith("mitigate."))]
+
+
+def _row_values(results: dict[str, Any]) -> dict[str, float]:
+    """``model/metric`` -> value for every numeric summary metric (``model/evaluator.metric``
+    when several evaluators report the same key)."""
+    keys = [c.metric.key for c in metric_columns(results) if c.metric.summary]
+    out = {}
+    for model, column, value in iter_model_values(results):
+        if not column.metric.summary or not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
             continue
-        marker = json.loads((src / spec.name / "fingerprint.json").read_text())
-        if marker["fingerprint"] == pipeline.fingerprints[spec.name] and not (dst / spec.name).exists():
-            shutil.copytree(src / spec.name, dst / spec.name)
+        name = column.metric.key if keys.count(column.metric.key) == 1 else f"{column.evaluator}.{column.metric.key}"
+        out[f"{model}/{name}"] = float(value)
+    return out
 
 
 def run_sweep(settings_path: Path, lams: list[float], out: Path, overrides: list[str], key: str = "aligner.lam") -> list[dict[str, Any]]:
@@ -41,13 +50,16 @@ def run_sweep(settings_path: Path, lams: list[float], out: Path, overrides: list
         (lam, Pipeline(load_settings(settings_path, [*overrides, f"{key}={lam!r}", "report.enabled=false"]), out / f"lam_{lam!r}", echo=lambda msg: print(msg, file=sys.stderr)))
         for lam in lams
     ]  # every setting is checked before the first run starts
-    if "evaluator" not in pipelines[0][1].settings.plugins:
-        raise SettingsError("a sweep compares evaluations: configure [evaluator]")
+    if not pipelines[0][1].settings.instances("evaluator"):
+        raise SettingsError("a sweep compares evaluations: configure [evaluators.<name>]")
+    RunDirectory.check(out)  # the sweep's folder and every run directory in it are ours
+    for _lam, pipeline in pipelines:
+        RunDirectory.check(pipeline.run_dir)
+    RunDirectory.claim(out)
     for lam, pipeline in pipelines:
         run_dir = pipeline.run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
         if first is not None:
-            _copy_finished(first, run_dir, pipeline)
+            pipeline.adopt(first, _shared(pipeline))
         print(f"lambda = {lam:g}: {run_dir}", file=sys.stderr)
         row: dict[str, Any] = {"lam": lam}
         try:
@@ -58,10 +70,7 @@ def run_sweep(settings_path: Path, lams: list[float], out: Path, overrides: list
             rows.append(row)
             continue
         first = first or run_dir
-        for model, metrics in results["models"].items():
-            for name in METRICS:
-                if isinstance(metrics.get(name), float):
-                    row[f"{model}/{name}"] = metrics[name]
+        row.update(_row_values(results))
         rows.append(row)
     write_sweep(rows, out)
     return rows

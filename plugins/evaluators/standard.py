@@ -18,7 +18,7 @@ from lvlmva.metrics import (
     spurious_attribution_share,
     worst_group_accuracy,
 )
-from lvlmva.protocols import PluginOptions, RunContext
+from lvlmva.protocols import Metric, PluginOptions, RunContext
 from lvlmva.records import SpuriousDataset
 from lvlmva.training import predict_logits
 
@@ -64,6 +64,25 @@ class StandardEvaluator:
     """
 
     Options: ClassVar[type[PluginOptions]] = StandardEvaluatorOptions
+    metrics: ClassVar[tuple[Metric, ...]] = (
+        Metric("accuracy", "Accuracy", description="share of test samples classified correctly"),
+        Metric("aga", "AGA", description="average group accuracy: the mean of the per-group accuracies"),
+        Metric("wga", "WGA", description="worst-group accuracy: the lowest per-group accuracy"),
+        Metric(
+            "proportion_weighted_accuracy",
+            "Prop.-weighted acc.",
+            summary=False,
+            description="test group accuracies weighted by the training split's group proportions",
+        ),
+        Metric(
+            "alignment_score",
+            "Alignment score",
+            description="share of absolute attribution outside the true spurious feature",
+        ),
+        Metric("group_accuracy", "Accuracy per group", summary=False),
+    )
+    #: the split its metrics are computed on (tables say so)
+    split: ClassVar[str] = "test"
     needs_groups: ClassVar[bool] = False
     needs_true_masks: ClassVar[bool] = False
 

@@ -13,7 +13,8 @@ from pydantic import Field
 from torch import nn
 
 from lvlmva.hookspecs import hookimpl
-from lvlmva.protocols import PluginOptions
+from lvlmva.pipeline import Stage, codecs
+from lvlmva.protocols import Metric, PluginOptions
 from lvlmva.records import Critique, Segmentation, Split, SpuriousDataset, Verdicts
 
 CALLS_FILE_ENV = "LVLMVA_TOY_CALLS"
@@ -39,6 +40,7 @@ class ToyDataset:
 
     class Options(PluginOptions):
         n: int = Field(96, description="training samples")
+        groups: bool = Field(True, description="provide group labels")
 
     has_groups = True
     has_true_masks = True
@@ -57,7 +59,8 @@ class ToyDataset:
             masks = torch.zeros(n, 8, 8, dtype=torch.bool)
             masks[:, :2, :2] = True
             images[:, 0, :2, :2] = labels.view(-1, 1, 1).float()
-            return Split(images.float(), labels.long(), labels.long() * 2, masks)
+            groups = labels.long() * 2 if self.options.groups else None
+            return Split(images.float(), labels.long(), groups, masks)
 
         return SpuriousDataset(
             family="toy",
@@ -139,7 +142,8 @@ class ToySegmenter:
 
 
 class ToyCritic:
-    """Calls the top-left quadrant spurious."""
+    """Calls the top-left quadrant spurious; fails the samples listed in ``LVLMVA_TOY_UNREACHABLE``
+    (comma-separated ids) as an unreachable server would (retryable)."""
 
     class Options(PluginOptions):
         pass
@@ -153,10 +157,17 @@ class ToyCritic:
     def critique(self, requests, ctx):
         _count("critic")
         _maybe_stall("critic")
-        return [
-            Critique(r.sample_id, r.colors, "\n".join(f"{c}: Verdict: {'no' if i == 0 else 'yes'}" for i, c in enumerate(r.colors)), family=r.family, label=r.label)
-            for r in requests
-        ]
+        unreachable = {int(x) for x in os.environ.get("LVLMVA_TOY_UNREACHABLE", "").split(",") if x}
+        salt = os.environ.get("LVLMVA_TOY_CRITIC_SALT", "")
+        out = []
+        for r in requests:
+            _count(f"critic-sample-{r.sample_id}")
+            if r.sample_id in unreachable:
+                out.append(Critique(r.sample_id, r.colors, None, failure="connection refused at http://toy", retryable=True))
+                continue
+            text = "\n".join(f"{c}: {salt}Verdict: {'no' if i == 0 else 'yes'}" for i, c in enumerate(r.colors))
+            out.append(Critique(r.sample_id, r.colors, text, family=r.family, label=r.label))
+        return out
 
 
 class ToyJudge:
@@ -200,12 +211,34 @@ class ToyAligner:
         return new
 
 
+class ToyMitigator:
+    """Copies the original and adds ``shift`` to its head bias (no training: fast)."""
+
+    class Options(PluginOptions):
+        shift: float = Field(0.1, description="added to the head bias")
+
+    needs_groups = True
+    needs_validation = False
+
+    def __init__(self, options) -> None:
+        self.options = options
+
+    def mitigate(self, original, trainer, data, ctx):
+        _count("mitigate")
+        fresh = trainer.new_model()
+        assert isinstance(fresh, ToyNet) and fresh is not original
+        with torch.no_grad():
+            original.head.bias += self.options.shift
+        return original
+
+
 class ToyEvaluator:
     """Accuracy on the test split."""
 
     class Options(PluginOptions):
         numpy_scalars: bool = Field(False, description="report numpy scalars, as sklearn metrics do")
 
+    metrics = (Metric("accuracy", "Accuracy"),)
     needs_groups = False
     needs_true_masks = False
 
@@ -224,6 +257,41 @@ class ToyEvaluator:
         return {"accuracy": accuracy}
 
 
+class FlipOptions(PluginOptions):
+    """Settings of the toy flip stage."""
+
+    colors: list[str] = Field(default_factory=list, description="colours whose verdicts are flipped")
+
+
+def _flip(call):
+    """A review-like stage: flips the verdicts of chosen colours (a person overriding the judge)."""
+    _count("flip")
+    flip = set(call.option("flip").colors)
+    out = []
+    for v in call["judge"]:
+        if v.relevant is None:
+            out.append(v)
+            continue
+        relevant = tuple((not r) if c in flip else r for c, r in zip(v.colors, v.relevant, strict=True))
+        out.append(Verdicts(v.sample_id, v.colors, relevant, attempts=v.attempts))
+    return out
+
+
+FLIP_STAGE = Stage(
+    "flip", _flip, inputs=("judge",), settings=("flip",), codec=codecs.VERDICTS, provides="judge",
+    summary="flip chosen verdicts",
+)
+
+
+class FlipStagePlugin:
+    """Adds the flip stage between judge and masks."""
+
+    @staticmethod
+    @hookimpl
+    def lvlmva_register(registry):
+        registry.add_stage(FLIP_STAGE, after="judge", options=FlipOptions)
+
+
 TOYS = {
     "dataset": {"toy": ToyDataset},
     "model": {"toy": ToyModel},
@@ -232,6 +300,7 @@ TOYS = {
     "critic": {"toy": ToyCritic},
     "judge": {"toy": ToyJudge},
     "aligner": {"toy": ToyAligner},
+    "mitigator": {"toy": ToyMitigator},
     "evaluator": {"toy": ToyEvaluator},
 }
 
@@ -276,7 +345,7 @@ plugin = "toy"
 [aligner]
 plugin = "toy"
 
-[evaluator]
+[evaluators.toy]
 plugin = "toy"
 
 [report]

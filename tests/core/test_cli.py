@@ -3,7 +3,9 @@ Exit 1 on a failing stage is covered with the pipeline's tests."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,9 +70,9 @@ def test_validate_ok_prints_the_plan(toy_registered, capsys):
     assert main(["validate", str(toy_registered)]) == EXIT_OK
     out = capsys.readouterr().out
     assert out.splitlines()[0] == f"{toy_registered}: ok"
-    assert "train     pending [mlp]" in out
-    assert "evaluate  pending [toy-eval]" in out
-    assert "critic    skipped: no [critic] plugin configured" in out
+    assert re.search(r"\n  train +pending \[mlp\]", out)
+    assert re.search(r"\n  evaluate\.accuracy +pending \[toy-eval\]", out)
+    assert re.search(r"\n  critic +skipped: no \[critic\] plugin configured", out)
 
 
 @pytest.mark.parametrize(
@@ -109,9 +111,71 @@ def test_dry_run_plans_without_creating_the_run_directory(toy_registered, tmp_pa
     assert main(["compose", str(toy_registered), "--out", str(run_dir), "--dry-run"]) == EXIT_OK
     out = capsys.readouterr().out
     assert f"run directory: {run_dir}" in out
-    assert "train     would compute [mlp]" in out
-    assert "mitigate  skip" in out
+    assert re.search(r"\n  train +would compute \[mlp\]", out)
+    assert re.search(r"\n  align +skip: no \[aligner\] plugin configured", out)
     assert not run_dir.exists()
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """Relative path -> SHA-256 (or "dir") of everything under ``root``, with modes."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        mode = oct(path.stat().st_mode)
+        out[rel] = ("dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()) + mode
+    return out
+
+
+def test_compose_into_a_folder_that_is_not_ours_exits_2_and_touches_nothing(toy_registered, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    (mine / "figures").mkdir(parents=True)
+    (mine / "figures" / "plot.png").write_bytes(b"my plot")
+    (mine / "train").mkdir()
+    (mine / "train" / "notes.txt").write_text("my notes")
+    (mine / "results.json").write_text("{}")
+    before = _tree(mine)
+    for command in (["compose"], ["compose", "--dry-run"]):
+        code = main([*command, str(toy_registered), "--out", str(mine)])
+        assert code == EXIT_BAD_INPUT
+        err = capsys.readouterr().err
+        assert f"{mine} exists, is not empty and is not an lvlmva run directory" in err
+        assert _tree(mine) == before
+
+
+@pytest.mark.parametrize("kind", ["file", "under-a-file"])
+def test_compose_with_an_out_that_cannot_be_a_folder_exits_2(toy_registered, tmp_path, capsys, kind):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    out = blocker if kind == "file" else blocker / "run"
+    assert main(["compose", str(toy_registered), "--out", str(out)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert ("is not a folder" if kind == "file" else f"{blocker} is a file") in err
+    assert blocker.read_text() == "a file"
+
+
+def test_compose_into_an_empty_folder_marks_it_and_reruns_in_it(toy_registered, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["compose", str(toy_registered), "--out", str(empty), "--quiet"]) == EXIT_OK
+    assert (empty / ".lvlmva-run").is_file() and (empty / "results.json").is_file()
+    assert main(["compose", str(toy_registered), "--out", str(empty), "--quiet"]) == EXIT_OK
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"[run]\nname = \"caf\xe9\"\n", "not UTF-8 text (byte 17 is 0xe9); save the settings file as UTF-8"),
+        (b"[run]\nname = \"../elsewhere\"\n", "run.name = '../elsewhere': Value error, must be one folder name"),
+        (b"[evaluator]\nplugin = \"standard\"\n", "[evaluator] is written [evaluators.<name>] now"),
+    ],
+)
+def test_bad_settings_files_exit_2_with_a_message(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.toml"
+    path.write_bytes(content)
+    assert main(["validate", str(path)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 def test_plugins_lists_every_role(capsys, fresh_plugins):

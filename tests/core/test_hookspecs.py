@@ -11,7 +11,7 @@ import pytest
 
 from lvlmva import hookimpl
 from lvlmva.hookspecs import PROJECT
-from lvlmva.pipeline import STAGES, Pipeline, StageFailed
+from lvlmva.pipeline import Pipeline, StageFailed
 from lvlmva.protocols import PluginOptions
 from lvlmva.registry import register_module
 from lvlmva.settings import load_settings
@@ -79,17 +79,17 @@ def test_fresh_run_calls_every_event_hook(observer, toy_registered, tmp_path):
     run_dir = tmp_path / "run"
     pipeline = _run(toy_registered, run_dir)
 
-    computed = {"data", "train", "select", "evaluate", "report"}
+    computed = {"data", "train", "select", "evaluate.accuracy", "results", "report"}
     started = observer.of("started")
     assert {c[1] for c in started} == computed
     for _, stage, where, fingerprint in started:
-        assert where == run_dir and fingerprint == pipeline.fingerprints[stage]
+        assert where == run_dir and fingerprint == pipeline.outcomes[stage].fingerprint
 
     statuses = observer.statuses()
-    assert set(statuses) == {spec.name for spec in STAGES}
+    assert set(statuses) == {stage.name for stage in pipeline.stages}
     assert {s for s, status in statuses.items() if status == "computed"} == computed
     assert {s for s, status in statuses.items() if status != "computed"} == {
-        spec.name for spec in STAGES if spec.name not in computed
+        stage.name for stage in pipeline.stages if stage.name not in computed
     }
     assert set(statuses.values()) == {"computed", "skipped"}
     for _, stage, _, status, seconds in observer.of("finished"):
@@ -104,8 +104,9 @@ def test_fresh_run_calls_every_event_hook(observer, toy_registered, tmp_path):
     assert observer.calls[-1] is finished
     _, where, results, status = finished
     assert (where, status) == (run_dir, "ok")
-    assert set(results["models"]["original"]) == {"accuracy", "samples"}
-    assert results["models"]["original"]["samples"] == 64
+    scored = results["evaluations"]["accuracy"]["models"]["original"]
+    assert set(scored) == {"accuracy", "samples"}
+    assert scored["samples"] == 64
 
 
 def test_resumed_run_reports_reused_stages_without_starting_them(observer, toy_registered, tmp_path):
@@ -117,7 +118,7 @@ def test_resumed_run_reports_reused_stages_without_starting_them(observer, toy_r
     _run(toy_registered, run_dir)
     assert observer.of("started") == []
     statuses = observer.statuses()
-    assert {s for s, status in statuses.items() if status == "reused"} == {"train", "select", "evaluate", "report"}
+    assert {s for s, status in statuses.items() if status == "reused"} == {"train", "select", "evaluate.accuracy", "results", "report"}
     assert all(c[4] == 0.0 for c in observer.of("finished"))
     (finished,) = observer.of("run_finished")
     assert finished[3] == "ok" and finished[2] == first
@@ -141,8 +142,12 @@ def test_failing_stage_is_reported_to_observers(observer, toy_registered, tmp_pa
         _run(settings_file, run_dir)
     failed = [c for c in observer.of("finished") if c[3] == "failed"]
     assert [c[1] for c in failed] == ["train"]
-    # the data set loads in its own slot first, then train starts and fails
-    assert [c[1] for c in observer.of("started")] == ["data", "train"]
-    assert ("started", "train", run_dir) == observer.of("started")[1][:3]
+    # train starts, loads the data set in its own slot (data starts and finishes inside it), fails
+    assert [c[1] for c in observer.of("started")] == ["train", "data"]
+    assert ("started", "train", run_dir) == observer.of("started")[0][:3]
+    order = [(c[0], c[1]) for c in observer.calls if c[0] in ("started", "finished")]
+    assert order == [("started", "train"), ("started", "data"), ("finished", "data"), ("finished", "train")] + [
+        ("finished", name) for _, name in order[4:]
+    ]
     (finished,) = observer.of("run_finished")
     assert finished[1:] == (run_dir, {}, "failed")

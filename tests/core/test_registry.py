@@ -360,6 +360,7 @@ def test_a_run_with_the_openai_critic_never_imports_transformers():
         "from lvlmva.settings import load_settings\n"
         "from lvlmva.pipeline import Pipeline\n"
         f"s = load_settings({str(examples / 'decoy_mnist_openai.toml')!r}, environ={{}})\n"
+        "import os; os.environ['OPENAI_API_KEY'] = 'sk-test-not-a-real-key'\n"
         "p = Pipeline(s, 'unused', echo=lambda m: None)\n"
         "for role in s.plugins: p.plugin(role)\n"
         "print('transformers' in sys.modules)\n"

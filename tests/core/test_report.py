@@ -8,23 +8,49 @@ import pytest
 import torch
 from PIL import Image
 
+from lvlmva.protocols import Metric
 from lvlmva.records import Critique, Verdicts
 from lvlmva.rendering import render_samples
 from lvlmva.report import write_report
 from lvlmva.settings import RenderOptions, ReportOptions
 
+METRICS = [
+    Metric("accuracy", "Accuracy").to_dict(),
+    Metric("aga", "AGA", description="mean of the group accuracies").to_dict(),
+    Metric("wga", "WGA").to_dict(),
+    Metric("alignment_score", "Alignment score").to_dict(),
+    Metric("test_samples", "Samples", higher_is_better=None, format="d", summary=False).to_dict(),
+    Metric("group_accuracy", "Accuracy per group", summary=False).to_dict(),
+    Metric("loss", "Loss", higher_is_better=False).to_dict(),
+]
+
 RESULTS = {
     "models": {
-        "aligned": {"accuracy": 0.9123, "aga": 0.9012, "wga": 0.8345, "alignment_score": 0.9511},
-        "original": {
-            "accuracy": 0.5512,
-            "aga": 0.5234,
-            "wga": 0.1056,
-            "alignment_score": 0.3120,
-            "group_accuracy": {"decoy-match": 0.9876, "decoy-mismatch": 0.1056},
-        },
-        "true-mask bound": {"accuracy": 0.9601, "aga": 0.9555, "wga": 0.9333},
+        "original": {"label": "original", "stage": "train"},
+        "aligned": {"label": "aligned (oracle critic)", "stage": "align"},
+        "true_mask": {"label": "true-mask reference", "stage": "reference"},
     },
+    "evaluations": {
+        "groups": {
+            "plugin": "standard",
+            "split": "test",
+            "metrics": METRICS,
+            "models": {
+                "aligned": {"accuracy": 0.9123, "aga": 0.9012, "wga": 0.8345, "alignment_score": 0.9511, "test_samples": 100},
+                "original": {
+                    "accuracy": 0.5512,
+                    "aga": 0.5234,
+                    "wga": 0.1056,
+                    "alignment_score": 0.3120,
+                    "test_samples": 100,
+                    "group_accuracy": {"decoy-match": 0.9876, "decoy-mismatch": 0.1056},
+                },
+                "true_mask": {"accuracy": 0.9601, "aga": 0.9555, "wga": 0.9333, "alignment_score": None, "test_samples": 100},
+            },
+        }
+    },
+    "critic": {"label": "oracle critic", "reads_true_masks": True},
+    "machine": {"platform": "Linux-test", "processor": "x86_64", "device": "cpu", "torch_threads": 2},
     "verdicts": {
         "verdict_accuracy": 0.8750,
         "cluster_accuracy": 0.9375,
@@ -106,14 +132,22 @@ def test_full_report(tmp_path):
     )
     assert path == tmp_path / "report.md"
     text = path.read_text(encoding="utf-8")
-    # the model table, rows in the order original, aligned, bound
-    assert "| original | 0.5512 | 0.5234 | 0.1056 | – | 0.3120 |" in text
-    assert "| aligned | 0.9123 | 0.9012 | 0.8345 | – | 0.9511 |" in text
-    assert "| true-mask bound | 0.9601 | 0.9555 | 0.9333 | – | – |" in text
+    # the model table from the declarations: titles with their direction, the declared format,
+    # rows labelled and in the run's order; a column nobody has a value for is left out
+    assert "Evaluator `groups` (standard), on the test split:" in text
+    assert "| Model | Accuracy ↑ | AGA ↑ | WGA ↑ | Alignment score ↑ | Samples |" in text
+    assert "| original | 0.5512 | 0.5234 | 0.1056 | 0.3120 | 100 |" in text
+    assert "| aligned (oracle critic) | 0.9123 | 0.9012 | 0.8345 | 0.9511 | 100 |" in text
+    assert "| true-mask reference | 0.9601 | 0.9555 | 0.9333 | – | 100 |" in text
+    assert "| Loss" not in text and "Loss ↓" not in text
     assert (
-        text.index("| original |") < text.index("| aligned |") < text.index("| true-mask bound |")
+        text.index("| original |") < text.index("| aligned (oracle critic) |") < text.index("| true-mask reference |")
     )
-    assert "| decoy-match | decoy-mismatch |" in text.replace("| Model ", "")
+    assert "AGA = mean of the group accuracies." in text
+    assert "Accuracy per group:" in text and "| Model | decoy-match | decoy-mismatch |" in text
+    assert "| original | 0.9876 | 0.1056 |" in text
+    assert "Computed on Linux-test (x86_64), device cpu, 2 torch threads" in text
+    assert "Verdicts from the oracle critic (it reads the true masks: an upper-bound stand-in" in text
     # verdicts, failures, usage, timings
     assert "| verdict_accuracy | 0.8750 |" in text
     assert "| truly spurious | 7 | 1 |" in text and "| truly relevant | 1 | 23 |" in text
@@ -136,7 +170,14 @@ def test_full_report(tmp_path):
 
 def test_report_without_critic_or_figures(tmp_path):
     results = {
-        "models": {"original": {"accuracy": 0.5}},
+        "models": {"original": {"label": "original", "stage": "train"}},
+        "evaluations": {
+            "accuracy": {
+                "plugin": "accuracy",
+                "metrics": [Metric("accuracy", "Accuracy").to_dict()],
+                "models": {"original": {"accuracy": 0.5}},
+            }
+        },
         "alignment": {"samples": 4, "failed": 0, "failures": []},
     }
     path = write_report(
@@ -157,7 +198,7 @@ def test_report_without_critic_or_figures(tmp_path):
     assert "No LVLM usage recorded." in text
     assert "No test attributions were computed" in text
     assert "No per-epoch training records" in text
-    assert "| original | 0.5000 |" in text
+    assert "Evaluator `accuracy`, on the test split:" in text and "| original | 0.5000 |" in text
     assert not (tmp_path / "figures").exists()
 
 

@@ -77,10 +77,12 @@ def test_installed_plugin_runs_in_compose(toy_site, tmp_path, monkeypatch, fresh
     assert result.returncode == 0, result.stderr
     assert f"results: {run_dir / 'results.json'}" in result.stdout
     results = json.loads((run_dir / "results.json").read_text())
-    metrics = results["models"]["original"]
+    metrics = results["evaluations"]["accuracy"]["models"]["original"]
     assert set(results["models"]) == {"original"}
     assert results["settings"]["dataset"]["plugin"] == "toy-stripes"
-    assert results["settings"]["evaluator"] == {"plugin": "toy-eval", "split": "test", "batch_size": 256}
+    assert results["settings"]["evaluators"]["accuracy"] == {"plugin": "toy-eval", "split": "test", "batch_size": 256}
+    assert [m["key"] for m in results["evaluations"]["accuracy"]["metrics"]] == ["accuracy", "samples"]
+    assert "original" in result.stdout and "accuracy=" in result.stdout  # the summary line
     resolved = tomllib.loads((run_dir / "settings.resolved.toml").read_text())
     assert resolved["dataset"]["plugin"] == "toy-stripes" and resolved["model"]["hidden"] == [16]
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

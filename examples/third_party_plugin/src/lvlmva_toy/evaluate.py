@@ -9,7 +9,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from lvlmva import PluginOptions, RunContext, SpuriousDataset
+from lvlmva import Metric, PluginOptions, RunContext, SpuriousDataset
 
 __all__ = ["AccuracyEvaluator"]
 
@@ -21,11 +21,20 @@ class AccuracyEvaluator:
         split: Literal["test", "train"] = Field("test", description="The split to score.")
         batch_size: int = Field(256, ge=1, description="Images per forward pass.")
 
+    metrics = (
+        Metric("accuracy", "Accuracy", description="share of samples classified correctly"),
+        Metric("samples", "Samples", higher_is_better=None, format="d", summary=False),
+    )
     needs_groups = False
     needs_true_masks = False
 
     def __init__(self, options: AccuracyEvaluator.Options) -> None:
         self.options = options
+
+    @property
+    def split(self) -> str:
+        """The split the metrics are computed on (tables name it)."""
+        return self.options.split
 
     @torch.no_grad()
     def evaluate(

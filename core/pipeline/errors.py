@@ -1,0 +1,53 @@
+"""What can go wrong in a run, as exceptions the CLI turns into exit codes (2: bad input, before
+or without losing work; 1: a stage failed, the run directory is kept)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..settings import SettingsError
+
+__all__ = [
+    "ConfigurationError",
+    "NotARunDirectory",
+    "RunDirectoryBusy",
+    "StageFailed",
+    "PublishError",
+]
+
+
+class ConfigurationError(SettingsError):
+    """Settings that validate one by one but do not fit together, or do not fit the data set
+    (checked before any stage computes)."""
+
+
+class NotARunDirectory(ConfigurationError):
+    """An output folder that lvlmva did not create and that is not empty (or not a folder)."""
+
+
+class RunDirectoryBusy(ConfigurationError):
+    """Another process is running in the same run directory."""
+
+
+class StageFailed(Exception):
+    """One or more stages failed; every stage that finished is kept in the run directory, and
+    stages that did not depend on a failed one were still computed."""
+
+    def __init__(self, failures: dict[str, BaseException], run_dir: Path) -> None:
+        self.failures = dict(failures)
+        self.run_dir = run_dir
+        self.stage, self.cause = next(iter(self.failures.items()))
+        lines = [f"stage {name!r} failed: {_describe(exc)}" for name, exc in self.failures.items()]
+        super().__init__("; ".join(lines) + f" (run directory kept: {run_dir})")
+
+
+class PublishError(Exception):
+    """results.json or the report could not be written into the run directory."""
+
+
+def _describe(exc: BaseException) -> str:
+    from .stage import StageIncomplete
+
+    if isinstance(exc, StageIncomplete):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"

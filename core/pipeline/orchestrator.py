@@ -1,0 +1,689 @@
+"""The orchestrator behind ``lvlmva compose``: planning, fingerprints and the loop.
+
+A stage's fingerprint hashes what it declares: the settings it reads, its plugin slots (whole
+sections, with the distribution and version of each plugin) and, for each input, the content
+hash of that input's stored artifact. So a changed setting recomputes that stage and whatever
+reads it, and a recomputed stage whose artifact came out different (``--refresh`` got new LVLM
+answers) recomputes exactly the stages that read it, while one that came out the same leaves
+them alone.
+
+The loop goes through the stages in order: skipped (no plugin, or a required input skipped),
+reused (stored with the same fingerprint and intact), or computed. A stage that fails is
+recorded and the stages that do not depend on it still run; the run then ends with
+:class:`StageFailed` naming every failure, and the next run resumes from what was kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..protocols import RunContext
+from ..registry import PluginRegistry, get_plugin_manager, get_registry
+from ..settings import Settings
+from . import codecs
+from .codecs import DecodeContext
+from .errors import ConfigurationError, StageFailed
+from .rundir import RunDirectory, StageRecord
+from .stage import InputInfo, Stage, StageCall, StageIncomplete, StageView
+from .stages import build_stages
+
+__all__ = ["Pipeline", "StageOutcome", "ARTIFACT_VERSION", "default_cache_dir", "environment_info"]
+
+#: bump when a built-in stage's artifact format changes, so that old run directories recompute
+ARTIFACT_VERSION = 2
+
+#: a token for an input whose content is not known yet (planning)
+_UNKNOWN = object()
+
+
+def default_cache_dir() -> Path:
+    import os
+
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lvlmva"
+
+
+@dataclass
+class StageOutcome:
+    """What a run did (or a plan would do) with one stage: ``computed``, ``reused``,
+    ``skipped``, ``failed``, ``blocked`` (an input failed) or, in a plan, ``pending``."""
+
+    name: str
+    status: str
+    fingerprint: str | None
+    seconds: float = 0.0
+    reason: str = ""
+
+
+@dataclass
+class _Decision:
+    status: str  # skipped | reused | pending | blocked
+    fingerprint: str | None = None
+    reason: str = ""
+    record: StageRecord | None = None
+
+
+@dataclass
+class _State:
+    """What the loop (or a plan) knows about the stages so far."""
+
+    status: dict[str, str] = field(default_factory=dict)
+    tokens: dict[str, Any] = field(default_factory=dict)
+    records: dict[str, StageRecord] = field(default_factory=dict)
+
+
+class Pipeline:
+    """Runs the stages of one settings file in one run directory."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        run_dir: Path,
+        *,
+        refresh: bool = False,
+        progress: bool = False,
+        registry: PluginRegistry | None = None,
+        echo: Callable[[str], None] = print,
+    ) -> None:
+        from ..training import resolve_device
+
+        self.settings = settings
+        self.run_dir = Path(run_dir)
+        self.refresh = refresh
+        self.progress = progress
+        self.registry = registry or get_registry()
+        self.echo = echo
+        run = settings.run
+        self.cache_dir = Path(run.cache_dir) if run.cache_dir else default_cache_dir()
+        try:
+            self.device = resolve_device(run.device)
+        except ValueError as exc:
+            raise ConfigurationError(f"run.device = {run.device!r}: {exc}") from None
+        self.stages = build_stages(settings, self.registry)
+        self._by_name = {s.name: s for s in self.stages}
+        self._providers = self._resolve_inputs()
+        self._plugins: dict[str, Any] = {}
+        self._values: dict[str, Any] = {}
+        self._data_checked = False
+        self.outcomes: dict[str, StageOutcome] = {}
+        self._check_combination()
+        self.skipped = self._skip_reasons()
+        self._static = {s.name: self._static_fingerprint(s) for s in self.stages}
+        self._preflight()
+
+    # -- the stage graph ----------------------------------------------------------------------
+    def _resolve_inputs(self) -> dict[str, dict[str, str]]:
+        """Stage -> {input name -> the stage providing it}: the last stage before it that
+        provides that name."""
+        out: dict[str, dict[str, str]] = {}
+        seen: dict[str, str] = {}
+        names: set[str] = set()
+        problems = []
+        for stage in self.stages:
+            if stage.name in names:
+                problems.append(f"two stages are named {stage.name!r}")
+            names.add(stage.name)
+            out[stage.name] = {}
+            for name in stage.input_names:
+                if name in seen:
+                    out[stage.name][name] = seen[name]
+                else:
+                    problems.append(f"stage {stage.name!r} reads {name!r}, which no stage before it provides")
+            seen[stage.provides] = stage.name
+        if problems:
+            raise ConfigurationError("\n".join(problems))
+        return out
+
+    def _plugin_class(self, slot: str) -> type | None:
+        choice = self.settings.plugins.get(slot)
+        return None if choice is None else self.registry.get(choice.role, choice.name)
+
+    def plugin(self, slot: str) -> Any:
+        """The plugin instance of a slot (``None`` when unset), made once per run."""
+        if slot not in self._plugins:
+            cls = self._plugin_class(slot)
+            self._plugins[slot] = None if cls is None else cls(self.settings.plugins[slot].options)
+        return self._plugins[slot]
+
+    def _option(self, key: str) -> Any:
+        if key == "device":
+            return self.device
+        section, _, sub = key.partition(".")
+        options = self.settings.core[section]
+        return getattr(options, sub) if sub else options
+
+    def _view(self, stage: Stage) -> StageView:
+        return StageView(stage, self._option, self._plugin_class)
+
+    # -- checks before any work -----------------------------------------------------------------
+    def _check_combination(self) -> None:
+        """Roles that must come together, capability flags, and the palette, before any work."""
+        problems: list[str] = []
+        plugins = self.settings.plugins
+        for role in ("dataset", "model"):
+            if role not in plugins:
+                problems.append(f"[{role}] is required: set plugin = \"...\" ({', '.join(self.registry.names(role))})")
+        if "critic" in plugins and "judge" not in plugins:
+            problems.append("[critic] is set but [judge] is not: a critic's text needs a judge to become verdicts")
+        if "judge" in plugins and "critic" not in plugins:
+            problems.append("[judge] is set but [critic] is not")
+        if "critic" in plugins and ("attributor" not in plugins or "segmenter" not in plugins):
+            problems.append("[critic] needs an [attributor] and a [segmenter] to produce the clusters it discusses")
+        dataset = self._plugin_class("dataset")
+        has_true = bool(getattr(dataset, "has_true_masks", False))
+        has_groups = bool(getattr(dataset, "has_groups", False))
+        critic = self._plugin_class("critic")
+        if critic is not None and getattr(critic, "needs_true_masks", False) and not has_true:
+            problems.append(f"critic {plugins['critic'].name!r} needs true spurious masks, which dataset {plugins['dataset'].name!r} does not provide")
+        if self.settings.masks.source == "true" and "aligner" in plugins and not has_true:
+            problems.append("masks.source = 'true' needs a data set with true spurious masks")
+        if "aligner" in plugins and self.settings.masks.source == "verdicts" and "judge" not in plugins:
+            problems.append("[aligner] needs masks: configure [critic] and [judge], or set masks.source = 'true'")
+        for slot, choice in plugins.items():
+            if choice.role not in ("mitigator", "evaluator"):
+                continue
+            cls = self._plugin_class(slot)
+            if getattr(cls, "needs_groups", False) and not has_groups:
+                problems.append(f"[{slot}] {choice.name!r} needs group labels, which the data set does not provide")
+            if getattr(cls, "needs_true_masks", False) and not has_true:
+                problems.append(f"[{slot}] {choice.name!r} needs true spurious masks, which the data set does not provide")
+            val_size = getattr(plugins["dataset"].options, "val_size", None) if "dataset" in plugins else None
+            if getattr(cls, "needs_validation", False) and val_size == 0:
+                problems.append(f"[{slot}] {choice.name!r} needs a validation split: set dataset.val_size")
+        segmenter = plugins.get("segmenter")
+        if segmenter is not None:
+            j = getattr(segmenter.options, "num_clusters", None)
+            if j is not None and j > len(self.settings.render.palette):
+                problems.append(f"segmenter.num_clusters = {j} but render.palette names only {len(self.settings.render.palette)} colours")
+        if problems:
+            raise ConfigurationError("\n".join(problems))
+
+    def _skip_reasons(self) -> dict[str, str | None]:
+        """Why each stage will not run with these settings (``None`` when it runs). Static:
+        it depends on the settings alone."""
+        out: dict[str, str | None] = {}
+        for stage in self.stages:
+            reason = None
+            for slot in stage.required_plugins:
+                if slot not in self.settings.plugins:
+                    reason = f"no [{slot}] plugin configured"
+                    break
+            if reason is None and stage.skip is not None:
+                reason = stage.skip(self._view(stage))
+            if reason is None:
+                for name in stage.required_inputs:
+                    if out[self._providers[stage.name][name]] is not None:
+                        reason = f"needs {name}, which is skipped"
+                        break
+            out[stage.name] = reason
+        return out
+
+    def _preflight(self) -> None:
+        """Ask the plugins of every stage that cannot be reused whether they can do their work
+        (an API key that is set, requests within a budget): a problem stops the run before any
+        work, with exit 2."""
+        plan = {o.name: o.status for o in self.plan()}
+        samples = self.settings.selection.n
+        problems: list[str] = []
+        asked: set[str] = set()
+        for stage in self.stages:
+            if plan.get(stage.name) != "pending":
+                continue
+            # the plugins a stage works with; an optional slot is read for its name or flags
+            for slot in stage.required_plugins:
+                if slot in asked or slot not in self.settings.plugins:
+                    continue
+                asked.add(slot)
+                check = getattr(self.plugin(slot), "preflight", None)
+                if callable(check):
+                    problems += list(check(samples))
+        if problems:
+            raise ConfigurationError("\n".join(problems))
+
+    # -- fingerprints ----------------------------------------------------------------------------
+    def _fingerprint_setting(self, key: str) -> Any:
+        """A setting as the fingerprint sees it: the device as resolved ("auto" and "cpu" are
+        the same on a machine without CUDA), options marked ``fingerprint=False`` left out (they
+        change how, not what: batch sizes for inference, concurrency, where data is read from),
+        files marked ``fingerprint="content"`` hashed by content."""
+        if key == "device":
+            return self.device.type
+        section, _, sub = key.partition(".")
+        value = self._section(section, self.settings.options_model(section), self.settings.section(section) or {})
+        return value if not sub else value.get(sub)
+
+    def _section(self, slot: str, model: type, value: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for name, item in value.items():
+            spec = model.model_fields.get(name)
+            extra = spec.json_schema_extra if spec is not None and isinstance(spec.json_schema_extra, dict) else {}
+            marker = extra.get("fingerprint", True)
+            if marker is False:
+                continue
+            if marker == "content" and item:
+                item = {"path": item, "sha256": _file_sha256(Path(item))}
+            out[name] = item
+        return out
+
+    def _static_fingerprint(self, stage: Stage) -> dict[str, Any]:
+        plugins = {}
+        for slot in stage.plugin_slots:
+            choice = self.settings.plugins.get(slot)
+            if choice is None:
+                plugins[slot] = None
+                continue
+            entry = self.registry.entry(choice.role, choice.name)
+            value = self._section(slot, type(choice.options), choice.as_dict())
+            plugins[slot] = {**value, "__source__": f"{entry.distribution} {entry.version}"}
+        return {
+            "stage": stage.name,
+            "artifact_version": ARTIFACT_VERSION,
+            "lvlmva": __version__,
+            "codec": getattr(stage.codec, "name", None),
+            "settings": {key: self._fingerprint_setting(key) for key in stage.settings},
+            "plugins": plugins,
+        }
+
+    def _fingerprint(self, stage: Stage, tokens: dict[str, Any]) -> str | None:
+        inputs = {}
+        for name, provider in self._providers[stage.name].items():
+            token = tokens.get(provider)
+            if token is _UNKNOWN:
+                return None
+            inputs[name] = token
+        blob = json.dumps({**self._static[stage.name], "inputs": inputs}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    # -- deciding ------------------------------------------------------------------------------
+    def _decide(self, stage: Stage, state: _State, rundir: RunDirectory | None) -> _Decision:
+        reason = self.skipped[stage.name]
+        if reason is not None:
+            return _Decision("skipped", reason=reason)
+        for name, provider in self._providers[stage.name].items():
+            if state.status.get(provider) in ("failed", "blocked"):
+                return _Decision("blocked", reason=f"needs {name}, which {state.status[provider]}")
+        fp = self._fingerprint(stage, state.tokens)
+        if fp is None:
+            return _Decision("pending")  # after the stages it reads: its fingerprint is not known yet
+        if not stage.persist:
+            return _Decision("pending", fp)
+        if self.refresh and stage.refreshable:
+            return _Decision("pending", fp, reason="--refresh")
+        record = rundir.record(stage.name) if rundir is not None else None
+        if record is None or record.fingerprint != fp:
+            return _Decision("pending", fp)
+        problem = rundir.verify(record)  # type: ignore[union-attr]
+        if problem is not None:
+            return _Decision("pending", fp, reason=problem)
+        return _Decision("reused", fp, record=record)
+
+    def plan(self) -> list[StageOutcome]:
+        """What a run would do now, stage by stage: reuse, compute (``pending``) or skip. The
+        data set (not stored) counts as pending only when a later stage must compute."""
+        rundir = RunDirectory(self.run_dir) if (self.run_dir / ".lvlmva-run").is_file() else None
+        state = _State()
+        out = []
+        for stage in self.stages:
+            d = self._decide(stage, state, rundir)
+            state.status[stage.name] = d.status
+            if d.status == "reused":
+                state.tokens[stage.name] = d.record.content  # type: ignore[union-attr]
+            elif d.status == "skipped":
+                state.tokens[stage.name] = None
+            elif not stage.persist:
+                state.tokens[stage.name] = d.fingerprint
+            else:
+                state.tokens[stage.name] = _UNKNOWN
+            out.append(StageOutcome(stage.name, d.status, d.fingerprint, reason=d.reason))
+        if not any(o.status == "pending" for o in out if self._by_name[o.name].persist):
+            out = [StageOutcome(o.name, "reused", o.fingerprint) if o.status == "pending" else o for o in out]
+        return out
+
+    # -- running --------------------------------------------------------------------------------
+    def _context(self, stage: Stage, stage_dir: Path, attempt: str) -> RunContext:
+        return RunContext(
+            seed=self.settings.run.seed,
+            device=self.device,
+            run_dir=self.run_dir,
+            stage_dir=stage_dir,
+            cache_dir=self.cache_dir,
+            refresh=self.refresh,
+            progress=self.progress,
+            stage=stage.name,
+            attempt=attempt,
+        )
+
+    def _decode_context(self) -> DecodeContext:
+        factory = self.plugin("model")
+
+        def build(shape: tuple[int, int, int], classes: int) -> torch.nn.Module:
+            with _isolated_rng():  # building draws initial weights we then overwrite
+                return factory.build(shape, classes)
+
+        return DecodeContext(build_model=build if factory is not None else None)
+
+    def run(self) -> dict[str, Any]:
+        """Run every stage; returns the results (the content of results.json). Raises
+        :class:`StageFailed` after running what it could when stages failed."""
+        hooks = get_plugin_manager().hook
+        rundir = RunDirectory.claim(self.run_dir)
+        results: dict[str, Any] = {}
+        status = "failed"
+        saved = _GlobalTorchState.save()
+        try:
+            with rundir.lock():
+                try:
+                    rundir.write("settings.resolved.toml", self.settings.to_toml())
+                    rundir.write("env.json", json.dumps(environment_info(self.device), indent=2, sort_keys=True))
+                    rundir.unpublish()
+                    self._loop(rundir, hooks)
+                    results = self._publish(rundir)
+                    status = "ok"
+                finally:
+                    timings = {o.name: {"status": o.status, "seconds": round(o.seconds, 3)} for o in self.outcomes.values()}
+                    rundir.write("timings.json", json.dumps(timings, indent=2))
+        finally:
+            saved.restore()
+            hooks.lvlmva_run_finished(run_dir=self.run_dir, results=results if status == "ok" else {}, status=status)
+        return results
+
+    def _loop(self, rundir: RunDirectory, hooks: Any) -> None:
+        state = _State()
+        self._state, self._rundir, self._hooks = state, rundir, hooks
+        self._failures: dict[str, BaseException] = {}
+        for stage in self.stages:
+            d = self._decide(stage, state, rundir)
+            if d.status == "skipped":
+                self._finish(stage, "skipped", None, reason=d.reason)
+                state.tokens[stage.name] = None
+            elif d.status == "blocked":
+                self._finish(stage, "blocked", None, reason=d.reason)
+            elif d.status == "reused":
+                state.records[stage.name] = d.record  # type: ignore[assignment]
+                state.tokens[stage.name] = d.record.content  # type: ignore[union-attr]
+                self._finish(stage, "reused", d.fingerprint)
+            elif not stage.persist:
+                # Not stored (the data set): loaded on first use, in its own slot.
+                state.tokens[stage.name] = d.fingerprint
+                state.status[stage.name] = "deferred"
+                continue
+            else:
+                if d.reason and d.reason != "--refresh":
+                    self.echo(f"  ! {stage.name:<9} {d.reason}: computing it again")
+                self._compute(stage, d.fingerprint, rundir, hooks)  # type: ignore[arg-type]
+                continue
+            state.status.setdefault(stage.name, d.status)
+        if self._failures:
+            raise StageFailed(self._failures, self.run_dir)
+
+    def _finish(self, stage: Stage, status: str, fp: str | None, seconds: float = 0.0, reason: str = "") -> None:
+        self._state.status[stage.name] = status
+        self.outcomes[stage.name] = StageOutcome(stage.name, status, fp, seconds, reason)
+        if status == "skipped":
+            self.echo(f"  - {stage.name:<9} skipped: {reason}")
+        elif status == "blocked":
+            self.echo(f"  x {stage.name:<9} not run: {reason}")
+        elif status == "reused":
+            self.echo(f"  = {stage.name:<9} reused ({(fp or '')[:8]})")
+        elif status == "computed":
+            self.echo(f"  + {stage.name:<9} computed in {seconds:.1f}s")
+        self._hooks.lvlmva_stage_finished(stage=stage.name, run_dir=self.run_dir, status=status, seconds=seconds)
+
+    def _compute(self, stage: Stage, fp: str, rundir: RunDirectory, hooks: Any) -> None:
+        """Compute and commit one stored stage; a failure is recorded in ``self._failures``."""
+        from ..training import seed_everything
+
+        attempt = uuid.uuid4().hex[:12]
+        partial = rundir.begin(stage.name)
+        hooks.lvlmva_stage_started(stage=stage.name, run_dir=self.run_dir, fingerprint=fp)
+        ctx = self._context(stage, partial, attempt)
+        started = time.perf_counter()
+        try:
+            seed_everything(_stage_seed(self.settings.run.seed, stage.name), self.settings.run.deterministic)
+            value = stage.run(self._call(stage, ctx))
+            stage.codec.encode(value, partial)  # type: ignore[union-attr]
+            # What cannot be read back is not committed; the value kept is what a reuse loads.
+            value = stage.codec.decode(partial, self._decode_context())  # type: ignore[union-attr]
+        except (KeyboardInterrupt, SystemExit, ConfigurationError):
+            rundir.abandon(stage.name)
+            raise
+        except _InputFailed as exc:  # the data set failed to load: recorded there, this one waits
+            rundir.abandon(stage.name)
+            self._finish(stage, "blocked", fp, reason=f"needs {exc.stage}, which failed")
+            return
+        except Exception as exc:  # recorded with the stage's name; the stages that need it are blocked
+            rundir.abandon(stage.name)
+            self._fail(stage, fp, time.perf_counter() - started, exc)
+            return
+        seconds = time.perf_counter() - started
+        record = rundir.commit(stage.name, fp, stage.codec.name, seconds)  # type: ignore[union-attr]
+        rundir.forget_logs(stage.name, keep_attempt=attempt)
+        self._values[stage.name] = value
+        self._state.records[stage.name] = record
+        self._state.tokens[stage.name] = record.content
+        self._finish(stage, "computed", fp, seconds)
+
+    def _fail(self, stage: Stage, fp: str | None, seconds: float, exc: BaseException) -> None:
+        self._failures[stage.name] = exc
+        self._state.status[stage.name] = "failed"
+        self.outcomes[stage.name] = StageOutcome(stage.name, "failed", fp, seconds, reason=str(exc))
+        kind = "" if isinstance(exc, StageIncomplete) else f"{type(exc).__name__}: "
+        self.echo(f"  ! {stage.name:<9} failed after {seconds:.1f}s: {kind}{exc}")
+        self._hooks.lvlmva_stage_finished(stage=stage.name, run_dir=self.run_dir, status="failed", seconds=seconds)
+
+    def _call(self, stage: Stage, ctx: RunContext) -> StageCall:
+        info = {}
+        for name, provider in self._providers[stage.name].items():
+            if self._state.status.get(provider) == "skipped":
+                continue
+            p = self._by_name[provider]
+            record = self._state.records.get(provider)
+            info[name] = InputInfo(provider, p.model, p.label or p.model or "", record.seconds if record else None)
+        return StageCall(
+            stage,
+            ctx,
+            self._option,
+            self._plugin_class,
+            self.plugin,
+            lambda name: self._value(self._providers[stage.name][name]),
+            info,
+        )
+
+    def _value(self, name: str) -> Any:
+        """A stage's value: from memory, from its artifact, or (the data set) computed now."""
+        if name in self._values:
+            return self._values[name]
+        stage = self._by_name[name]
+        if self._state.status.get(name) == "skipped":
+            return None
+        if self._state.status.get(name) == "failed":
+            raise _InputFailed(name)
+        if not stage.persist:
+            value = self._compute_unstored(stage)
+        else:
+            value = codecs.codec_named(stage.codec.name).decode(self._rundir.stage_dir(name), self._decode_context())  # type: ignore[union-attr]
+        self._values[name] = value
+        return value
+
+    def _compute_unstored(self, stage: Stage) -> Any:
+        """The data set: computed in the middle of another stage with its own seed and with the
+        random state of that stage kept intact; then the data checks of every stage run."""
+        from ..training import seed_everything
+
+        hooks = self._hooks
+        fp = self._state.tokens.get(stage.name)
+        hooks.lvlmva_stage_started(stage=stage.name, run_dir=self.run_dir, fingerprint=fp)
+        started = time.perf_counter()
+        try:
+            with _isolated_rng():
+                seed_everything(_stage_seed(self.settings.run.seed, stage.name), self.settings.run.deterministic)
+                value = stage.run(self._call(stage, self._context(stage, self.run_dir, uuid.uuid4().hex[:12])))
+        except (KeyboardInterrupt, SystemExit, ConfigurationError):
+            raise
+        except Exception as exc:  # recorded as the data set's failure, not the stage that asked
+            self._fail(stage, fp, time.perf_counter() - started, exc)
+            raise _InputFailed(stage.name) from exc
+        seconds = time.perf_counter() - started
+        self._finish(stage, "computed", fp, seconds)
+        self._check_data(value)
+        return value
+
+    def _check_data(self, data: Any) -> None:
+        problems = []
+        for stage in self.stages:
+            if stage.check is not None and self.skipped[stage.name] is None:
+                problems += stage.check(self._view(stage), data)
+        if problems:
+            raise ConfigurationError("\n".join(problems))
+
+    # -- published files ----------------------------------------------------------------------
+    def _publish(self, rundir: RunDirectory) -> dict[str, Any]:
+        """results.json (the results stage's artifact plus settings and timings) and the report."""
+        if self.skipped.get("results") is not None or "results" not in self._state.status:
+            return {}
+        results = dict(self._value("results"))
+        results["settings"] = self.settings.as_dict()
+        results["timings"] = {name: round(r.seconds, 3) for name, r in self._state.records.items()}
+        report_dir = None
+        if self._state.status.get("report") in ("computed", "reused") and (self._value("report") or {}).get("written"):
+            report_dir = rundir.stage_dir("report")
+        rundir.publish(results, report_dir)
+        return results
+
+    # -- sharing stages between run directories --------------------------------------------------
+    def adopt(self, source: Path, names: Iterable[str]) -> list[str]:
+        """Copy finished stages ``names`` from another run directory into this one where their
+        fingerprints, computed for this run, match and their files are intact; returns the
+        names copied. Later runs here then reuse them (a sweep computes shared stages once)."""
+        import shutil
+
+        src = RunDirectory(Path(source))
+        if not (src.path / ".lvlmva-run").is_file():
+            return []
+        dst = RunDirectory.claim(self.run_dir)
+        wanted = set(names)
+        state = _State()
+        copied = []
+        for stage in self.stages:
+            d = self._decide(stage, state, dst)
+            if d.status == "pending" and stage.persist and stage.name in wanted and d.fingerprint is not None:
+                record = src.record(stage.name)
+                if record is not None and record.fingerprint == d.fingerprint and src.verify(record) is None:
+                    shutil.rmtree(dst.stage_dir(stage.name), ignore_errors=True)
+                    shutil.copytree(src.stage_dir(stage.name), dst.stage_dir(stage.name))
+                    copied.append(stage.name)
+                    d = _Decision("reused", d.fingerprint, record=record)
+            state.status[stage.name] = d.status
+            state.tokens[stage.name] = (
+                d.record.content if d.status == "reused" else None if d.status == "skipped"  # type: ignore[union-attr]
+                else d.fingerprint if not stage.persist else _UNKNOWN
+            )  # fmt: skip
+        return copied
+
+
+class _InputFailed(Exception):
+    """An unstored input (the data set) failed while another stage asked for it."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__(stage)
+        self.stage = stage
+
+
+class _GlobalTorchState:
+    """torch's process-wide determinism switches, restored after a run so that a run inside a
+    larger program (a notebook, a test session) leaves them as it found them."""
+
+    def __init__(self, enabled: bool, warn_only: bool, cudnn_benchmark: bool) -> None:
+        self.enabled, self.warn_only, self.cudnn_benchmark = enabled, warn_only, cudnn_benchmark
+
+    @classmethod
+    def save(cls) -> _GlobalTorchState:
+        return cls(
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.backends.cudnn.benchmark,
+        )
+
+    def restore(self) -> None:
+        torch.use_deterministic_algorithms(self.enabled, warn_only=self.warn_only)
+        torch.backends.cudnn.benchmark = self.cudnn_benchmark
+
+
+class _isolated_rng:
+    """Save and restore torch's, numpy's and random's global generators."""
+
+    def __enter__(self) -> None:
+        import random
+
+        import numpy as np
+
+        self._states = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+
+    def __exit__(self, *exc: object) -> None:
+        import random
+
+        import numpy as np
+
+        torch.set_rng_state(self._states[0])
+        np.random.set_state(self._states[1])
+        random.setstate(self._states[2])
+
+
+def _file_sha256(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _stage_seed(seed: int, stage: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{stage}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def environment_info(device: torch.device) -> dict[str, Any]:
+    """Versions, git revision and device, for env.json."""
+    from importlib import metadata
+
+    versions = {}
+    for dist in ("lvlmva", "torch", "torchvision", "captum", "numpy", "scikit-learn", "scipy", "openai", "transformers", "pydantic", "pydantic-settings", "pluggy", "medmnist"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "packages": versions,
+        "device": str(device),
+        "cuda": torch.version.cuda,
+        "torch_threads": torch.get_num_threads(),
+        "git_revision": None,
+        "argv": sys.argv,
+    }
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False,
+            cwd=Path(__file__).resolve().parent,
+        )
+        if rev.returncode == 0:
+            info["git_revision"] = rev.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass  # no git: the revision stays None
+    return info

@@ -1,0 +1,234 @@
+"""What a pipeline stage is: a declaration and a run function that receives what it declared.
+
+A :class:`Stage` names the settings it reads, the plugins it uses and the artifacts of other
+stages it takes. Its run function gets a :class:`StageCall` that holds exactly those and nothing
+else: asking it for an undeclared setting, plugin or input is an error. The orchestrator hashes
+the same declarations into the stage's fingerprint, so what a stage uses and what its
+fingerprint covers cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..protocols import RunContext
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .codecs import Codec
+
+__all__ = ["Stage", "StageView", "StageCall", "StageIncomplete", "UndeclaredAccess"]
+
+
+class UndeclaredAccess(KeyError):
+    """A stage asked for a setting, plugin or input it did not declare."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; this one is a sentence
+        return str(self.args[0])
+
+
+class StageIncomplete(Exception):
+    """A stage that could not finish its work for reasons that say nothing about its result
+    (LVLM requests that got no answer): it is not committed, and a re-run computes it again."""
+
+
+def _split_optional(names: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    required = tuple(n for n in names if not n.endswith("?"))
+    optional = tuple(n[:-1] for n in names if n.endswith("?"))
+    return required, optional
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the pipeline.
+
+    - ``name``: the stage's folder in the run directory and its name in plans and hooks.
+    - ``run(call) -> value``: computes the artifact from a :class:`StageCall`.
+    - ``inputs``: artifacts it reads, by the name a stage provides them under; ``"align?"``
+      marks an optional input (``None`` when that stage is skipped); a required input that is
+      skipped skips this stage too.
+    - ``settings``: settings it reads: a core section (``"selection"``), one key
+      (``"masks.source"``), or ``"device"`` (the resolved device).
+    - ``plugins``: plugin slots it uses (``"aligner"``, ``"mitigators.jtt"``; ``"critic?"``
+      optional); a required slot that is not configured skips the stage. The slot's whole
+      section and the plugin's distribution and version enter the fingerprint.
+    - ``codec``: how the artifact is stored (:mod:`lvlmva.pipeline.codecs`).
+    - ``provides``: the name later stages read the artifact under (default: ``name``). A stage
+      that refines another's artifact provides it under the same name: a review stage placed
+      after "judge" that provides "judge" is what the stages after it read as "judge".
+    - ``model`` / ``label``: for a stage that makes a model, its key in results.json
+      (``"aligned"``, ``"dfr"``) and the label tables show (``"aligned (oracle critic)"``).
+    - ``skip(view) -> reason | None``: why the stage does not run with these settings, beyond
+      the unconfigured slots and skipped inputs the orchestrator checks itself.
+    - ``check(view, data) -> problems``: checks against the loaded data set before any stage
+      computes (a selection larger than the split, group labels a mitigator needs).
+    - ``persist``: stored in the run directory (the data set is not: cheap, deterministic).
+    - ``refreshable``: ``--refresh`` recomputes it and bypasses caches (paid LVLM answers).
+    """
+
+    name: str
+    run: Callable[[StageCall], Any]
+    inputs: tuple[str, ...] = ()
+    settings: tuple[str, ...] = ()
+    plugins: tuple[str, ...] = ()
+    codec: Codec | None = None
+    provides: str = ""
+    model: str | None = None
+    label: str = ""
+    summary: str = ""
+    skip: Callable[[StageView], str | None] | None = None
+    check: Callable[[StageView, Any], list[str]] | None = None
+    persist: bool = True
+    refreshable: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c in self.name for c in "/\\") or self.name.startswith("."):
+            raise ValueError(f"stage name {self.name!r} must be a plain folder name")
+        if not self.provides:
+            object.__setattr__(self, "provides", self.name)
+        if self.persist and self.codec is None:
+            raise ValueError(f"stage {self.name!r} is stored but names no codec")
+
+    @property
+    def required_inputs(self) -> tuple[str, ...]:
+        return _split_optional(self.inputs)[0]
+
+    @property
+    def optional_inputs(self) -> tuple[str, ...]:
+        return _split_optional(self.inputs)[1]
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        req, opt = _split_optional(self.inputs)
+        return (*req, *opt)
+
+    @property
+    def required_plugins(self) -> tuple[str, ...]:
+        return _split_optional(self.plugins)[0]
+
+    @property
+    def plugin_slots(self) -> tuple[str, ...]:
+        req, opt = _split_optional(self.plugins)
+        return (*req, *opt)
+
+
+class StageView:
+    """What a stage's ``skip`` and ``check`` functions may read: its declared settings and
+    plugin slots (whether configured, their classes' capability flags)."""
+
+    def __init__(
+        self,
+        stage: Stage,
+        settings: Callable[[str], Any],
+        plugin_class: Callable[[str], type | None],
+    ) -> None:
+        self._stage = stage
+        self._settings = settings
+        self._plugin_class = plugin_class
+
+    @property
+    def stage(self) -> Stage:
+        return self._stage
+
+    def option(self, key: str) -> Any:
+        """A declared setting: a section's Options (``"selection"``) or one value
+        (``"masks.source"``); a key inside a declared section may be read too."""
+        section = key.partition(".")[0]
+        if key not in self._stage.settings and section not in self._stage.settings:
+            raise UndeclaredAccess(
+                f"stage {self._stage.name!r} reads setting {key!r} but declares only "
+                f"{', '.join(self._stage.settings) or '(none)'}"
+            )
+        return self._settings(key)
+
+    def _slot(self, slot: str) -> None:
+        if slot not in self._stage.plugin_slots:
+            raise UndeclaredAccess(
+                f"stage {self._stage.name!r} uses plugin slot {slot!r} but declares only "
+                f"{', '.join(self._stage.plugin_slots) or '(none)'}"
+            )
+
+    def configured(self, slot: str) -> bool:
+        """Whether a plugin slot has a plugin. Any slot may be asked: which roles a run has is
+        the shape of the run, not a setting a stage's result depends on (a stage that skips
+        without a critic need not recompute when the critic's options change)."""
+        return self._plugin_class(slot) is not None
+
+    def plugin_class(self, slot: str) -> type | None:
+        self._slot(slot)
+        return self._plugin_class(slot)
+
+    def flag(self, slot: str, name: str, default: bool = False) -> bool:
+        """A capability flag of the plugin class in ``slot``. Flags are static facts about a
+        plugin, not settings, so any slot may be asked (the data set's ``has_true_masks``)."""
+        cls = self._plugin_class(slot)
+        return bool(getattr(cls, name, default)) if cls is not None else default
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """What a stage is told about one of its inputs besides its value."""
+
+    stage: str
+    model: str | None
+    label: str
+    seconds: float | None
+
+
+class StageCall(StageView):
+    """What a stage's run function receives: its declared settings, plugins and inputs, and
+    the :class:`RunContext` its plugins are given."""
+
+    def __init__(
+        self,
+        stage: Stage,
+        ctx: RunContext,
+        settings: Callable[[str], Any],
+        plugin_class: Callable[[str], type | None],
+        plugin: Callable[[str], Any],
+        load: Callable[[str], Any],
+        info: Mapping[str, InputInfo],
+    ) -> None:
+        super().__init__(stage, settings, plugin_class)
+        self.ctx = ctx
+        self._plugin = plugin
+        self._load = load
+        self._info = info
+
+    def plugin(self, slot: str) -> Any:
+        """The plugin instance in a declared slot (``None`` for an unconfigured optional one)."""
+        self._slot(slot)
+        return self._plugin(slot)
+
+    def _input(self, name: str) -> None:
+        if name not in self._stage.input_names:
+            raise UndeclaredAccess(
+                f"stage {self._stage.name!r} reads input {name!r} but declares only "
+                f"{', '.join(self._stage.input_names) or '(none)'}"
+            )
+
+    def __getitem__(self, name: str) -> Any:
+        """A declared input's value, loaded on first use (``None`` when it was skipped)."""
+        self._input(name)
+        return self._load(name)
+
+    def info(self, name: str) -> InputInfo | None:
+        """Which stage provided a declared input, its model key and label, and the seconds it
+        took to compute (``None`` when the input was skipped)."""
+        self._input(name)
+        return self._info.get(name)
+
+    def model_inputs(self) -> Iterator[tuple[str, InputInfo]]:
+        """(input name, info) of every declared input that is a model and exists, in order."""
+        for name in self._stage.input_names:
+            info = self._info.get(name)
+            if info is not None and info.model is not None:
+                yield name, info
+
+    def models(self) -> dict[str, nn.Module]:
+        """Model key -> model, for every declared model input that exists, in order."""
+        return {info.model: self[name] for name, info in self.model_inputs()}  # type: ignore[misc]
+

@@ -1,0 +1,468 @@
+"""The built-in stages of ``lvlmva compose`` and how a run's list of stages is built.
+
+```
+data -> train -> select -> attribute -> segment -> render -> critic -> judge -> masks
+     -> align -> reference -> mitigate.<name>... -> evaluate.<name>... -> results -> report
+```
+
+Each stage is a :class:`~lvlmva.pipeline.stage.Stage` whose run function reads only what it
+declares. Named instances (``[mitigators.jtt]``, ``[evaluators.groups]``) become one stage each;
+stages added by plugins are placed where they asked to be.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..records import (
+    AlignmentSet,
+    Critique,
+    CritiqueRequest,
+    Segmentation,
+    SpuriousDataset,
+    Verdicts,
+)
+from ..registry import PluginRegistry
+from ..settings import PluginChoice, Settings
+from . import codecs
+from .codecs import ModelArtifact
+from .stage import Stage, StageCall, StageIncomplete, StageView
+
+__all__ = ["build_stages", "critic_label", "MODEL_ORDER"]
+
+#: the run's own models, in the order tables list them (mitigators follow in settings order)
+MODEL_ORDER = ("original", "aligned", "true_mask")
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def critic_label(choice: PluginChoice | None) -> str:
+    """How tables name a critic: its plugin and, for LVLM plugins, the model
+    (``"oracle critic"``, ``"openai critic gpt-4o"``)."""
+    if choice is None:
+        return "no critic"
+    model = getattr(choice.options, "model", None)
+    return f"{choice.name} critic" + (f" {model}" if model else "")
+
+
+def _check_shape(role: str, tensor: Any, want: tuple[int, ...]) -> None:
+    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != want:
+        got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ValueError(f"{role} returned {got}, expected a tensor of shape {want}")
+
+
+def _check_answers(role: str, asked: Sequence[Any], answers: Sequence[Any]) -> None:
+    if len(answers) != len(asked):
+        raise ValueError(f"{role} returned {len(answers)} answers for {len(asked)} samples")
+    for a, b in zip(asked, answers, strict=True):
+        if a.sample_id != b.sample_id:
+            raise ValueError(f"{role} answered sample {b.sample_id} where {a.sample_id} was asked: answers must keep the order")
+
+
+def _unfinished(role: str, answers: Sequence[Critique | Verdicts]) -> None:
+    """Raise :class:`StageIncomplete` when some answers could not be obtained: the stage is then
+    not committed, the answers that came are in the response cache, and a re-run asks again for
+    exactly the failed samples. The message counts the reasons, most common first."""
+    failed = [a.failure for a in answers if a.retryable and a.failure]
+    if not failed:
+        return
+    counts = Counter(failed).most_common()
+    reason, n = counts[0]
+    text = f"{reason}: {n} of {len(answers)} {role} requests failed"
+    if len(counts) > 1:
+        others = "; ".join(f"{r} ({k})" for r, k in counts[1:4])
+        more = f" and {len(counts) - 4} other reasons" if len(counts) > 4 else ""
+        text += f"; also {others}{more}"
+    raise StageIncomplete(
+        f"{text}. The answers received are cached: run again to ask for the failed samples only."
+    )
+
+
+def _trainer(call: StageCall, data: SpuriousDataset) -> Any:
+    from ..training import Trainer
+
+    factory = call.plugin("model")
+    return Trainer(lambda: factory.build(data.input_shape, data.num_classes), call.option("train"), call.ctx)
+
+
+def _attribute_fn(call: StageCall, data: SpuriousDataset) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    attributor = call.plugin("attributor")
+    if attributor is None:
+        return None
+    return lambda model, x, y: attributor.attribute(model, x, y, data.train.images, call.ctx)
+
+
+def _no_critic(view: StageView) -> str | None:
+    return None if view.configured("critic") else "no critic configured: nothing to explain to"
+
+
+# -- data and the original model ----------------------------------------------------------------
+
+
+def _data(call: StageCall) -> SpuriousDataset:
+    data = call.plugin("dataset").load(call.ctx)
+    if not isinstance(data, SpuriousDataset):
+        raise TypeError(f"dataset plugin returned {type(data).__name__}, not SpuriousDataset")
+    return data
+
+
+def _train(call: StageCall) -> ModelArtifact:
+    data: SpuriousDataset = call["data"]
+    model = _trainer(call, data).fit(data.train, tag="train")
+    return ModelArtifact(model, data.input_shape, data.num_classes)
+
+
+# -- detection ------------------------------------------------------------------------------------
+
+
+def _select(call: StageCall) -> AlignmentSet:
+    from ..selection import select_alignment_set
+
+    data: SpuriousDataset = call["data"]
+    return select_alignment_set(call["train"], data.train, call.option("selection"), call.ctx)
+
+
+def _selection_fits(view: StageView, data: SpuriousDataset) -> list[str]:
+    n = view.option("selection").n
+    if n > len(data.train):
+        return [f"selection.n = {n}, but the training split has only {len(data.train)} samples"]
+    return []
+
+
+def _attribute(call: StageCall) -> dict[str, torch.Tensor]:
+    data: SpuriousDataset = call["data"]
+    idx = call["select"].indices
+    images = data.train.images[idx]
+    attributions = call.plugin("attributor").attribute(call["train"], images, data.train.labels[idx], data.train.images, call.ctx)
+    _check_shape("attributor", attributions, tuple(images.shape))
+    return {"attributions": attributions.detach().float().cpu()}
+
+
+def _segment(call: StageCall) -> Segmentation:
+    seg = call.plugin("segmenter").segment(call["attribute"]["attributions"], call.ctx)
+    if not isinstance(seg, Segmentation):
+        raise TypeError(f"segmenter returned {type(seg).__name__}, not Segmentation")
+    return seg
+
+
+def _render(call: StageCall) -> list:
+    from ..rendering import render_samples
+
+    data: SpuriousDataset = call["data"]
+    chosen: AlignmentSet = call["select"]
+    seg: Segmentation = call["segment"]
+    return render_samples(
+        data.train.images[chosen.indices],
+        seg.labels,
+        [int(i) for i in chosen.indices],
+        call.option("render"),
+        seg.num_clusters,
+        call.ctx.stage_dir,
+        call.stage.name,
+    )
+
+
+def _critic(call: StageCall) -> list[Critique]:
+    data: SpuriousDataset = call["data"]
+    chosen: AlignmentSet = call["select"]
+    seg: Segmentation = call["segment"]
+    critic = call.plugin("critic")
+    with_truth = bool(getattr(critic, "needs_true_masks", False))
+    requests = []
+    for row, (index, sample) in enumerate(zip(chosen.indices.tolist(), call["render"], strict=True)):
+        label = int(data.train.labels[index])
+        requests.append(
+            CritiqueRequest(
+                sample_id=int(index),
+                label=data.class_names[label],
+                class_description=data.class_descriptions[label],
+                family=data.family,
+                rendered=sample,
+                cluster_map=seg.labels[row],
+                true_mask=data.train.spurious_masks[index] if with_truth else None,
+            )
+        )
+    critiques = critic.critique(requests, call.ctx)
+    _check_answers("critic", requests, critiques)
+    _unfinished("critic", critiques)
+    return critiques
+
+
+def _judge(call: StageCall) -> list[Verdicts]:
+    critiques: list[Critique] = call["critic"]
+    verdicts = call.plugin("judge").judge(critiques, call.ctx)
+    _check_answers("judge", critiques, verdicts)
+    _unfinished("judge", verdicts)
+    return verdicts
+
+
+def _masks(call: StageCall) -> dict[str, Any]:
+    data: SpuriousDataset = call["data"]
+    chosen: AlignmentSet = call["select"]
+    if call.option("masks.source") == "true":
+        masks = data.train.spurious_masks[chosen.indices]
+        return {"masks": masks, "ok": torch.ones(len(chosen), dtype=torch.bool), "failures": []}
+    from ..masks import masks_from_verdicts
+
+    verdicts: list[Verdicts] = call["judge"]
+    masks, ok = masks_from_verdicts(call["segment"].labels, verdicts)
+    failures = [{"sample_id": v.sample_id, "stage": "judge", "reason": v.failure} for v in verdicts if not v.ok]
+    return {"masks": masks, "ok": ok, "failures": failures}
+
+
+def _masks_skip(view: StageView) -> str | None:
+    if view.option("masks.source") == "verdicts" and not view.configured("judge"):
+        return "no critic/judge configured and masks.source = 'verdicts'"
+    return None
+
+
+# -- models made from the original ------------------------------------------------------------------
+
+
+def _align(call: StageCall) -> ModelArtifact:
+    data: SpuriousDataset = call["data"]
+    chosen: AlignmentSet = call["select"]
+    m = call["masks"]
+    keep = m["ok"]
+    if not bool(keep.any()):
+        raise RuntimeError("no alignment sample has valid verdicts; see transcripts.jsonl and the judge's failures")
+    subset = AlignmentSet(chosen.indices[keep], chosen.scores[keep], chosen.strategy)
+    model = call.plugin("aligner").align(call["train"], data, subset, m["masks"][keep], call.ctx)
+    return ModelArtifact(model, data.input_shape, data.num_classes)
+
+
+def _reference(call: StageCall) -> ModelArtifact:
+    data: SpuriousDataset = call["data"]
+    chosen: AlignmentSet = call["select"]
+    masks = data.train.spurious_masks[chosen.indices]
+    model = call.plugin("aligner").align(call["train"], data, chosen, masks, call.ctx)
+    return ModelArtifact(model, data.input_shape, data.num_classes)
+
+
+def _reference_skip(view: StageView) -> str | None:
+    if not view.option("masks.true_mask_reference"):
+        return "masks.true_mask_reference = false"
+    if view.option("masks.source") == "true":
+        return "the aligned model already uses the true masks"
+    if not view.flag("dataset", "has_true_masks"):
+        return "the data set has no true spurious masks"
+    return None
+
+
+def _mitigate_stage(instance: str, choice: PluginChoice) -> Stage:
+    slot = choice.slot
+
+    def run(call: StageCall) -> ModelArtifact:
+        data: SpuriousDataset = call["data"]
+        # A copy: the original model is evaluated as "original" in the same run.
+        original = copy.deepcopy(call["train"])
+        model = call.plugin(slot).mitigate(original, _trainer(call, data), data, call.ctx)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"mitigator {choice.name!r} returned {type(model).__name__}, not an nn.Module")
+        return ModelArtifact(model, data.input_shape, data.num_classes)
+
+    def check(view: StageView, data: SpuriousDataset) -> list[str]:
+        problems = []
+        who = f"mitigator {instance!r} ({choice.name})"
+        if view.flag(slot, "needs_groups") and (data.train.groups is None or (data.val is not None and data.val.groups is None)):
+            problems.append(f"{who} needs group labels, which the loaded data set does not have")
+        if view.flag(slot, "needs_validation") and data.val is None:
+            problems.append(f"{who} needs a validation split, which the loaded data set does not have")
+        return problems
+
+    label = instance if instance == choice.name.replace("-", "_") else f"{instance} ({choice.name})"
+    return Stage(
+        f"mitigate.{instance}",
+        run,
+        inputs=("data", "train"),
+        settings=("train", "run.seed", "device"),
+        plugins=(slot, "model"),
+        codec=codecs.MODEL,
+        model=instance,
+        label=label,
+        summary=f"baseline {choice.name}",
+        check=check,
+    )
+
+
+# -- evaluation and outputs ----------------------------------------------------------------------------
+
+
+def _evaluate_stage(instance: str, choice: PluginChoice, model_stages: Sequence[Stage]) -> Stage:
+    slot = choice.slot
+
+    def run(call: StageCall) -> dict[str, Any]:
+        from ..results import check_evaluation
+
+        data: SpuriousDataset = call["data"]
+        evaluator = call.plugin(slot)
+        attribute = _attribute_fn(call, data)
+        declared = type(evaluator).metrics
+        models = {}
+        for key, model in call.models().items():
+            values = evaluator.evaluate(model, data, call.ctx, attribute=attribute)
+            check_evaluation(choice.name, key, values, declared)
+            models[key] = values
+        split = str(getattr(evaluator, "split", "test"))
+        return {"plugin": choice.name, "split": split, "metrics": [m.to_dict() for m in declared], "models": models}
+
+    def check(view: StageView, data: SpuriousDataset) -> list[str]:
+        who = f"evaluator {instance!r} ({choice.name})"
+        problems = []
+        if view.flag(slot, "needs_groups") and data.test.groups is None:
+            problems.append(f"{who} needs group labels on the test split, which the loaded data set does not have")
+        if view.flag(slot, "needs_true_masks") and data.test.spurious_masks is None:
+            problems.append(f"{who} needs true spurious masks on the test split, which the loaded data set does not have")
+        return problems
+
+    return Stage(
+        f"evaluate.{instance}",
+        run,
+        inputs=("data", *(f"{s.provides}?" for s in model_stages)),
+        plugins=(slot, "attributor?"),
+        codec=codecs.JSON,
+        summary=f"{choice.name} metrics of every model",
+        check=check,
+    )
+
+
+def _results_stage(settings: Settings, model_stages: Sequence[Stage], evaluate_stages: Sequence[Stage]) -> Stage:
+    describe = critic_label(settings.plugins.get("critic"))
+
+    def run(call: StageCall) -> dict[str, Any]:
+        from ..results import assemble_results
+
+        return assemble_results(call, describe, model_stages, evaluate_stages)
+
+    return Stage(
+        "results",
+        run,
+        inputs=(
+            "data",
+            "select?", "segment?", "critic?", "judge?", "masks?",
+            *(f"{s.provides}?" for s in model_stages),
+            *(f"{s.provides}?" for s in evaluate_stages),
+        ),  # fmt: skip
+        settings=("masks.source",),
+        plugins=("critic?",),
+        codec=codecs.JSON,
+        summary="results.json",
+    )
+
+
+def _report_stage(before: Sequence[Stage]) -> Stage:
+    def run(call: StageCall) -> dict[str, Any]:
+        from ..report import report_stage
+
+        return report_stage(call, [s.provides for s in before if s.persist])
+
+    return Stage(
+        "report",
+        run,
+        # Every stage before it: the report shows their timings and reads what it shows lazily.
+        inputs=("results", "data", *(f"{s.provides}?" for s in before if s.persist and s.provides != "results")),
+        settings=("report",),
+        plugins=("attributor?",),
+        codec=codecs.JSON,
+        summary="report.md and figures",
+    )
+
+
+# -- the list -------------------------------------------------------------------------------------------
+
+
+def _core_stages(settings: Settings) -> list[Stage]:
+    aligned = "aligned (true masks)" if settings.masks.source == "true" else f"aligned ({critic_label(settings.plugins.get('critic'))})"
+    return [
+        Stage("data", _data, settings=("run.seed",), plugins=("dataset",), persist=False, summary="load the data set"),
+        Stage(
+            "train", _train, inputs=("data",), settings=("train", "run.seed", "device"), plugins=("model",),
+            codec=codecs.MODEL, model="original", label="original", summary="train the original model f",
+        ),
+        Stage(
+            "select", _select, inputs=("data", "train"), settings=("selection",), codec=codecs.ALIGNMENT_SET,
+            check=_selection_fits, summary="choose alignment samples",
+        ),
+        Stage(
+            "attribute", _attribute, inputs=("data", "train", "select"), plugins=("attributor",),
+            codec=codecs.TENSORS, skip=_no_critic, summary="explain f on them",
+        ),
+        Stage(
+            "segment", _segment, inputs=("attribute",), plugins=("segmenter",), codec=codecs.SEGMENTATION,
+            skip=_no_critic, summary="split explanations into clusters",
+        ),
+        Stage(
+            "render", _render, inputs=("data", "select", "segment"), settings=("render",), codec=codecs.RENDERED,
+            skip=_no_critic, summary="draw cluster images",
+        ),
+        Stage(
+            "critic", _critic, inputs=("data", "select", "segment", "render"), plugins=("critic",),
+            codec=codecs.CRITIQUES, refreshable=True, summary="discuss clusters",
+        ),
+        Stage(
+            "judge", _judge, inputs=("critic",), plugins=("judge",), codec=codecs.VERDICTS, refreshable=True,
+            summary="turn critiques into verdicts",
+        ),
+        Stage(
+            "masks", _masks, inputs=("data", "select", "segment?", "judge?"), settings=("masks.source",),
+            codec=codecs.TENSORS, skip=_masks_skip, summary="correction masks",
+        ),
+        Stage(
+            "align", _align, inputs=("data", "train", "select", "masks"), plugins=("aligner",),
+            codec=codecs.MODEL, model="aligned", label=aligned, summary="fine-tune with the masks",
+        ),
+        Stage(
+            "reference", _reference, inputs=("data", "train", "select"), plugins=("aligner",),
+            settings=("masks.true_mask_reference", "masks.source"), codec=codecs.MODEL, model="true_mask",
+            label="true-mask reference", skip=_reference_skip,
+            summary="align with the true masks of the same samples",
+        ),
+    ]  # fmt: skip
+
+
+def _place(stages: list[Stage], registry: PluginRegistry, anchors_done: set[str]) -> None:
+    """Insert the plugin stages whose anchor is in ``stages`` (and that are not placed yet)."""
+    names = {s.name for s in stages}
+    for entry in registry.stages():
+        anchor = entry.after or entry.before
+        if entry.name in names or anchor not in names or entry.name in anchors_done:
+            continue
+        index = next(i for i, s in enumerate(stages) if s.name == anchor)
+        stages.insert(index + 1 if entry.after else index, entry.stage)
+        names.add(entry.name)
+        anchors_done.add(entry.name)
+
+
+def build_stages(settings: Settings, registry: PluginRegistry) -> list[Stage]:
+    """The stages of a run, in order: the core ones, one per mitigator and evaluator instance,
+    results and report, with the stages plugins added placed where they asked."""
+    stages = _core_stages(settings)
+    for instance, choice in settings.instances("mitigator").items():
+        stages.append(_mitigate_stage(instance, choice))
+    placed: set[str] = set()
+    _place(stages, registry, placed)
+    model_stages = [s for s in stages if s.model is not None]
+    evaluate = [_evaluate_stage(i, c, model_stages) for i, c in settings.instances("evaluator").items()]
+    stages += evaluate
+    stages.append(_results_stage(settings, model_stages, evaluate))
+    stages.append(_report_stage(list(stages)))
+    _place(stages, registry, placed)
+    unplaced = [e for e in registry.stages() if e.name not in placed]
+    if unplaced:
+        from .errors import ConfigurationError
+
+        raise ConfigurationError(
+            "\n".join(
+                f"stage {e.name!r} (from {e.distribution}) is to go "
+                f"{'after' if e.after else 'before'} {e.after or e.before!r}, which this run does not have"
+                for e in unplaced
+            )
+        )
+    return stages

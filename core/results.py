@@ -1,0 +1,205 @@
+"""results.json: how the results stage assembles it, and how every table reads it.
+
+Layout (each part present when the run has it)::
+
+    models       key -> {"label", "stage"}          the run's models: original, aligned, ...
+    evaluations  instance -> {"plugin", "split", "metrics": [declarations], "models": {key: values}}
+    critic       {"label", "plugin", "reads_true_masks"}
+    verdicts     verdict accuracy and friends (where true masks exist), with the critic named
+    alignment    samples, how many were aligned on, the failures with their stage and reason
+    usage        LVLM tokens, requests, cache hits, cost
+    machine      where the numbers were computed
+    settings, timings   added when the results are published
+
+Tables (CLI summary, report, sweeps) are drawn from the evaluators' metric declarations stored
+with their values, so a new evaluator's metrics appear without touching any table code.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .protocols import Metric
+from .records import Critique, SpuriousDataset, Verdicts, total_usage
+
+if TYPE_CHECKING:
+    from .pipeline.stage import Stage, StageCall
+
+__all__ = [
+    "check_evaluation",
+    "assemble_results",
+    "MetricColumn",
+    "metric_columns",
+    "model_labels",
+    "summary_lines",
+    "ORACLE_NOTE",
+]
+
+#: what tables say about verdicts from a critic that reads the true masks
+ORACLE_NOTE = "reads the true masks: an upper-bound stand-in for an LVLM critic, not an LVLM"
+
+
+def check_evaluation(plugin: str, model: str, values: Any, declared: Sequence[Metric]) -> None:
+    """An evaluator's result for one model must be a dict whose declared metrics are numbers,
+    ``None`` or mappings of names to numbers (or ``None``); raises ``ValueError`` naming the key."""
+    if not isinstance(values, Mapping):
+        raise TypeError(f"evaluator {plugin!r} returned {type(values).__name__} for model {model!r}, not a dict")
+    keys = [m.key for m in declared]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"evaluator {plugin!r} declares a metric key twice: {keys}")
+
+    def number(v: Any) -> bool:
+        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) or hasattr(v, "dtype")
+
+    for metric in declared:
+        value = values.get(metric.key)
+        ok = number(value) or (isinstance(value, Mapping) and all(number(v) for v in value.values()))
+        if not ok:
+            raise ValueError(
+                f"evaluator {plugin!r}, model {model!r}: metric {metric.key!r} is {value!r}; "
+                "a metric is a number, None or a mapping of names to numbers"
+            )
+
+
+def _machine(device: torch.device) -> dict[str, Any]:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def assemble_results(
+    call: StageCall, critic: str, model_stages: Sequence[Stage], evaluate_stages: Sequence[Stage]
+) -> dict[str, Any]:
+    """The results stage: labels of the models, every evaluation, verdict quality, alignment
+    failures and LVLM usage, from the artifacts the stage declared."""
+    data: SpuriousDataset = call["data"]
+    out: dict[str, Any] = {"models": {}, "evaluations": {}, "input_scale": data.input_scale}
+    for stage in model_stages:
+        info = call.info(stage.provides)
+        if info is not None:
+            out["models"][info.model] = {"label": info.label, "stage": info.stage}
+    for stage in evaluate_stages:
+        evaluation = call[stage.provides]
+        if evaluation is not None:
+            out["evaluations"][stage.name.partition(".")[2]] = evaluation
+    oracle = call.flag("critic", "needs_true_masks")
+    if call.configured("critic"):
+        out["critic"] = {"label": critic, "reads_true_masks": oracle}
+
+    critiques: list[Critique] = call["critic"] or []
+    verdicts: list[Verdicts] | None = call["judge"]
+    if verdicts is not None and data.train.spurious_masks is not None:
+        from .metrics import verdict_metrics
+
+        chosen = call["select"]
+        out["verdicts"] = {
+            **verdict_metrics(call["segment"].labels, verdicts, data.train.spurious_masks[chosen.indices]),
+            "critic": critic,
+            "note": ORACLE_NOTE if oracle else "",
+        }
+    masks = call["masks"]
+    if masks is not None:
+        # One failure per sample: a critique that failed is reported with the critic's reason,
+        # not the judge's "no critique to judge".
+        by_sample = {f["sample_id"]: f for f in masks["failures"]}
+        for c in critiques:
+            if c.failure is not None:
+                by_sample[c.sample_id] = {"sample_id": c.sample_id, "stage": "critic", "reason": c.failure}
+        ok = masks["ok"]
+        out["alignment"] = {
+            "samples": int(ok.numel()),
+            "aligned_on": int(ok.sum()),
+            "failed": int((~ok).sum()),
+            "failures": sorted(by_sample.values(), key=lambda f: f["sample_id"]),
+            "mask_source": call.option("masks.source"),
+            "mean_mask_pixels": float(masks["masks"][ok].float().sum(dim=(1, 2)).mean()) if bool(ok.any()) else 0.0,
+        }
+        ignored = {v.sample_id: list(v.ignored_colors) for v in verdicts or [] if v.ignored_colors}
+        if ignored:
+            out["alignment"]["ignored_colors"] = ignored
+    out["usage"] = total_usage([*critiques, *(verdicts or [])]).to_state()
+    out["machine"] = _machine(call.ctx.device)
+    return out
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MetricColumn:
+    """One declared metric of one evaluator instance, as a table column."""
+
+    evaluator: str
+    metric: Metric
+    split: str
+
+    def values(self, results: Mapping[str, Any]) -> dict[str, Any]:
+        """Model key -> this metric's value."""
+        evaluation = (results.get("evaluations") or {}).get(self.evaluator) or {}
+        return {model: v.get(self.metric.key) for model, v in (evaluation.get("models") or {}).items()}
+
+
+def metric_columns(results: Mapping[str, Any]) -> list[MetricColumn]:
+    """Every declared metric of every evaluation, in declaration order."""
+    out = []
+    for name, evaluation in (results.get("evaluations") or {}).items():
+        for decl in evaluation.get("metrics") or []:
+            out.append(MetricColumn(name, Metric.from_dict(decl), str(evaluation.get("split", "test"))))
+    return out
+
+
+def model_labels(results: Mapping[str, Any]) -> dict[str, str]:
+    """Model key -> the label tables show, in the run's order."""
+    return {key: str(info.get("label") or key) for key, info in (results.get("models") or {}).items()}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not (isinstance(value, float) and math.isnan(value))
+
+
+def summary_lines(results: Mapping[str, Any]) -> list[str]:
+    """The CLI summary: one line per model with its summary metrics, and the verdict accuracy
+    with the critic that produced it. Metric names are prefixed by their evaluator instance
+    when several evaluators report the same key."""
+    columns = [c for c in metric_columns(results) if c.metric.summary]
+    keys = [c.metric.key for c in columns]
+    labels = model_labels(results)
+    width = max([len(v) for v in labels.values()] + [16])
+    lines = []
+    for model, label in labels.items():
+        parts = []
+        for column in columns:
+            value = column.values(results).get(model)
+            if not _is_number(value):
+                continue
+            name = column.metric.key if keys.count(column.metric.key) == 1 else f"{column.evaluator}.{column.metric.key}"
+            parts.append(f"{name}={column.metric.format_value(value)}")
+        lines.append(f"  {label:<{width}} " + " ".join(parts))
+    columns_split = {c.split for c in columns}
+    if lines and columns_split:
+        lines.append(f"  (on the {', '.join(sorted(columns_split))} split)")
+    verdicts = results.get("verdicts") or {}
+    if _is_number(verdicts.get("verdict_accuracy")):
+        note = f"; the critic {verdicts['note']}" if verdicts.get("note") else ""
+        lines.append(f"  verdict accuracy {verdicts['verdict_accuracy']:.4f} ({verdicts.get('critic', 'critic')}{note})")
+    return lines
+
+
+def iter_model_values(results: Mapping[str, Any]) -> Iterator[tuple[str, MetricColumn, Any]]:
+    """(model key, column, value) for every model and declared metric: the long format a study
+    or a sweep writes."""
+    for column in metric_columns(results):
+        for model, value in column.values(results).items():
+            yield model, column, value
