@@ -5,8 +5,11 @@ The names here are the public surface for plugin authors; everything else may ch
 
 from __future__ import annotations
 
-from .hookspecs import hookimpl, hookspec
-from .protocols import (
+__version__ = "0.1.0"
+
+from .hookspecs import hookimpl, hookspec  # noqa: E402
+from .pipeline import Stage, StageCall  # noqa: E402
+from .protocols import (  # noqa: E402
     ROLES,
     Aligner,
     Attributor,
@@ -21,7 +24,7 @@ from .protocols import (
     RunContext,
     Segmenter,
 )
-from .records import (
+from .records import (  # noqa: E402
     AlignmentSet,
     Critique,
     CritiqueRequest,
@@ -32,9 +35,8 @@ from .records import (
     Usage,
     Verdicts,
 )
-from .registry import PluginError, PluginRegistry, get_registry
-
-__version__ = "0.1.0"
+from .registry import PluginError, PluginRegistry, get_registry  # noqa: E402
+from .training import EpochEnd, Trainer  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -65,4 +67,8 @@ __all__ = [
     "PluginError",
     "PluginRegistry",
     "get_registry",
+    "Trainer",
+    "EpochEnd",
+    "Stage",
+    "StageCall",
 ]

@@ -114,10 +114,11 @@ class Pipeline:
             raise ConfigurationError(f"run.device = {run.device!r}: {exc}") from None
         self.stages = build_stages(settings, self.registry)
         self._by_name = {s.name: s for s in self.stages}
+        self._width = max(len(s.name) for s in self.stages)
         self._providers = self._resolve_inputs()
         self._plugins: dict[str, Any] = {}
         self._values: dict[str, Any] = {}
-        self._data_checked = False
+        self._nested = 0.0  # seconds of unstored stages computed inside the stage being computed
         self.outcomes: dict[str, StageOutcome] = {}
         self._check_combination()
         self.skipped = self._skip_reasons()
@@ -314,7 +315,8 @@ class Pipeline:
             return _Decision("skipped", reason=reason)
         for name, provider in self._providers[stage.name].items():
             if state.status.get(provider) in ("failed", "blocked"):
-                return _Decision("blocked", reason=f"needs {name}, which {state.status[provider]}")
+                what = "failed" if state.status[provider] == "failed" else "could not run"
+                return _Decision("blocked", reason=f"needs {name}, which {what}")
         fp = self._fingerprint(stage, state.tokens)
         if fp is None:
             return _Decision("pending")  # after the stages it reads: its fingerprint is not known yet
@@ -422,7 +424,7 @@ class Pipeline:
                 continue
             else:
                 if d.reason and d.reason != "--refresh":
-                    self.echo(f"  ! {stage.name:<9} {d.reason}: computing it again")
+                    self.echo(f"  ! {stage.name:<{self._width}} {d.reason}: computing it again")
                 self._compute(stage, d.fingerprint, rundir, hooks)  # type: ignore[arg-type]
                 continue
             state.status.setdefault(stage.name, d.status)
@@ -432,14 +434,15 @@ class Pipeline:
     def _finish(self, stage: Stage, status: str, fp: str | None, seconds: float = 0.0, reason: str = "") -> None:
         self._state.status[stage.name] = status
         self.outcomes[stage.name] = StageOutcome(stage.name, status, fp, seconds, reason)
+        name = f"{stage.name:<{self._width}}"
         if status == "skipped":
-            self.echo(f"  - {stage.name:<9} skipped: {reason}")
+            self.echo(f"  - {name} skipped: {reason}")
         elif status == "blocked":
-            self.echo(f"  x {stage.name:<9} not run: {reason}")
+            self.echo(f"  x {name} not run: {reason}")
         elif status == "reused":
-            self.echo(f"  = {stage.name:<9} reused ({(fp or '')[:8]})")
+            self.echo(f"  = {name} reused ({(fp or '')[:8]})")
         elif status == "computed":
-            self.echo(f"  + {stage.name:<9} computed in {seconds:.1f}s")
+            self.echo(f"  + {name} computed in {seconds:.1f}s")
         self._hooks.lvlmva_stage_finished(stage=stage.name, run_dir=self.run_dir, status=status, seconds=seconds)
 
     def _compute(self, stage: Stage, fp: str, rundir: RunDirectory, hooks: Any) -> None:
@@ -451,6 +454,7 @@ class Pipeline:
         hooks.lvlmva_stage_started(stage=stage.name, run_dir=self.run_dir, fingerprint=fp)
         ctx = self._context(stage, partial, attempt)
         started = time.perf_counter()
+        self._nested = 0.0
         try:
             seed_everything(_stage_seed(self.settings.run.seed, stage.name), self.settings.run.deterministic)
             value = stage.run(self._call(stage, ctx))
@@ -466,9 +470,9 @@ class Pipeline:
             return
         except Exception as exc:  # recorded with the stage's name; the stages that need it are blocked
             rundir.abandon(stage.name)
-            self._fail(stage, fp, time.perf_counter() - started, exc)
+            self._fail(stage, fp, time.perf_counter() - started - self._nested, exc)
             return
-        seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - started - self._nested  # the data set's loading is its own
         record = rundir.commit(stage.name, fp, stage.codec.name, seconds)  # type: ignore[union-attr]
         rundir.forget_logs(stage.name, keep_attempt=attempt)
         self._values[stage.name] = value
@@ -481,7 +485,7 @@ class Pipeline:
         self._state.status[stage.name] = "failed"
         self.outcomes[stage.name] = StageOutcome(stage.name, "failed", fp, seconds, reason=str(exc))
         kind = "" if isinstance(exc, StageIncomplete) else f"{type(exc).__name__}: "
-        self.echo(f"  ! {stage.name:<9} failed after {seconds:.1f}s: {kind}{exc}")
+        self.echo(f"  ! {stage.name:<{self._width}} failed after {seconds:.1f}s: {kind}{exc}")
         self._hooks.lvlmva_stage_finished(stage=stage.name, run_dir=self.run_dir, status="failed", seconds=seconds)
 
     def _call(self, stage: Stage, ctx: RunContext) -> StageCall:
@@ -534,9 +538,12 @@ class Pipeline:
         except (KeyboardInterrupt, SystemExit, ConfigurationError):
             raise
         except Exception as exc:  # recorded as the data set's failure, not the stage that asked
-            self._fail(stage, fp, time.perf_counter() - started, exc)
+            seconds = time.perf_counter() - started
+            self._nested += seconds
+            self._fail(stage, fp, seconds, exc)
             raise _InputFailed(stage.name) from exc
         seconds = time.perf_counter() - started
+        self._nested += seconds
         self._finish(stage, "computed", fp, seconds)
         self._check_data(value)
         return value

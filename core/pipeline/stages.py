@@ -80,9 +80,10 @@ def _unfinished(role: str, answers: Sequence[Critique | Verdicts]) -> None:
         others = "; ".join(f"{r} ({k})" for r, k in counts[1:4])
         more = f" and {len(counts) - 4} other reasons" if len(counts) > 4 else ""
         text += f"; also {others}{more}"
-    raise StageIncomplete(
-        f"{text}. The answers received are cached: run again to ask for the failed samples only."
-    )
+    answered = len(answers) - len(failed)
+    if answered:
+        text += f" ({answered} answered and cached: a new run asks only for the {len(failed)} that failed)"
+    raise StageIncomplete(text)
 
 
 def _trainer(call: StageCall, data: SpuriousDataset) -> Any:
@@ -127,6 +128,12 @@ def _select(call: StageCall) -> AlignmentSet:
 
     data: SpuriousDataset = call["data"]
     return select_alignment_set(call["train"], data.train, call.option("selection"), call.ctx)
+
+
+def _select_skip(view: StageView) -> str | None:
+    if view.configured("critic") or view.configured("aligner"):
+        return None
+    return "no critic and no aligner: nothing uses alignment samples"
 
 
 def _selection_fits(view: StageView, data: SpuriousDataset) -> list[str]:
@@ -388,7 +395,7 @@ def _core_stages(settings: Settings) -> list[Stage]:
         ),
         Stage(
             "select", _select, inputs=("data", "train"), settings=("selection",), codec=codecs.ALIGNMENT_SET,
-            check=_selection_fits, summary="choose alignment samples",
+            skip=_select_skip, check=_selection_fits, summary="choose alignment samples",
         ),
         Stage(
             "attribute", _attribute, inputs=("data", "train", "select"), plugins=("attributor",),

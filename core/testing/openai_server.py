@@ -208,6 +208,8 @@ class ScriptedOpenAIServer:
       indexed by request number; scripts may also use :data:`SCRIPTED_FAULT_KINDS`.
     - ``retry_after_s``: the ``Retry-After`` a 429 carries; ``fault_delay_s``: how long a
       ``"delay"`` fault stalls (set it past the client's timeout).
+    - ``port``: the loopback port to bind (0: a free one); a test can stop a server and start
+      another at the same address, as a local server that comes up again.
     """
 
     def __init__(
@@ -221,6 +223,7 @@ class ScriptedOpenAIServer:
         seed: int = 0,
         retry_after_s: float = 0.05,
         fault_delay_s: float = 2.0,
+        port: int = 0,
     ) -> None:
         unknown = [k for k in fault_kinds if k not in _ALL_FAULT_KINDS]
         if unknown:
@@ -236,6 +239,7 @@ class ScriptedOpenAIServer:
         self.seed = int(seed)
         self.retry_after_s = float(retry_after_s)
         self.fault_delay_s = float(fault_delay_s)
+        self._port = int(port)
         self.requests: list[RecordedRequest] = []
         self.answered = 0
         self.in_flight = 0
@@ -254,7 +258,8 @@ class ScriptedOpenAIServer:
         handler = type("_Handler", (_Handler,), {"server_ref": self})
         server_cls = type("_Server", (ThreadingHTTPServer,), {"request_queue_size": 256})
         # A deep listen backlog: the default of 5 drops bursts of concurrent connects.
-        self._httpd = server_cls(("127.0.0.1", 0), handler)
+        server_cls.allow_reuse_address = True
+        self._httpd = server_cls(("127.0.0.1", self._port), handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="openai-test-server", daemon=True

@@ -79,7 +79,7 @@ def test_fresh_run_calls_every_event_hook(observer, toy_registered, tmp_path):
     run_dir = tmp_path / "run"
     pipeline = _run(toy_registered, run_dir)
 
-    computed = {"data", "train", "select", "evaluate.accuracy", "results", "report"}
+    computed = {"data", "train", "evaluate.accuracy", "results", "report"}
     started = observer.of("started")
     assert {c[1] for c in started} == computed
     for _, stage, where, fingerprint in started:
@@ -118,7 +118,7 @@ def test_resumed_run_reports_reused_stages_without_starting_them(observer, toy_r
     _run(toy_registered, run_dir)
     assert observer.of("started") == []
     statuses = observer.statuses()
-    assert {s for s, status in statuses.items() if status == "reused"} == {"train", "select", "evaluate.accuracy", "results", "report"}
+    assert {s for s, status in statuses.items() if status == "reused"} == {"train", "evaluate.accuracy", "results", "report"}
     assert all(c[4] == 0.0 for c in observer.of("finished"))
     (finished,) = observer.of("run_finished")
     assert finished[3] == "ok" and finished[2] == first

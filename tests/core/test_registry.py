@@ -368,3 +368,46 @@ def test_a_run_with_the_openai_critic_never_imports_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+# -- LVLMVA_PLUGINS and plugin stages ------------------------------------------------------------
+
+
+def test_modules_named_in_lvlmva_plugins_are_loaded_as_plugins(fresh_plugins, monkeypatch):
+    monkeypatch.setenv("LVLMVA_PLUGINS", " lvlmva.testing.toy_plugins ,")
+    registry = get_registry()
+    entry = registry.entry("mitigator", "toy-retrain")
+    assert (entry.distribution, entry.source) == ("LVLMVA_PLUGINS", "lvlmva.testing.toy_plugins")
+    assert registry.get("mitigator", "toy-upweight").needs_groups is True
+
+
+def test_a_module_in_lvlmva_plugins_that_cannot_be_imported_is_named(fresh_plugins, monkeypatch):
+    monkeypatch.setenv("LVLMVA_PLUGINS", "no_such_module_here")
+    with pytest.raises(PluginError, match="LVLMVA_PLUGINS: cannot import 'no_such_module_here': ModuleNotFoundError"):
+        get_registry()
+
+
+def _stage(name: str):
+    from lvlmva.pipeline import Stage, codecs
+
+    return Stage(name, lambda call: {}, codec=codecs.JSON)
+
+
+def test_added_stages_are_checked_and_recorded():
+    registry = PluginRegistry()
+    registry._source = ("my-dist", "1.0", "my_plugin")
+    registry.add_stage(_stage("review"), after="judge", options=PluginOptions)
+    (entry,) = registry.stages()
+    assert (entry.name, entry.after, entry.before, entry.distribution) == ("review", "judge", None, "my-dist")
+    assert registry.stage_sections() == {"review": PluginOptions}
+    with pytest.raises(PluginError, match="duplicate stage 'review': added by my_plugin"):
+        registry.add_stage(_stage("review"), before="masks")
+    with pytest.raises(PluginError, match="give exactly one of after= or before="):
+        registry.add_stage(_stage("other"), after="judge", before="masks")
+    with pytest.raises(PluginError, match="is not a lvlmva.pipeline.Stage"):
+        registry.add_stage(object(), after="judge")
+    with pytest.raises(PluginError, match="options must subclass lvlmva.PluginOptions"):
+        registry.add_stage(_stage("third"), after="judge", options=dict)
+    blocked = PluginRegistry(blocked={"stage:review"})
+    blocked.add_stage(_stage("review"), after="judge")
+    assert blocked.stages() == []

@@ -377,3 +377,122 @@ def test_text_that_parses_as_another_type_is_kept_for_string_options(registry):
     # a file's value is TOML already: no second guess
     with pytest.raises(SettingsError, match="masks.source = True"):
         load_settings(None, {"masks": {"source": True}}, environ={}, registry=registry)
+
+
+# -- named instances -------------------------------------------------------------------------
+
+
+class FakeMitigator:
+    """A mitigator with one option."""
+
+    class Options(PluginOptions):
+        upweight: float = Field(20.0, description="How much.")
+        lr: float = Field(1e-3, description="Learning rate.")
+
+    needs_groups = False
+    needs_validation = False
+
+    def __init__(self, options) -> None:
+        self.options = options
+
+    def mitigate(self, original, trainer, data, ctx):
+        return original
+
+
+class SlimMitigator(FakeMitigator):
+    """A mitigator without upweight."""
+
+    class Options(PluginOptions):
+        lr: float = Field(1e-3, description="Learning rate.")
+
+
+@pytest.fixture
+def mitigators(registry) -> PluginRegistry:
+    registry.add("mitigator", "jtt", FakeMitigator)
+    registry.add("mitigator", "dfr", FakeMitigator)
+    registry.add("mitigator", "slim", SlimMitigator)
+    return registry
+
+
+TWO = '[mitigators.jtt]\nplugin = "jtt"\nupweight = 50.0\n[mitigators.dfr]\nplugin = "dfr"\n'
+
+
+def test_named_instances_from_the_file_set_and_environment(write, mitigators):
+    path = write(TWO)
+    settings = load(path, registry=mitigators)
+    assert list(settings.instances("mitigator")) == ["jtt", "dfr"]
+    assert settings.plugins["mitigators.jtt"].options.upweight == 50.0
+    assert settings.plugins["mitigators.jtt"].instance == "jtt"
+    env = {"LVLMVA_MITIGATORS__JTT__UPWEIGHT": "70", "LVLMVA_MITIGATORS__DFR__LR": "0.5"}
+    settings = load(path, ["mitigators.jtt.upweight=90"], env, mitigators)
+    assert settings.plugins["mitigators.jtt"].options.upweight == 90.0  # --set > environment
+    assert settings.plugins["mitigators.dfr"].options.lr == 0.5
+    assert settings.plugins["mitigators.dfr"].options.upweight == 20.0  # one instance's keys stay its own
+    # a new instance from the command line alone
+    settings = load(path, ["mitigators.extra.plugin=jtt"], registry=mitigators)
+    assert list(settings.instances("mitigator")) == ["jtt", "dfr", "extra"]
+    assert settings.as_dict()["mitigators"]["jtt"] == {"plugin": "jtt", "upweight": 50.0, "lr": 1e-3}
+
+
+def test_errors_in_an_instance_name_the_dotted_key_and_its_source(write, mitigators):
+    path = write(TWO)
+    err = error_of(path, environ={"LVLMVA_MITIGATORS__JTT__UPWEIGHTT": "1"}, registry=mitigators)
+    assert err.startswith("environment LVLMVA_MITIGATORS__JTT__UPWEIGHTT: mitigators.jtt.upweightt = 1: unknown key")
+    assert "allowed keys: plugin, lr, upweight" in err
+    err = error_of(path, ["mitigators.dfr.plugin=nope"], registry=mitigators)
+    assert "--set mitigators.dfr.plugin: mitigators.dfr.plugin = 'nope': unknown mitigator plugin 'nope'" in err
+
+
+def test_switching_an_instances_plugin_drops_the_old_plugins_keys(write, mitigators):
+    settings = load(write(TWO), ["mitigators.jtt.plugin=slim"], registry=mitigators)
+    assert settings.plugins["mitigators.jtt"].name == "slim"
+    assert settings.plugins["mitigators.dfr"].name == "dfr"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[mitigators.JTT]\nplugin = "jtt"\n', "[mitigators.JTT]: an instance name is lower-case letters"),
+        ('[mitigators.original]\nplugin = "jtt"\n', "'original' names one of the run's own models"),
+        ("[mitigators]\njtt = 3\n", "mitigators.jtt must be a table with plugin"),
+        ("[mitigators.jtt]\nupweight = 3.0\n", "[mitigators.jtt] needs plugin = \"name\"; registered: dfr, jtt, slim"),
+    ],
+)
+def test_bad_instances(write, mitigators, text, message):
+    assert message in error_of(write(text), registry=mitigators)
+
+
+def test_the_old_singular_sections_say_how_to_write_them_now(write, mitigators):
+    err = error_of(write('[mitigator]\nplugin = "jtt"\nupweight = 50.0\n'), registry=mitigators)
+    assert "[mitigator] is written [mitigators.<name>] now, one table per named instance; replace it with:" in err
+    assert '[mitigators.jtt]\n    plugin = "jtt"\n    upweight = 50.0' in err
+    err = error_of(None, environ={"LVLMVA_EVALUATOR__PLUGIN": "x"}, registry=mitigators)
+    assert "[evaluator] is written [evaluators.<name>] now" in err
+
+
+def test_a_renamed_key_says_its_new_name(write):
+    assert error_of(write("[masks]\ntrue_mask_bound = false\n")).endswith(
+        "masks.true_mask_bound was renamed: write masks.true_mask_reference"
+    )
+
+
+@pytest.mark.parametrize("name", ["../up", "a/b", "/abs", "..", ".", " "])
+def test_a_run_name_is_one_folder_name(write, name):
+    assert "must be one folder name" in error_of(write(f'[run]\nname = "{name}"\n'))
+
+
+def test_a_settings_file_that_is_not_utf8_is_named(write, tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('[run]\nname = "café"\n'.encode("latin-1"))
+    assert error_of(path) == f"{path}: not UTF-8 text (byte 17 is 0xe9); save the settings file as UTF-8"
+    assert error_of(tmp_path) == f"{tmp_path}: is a folder, not a settings file"
+
+
+def test_a_redacted_options_value_is_not_echoed(write, registry):
+    class Keyed(FakeCritic):
+        class Options(PluginOptions):
+            api_key_env: str = Field("X", pattern=r"^[A-Z_]+$", json_schema_extra={"redact_errors": True})
+
+    registry.add("critic", "keyed", Keyed)
+    err = error_of(write('[critic]\nplugin = "keyed"\napi_key_env = "sk-secret-value"\n'), registry=registry)
+    assert "critic.api_key_env = <hidden>" in err and "sk-secret-value" not in err

