@@ -1,7 +1,8 @@
 """The ``lvlmva`` command.
 
-Exit codes: 0 success; 2 bad input (settings, plugin names, combinations), before any work;
-1 failure during a run (the stage is named and the run directory kept).
+Exit codes: 0 success; 2 bad input (settings, plugin names, combinations, an output folder that
+is not ours), before any work; 1 failure during a run (the stage is named and the run directory
+kept); 130 interrupted (finished stages kept).
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from pathlib import Path
 
 from . import __version__
 from .pipeline import ArtifactError, Pipeline, PublishError, RunDirectory, StageFailed
+from .pipeline.errors import describe_failure
 from .protocols import ROLES
 from .registry import PluginError, get_registry
 from .results import summary_lines
 from .settings import SettingsError, load_settings
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -111,12 +113,19 @@ def _compose(args: argparse.Namespace) -> int:
         results = pipeline.run()
     except StageFailed as exc:
         for name, cause in exc.failures.items():
-            print(f"lvlmva: stage {name!r} failed: {_cause(cause)}", file=sys.stderr)
+            print(f"lvlmva: stage {name!r} failed: {describe_failure(cause)}", file=sys.stderr)
         print(f"lvlmva: the run directory keeps every finished stage; run again to resume: {exc.run_dir}", file=sys.stderr)
         return EXIT_FAILED
     except (PublishError, ArtifactError) as exc:
         print(f"lvlmva: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except OSError as exc:  # the run directory itself (a full disk, a folder in the way)
+        where = exc.filename or pipeline.run_dir
+        print(f"lvlmva: cannot write the run directory: {where}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"lvlmva: interrupted; finished stages are kept, run again to resume: {pipeline.run_dir}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     summary = summary_lines(results)
     if summary:
         print("\n".join(summary))
@@ -127,10 +136,6 @@ def _compose(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cause(exc: BaseException) -> str:
-    from .pipeline import StageIncomplete
-
-    return str(exc) if isinstance(exc, StageIncomplete) else f"{type(exc).__name__}: {exc}"
 
 
 def _plugins(args: argparse.Namespace) -> int:

@@ -38,6 +38,7 @@ __all__ = [
     "metric_columns",
     "model_labels",
     "summary_lines",
+    "machine_info",
     "ORACLE_NOTE",
 ]
 
@@ -67,7 +68,8 @@ def check_evaluation(plugin: str, model: str, values: Any, declared: Sequence[Me
             )
 
 
-def _machine(device: torch.device) -> dict[str, Any]:
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """Where numbers are computed: platform, processor, device, torch's thread count."""
     info = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
@@ -130,7 +132,7 @@ def assemble_results(
         if ignored:
             out["alignment"]["ignored_colors"] = ignored
     out["usage"] = total_usage([*critiques, *(verdicts or [])]).to_state()
-    out["machine"] = _machine(call.ctx.device)
+    out["machine"] = machine_info(call.ctx.device)
     return out
 
 

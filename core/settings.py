@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import Field, ValidationError, create_model, field_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -405,18 +405,11 @@ class _DictSource(PydanticBaseSettingsSource):
 
 
 class _ComposedBase(BaseSettings):
-    """The merge of every source, section by section (values are checked afterwards). The
-    fields, one per allowed section, are made per registry by :func:`_composer`."""
+    """The merge of every source, section by section (values are checked afterwards; every
+    section is known to be a table). The fields, one per allowed section, are made per registry
+    by :func:`_composer`."""
 
     model_config = SettingsConfigDict(extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _sections_are_tables(cls, data: Any) -> Any:
-        for key, value in (data or {}).items():
-            if key in cls.model_fields and value is not None and not isinstance(value, dict):
-                raise ValueError(f"[{key}] must be a table of settings, got {value!r}")
-        return data
 
 
 def _composer(sections: Sequence[str], layers: tuple[dict, dict, dict]) -> type[BaseSettings]:
@@ -662,6 +655,15 @@ def load_settings(
             unknown.append(f"{prov.origin([key])}: " + (hint or f"unknown section [{key}]; allowed sections: {', '.join(sections)}"))
     if unknown:
         raise SettingsError("\n".join(unknown))
+    # A value where a table belongs is not shown: it may be a key pasted in the wrong place.
+    not_tables = [
+        f"{prov.origin([key])}: [{key}] must be a table of settings, not a {type(value).__name__}"
+        for layer in (file_layer, env_layer, over_layer)
+        for key, value in layer.items()
+        if not isinstance(value, dict)
+    ]
+    if not_tables:
+        raise SettingsError("\n".join(dict.fromkeys(not_tables)))
     _drop_keys_of_replaced_plugins(registry, over_layer, env_layer, file_layer)
 
     def raw_text(path_: Sequence[str]) -> dict[str, Any]:
@@ -699,7 +701,7 @@ def load_settings(
         for instance, values in (getattr(composed, section) or {}).items():
             where = prov.origin([section, instance])
             if not isinstance(values, dict):
-                problems.append(f"{where}: {section}.{instance} must be a table with plugin = \"...\", got {values!r}")
+                problems.append(f"{where}: {section}.{instance} must be a table with plugin = \"...\", not a {type(values).__name__}")
             elif not _INSTANCE_NAME.match(instance):
                 problems.append(
                     f"{where}: [{section}.{instance}]: an instance name is lower-case letters, digits "

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_atomic
-from .pipeline import Pipeline, RunDirectory, StageFailed
+from .pipeline import ArtifactError, Pipeline, PublishError, RunDirectory, StageFailed
 from .results import iter_model_values, metric_columns
 from .settings import SettingsError, load_settings
 
@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"sweep: error: {exc}", file=sys.stderr)
         return 2
+    except (PublishError, ArtifactError) as exc:
+        print(f"sweep: {exc}", file=sys.stderr)
+        return 1
     print((args.out / "sweep.md").read_text())
     print(f"plot: {args.out / 'sweep.png'}")
     return 0 if rows and not any("failed" in r for r in rows) else 1

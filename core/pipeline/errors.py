@@ -13,6 +13,7 @@ __all__ = [
     "RunDirectoryBusy",
     "StageFailed",
     "PublishError",
+    "describe_failure",
 ]
 
 
@@ -37,7 +38,7 @@ class StageFailed(Exception):
         self.failures = dict(failures)
         self.run_dir = run_dir
         self.stage, self.cause = next(iter(self.failures.items()))
-        lines = [f"stage {name!r} failed: {_describe(exc)}" for name, exc in self.failures.items()]
+        lines = [f"stage {name!r} failed: {describe_failure(exc)}" for name, exc in self.failures.items()]
         super().__init__("; ".join(lines) + f" (run directory kept: {run_dir})")
 
 
@@ -45,7 +46,9 @@ class PublishError(Exception):
     """results.json or the report could not be written into the run directory."""
 
 
-def _describe(exc: BaseException) -> str:
+def describe_failure(exc: BaseException) -> str:
+    """How a stage's failure is written: an unfinished stage's own sentence, else the
+    exception's type and message."""
     from .stage import StageIncomplete
 
     if isinstance(exc, StageIncomplete):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -32,12 +31,12 @@ import torch
 from .. import __version__
 from ..protocols import RunContext
 from ..registry import PluginRegistry, get_plugin_manager, get_registry
+from ..results import machine_info
 from ..settings import Settings
-from . import codecs
 from .codecs import DecodeContext
-from .errors import ConfigurationError, StageFailed
-from .rundir import RunDirectory, StageRecord
-from .stage import InputInfo, Stage, StageCall, StageIncomplete, StageView
+from .errors import ConfigurationError, StageFailed, describe_failure
+from .rundir import RunDirectory, StageRecord, sha256_file
+from .stage import InputInfo, Stage, StageCall, StageView
 from .stages import build_stages
 
 __all__ = ["Pipeline", "StageOutcome", "ARTIFACT_VERSION", "default_cache_dir", "environment_info"]
@@ -275,7 +274,7 @@ class Pipeline:
             if marker is False:
                 continue
             if marker == "content" and item:
-                item = {"path": item, "sha256": _file_sha256(Path(item))}
+                item = {"path": item, "sha256": _content_sha256(Path(item))}
             out[name] = item
         return out
 
@@ -289,8 +288,11 @@ class Pipeline:
             entry = self.registry.entry(choice.role, choice.name)
             value = self._section(slot, type(choice.options), choice.as_dict())
             plugins[slot] = {**value, "__source__": f"{entry.distribution} {entry.version}"}
+        added = next((e for e in self.registry.stages() if e.stage is stage), None)
         return {
             "stage": stage.name,
+            # a stage a plugin added is the plugin's code: its version counts like a plugin's
+            "source": None if added is None else f"{added.distribution} {added.version}",
             "artifact_version": ARTIFACT_VERSION,
             "lvlmva": __version__,
             "codec": getattr(stage.codec, "name", None),
@@ -379,15 +381,23 @@ class Pipeline:
 
     def run(self) -> dict[str, Any]:
         """Run every stage; returns the results (the content of results.json). Raises
-        :class:`StageFailed` after running what it could when stages failed."""
+        :class:`StageFailed` after running what it could when stages failed, and
+        :class:`ConfigurationError` (before anything is written) when the loaded data set does
+        not fit the settings."""
         hooks = get_plugin_manager().hook
         rundir = RunDirectory.claim(self.run_dir)
         results: dict[str, Any] = {}
         status = "failed"
         saved = _GlobalTorchState.save()
+        self._state, self._rundir, self._hooks = _State(), rundir, hooks
+        self._failures: dict[str, BaseException] = {}
         try:
             with rundir.lock():
                 try:
+                    # The data set first when anything computes: its checks (a selection
+                    # larger than the split, groups a mitigator needs) stop the run before
+                    # the previous results are unpublished or any setting is recorded.
+                    self._preload_data()
                     rundir.write("settings.resolved.toml", self.settings.to_toml())
                     rundir.write("env.json", json.dumps(environment_info(self.device), indent=2, sort_keys=True))
                     rundir.unpublish()
@@ -395,17 +405,33 @@ class Pipeline:
                     results = self._publish(rundir)
                     status = "ok"
                 finally:
-                    timings = {o.name: {"status": o.status, "seconds": round(o.seconds, 3)} for o in self.outcomes.values()}
-                    rundir.write("timings.json", json.dumps(timings, indent=2))
+                    self._write_timings(rundir)
         finally:
             saved.restore()
             hooks.lvlmva_run_finished(run_dir=self.run_dir, results=results if status == "ok" else {}, status=status)
         return results
 
+    def _write_timings(self, rundir: RunDirectory) -> None:
+        timings = {o.name: {"status": o.status, "seconds": round(o.seconds, 3)} for o in self.outcomes.values()}
+        try:
+            rundir.write("timings.json", json.dumps(timings, indent=2))
+        except OSError as exc:  # said, not raised: an error already on its way must not be hidden
+            self.echo(f"  ! cannot write {rundir.path / 'timings.json'}: {exc.strerror or exc}")
+
+    def _preload_data(self) -> None:
+        unstored = [s for s in self.stages if not s.persist and self.skipped[s.name] is None]
+        plan = self.plan()
+        if not unstored or not any(o.status == "pending" for o in plan if self._by_name[o.name].persist):
+            return
+        for stage in unstored:
+            self._state.tokens[stage.name] = next(o.fingerprint for o in plan if o.name == stage.name)
+            try:
+                self._value(stage.name)
+            except _InputFailed:
+                pass  # recorded as that stage's failure; the stages that read it are blocked
+
     def _loop(self, rundir: RunDirectory, hooks: Any) -> None:
-        state = _State()
-        self._state, self._rundir, self._hooks = state, rundir, hooks
-        self._failures: dict[str, BaseException] = {}
+        state = self._state
         for stage in self.stages:
             d = self._decide(stage, state, rundir)
             if d.status == "skipped":
@@ -420,14 +446,12 @@ class Pipeline:
             elif not stage.persist:
                 # Not stored (the data set): loaded on first use, in its own slot.
                 state.tokens[stage.name] = d.fingerprint
-                state.status[stage.name] = "deferred"
-                continue
+                if stage.name not in self._values and state.status.get(stage.name) != "failed":
+                    state.status[stage.name] = "deferred"
             else:
                 if d.reason and d.reason != "--refresh":
                     self.echo(f"  ! {stage.name:<{self._width}} {d.reason}: computing it again")
                 self._compute(stage, d.fingerprint, rundir, hooks)  # type: ignore[arg-type]
-                continue
-            state.status.setdefault(stage.name, d.status)
         if self._failures:
             raise StageFailed(self._failures, self.run_dir)
 
@@ -449,6 +473,10 @@ class Pipeline:
         """Compute and commit one stored stage; a failure is recorded in ``self._failures``."""
         from ..training import seed_everything
 
+        if self.refresh and stage.refreshable:
+            # The old answers no longer count, also when this computation fails: the next run
+            # computes the stage again (from the response cache) instead of reusing them.
+            rundir.retire(stage.name)
         attempt = uuid.uuid4().hex[:12]
         partial = rundir.begin(stage.name)
         hooks.lvlmva_stage_started(stage=stage.name, run_dir=self.run_dir, fingerprint=fp)
@@ -461,7 +489,9 @@ class Pipeline:
             stage.codec.encode(value, partial)  # type: ignore[union-attr]
             # What cannot be read back is not committed; the value kept is what a reuse loads.
             value = stage.codec.decode(partial, self._decode_context())  # type: ignore[union-attr]
-        except (KeyboardInterrupt, SystemExit, ConfigurationError):
+            seconds = time.perf_counter() - started - self._nested  # the data set's loading is its own
+            record = rundir.commit(stage.name, fp, stage.codec.name, seconds)  # type: ignore[union-attr]
+        except (KeyboardInterrupt, SystemExit, _DataProblems):
             rundir.abandon(stage.name)
             raise
         except _InputFailed as exc:  # the data set failed to load: recorded there, this one waits
@@ -472,20 +502,20 @@ class Pipeline:
             rundir.abandon(stage.name)
             self._fail(stage, fp, time.perf_counter() - started - self._nested, exc)
             return
-        seconds = time.perf_counter() - started - self._nested  # the data set's loading is its own
-        record = rundir.commit(stage.name, fp, stage.codec.name, seconds)  # type: ignore[union-attr]
-        rundir.forget_logs(stage.name, keep_attempt=attempt)
         self._values[stage.name] = value
         self._state.records[stage.name] = record
         self._state.tokens[stage.name] = record.content
+        try:
+            rundir.forget_logs(stage.name, keep_attempt=attempt)
+        except OSError as exc:  # the artifact is committed; only old log lines stay behind
+            self.echo(f"  ! {stage.name}: cannot rewrite the logs: {exc.strerror or exc}")
         self._finish(stage, "computed", fp, seconds)
 
     def _fail(self, stage: Stage, fp: str | None, seconds: float, exc: BaseException) -> None:
         self._failures[stage.name] = exc
         self._state.status[stage.name] = "failed"
         self.outcomes[stage.name] = StageOutcome(stage.name, "failed", fp, seconds, reason=str(exc))
-        kind = "" if isinstance(exc, StageIncomplete) else f"{type(exc).__name__}: "
-        self.echo(f"  ! {stage.name:<{self._width}} failed after {seconds:.1f}s: {kind}{exc}")
+        self.echo(f"  ! {stage.name:<{self._width}} failed after {seconds:.1f}s: {describe_failure(exc)}")
         self._hooks.lvlmva_stage_finished(stage=stage.name, run_dir=self.run_dir, status="failed", seconds=seconds)
 
     def _call(self, stage: Stage, ctx: RunContext) -> StageCall:
@@ -518,7 +548,7 @@ class Pipeline:
         if not stage.persist:
             value = self._compute_unstored(stage)
         else:
-            value = codecs.codec_named(stage.codec.name).decode(self._rundir.stage_dir(name), self._decode_context())  # type: ignore[union-attr]
+            value = stage.codec.decode(self._rundir.stage_dir(name), self._decode_context())  # type: ignore[union-attr]
         self._values[name] = value
         return value
 
@@ -535,8 +565,6 @@ class Pipeline:
             with _isolated_rng():
                 seed_everything(_stage_seed(self.settings.run.seed, stage.name), self.settings.run.deterministic)
                 value = stage.run(self._call(stage, self._context(stage, self.run_dir, uuid.uuid4().hex[:12])))
-        except (KeyboardInterrupt, SystemExit, ConfigurationError):
-            raise
         except Exception as exc:  # recorded as the data set's failure, not the stage that asked
             seconds = time.perf_counter() - started
             self._nested += seconds
@@ -554,13 +582,11 @@ class Pipeline:
             if stage.check is not None and self.skipped[stage.name] is None:
                 problems += stage.check(self._view(stage), data)
         if problems:
-            raise ConfigurationError("\n".join(problems))
+            raise _DataProblems("\n".join(problems))
 
     # -- published files ----------------------------------------------------------------------
     def _publish(self, rundir: RunDirectory) -> dict[str, Any]:
         """results.json (the results stage's artifact plus settings and timings) and the report."""
-        if self.skipped.get("results") is not None or "results" not in self._state.status:
-            return {}
         results = dict(self._value("results"))
         results["settings"] = self.settings.as_dict()
         results["timings"] = {name: round(r.seconds, 3) for name, r in self._state.records.items()}
@@ -584,21 +610,28 @@ class Pipeline:
         wanted = set(names)
         state = _State()
         copied = []
-        for stage in self.stages:
-            d = self._decide(stage, state, dst)
-            if d.status == "pending" and stage.persist and stage.name in wanted and d.fingerprint is not None:
-                record = src.record(stage.name)
-                if record is not None and record.fingerprint == d.fingerprint and src.verify(record) is None:
-                    shutil.rmtree(dst.stage_dir(stage.name), ignore_errors=True)
-                    shutil.copytree(src.stage_dir(stage.name), dst.stage_dir(stage.name))
-                    copied.append(stage.name)
-                    d = _Decision("reused", d.fingerprint, record=record)
-            state.status[stage.name] = d.status
-            state.tokens[stage.name] = (
-                d.record.content if d.status == "reused" else None if d.status == "skipped"  # type: ignore[union-attr]
-                else d.fingerprint if not stage.persist else _UNKNOWN
-            )  # fmt: skip
+        with dst.lock():
+            for stage in self.stages:
+                d = self._decide(stage, state, dst)
+                if d.status == "pending" and stage.persist and stage.name in wanted and d.fingerprint is not None:
+                    record = src.record(stage.name)
+                    if record is not None and record.fingerprint == d.fingerprint and src.verify(record) is None:
+                        partial = dst.begin(stage.name)
+                        shutil.copytree(src.stage_dir(stage.name), partial, dirs_exist_ok=True)
+                        dst.install(stage.name)
+                        copied.append(stage.name)
+                        d = _Decision("reused", d.fingerprint, record=record)
+                state.status[stage.name] = d.status
+                state.tokens[stage.name] = (
+                    d.record.content if d.status == "reused" else None if d.status == "skipped"  # type: ignore[union-attr]
+                    else d.fingerprint if not stage.persist else _UNKNOWN
+                )  # fmt: skip
         return copied
+
+
+class _DataProblems(ConfigurationError):
+    """The loaded data set does not fit the settings: the run stops with exit 2 (a
+    ConfigurationError raised by a stage's own code is an ordinary stage failure)."""
 
 
 class _InputFailed(Exception):
@@ -649,9 +682,9 @@ class _isolated_rng:
         random.setstate(self._states[2])
 
 
-def _file_sha256(path: Path) -> str:
+def _content_sha256(path: Path) -> str:
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return sha256_file(path)
     except OSError as exc:
         raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}") from None
 
@@ -673,17 +706,12 @@ def environment_info(device: torch.device) -> dict[str, Any]:
             versions[dist] = None
     info: dict[str, Any] = {
         "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        **machine_info(device),
         "packages": versions,
-        "device": str(device),
         "cuda": torch.version.cuda,
-        "torch_threads": torch.get_num_threads(),
         "git_revision": None,
         "argv": sys.argv,
     }
-    if device.type == "cuda":
-        info["device_name"] = torch.cuda.get_device_name(device)
     try:
         rev = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False,

@@ -43,7 +43,7 @@ PUBLISHED_FILES = ("results.json", "report.md")
 PUBLISHED_DIRS = ("figures",)
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -57,7 +57,7 @@ def _manifest(folder: Path) -> dict[str, str]:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
         if rel != RECORD:
-            out[rel] = _sha256_file(path)
+            out[rel] = sha256_file(path)
     return out
 
 
@@ -209,7 +209,7 @@ class RunDirectory:
             path = folder / rel
             shown = f"{record.stage}/{rel}"
             try:
-                actual = _sha256_file(path)
+                actual = sha256_file(path)
             except FileNotFoundError:
                 return f"{shown} is missing"
             except OSError as exc:
@@ -229,19 +229,31 @@ class RunDirectory:
         shutil.rmtree(self.path / f".partial-{stage}", ignore_errors=True)
 
     def commit(self, stage: str, fingerprint: str, codec: str, seconds: float) -> StageRecord:
-        """Record the files of ``.partial-<stage>/`` with their hashes and move it into place
-        (the old folder, if any, is replaced in one rename)."""
+        """Record the files of ``.partial-<stage>/`` with their hashes and move it into place."""
         partial = self.path / f".partial-{stage}"
         files = _manifest(partial)
         record = StageRecord(stage, fingerprint, codec, files, _content(files), seconds, __version__)
         write_atomic(partial / RECORD, record.to_json())
+        self.install(stage)
+        return record
+
+    def install(self, stage: str) -> None:
+        """Move a complete ``.partial-<stage>/`` into place (the old folder, if any, is replaced
+        by renames, so a reader finds the old stage or the new one)."""
+        partial = self.path / f".partial-{stage}"
         final, old = self.stage_dir(stage), self.path / f".old-{stage}"
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
             os.replace(final, old)
         os.replace(partial, final)
         shutil.rmtree(old, ignore_errors=True)
-        return record
+
+    def retire(self, stage: str) -> None:
+        """Make a finished stage unfinished without deleting its files (``--refresh``: the old
+        answers stay on disk until a new computation replaces them, but are never reused)."""
+        record = self.stage_dir(stage) / RECORD
+        if record.exists():
+            os.replace(record, record.with_name("fingerprint.retired.json"))
 
     # -- files at the top ----------------------------------------------------------------------
     def write(self, name: str, data: str | bytes) -> None:

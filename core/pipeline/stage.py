@@ -9,6 +9,7 @@ fingerprint covers cannot drift apart.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,15 @@ class UndeclaredAccess(KeyError):
 class StageIncomplete(Exception):
     """A stage that could not finish its work for reasons that say nothing about its result
     (LVLM requests that got no answer): it is not committed, and a re-run computes it again."""
+
+
+#: names a stage folder may not take: the files and folders at the top of a run directory
+RESERVED_NAMES = frozenset(
+    {"figures", "results.json", "report.md", "env.json", "settings.resolved.toml", "metrics.jsonl",
+     "transcripts.jsonl", "timings.json"}
+)  # fmt: skip
+
+_NAME = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z0-9_-]+)?$")
 
 
 def _split_optional(names: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -85,8 +95,11 @@ class Stage:
     refreshable: bool = False
 
     def __post_init__(self) -> None:
-        if not self.name or any(c in self.name for c in "/\\") or self.name.startswith("."):
-            raise ValueError(f"stage name {self.name!r} must be a plain folder name")
+        if not _NAME.match(self.name) or self.name in RESERVED_NAMES:
+            raise ValueError(
+                f"stage name {self.name!r} must be a folder name of lower-case letters, digits, _ "
+                f"and - (one '.' allowed), not one of {', '.join(sorted(RESERVED_NAMES))}"
+            )
         if not self.provides:
             object.__setattr__(self, "provides", self.name)
         if self.persist and self.codec is None:

@@ -418,8 +418,10 @@ def _core_stages(settings: Settings) -> list[Stage]:
             summary="turn critiques into verdicts",
         ),
         Stage(
-            "masks", _masks, inputs=("data", "select", "segment?", "judge?"), settings=("masks.source",),
-            codec=codecs.TENSORS, skip=_masks_skip, summary="correction masks",
+            # masks from the true masks do not read the verdicts: a failed critic must not
+            # block them, and new answers must not recompute them
+            "masks", _masks, inputs=("data", "select") if settings.masks.source == "true" else ("data", "select", "segment?", "judge?"),
+            settings=("masks.source",), codec=codecs.TENSORS, skip=_masks_skip, summary="correction masks",
         ),
         Stage(
             "align", _align, inputs=("data", "train", "select", "masks"), plugins=("aligner",),
@@ -434,17 +436,19 @@ def _core_stages(settings: Settings) -> list[Stage]:
     ]  # fmt: skip
 
 
-def _place(stages: list[Stage], registry: PluginRegistry, anchors_done: set[str]) -> None:
-    """Insert the plugin stages whose anchor is in ``stages`` (and that are not placed yet)."""
+def _place(stages: list[Stage], registry: PluginRegistry, placed: set[str]) -> None:
+    """Insert the plugin stages whose anchor is in ``stages`` and that are not placed yet."""
     names = {s.name for s in stages}
     for entry in registry.stages():
         anchor = entry.after or entry.before
-        if entry.name in names or anchor not in names or entry.name in anchors_done:
+        if entry.name in names or anchor not in names:
             continue
         index = next(i for i, s in enumerate(stages) if s.name == anchor)
         stages.insert(index + 1 if entry.after else index, entry.stage)
         names.add(entry.name)
-        anchors_done.add(entry.name)
+        placed.add(entry.name)
+        if entry.stage.codec is not None:
+            codecs.register_codec(entry.stage.codec)  # so that open_run reads it too
 
 
 def build_stages(settings: Settings, registry: PluginRegistry) -> list[Stage]:

@@ -149,9 +149,41 @@ def test_compose_with_an_out_that_cannot_be_a_folder_exits_2(toy_registered, tmp
     out = blocker if kind == "file" else blocker / "run"
     assert main(["compose", str(toy_registered), "--out", str(out)]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
-    assert "Traceback" not in err
     assert ("is not a folder" if kind == "file" else f"{blocker} is a file") in err
     assert blocker.read_text() == "a file"
+
+
+def test_bad_input_in_a_real_process_prints_no_traceback(tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(b"[run]\nname = \"caf\xe9\"\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LVLMVA_")}
+    env["LVLMVA_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    for argv in (
+        ["compose", str(examples / "decoy_mnist.toml"), "--out", str(blocker / "run")],
+        ["validate", str(latin)],
+        ["compose", str(examples / "decoy_mnist.toml"), "--out", str(tmp_path / "x"), "--set", "critic.plugin=openai", "--set", "critic.base_url=http://u:secret@h/v1"],
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "lvlmva.cli", *argv], env=env, cwd=tmp_path,
+            capture_output=True, text=True, timeout=120, check=False,
+        )
+        assert result.returncode == EXIT_BAD_INPUT, result.stderr
+        assert result.stderr.startswith("lvlmva: error: ") and "Traceback" not in result.stderr
+        assert "secret" not in result.stderr
+
+
+def test_an_interrupted_run_says_what_was_kept(toy_registered, tmp_path, capsys, monkeypatch):
+    from lvlmva.pipeline import Pipeline
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Pipeline, "run", interrupted)
+    assert main(["compose", str(toy_registered), "--out", str(tmp_path / "run"), "--quiet"]) == 130
+    assert "interrupted; finished stages are kept" in capsys.readouterr().err
 
 
 def test_compose_into_an_empty_folder_marks_it_and_reruns_in_it(toy_registered, tmp_path, capsys):
@@ -174,8 +206,7 @@ def test_bad_settings_files_exit_2_with_a_message(tmp_path, capsys, content, mes
     path = tmp_path / "bad.toml"
     path.write_bytes(content)
     assert main(["validate", str(path)]) == EXIT_BAD_INPUT
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert message in capsys.readouterr().err
 
 
 def test_plugins_lists_every_role(capsys, fresh_plugins):

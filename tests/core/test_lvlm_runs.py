@@ -108,7 +108,6 @@ def test_a_server_that_refuses_then_comes_up(tmp_path, capsys, quiet_torch):
     assert _compose(settings, run_dir) == EXIT_FAILED
     err = capsys.readouterr().err
     assert f"stage 'critic' failed: connection refused at {url}: 6 of 6 critic requests failed" in err
-    assert "Traceback" not in err
     assert not (run_dir / "critic").exists() and (run_dir / "render").exists()
     assert (run_dir / "reference").exists()  # it does not need the critic: kept
 

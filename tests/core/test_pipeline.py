@@ -38,11 +38,15 @@ from lvlmva.results import summary_lines  # noqa: E402
 from lvlmva.settings import load_settings  # noqa: E402
 
 
-@pytest.fixture
-def registry() -> PluginRegistry:
+def _registry() -> PluginRegistry:
     reg = PluginRegistry()
     pipeline_toys.lvlmva_register(registry=reg)
     return reg
+
+
+@pytest.fixture
+def registry() -> PluginRegistry:
+    return _registry()
 
 
 @pytest.fixture
@@ -274,8 +278,10 @@ def test_sigkill_mid_stage_then_resume(tmp_path, settings_file, calls):
     # the interrupted stage ran again, and so did the reference stage after it (same aligner)
     assert made.count("align") == 2
     assert (run_dir / "align" / "fingerprint.json").exists() and not (run_dir / ".partial-align").exists()
-    results = json.loads((run_dir / "results.json").read_text())
-    assert _accuracy(results, "aligned") == _accuracy(results, "true_mask")  # the toy aligner's shift is tiny
+    # the resumed run ends where an uninterrupted one does
+    resumed = json.loads((run_dir / "results.json").read_text())
+    _, fresh = _run(settings_file, tmp_path / "fresh", _registry())
+    assert resumed["evaluations"] == fresh["evaluations"] and resumed["models"] == fresh["models"]
 
 
 def test_cli_exit_1_names_the_stage(tmp_path, settings_file):
@@ -551,3 +557,93 @@ def test_adopt_copies_shared_stages_whose_fingerprints_match(tmp_path, settings_
     calls.unlink()
     pipe.run()
     assert "critic" not in _roles(calls) and "align" in _roles(calls)
+
+
+# -- what a review of the loop found ----------------------------------------------------------
+
+
+def test_a_refresh_that_stops_unfinished_never_leaves_the_old_answers_to_be_reused(tmp_path, settings_file, registry, calls, monkeypatch):
+    run_dir = tmp_path / "run"
+    _run(settings_file, run_dir, registry)
+    chosen = open_run(run_dir).load("select").indices.tolist()
+    monkeypatch.setenv("LVLMVA_TOY_CRITIC_SALT", "fresh ")
+    monkeypatch.setenv("LVLMVA_TOY_UNREACHABLE", str(chosen[0]))
+    with pytest.raises(StageFailed):
+        _run(settings_file, run_dir, registry, refresh=True)
+    monkeypatch.delenv("LVLMVA_TOY_UNREACHABLE")
+    pipe, _ = _run(settings_file, run_dir, registry)  # a plain run after the failed refresh
+    assert _status(pipe)["critic"] == "computed"
+    assert all("fresh" in c.text for c in open_run(run_dir).load("critic"))
+
+
+def test_a_configuration_error_inside_a_stage_is_that_stages_failure(tmp_path, settings_file, registry):
+    def strict(call):
+        raise ConfigurationError("this stage does not like its settings")
+
+    registry.add_stage(Stage("strict", strict, inputs=("judge",), codec=codecs.JSON), after="reference")
+    settings = load_settings(settings_file, ["mitigators.m.plugin=toy"], environ={}, registry=registry)
+    pipe = Pipeline(settings, tmp_path / "run", registry=registry, echo=lambda _m: None)
+    with pytest.raises(StageFailed) as info:
+        pipe.run()
+    assert list(info.value.failures) == ["strict"]
+    assert _status(pipe)["mitigate.m"] == _status(pipe)["results"] == "computed"
+
+
+def test_a_plugin_stage_with_its_own_codec_is_reused_and_read_back(tmp_path, settings_file, registry, calls):
+    class Text:
+        name = "toy-text"
+
+        def encode(self, value, folder):
+            (folder / "note.txt").write_text(value)
+
+        def decode(self, folder, ctx):
+            return (folder / "note.txt").read_text()
+
+    def note(call):
+        pipeline_toys._count("note")
+        return f"{len(call['judge'])} verdicts"
+
+    registry.add_stage(Stage("note", note, inputs=("judge",), codec=Text()), after="judge")
+    _run(settings_file, tmp_path / "run", registry)
+    pipe, _ = _run(settings_file, tmp_path / "run", registry)
+    assert _status(pipe)["note"] == "reused" and _roles(calls).count("note") == 1
+    assert open_run(tmp_path / "run").load("note") == "12 verdicts"
+
+
+def test_a_plugin_stage_recomputes_when_its_package_version_changes(tmp_path, settings_file, registry):
+    registry._source = ("flip-plugin", "1.0", "flip")
+    registry.add_stage(pipeline_toys.FLIP_STAGE, after="judge", options=pipeline_toys.FlipOptions)
+    _run(settings_file, tmp_path / "run", registry)
+    upgraded = PluginRegistry()
+    pipeline_toys.lvlmva_register(registry=upgraded)
+    upgraded._source = ("flip-plugin", "1.1", "flip")
+    upgraded.add_stage(pipeline_toys.FLIP_STAGE, after="judge", options=pipeline_toys.FlipOptions)
+    pipe, _ = _run(settings_file, tmp_path / "run", upgraded)
+    assert _status(pipe)["flip"] == "computed" and _status(pipe)["judge"] == "reused"
+
+
+def test_true_masks_do_not_wait_for_a_failed_critic(tmp_path, settings_file, registry, monkeypatch):
+    monkeypatch.setenv("LVLMVA_TOY_FAIL", "critic")
+    settings = load_settings(settings_file, ["masks.source=true"], environ={}, registry=registry)
+    pipe = Pipeline(settings, tmp_path / "run", registry=registry, echo=lambda _m: None)
+    with pytest.raises(StageFailed):
+        pipe.run()
+    status = _status(pipe)
+    assert status["critic"] == "failed" and status["masks"] == status["align"] == status["evaluate.toy"] == "computed"
+    assert status["results"] == "blocked"  # it reports the critic's verdicts, so it waits for them
+
+
+def test_a_data_check_that_stops_the_run_leaves_the_last_results_in_place(tmp_path, settings_file, registry):
+    run_dir = tmp_path / "run"
+    _run(settings_file, run_dir, registry)
+    results, resolved = (run_dir / "results.json").read_bytes(), (run_dir / "settings.resolved.toml").read_bytes()
+    with pytest.raises(ConfigurationError, match="selection.n = 500"):
+        _run(settings_file, run_dir, registry, overrides=["selection.n=500"])
+    assert (run_dir / "results.json").read_bytes() == results
+    assert (run_dir / "settings.resolved.toml").read_bytes() == resolved
+
+
+def test_reserved_and_malformed_stage_names_are_refused():
+    for name in ("figures", "results.json", "Bad", "a/b", ".hidden", ""):
+        with pytest.raises(ValueError, match="must be a folder name"):
+            Stage(name, lambda call: None, codec=codecs.JSON)

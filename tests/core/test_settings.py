@@ -266,7 +266,11 @@ def test_missing_plugin_key(write, registry):
 
 def test_section_that_is_not_a_table(write):
     path = write("train = 5\n")
-    assert "[train] must be a table of settings, got 5" in error_of(path)
+    assert error_of(path) == f"{path}: [train] must be a table of settings, not a int"
+    # a value pasted where a table belongs is not echoed: it may be a key
+    path = write('critic = "sk-secret-123"\n')
+    err = error_of(path)
+    assert "[critic] must be a table of settings, not a str" in err and "sk-secret" not in err
 
 
 def test_invalid_toml(write):
