@@ -113,6 +113,18 @@ class StageRecord:
             return None
 
 
+def _made_by_an_earlier_version(path: Path) -> bool:
+    """A run directory lvlmva 0.1 made before the marker existed: its env.json names lvlmva's
+    version and settings.resolved.toml is beside it. It is marked and reused (its artifacts are
+    recomputed: their format changed); :meth:`RunDirectory.claim` marks it."""
+    try:
+        env = json.loads((path / "env.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    packages = env.get("packages") if isinstance(env, dict) else None
+    return isinstance(packages, dict) and bool(packages.get("lvlmva")) and (path / "settings.resolved.toml").is_file()
+
+
 def _check_ours(path: Path) -> bool:
     """True when ``path`` is a run directory of ours, False when it does not exist or is an
     empty folder (ours to take); raises :class:`NotARunDirectory` for anything else."""
@@ -122,7 +134,7 @@ def _check_ours(path: Path) -> bool:
         return False
     if not path.is_dir():
         raise NotARunDirectory(f"{path} exists and is not a folder; pick another --out")
-    if (path / MARKER).is_file():
+    if (path / MARKER).is_file() or _made_by_an_earlier_version(path):
         return True
     try:
         with os.scandir(path) as entries:
@@ -162,7 +174,7 @@ class RunDirectory:
         """Take ``path`` as a run directory: create it (with its parents) or mark an empty
         folder; refuse a folder that is not ours with :class:`NotARunDirectory`."""
         path = Path(path)
-        if not _check_ours(path):
+        if not _check_ours(path) or not (path / MARKER).is_file():
             try:
                 path.mkdir(parents=True, exist_ok=True)
             except OSError as exc:

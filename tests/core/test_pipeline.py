@@ -647,3 +647,20 @@ def test_reserved_and_malformed_stage_names_are_refused():
     for name in ("figures", "results.json", "Bad", "a/b", ".hidden", ""):
         with pytest.raises(ValueError, match="must be a folder name"):
             Stage(name, lambda call: None, codec=codecs.JSON)
+
+
+def test_a_run_directory_of_the_version_before_the_marker_is_taken_over(tmp_path, settings_file, registry):
+    old = tmp_path / "old"
+    (old / "train").mkdir(parents=True)
+    (old / "train" / "fingerprint.json").write_text('{"stage": "train", "fingerprint": "x"}')
+    (old / "settings.resolved.toml").write_text("[run]\n")
+    (old / "env.json").write_text(json.dumps({"packages": {"lvlmva": "0.1.0"}}))
+    pipe, _ = _run(settings_file, old, registry)
+    assert (old / ".lvlmva-run").is_file() and _status(pipe)["train"] == "computed"
+    # an env.json that is not lvlmva's is not enough
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "env.json").write_text(json.dumps({"packages": {"numpy": "2"}}))
+    (other / "settings.resolved.toml").write_text("")
+    with pytest.raises(NotARunDirectory):
+        _run(settings_file, other, registry)
