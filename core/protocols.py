@@ -16,6 +16,11 @@ stop it later, found before any work starts (an unset API-key variable, a reques
 a budget). ``samples`` is the number of alignment samples the run will ask about. The pipeline
 calls it (``lvlmva validate`` too) for the plugins of every stage it cannot reuse, and exits 2
 listing what it returned.
+
+Any plugin may define ``check_data(self, data: SpuriousDataset) -> list[str]`` too: problems with
+the loaded data set that would stop it (an empty group cell SUBG cannot subsample, a validation
+split without a group DFR tunes on). The pipeline calls it once the data set is loaded and before
+anything trains, and exits 2 listing what it returned.
 """
 
 from __future__ import annotations

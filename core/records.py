@@ -23,6 +23,7 @@ __all__ = [
     "Critique",
     "Verdicts",
     "Usage",
+    "TrainedModel",
 ]
 
 
@@ -396,3 +397,15 @@ def total_usage(items: Sequence[Critique | Verdicts]) -> Usage:
     for item in items:
         out = out + item.usage
     return out
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A model with what was chosen to make it, for aligners and mitigators that select
+    hyperparameters: ``details`` (JSON-able) names the criterion, the grid with each point's
+    validation scores and the choice. It is stored beside the model (``details.json``) and shown
+    in results.json under ``models.<key>.details``. Returning a bare ``nn.Module`` is the same
+    with no details."""
+
+    model: Any
+    details: dict[str, Any] = field(default_factory=dict)

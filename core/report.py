@@ -448,6 +448,11 @@ def write_report(
     figures = out_dir / FIGURES_DIR
     name = title or (results.get("settings") or {}).get("run", {}).get("name") or run_dir.name
     lines = [f"# lvlmva report: {name}", ""]
+    failed = results.get("failed") or {}
+    if failed:
+        lines += ["## Failed stages", "", "This run could not compute everything; what is below was computed without:", ""]
+        lines += [f"- `{stage}`: {_truncate(str(reason), 300)}" for stage, reason in failed.items()]
+        lines += [""]
     lines += _models_section(results)
     lines += _verdicts_section(results, verdicts)
     lines += _alignment_section(results)

@@ -2,7 +2,8 @@
 
 Layout (each part present when the run has it)::
 
-    models       key -> {"label", "stage"}          the run's models: original, aligned, ...
+    models       key -> {"label", "stage", "details"?}  the run's models: original, aligned, ...
+    failed       input -> reason, for stages of this run that failed or could not run
     evaluations  instance -> {"plugin", "split", "metrics": [declarations], "models": {key: values}}
     critic       {"label", "plugin", "reads_true_masks"}
     verdicts     verdict accuracy and friends (where true masks exist), with the critic named
@@ -91,7 +92,15 @@ def assemble_results(
     for stage in model_stages:
         info = call.info(stage.provides)
         if info is not None:
-            out["models"][info.model] = {"label": info.label, "stage": info.stage}
+            entry: dict[str, Any] = {"label": info.label, "stage": info.stage}
+            if info.details:
+                entry["details"] = dict(info.details)
+            out["models"][info.model] = entry
+    failed = call.failed_inputs()
+    if failed:
+        # what this run could not compute, so that no reader mistakes a missing model for one
+        # that was never asked for
+        out["failed"] = {name: reason for name, reason in failed.items()}
     for stage in evaluate_stages:
         evaluation = call[stage.provides]
         if evaluation is not None:

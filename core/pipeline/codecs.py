@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -214,11 +214,13 @@ class _Rendered:
 
 @dataclass(frozen=True)
 class ModelArtifact:
-    """What a model stage returns: the model and what it was built for."""
+    """What a model stage returns: the model, what it was built for, and the details of how it
+    was chosen (a hyperparameter grid's validation scores; stored as ``details.json``)."""
 
     model: nn.Module
     input_shape: tuple[int, int, int]
     num_classes: int
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 class _Model:
@@ -235,6 +237,13 @@ class _Model:
         state = {k: v.detach().cpu() for k, v in value.model.state_dict().items()}
         blob = {"state_dict": state, "input_shape": list(value.input_shape), "num_classes": int(value.num_classes)}
         _torch_save(blob, folder / self.file)
+        if value.details:
+            write_atomic(folder / "details.json", _json_dumps(value.details))
+
+    def details(self, folder: Path) -> dict[str, Any]:
+        """How the stored model was chosen (``{}`` when it says nothing)."""
+        path = folder / "details.json"
+        return _json_load(path) if path.exists() else {}
 
     def decode(self, folder: Path, ctx: DecodeContext) -> nn.Module:
         path = folder / self.file

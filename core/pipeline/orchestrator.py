@@ -316,7 +316,9 @@ class Pipeline:
         if reason is not None:
             return _Decision("skipped", reason=reason)
         for name, provider in self._providers[stage.name].items():
-            if state.status.get(provider) in ("failed", "blocked"):
+            # a required input that failed blocks the stage; an optional one is left out (a
+            # failed baseline must not keep the others from being evaluated)
+            if state.status.get(provider) in ("failed", "blocked") and name in stage.required_inputs:
                 what = "failed" if state.status[provider] == "failed" else "could not run"
                 return _Decision("blocked", reason=f"needs {name}, which {what}")
         fp = self._fingerprint(stage, state.tokens)
@@ -402,7 +404,11 @@ class Pipeline:
                     rundir.write("env.json", json.dumps(environment_info(self.device), indent=2, sort_keys=True))
                     rundir.unpublish()
                     self._loop(rundir, hooks)
+                    # published also when some stage failed: results.json then names the
+                    # failures beside what could be computed without them
                     results = self._publish(rundir)
+                    if self._failures:
+                        raise StageFailed(self._failures, self.run_dir)
                     status = "ok"
                 finally:
                     self._write_timings(rundir)
@@ -439,6 +445,7 @@ class Pipeline:
                 state.tokens[stage.name] = None
             elif d.status == "blocked":
                 self._finish(stage, "blocked", None, reason=d.reason)
+                state.tokens[stage.name] = "failed"
             elif d.status == "reused":
                 state.records[stage.name] = d.record  # type: ignore[assignment]
                 state.tokens[stage.name] = d.record.content  # type: ignore[union-attr]
@@ -452,8 +459,6 @@ class Pipeline:
                 if d.reason and d.reason != "--refresh":
                     self.echo(f"  ! {stage.name:<{self._width}} {d.reason}: computing it again")
                 self._compute(stage, d.fingerprint, rundir, hooks)  # type: ignore[arg-type]
-        if self._failures:
-            raise StageFailed(self._failures, self.run_dir)
 
     def _finish(self, stage: Stage, status: str, fp: str | None, seconds: float = 0.0, reason: str = "") -> None:
         self._state.status[stage.name] = status
@@ -497,6 +502,7 @@ class Pipeline:
         except _InputFailed as exc:  # the data set failed to load: recorded there, this one waits
             rundir.abandon(stage.name)
             self._finish(stage, "blocked", fp, reason=f"needs {exc.stage}, which failed")
+            self._state.tokens[stage.name] = "failed"
             return
         except Exception as exc:  # recorded with the stage's name; the stages that need it are blocked
             rundir.abandon(stage.name)
@@ -514,18 +520,27 @@ class Pipeline:
     def _fail(self, stage: Stage, fp: str | None, seconds: float, exc: BaseException) -> None:
         self._failures[stage.name] = exc
         self._state.status[stage.name] = "failed"
+        self._state.tokens[stage.name] = "failed"
         self.outcomes[stage.name] = StageOutcome(stage.name, "failed", fp, seconds, reason=str(exc))
         self.echo(f"  ! {stage.name:<{self._width}} failed after {seconds:.1f}s: {describe_failure(exc)}")
         self._hooks.lvlmva_stage_finished(stage=stage.name, run_dir=self.run_dir, status="failed", seconds=seconds)
 
     def _call(self, stage: Stage, ctx: RunContext) -> StageCall:
-        info = {}
+        info, failed = {}, {}
         for name, provider in self._providers[stage.name].items():
-            if self._state.status.get(provider) == "skipped":
+            status = self._state.status.get(provider)
+            if status == "skipped":
+                continue
+            if status in ("failed", "blocked"):
+                outcome = self.outcomes.get(provider)
+                failed[name] = f"{provider} {status}" + (f": {outcome.reason}" if outcome and outcome.reason else "")
                 continue
             p = self._by_name[provider]
             record = self._state.records.get(provider)
-            info[name] = InputInfo(provider, p.model, p.label or p.model or "", record.seconds if record else None)
+            details = None
+            if record is not None and callable(getattr(p.codec, "details", None)):
+                details = p.codec.details(self._rundir.stage_dir(provider))  # type: ignore[union-attr]
+            info[name] = InputInfo(provider, p.model, p.label or p.model or "", record.seconds if record else None, details)
         return StageCall(
             stage,
             ctx,
@@ -534,6 +549,7 @@ class Pipeline:
             self.plugin,
             lambda name: self._value(self._providers[stage.name][name]),
             info,
+            failed,
         )
 
     def _value(self, name: str) -> Any:
@@ -577,16 +593,28 @@ class Pipeline:
         return value
 
     def _check_data(self, data: Any) -> None:
-        problems = []
+        """Every stage's ``check`` and the ``check_data(data)`` of the plugins it works with,
+        on the loaded data set, before anything trains."""
+        problems: list[str] = []
+        asked: set[str] = set()
         for stage in self.stages:
-            if stage.check is not None and self.skipped[stage.name] is None:
+            if self.skipped[stage.name] is not None:
+                continue
+            if stage.check is not None:
                 problems += stage.check(self._view(stage), data)
+            for slot in stage.required_plugins:
+                check = getattr(self.plugin(slot), "check_data", None) if slot not in asked else None
+                asked.add(slot)
+                if callable(check):
+                    problems += [f"[{slot}] {p}" for p in check(data)]
         if problems:
             raise _DataProblems("\n".join(problems))
 
     # -- published files ----------------------------------------------------------------------
     def _publish(self, rundir: RunDirectory) -> dict[str, Any]:
         """results.json (the results stage's artifact plus settings and timings) and the report."""
+        if self._state.status.get("results") not in ("computed", "reused"):
+            return {}
         results = dict(self._value("results"))
         results["settings"] = self.settings.as_dict()
         results["timings"] = {name: round(r.seconds, 3) for name, r in self._state.records.items()}

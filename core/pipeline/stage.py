@@ -189,6 +189,7 @@ class InputInfo:
     model: str | None
     label: str
     seconds: float | None
+    details: Mapping[str, Any] | None = None
 
 
 class StageCall(StageView):
@@ -204,12 +205,14 @@ class StageCall(StageView):
         plugin: Callable[[str], Any],
         load: Callable[[str], Any],
         info: Mapping[str, InputInfo],
+        failed: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(stage, settings, plugin_class)
         self.ctx = ctx
         self._plugin = plugin
         self._load = load
         self._info = info
+        self._failed = dict(failed or {})
 
     def plugin(self, slot: str) -> Any:
         """The plugin instance in a declared slot (``None`` for an unconfigured optional one)."""
@@ -224,8 +227,11 @@ class StageCall(StageView):
             )
 
     def __getitem__(self, name: str) -> Any:
-        """A declared input's value, loaded on first use (``None`` when it was skipped)."""
+        """A declared input's value, loaded on first use (``None`` when it was skipped, or when
+        an optional input failed: see :meth:`failed_inputs`)."""
         self._input(name)
+        if name in self._failed:
+            return None
         return self._load(name)
 
     def info(self, name: str) -> InputInfo | None:
@@ -233,6 +239,11 @@ class StageCall(StageView):
         took to compute (``None`` when the input was skipped)."""
         self._input(name)
         return self._info.get(name)
+
+    def failed_inputs(self) -> dict[str, str]:
+        """Declared optional inputs whose stage failed (or could not run) in this run, with the
+        reason: the stage runs without them and may say so."""
+        return dict(self._failed)
 
     def model_inputs(self) -> Iterator[tuple[str, InputInfo]]:
         """(input name, info) of every declared input that is a model and exists, in order."""

@@ -26,6 +26,7 @@ from ..records import (
     CritiqueRequest,
     Segmentation,
     SpuriousDataset,
+    TrainedModel,
     Verdicts,
 )
 from ..registry import PluginRegistry
@@ -233,6 +234,15 @@ def _masks_skip(view: StageView) -> str | None:
 # -- models made from the original ------------------------------------------------------------------
 
 
+def _artifact(role: str, result: Any, data: SpuriousDataset) -> ModelArtifact:
+    """An aligner's or mitigator's result (a module, or a :class:`TrainedModel` with the details
+    of how it was chosen) as the artifact the model codec stores."""
+    model, details = (result.model, dict(result.details)) if isinstance(result, TrainedModel) else (result, {})
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{role} returned {type(model).__name__}, not an nn.Module or TrainedModel")
+    return ModelArtifact(model, data.input_shape, data.num_classes, details)
+
+
 def _align(call: StageCall) -> ModelArtifact:
     data: SpuriousDataset = call["data"]
     chosen: AlignmentSet = call["select"]
@@ -241,16 +251,14 @@ def _align(call: StageCall) -> ModelArtifact:
     if not bool(keep.any()):
         raise RuntimeError("no alignment sample has valid verdicts; see transcripts.jsonl and the judge's failures")
     subset = AlignmentSet(chosen.indices[keep], chosen.scores[keep], chosen.strategy)
-    model = call.plugin("aligner").align(call["train"], data, subset, m["masks"][keep], call.ctx)
-    return ModelArtifact(model, data.input_shape, data.num_classes)
+    return _artifact("aligner", call.plugin("aligner").align(call["train"], data, subset, m["masks"][keep], call.ctx), data)
 
 
 def _reference(call: StageCall) -> ModelArtifact:
     data: SpuriousDataset = call["data"]
     chosen: AlignmentSet = call["select"]
     masks = data.train.spurious_masks[chosen.indices]
-    model = call.plugin("aligner").align(call["train"], data, chosen, masks, call.ctx)
-    return ModelArtifact(model, data.input_shape, data.num_classes)
+    return _artifact("aligner", call.plugin("aligner").align(call["train"], data, chosen, masks, call.ctx), data)
 
 
 def _reference_skip(view: StageView) -> str | None:
@@ -270,10 +278,8 @@ def _mitigate_stage(instance: str, choice: PluginChoice) -> Stage:
         data: SpuriousDataset = call["data"]
         # A copy: the original model is evaluated as "original" in the same run.
         original = copy.deepcopy(call["train"])
-        model = call.plugin(slot).mitigate(original, _trainer(call, data), data, call.ctx)
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"mitigator {choice.name!r} returned {type(model).__name__}, not an nn.Module")
-        return ModelArtifact(model, data.input_shape, data.num_classes)
+        result = call.plugin(slot).mitigate(original, _trainer(call, data), data, call.ctx)
+        return _artifact(f"mitigator {choice.name!r}", result, data)
 
     def check(view: StageView, data: SpuriousDataset) -> list[str]:
         problems = []
@@ -420,7 +426,7 @@ def _core_stages(settings: Settings) -> list[Stage]:
         Stage(
             # masks from the true masks do not read the verdicts: a failed critic must not
             # block them, and new answers must not recompute them
-            "masks", _masks, inputs=("data", "select") if settings.masks.source == "true" else ("data", "select", "segment?", "judge?"),
+            "masks", _masks, inputs=("data", "select") if settings.masks.source == "true" else ("data", "select", "segment", "judge"),
             settings=("masks.source",), codec=codecs.TENSORS, skip=_masks_skip, summary="correction masks",
         ),
         Stage(

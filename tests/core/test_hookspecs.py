@@ -4,6 +4,7 @@ third-party data set and the built-in MLP, so it takes well under a second."""
 
 from __future__ import annotations
 
+import json
 import types
 from pathlib import Path
 
@@ -142,8 +143,11 @@ def test_failing_stage_is_reported_to_observers(observer, toy_registered, tmp_pa
         _run(settings_file, run_dir)
     failed = [c for c in observer.of("finished") if c[3] == "failed"]
     assert [c[1] for c in failed] == ["train"]
-    # the data set loads first (something computes), then train starts and fails
-    assert [c[1] for c in observer.of("started")] == ["data", "train"]
+    # the data set loads first (something computes), then train starts and fails; the stages
+    # that may go without it still run and publish results that name the failure
+    assert [c[1] for c in observer.of("started")] == ["data", "train", "evaluate.accuracy", "results", "report"]
     assert ("started", "train", run_dir) == observer.of("started")[1][:3]
     (finished,) = observer.of("run_finished")
     assert finished[1:] == (run_dir, {}, "failed")
+    published = json.loads((run_dir / "results.json").read_text())
+    assert published["models"] == {} and "cannot build this model" in published["failed"]["train"]

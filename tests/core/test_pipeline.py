@@ -189,11 +189,16 @@ def test_a_failing_stage_keeps_the_rest_of_the_run_going(tmp_path, settings_file
     assert list(info.value.failures) == ["critic"]
     assert not (run_dir / "critic").exists()  # nothing half-written that could load
     status = _status(pipe)
-    # stages that do not read the critic still ran and were kept; those that do were not run
+    # stages that do not read the critic still ran and were kept; those that need it were not
+    # run; those that only may read it ran without it, and results.json says what is missing
     assert status["reference"] == status["mitigate.m"] == "computed"
     assert status["judge"] == status["masks"] == status["align"] == "blocked"
-    assert status["evaluate.toy"] == status["results"] == status["report"] == "blocked"
+    assert status["evaluate.toy"] == status["results"] == status["report"] == "computed"
     assert (run_dir / "reference" / "fingerprint.json").exists()
+    published = json.loads((run_dir / "results.json").read_text())
+    assert list(published["models"]) == ["original", "true_mask", "m"]
+    assert published["failed"]["critic"].startswith("critic failed: toy critic was told to fail")
+    assert published["failed"]["align"] == "align blocked: needs masks, which could not run"
 
     monkeypatch.delenv("LVLMVA_TOY_FAIL")
     calls.unlink()
@@ -302,7 +307,8 @@ def test_unanswered_requests_leave_the_stage_unfinished_and_a_rerun_asks_only_th
     with pytest.raises(StageFailed) as info:
         _run(settings_file, run_dir, registry)
     assert str(info.value.cause).startswith("connection refused at http://toy: 2 of 12 critic requests failed")
-    assert not (run_dir / "critic").exists() and not (run_dir / "results.json").exists()
+    assert not (run_dir / "critic").exists()
+    assert "2 of 12 critic requests failed" in json.loads((run_dir / "results.json").read_text())["failed"]["critic"]
     assert (run_dir / "reference").exists()  # the true-mask reference does not need the critic
 
     monkeypatch.delenv("LVLMVA_TOY_UNREACHABLE")
@@ -319,11 +325,14 @@ def test_published_files_never_go_stale(tmp_path, settings_file, registry, monke
     run_dir = tmp_path / "run"
     _run(settings_file, run_dir, registry, overrides=["report.enabled=true"])
     assert (run_dir / "results.json").exists() and (run_dir / "report.md").exists()
-    # a failing run leaves no results.json or report.md from the run before it
+    # a failing run publishes its own results, naming the failure, never the run's before it
     monkeypatch.setenv("LVLMVA_TOY_FAIL", "align")
     with pytest.raises(StageFailed):
         _run(settings_file, run_dir, registry, overrides=["report.enabled=true", "aligner.shift=0.3"])
-    assert not (run_dir / "results.json").exists() and not (run_dir / "report.md").exists()
+    failed = json.loads((run_dir / "results.json").read_text())
+    assert "aligned" not in failed["models"] and "told to fail" in failed["failed"]["align"]
+    assert "aligner" in failed["settings"] and failed["settings"]["aligner"]["shift"] == 0.3
+    assert "## Failed stages" in (run_dir / "report.md").read_text()
     monkeypatch.delenv("LVLMVA_TOY_FAIL")
     # deleted published files come back from the stored artifacts, with today's settings
     _run(settings_file, run_dir, registry, overrides=["report.enabled=true"])
@@ -630,7 +639,8 @@ def test_true_masks_do_not_wait_for_a_failed_critic(tmp_path, settings_file, reg
         pipe.run()
     status = _status(pipe)
     assert status["critic"] == "failed" and status["masks"] == status["align"] == status["evaluate.toy"] == "computed"
-    assert status["results"] == "blocked"  # it reports the critic's verdicts, so it waits for them
+    assert status["judge"] == "blocked" and status["results"] == "computed"
+    assert set(json.loads((tmp_path / "run" / "results.json").read_text())["failed"]) == {"critic", "judge"}
 
 
 def test_a_data_check_that_stops_the_run_leaves_the_last_results_in_place(tmp_path, settings_file, registry):
