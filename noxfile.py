@@ -44,6 +44,12 @@ def benchmarks(session: nox.Session) -> None:
 
 
 @nox.session(python=False)
+def compare(session: nox.Session) -> None:
+    """A study: seeds x methods with table.md, statistics and plots: `nox -s compare -- SETTINGS...`."""
+    session.run("lvlmva", "study", *(session.posargs or ["examples/decoy_mnist_study.toml"]))
+
+
+@nox.session(python=False)
 def sweep(session: nox.Session) -> None:
     """Lambda sweep of RRR on DecoyMNIST: `nox -s sweep -- [SETTINGS] [LAMBDAS...]`."""
     args = session.posargs or []

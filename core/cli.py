@@ -51,6 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a settings file without running anything")
     add_settings_args(validate)
 
+    study = sub.add_parser("study", help="seeds x methods from settings files with a [study] section: table, statistics, plots")
+    study.add_argument("settings", type=Path, nargs="+", metavar="SETTINGS", help="one settings file per data set (side by side in the table)")
+    study.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one setting in every settings file (repeatable), e.g. study.seeds=[0,1,2]",
+    )
+    study.add_argument("--out", type=Path, metavar="DIR", help="study directory (default: study.out_dir/study.name)")
+
     plugins = sub.add_parser("plugins", help="list every role's plugins and where they come from")
     plugins.add_argument("--role", choices=list(ROLES), help="only this role")
     return parser
@@ -65,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         return EXIT_BAD_INPUT
     try:
-        return {"compose": _compose, "validate": _validate, "plugins": _plugins}[args.command](args)
+        return {"compose": _compose, "validate": _validate, "plugins": _plugins, "study": _study}[args.command](args)
     except (SettingsError, PluginError) as exc:
         print(f"lvlmva: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -136,6 +144,26 @@ def _compose(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+
+
+def _study(args: argparse.Namespace) -> int:
+    from .study.runner import run_study
+
+    def echo(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    try:
+        summary = run_study(args.settings, args.overrides, args.out, echo=echo)
+    except KeyboardInterrupt:
+        print("lvlmva: study interrupted; finished cells and stages are kept, run again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    directory = Path(summary["directory"])
+    for name in ("table.md", "stats.md", "results.csv"):
+        print(f"{name.split('.')[0] + ':':<8} {directory / name}")
+    if summary["failed"]:
+        print(f"lvlmva: {summary['failed']} of {summary['cells']} cells failed; their reasons are in {directory / 'table.md'}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def _plugins(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ __all__ = [
     "alignment_score",
     "verdict_metrics",
     "wilcoxon_signed_rank",
+    "holm_adjusted",
     "mean_std",
 ]
 
@@ -288,3 +289,20 @@ def mean_std(values: Sequence[float] | torch.Tensor, ddof: int = 1) -> tuple[flo
     if x.numel() <= ddof:
         return mean, math.nan
     return mean, float(((x - mean).square().sum() / (x.numel() - ddof)).sqrt())
+
+
+def holm_adjusted(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the order given: the i-th smallest of m p-values
+    is multiplied by ``m - i + 1`` (i from 1), capped at 1 and made non-decreasing in that
+    order. Rejecting where the adjusted p is below alpha controls the family-wise error rate at
+    alpha without assuming independence between the tests."""
+    p = [float(v) for v in p_values]
+    if any(not 0.0 <= v <= 1.0 for v in p):  # also rejects nan
+        raise ValueError(f"holm_adjusted: p-values must lie in [0, 1], got {p}")
+    m = len(p)
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, index in enumerate(sorted(range(m), key=lambda i: p[i])):
+        running = max(running, min(1.0, (m - rank) * p[index]))
+        adjusted[index] = running
+    return adjusted

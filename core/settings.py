@@ -47,6 +47,7 @@ __all__ = [
     "RenderOptions",
     "MaskOptions",
     "ReportOptions",
+    "StudyOptions",
     "PluginChoice",
     "Settings",
     "load_settings",
@@ -183,6 +184,34 @@ class ReportOptions(PluginOptions):
     test_images: int = Field(8, ge=0, description="Test images whose attributions are shown before/after alignment.")
 
 
+class StudyOptions(PluginOptions):
+    """A study: seeds x methods from this settings file (``lvlmva study``, ``nox -s compare``).
+    Every method the file configures (the original model, the aligned one, the true-mask
+    reference, each ``[mitigators.<name>]``) is compared over the seeds; ``lvlmva compose``
+    ignores this section."""
+
+    name: str | None = Field(None, description="Study name; the study directory is out_dir/name. Default: the first settings file's stem + '_study'.")
+    out_dir: Path = Field(Path("studies"), description="Folder that holds study directories.")
+    seeds: list[int] = Field(default_factory=lambda: list(range(7)), min_length=1, description="Seeds, one run directory (cell) each; 0..6 as in the paper.")
+    executor: Literal["local", "ray"] = Field("local", description='"local": cells in this machine\'s processes; "ray": cells as Ray tasks (pip install "lvlmva[ray]").')
+    workers: int = Field(1, ge=1, description="Cells run at once by the local executor (1: one after another in this process).")
+    address: str | None = Field(None, description='Ray cluster to join ("ray://head:10001", "auto"); None: a local Ray started for the study.')
+    threads: int = Field(
+        1,
+        ge=1,
+        description="torch threads per cell. Fixed by the study, not by the executor or the worker count, because torch's results depend on its thread count: the same cell gives the same numbers locally and on Ray.",
+    )
+    metrics: list[str] = Field(default_factory=lambda: ["aga", "wga", "accuracy"], min_length=1, description="Metric keys in the table, statistics and plots (declared by the evaluator).")
+    evaluator: str | None = Field(None, description="The [evaluators.<name>] instance whose metrics are compared; None: the first.")
+    baseline: str = Field("original", description="The model every method is tested against (Wilcoxon signed-rank, paired by seed).")
+    alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of the Holm-corrected tests.")
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, value: str | None) -> str | None:
+        return RunOptions._one_path_component(value)
+
+
 CORE_SECTIONS: dict[str, type[PluginOptions]] = {
     "run": RunOptions,
     "train": TrainOptions,
@@ -190,6 +219,7 @@ CORE_SECTIONS: dict[str, type[PluginOptions]] = {
     "render": RenderOptions,
     "masks": MaskOptions,
     "report": ReportOptions,
+    "study": StudyOptions,
 }
 
 
@@ -253,6 +283,10 @@ class Settings:
     @property
     def report(self) -> ReportOptions:
         return self.core["report"]  # type: ignore[return-value]
+
+    @property
+    def study(self) -> StudyOptions:
+        return self.core["study"]  # type: ignore[return-value]
 
     def instances(self, role: str) -> dict[str, PluginChoice]:
         """The named instances of ``role`` (``"mitigator"``, ``"evaluator"``): name -> choice."""

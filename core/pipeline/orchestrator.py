@@ -533,7 +533,7 @@ class Pipeline:
                 continue
             if status in ("failed", "blocked"):
                 outcome = self.outcomes.get(provider)
-                failed[name] = f"{provider} {status}" + (f": {outcome.reason}" if outcome and outcome.reason else "")
+                failed[name] = ("failed" if status == "failed" else "could not run") + (f": {outcome.reason}" if outcome and outcome.reason else "")
                 continue
             p = self._by_name[provider]
             record = self._state.records.get(provider)
@@ -616,7 +616,9 @@ class Pipeline:
         if self._state.status.get("results") not in ("computed", "reused"):
             return {}
         results = dict(self._value("results"))
-        results["settings"] = self.settings.as_dict()
+        # the [study] section says how a study schedules its cells, not what a run computes:
+        # left out, so that a cell gives the same results.json whichever executor ran it
+        results["settings"] = {k: v for k, v in self.settings.as_dict().items() if k != "study"}
         results["timings"] = {name: round(r.seconds, 3) for name, r in self._state.records.items()}
         report_dir = None
         if self._state.status.get("report") in ("computed", "reused") and (self._value("report") or {}).get("written"):

@@ -42,6 +42,10 @@ class ToyRetrainOptions(PluginOptions):
 
     fraction: float = Field(0.5, gt=0, le=1, description="Share of the training split trained on.")
     epochs: int | None = Field(None, ge=0, description=_EPOCHS_HELP)
+    fail_on_seeds: list[int] = Field(
+        default_factory=list,
+        description="Raise on runs with these seeds (to test how a study records a failed method).",
+    )
 
 
 class ToyRetrain:
@@ -61,6 +65,8 @@ class ToyRetrain:
     def mitigate(
         self, original: nn.Module, trainer: Trainer, data: SpuriousDataset, ctx: RunContext
     ) -> nn.Module:
+        if ctx.seed in self.options.fail_on_seeds:
+            raise RuntimeError(f"toy-retrain was told to fail on seed {ctx.seed}")
         n = len(data.train)
         keep = math.ceil(self.options.fraction * n)
         order = torch.randperm(n, generator=ctx.generator("toy-retrain"))

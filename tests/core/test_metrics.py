@@ -14,6 +14,7 @@ from lvlmva.metrics import (
     alignment_score,
     average_group_accuracy,
     group_accuracies,
+    holm_adjusted,
     mean_std,
     proportion_weighted_accuracy,
     spurious_attribution_share,
@@ -232,3 +233,27 @@ def test_mean_std_matches_numpy(rng):
     assert math.isnan(mean_std([0.5])[1])
     with pytest.raises(ValueError):
         mean_std([])
+
+
+def np_holm(p):
+    """Holm's step-down adjustment written from its definition with numpy."""
+    p = np.asarray(p, dtype=float)
+    order = np.argsort(p, kind="stable")
+    scaled = np.minimum(1.0, (len(p) - np.arange(len(p))) * p[order])
+    out = np.empty_like(p)
+    out[order] = np.maximum.accumulate(scaled)
+    return out
+
+
+def test_holm_adjusted_by_hand_and_against_numpy(rng):
+    # sorted 0.005, 0.01, 0.03, 0.04 -> 4*0.005, 3*0.01, 2*0.03, max(1*0.04, 0.06)
+    assert holm_adjusted([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm_adjusted([0.5, 0.4]) == pytest.approx([0.8, 0.8])  # step-down: not 1 * 0.5
+    assert holm_adjusted([0.9, 0.6, 0.7]) == pytest.approx([1.0, 1.0, 1.0])
+    assert holm_adjusted([0.02]) == [0.02]
+    assert holm_adjusted([]) == []
+    for _ in range(20):
+        p = rng.uniform(0, 0.2, size=int(rng.integers(1, 8)))
+        assert holm_adjusted(list(p)) == pytest.approx(list(np_holm(p)))
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        holm_adjusted([0.1, float("nan")])

