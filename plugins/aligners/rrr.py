@@ -16,6 +16,11 @@ method; the option ``weight_decay`` gives Adam's decoupled-from-the-loss equival
 
 The input gradients use plain ``torch.autograd.grad(..., create_graph=True)`` (double
 backprop), never captum: the penalty must stay differentiable with respect to the parameters.
+
+``lam`` may be a grid: one model is aligned per value, each from the same input model with the
+same seeded batches, and the one with the best validation score (``select_by``) is returned as
+a :class:`~lvlmva.records.TrainedModel` whose details list every point's scores. The test split
+is never read.
 """
 
 from __future__ import annotations
@@ -25,15 +30,17 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterator
-from typing import ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
+from lvlmva.metrics import accuracy, average_group_accuracy, worst_group_accuracy
 from lvlmva.protocols import PluginOptions, RunContext
-from lvlmva.records import AlignmentSet, SpuriousDataset
+from lvlmva.records import AlignmentSet, SpuriousDataset, TrainedModel
+from lvlmva.training import predict_logits
 
 __all__ = ["rrr_loss", "RrrAligner", "RrrOptions"]
 
@@ -115,14 +122,22 @@ def rrr_loss(
 class RrrOptions(PluginOptions):
     """Options of the RRR aligner."""
 
-    lam: float = Field(
+    lam: float | tuple[float, ...] = Field(
         1e4,
-        ge=0,
         description="lambda: weight of the input-gradient penalty (penalty = sum over pixels, mean "
         "over the batch of alignment + ordinary samples). Its scale goes with the input scale: "
         "the penalty on 0-255 inputs is 255^2 times smaller than on 0-1 inputs. The default suits "
         "DecoyMNIST on the 0-255 scale with the quick settings (lr 1e-3, 3 epochs); on 0-1 "
-        "inputs about 1 is the equivalent.",
+        "inputs about 1 is the equivalent. A list (e.g. [1, 10, 100, 1e3, 1e4, 1e5]) is a grid: "
+        "one model is aligned per value (k values cost k alignments), each from the same model "
+        "with the same seeded batches, and the best by select_by on the validation split is "
+        "kept (ties: the first value); a grid needs a validation split.",
+    )
+    select_by: Literal["val-accuracy", "val-wga"] = Field(
+        "val-accuracy",
+        description="How a lam grid is decided: 'val-accuracy' (validation accuracy; needs no "
+        "group labels) or 'val-wga' (worst-group validation accuracy; needs group labels on the "
+        "validation split). Unused for a single lam. The test split is never read.",
     )
     epochs: int = Field(3, ge=0, description="Passes over the ordinary training samples.")
     lr: float = Field(
@@ -149,6 +164,17 @@ class RrrOptions(PluginOptions):
         "(torch.nn.utils.clip_grad_norm_); None = no clipping, as in the method.",
     )
 
+    @field_validator("lam")
+    @classmethod
+    def _lam_is_non_negative(cls, value: float | tuple[float, ...]) -> float | tuple[float, ...]:
+        # A validator rather than Annotated bounds, so the settings reference shows a plain type.
+        values = value if isinstance(value, tuple) else (value,)
+        if not values:
+            raise ValueError("lam: a grid needs at least one value")
+        if not all(v >= 0 for v in values):  # NaN fails too
+            raise ValueError(f"lam must be >= 0 (each value of a grid), got {value}")
+        return value
+
 
 class RrrAligner:
     """Fine-tunes a copy of the model with the Right-for-the-Right-Reasons loss (Ross et al. 2017).
@@ -157,7 +183,8 @@ class RrrAligner:
     of the alignment set, repeated as needed) and ``ordinary_batch`` training samples with an
     empty mask (a seeded permutation of the whole training split per epoch; an epoch is one pass
     over it). Tensors stay resident; batches move to ``ctx.device`` per step. The returned model
-    is a new module in eval mode; the input model is left unchanged.
+    is a new module in eval mode; the input model is left unchanged. A ``lam`` grid aligns one
+    model per value and returns the best on the validation split as a ``TrainedModel``.
     """
 
     Options: ClassVar[type[PluginOptions]] = RrrOptions
@@ -166,6 +193,26 @@ class RrrAligner:
     def __init__(self, options: RrrOptions) -> None:
         self.options = options
 
+    def check_data(self, data: SpuriousDataset) -> list[str]:
+        """What would stop a lam grid: no (or an empty) validation split, or ``val-wga``
+        without validation group labels. A single lam needs neither."""
+        opts = self.options
+        if not isinstance(opts.lam, tuple):
+            return []
+        grid = f"lam is a grid of {len(opts.lam)} values"
+        if data.val is None or len(data.val) == 0:
+            return [
+                f"{grid}, chosen on the validation split, but the data set has "
+                f"{'no' if data.val is None else 'an empty'} validation split: add one or give "
+                "lam a single value"
+            ]
+        if opts.select_by == "val-wga" and data.val.groups is None:
+            return [
+                f"select_by = 'val-wga' (for the {grid}) needs group labels on the validation "
+                "split, which has none: use select_by = 'val-accuracy' or a data set with groups"
+            ]
+        return []
+
     def align(
         self,
         model: nn.Module,
@@ -173,7 +220,12 @@ class RrrAligner:
         alignment: AlignmentSet,
         masks: torch.Tensor,
         ctx: RunContext,
-    ) -> nn.Module:
+    ) -> nn.Module | TrainedModel:
+        """The aligned model for a single lam; for a grid, the best one by ``select_by`` as a
+        ``TrainedModel`` with the details of the choice."""
+        problems = self.check_data(data)
+        if problems:
+            raise ValueError("RrrAligner: " + "; ".join(problems))
         opts = self.options
         n_align = len(alignment)
         if n_align == 0:
@@ -184,10 +236,44 @@ class RrrAligner:
                 f"RrrAligner: masks must be [{n_align},{spatial[0]},{spatial[1]}] for the "
                 f"alignment set, got {tuple(masks.shape)}"
             )
+        if opts.ordinary_batch > 0 and len(data.train) == 0:
+            raise ValueError("RrrAligner: the training split is empty")
+        if not isinstance(opts.lam, tuple):
+            return self._fit(model, data, alignment, masks, ctx, opts.lam, grid=False)
+
+        key = "val_wga" if opts.select_by == "val-wga" else "val_accuracy"
+        rows: list[dict[str, Any]] = []
+        best: tuple[nn.Module, float, float] | None = None
+        for lam in opts.lam:
+            aligned = self._fit(model, data, alignment, masks, ctx, lam, grid=True)
+            scores = _validation_scores(aligned, data, ctx)
+            rows.append({"lam": lam, **scores})
+            ctx.log_jsonl("metrics.jsonl", {"stage": "align-select", "lam": lam, **scores})
+            # Strictly better only: a tie keeps the earlier grid value. Only the best so far is
+            # kept, so the k models never need to fit in memory at once.
+            if best is None or scores[key] > best[1]:
+                best = (aligned, scores[key], lam)
+        assert best is not None  # the grid has at least one value
+        details = {"criterion": opts.select_by, "grid": rows, "chosen": {"lam": best[2]}}
+        return TrainedModel(best[0], details)
+
+    def _fit(
+        self,
+        model: nn.Module,
+        data: SpuriousDataset,
+        alignment: AlignmentSet,
+        masks: torch.Tensor,
+        ctx: RunContext,
+        lam: float,
+        grid: bool,
+    ) -> nn.Module:
+        """One alignment with ``lam``. Every call draws the same seeded batches (the generator
+        salts do not depend on ``lam``), so grid points differ by lambda alone."""
+        opts = self.options
+        n_align = len(alignment)
+        spatial = tuple(data.train.images.shape[2:])
         train = data.train
         n_train = len(train)
-        if opts.ordinary_batch > 0 and n_train == 0:
-            raise ValueError("RrrAligner: the training split is empty")
 
         device = ctx.device
         aligned = copy.deepcopy(model).to(device)
@@ -211,13 +297,16 @@ class RrrAligner:
             steps = math.ceil(n_align / opts.alignment_batch)
         if opts.max_steps_per_epoch is not None:
             steps = min(steps, opts.max_steps_per_epoch)
+        # Grid points' lines are told apart by lam; a single lam logs exactly as before.
+        tagged = {"lam": lam} if grid else {}
+        label = f"align (RRR, lam {lam:g})" if grid else "align (RRR)"
 
         # Dropout and other stochastic layers draw from the global generator: seed it from the
         # run and restore it afterwards so that aligning does not shift other stages' numbers.
         cuda_devices = [device] if device.type == "cuda" else []
         with (
             torch.random.fork_rng(devices=cuda_devices),
-            _progress(ctx, opts.epochs * steps) as advance,
+            _progress(ctx, opts.epochs * steps, label) as advance,
         ):
             torch.manual_seed(ctx.generator("rrr-stochastic-layers").initial_seed())
             for epoch in range(opts.epochs):
@@ -232,11 +321,12 @@ class RrrAligner:
                     batch_masks = torch.cat(
                         [align_masks[a_idx], ordinary_masks[: o_idx.numel()]]
                     ).to(device)
-                    total, ce, penalty = rrr_loss(aligned, inputs, targets, batch_masks, opts.lam)
+                    total, ce, penalty = rrr_loss(aligned, inputs, targets, batch_masks, lam)
                     if not torch.isfinite(total):
                         raise FloatingPointError(
                             f"RrrAligner: loss became {total.item()} at epoch {epoch} step {step} "
-                            f"(ce {ce.item()}, penalty {penalty.item()}); lower lam or lr"
+                            f"(ce {ce.item()}, penalty {penalty.item()}, lam {lam:g}); lower lam "
+                            "or lr"
                         )
                     optimiser.zero_grad(set_to_none=True)
                     total.backward()
@@ -253,6 +343,7 @@ class RrrAligner:
                     {
                         "stage": "align",
                         "epoch": epoch + 1,  # counted from 1, as the trainer counts
+                        **tagged,
                         "loss": means[0],
                         "ce": means[1],
                         "penalty": means[2],
@@ -262,6 +353,24 @@ class RrrAligner:
                 )
         aligned.eval()
         return aligned
+
+
+def _validation_scores(model: nn.Module, data: SpuriousDataset, ctx: RunContext) -> dict[str, Any]:
+    """Accuracy, WGA and AGA of ``model`` on the validation split (group scores None without
+    group labels)."""
+    val = data.val
+    assert val is not None  # check_data refused a grid without one
+    logits = predict_logits(model, val.images, ctx.device)
+    scores: dict[str, Any] = {
+        "val_accuracy": accuracy(logits, val.labels),
+        "val_wga": None,
+        "val_aga": None,
+    }
+    if val.groups is not None:
+        num_groups = len(data.group_names) or int(val.groups.max()) + 1
+        scores["val_wga"] = worst_group_accuracy(logits, val.labels, val.groups, num_groups)
+        scores["val_aga"] = average_group_accuracy(logits, val.labels, val.groups, num_groups)
+    return scores
 
 
 class _CyclingPermutation:
@@ -280,7 +389,7 @@ class _CyclingPermutation:
 
 
 @contextlib.contextmanager
-def _progress(ctx: RunContext, total: int) -> Iterator[Callable[[], None]]:
+def _progress(ctx: RunContext, total: int, label: str) -> Iterator[Callable[[], None]]:
     """Yields a function that advances a rich progress bar over ``total`` steps when
     ``ctx.progress``, and does nothing otherwise."""
     if not ctx.progress:
@@ -289,5 +398,5 @@ def _progress(ctx: RunContext, total: int) -> Iterator[Callable[[], None]]:
     from rich.progress import Progress
 
     with Progress(transient=True) as progress:
-        task = progress.add_task("align (RRR)", total=total)
+        task = progress.add_task(label, total=total)
         yield lambda: progress.advance(task)

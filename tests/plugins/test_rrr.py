@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import re
 
 import numpy as np
 import pytest
@@ -14,7 +17,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from lvlmva.plugins.aligners import rrr as rrr_module
 from lvlmva.plugins.aligners.rrr import RrrAligner, RrrOptions, rrr_loss
 from lvlmva.protocols import Aligner, check_capabilities
-from lvlmva.records import AlignmentSet, Split, SpuriousDataset
+from lvlmva.records import AlignmentSet, Split, SpuriousDataset, TrainedModel
 
 
 class Linear(nn.Module):
@@ -441,6 +444,203 @@ def test_aligner_reports_bad_inputs(ctx):
     diverging = RrrAligner(RrrOptions(**{**OPTS, "lam": float("inf")}))
     with pytest.raises(FloatingPointError, match="lower lam"):
         diverging.align(model, data, al, masks, ctx)
+
+
+# -- lambda chosen on the validation split ----------------------------------------------------
+
+
+def with_val(data: SpuriousDataset, n: int = 48, groups: bool = True) -> SpuriousDataset:
+    """``data`` with a validation split whose corner patch is drawn independently of the label
+    (the shortcut fails there); its groups, when wanted, say whether patch and label agree."""
+    g = torch.Generator().manual_seed(7)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    images = 0.1 * torch.rand(n, 1, 8, 8, generator=g)
+    images[torch.arange(n), 0, 3 + labels, 3:5] += 0.3
+    patch = torch.randint(0, 3, (n,), generator=g)
+    images[:, 0, :2, :2] = (1.0 + patch.float()).view(n, 1, 1)
+    val = Split(images, labels, groups=(patch == labels).long() if groups else None)
+    return dataclasses.replace(data, val=val, group_names=("mismatch", "match") if groups else ())
+
+
+GRID_OPTS = {**OPTS, "epochs": 1}
+
+
+def grid_setup():
+    data = with_val(shortcut_data(n_train=64))
+    al, masks = alignment_of(data, 8)
+    return data, trained_model(data), al, masks
+
+
+def align_each(lams, model, data, al, masks, ctx) -> list[nn.Module]:
+    """One independently aligned single-value model per lambda."""
+    return [
+        RrrAligner(RrrOptions(**{**GRID_OPTS, "lam": lam})).align(model, data, al, masks, ctx)
+        for lam in lams
+    ]
+
+
+def hand_scores(model: nn.Module, val: Split) -> tuple[float, float, float]:
+    """Validation accuracy, worst-group and average-group accuracy, computed by hand."""
+    with torch.no_grad():
+        correct = (model(val.images).argmax(1) == val.labels).double()
+    per_group = [float(correct[val.groups == g].mean()) for g in val.groups.unique()]
+    return float(correct.mean()), min(per_group), sum(per_group) / len(per_group)
+
+
+def first_best(values: list[float]) -> int:
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def assert_same_weights(a: nn.Module, b: nn.Module) -> None:
+    for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y)
+
+
+def test_lam_takes_one_value_or_a_grid():
+    assert RrrOptions(lam=10).lam == 10.0
+    assert RrrOptions(lam=[1, 1e3]).lam == (1.0, 1e3)
+    assert RrrOptions().select_by == "val-accuracy"
+    for bad in ([], -1.0, [1.0, -1.0], [math.nan]):
+        with pytest.raises(ValueError, match="lam"):
+            RrrOptions(lam=bad)
+    with pytest.raises(ValueError):
+        RrrOptions(select_by="test-accuracy")
+
+
+def test_grid_picks_the_lambda_a_hand_computation_picks(ctx):
+    data, model, al, masks = grid_setup()
+    grid = [10.0, 1.0, 0.0, 100.0]
+    result = RrrAligner(RrrOptions(**{**GRID_OPTS, "lam": grid})).align(
+        model, data, al, masks, ctx
+    )
+    assert isinstance(result, TrainedModel) and not result.model.training
+    details = json.loads(json.dumps(result.details))  # JSON-able, as results.json stores it
+    lines = [json.loads(x) for x in (ctx.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    singles = align_each(grid, model, data, al, masks, ctx)
+    hand = [hand_scores(m, data.val) for m in singles]
+    accs = [h[0] for h in hand]
+    best = first_best(accs)
+    assert best != 0 and len(set(accs)) > 1, accs  # the choice is not the first by default
+    assert details["criterion"] == "val-accuracy"
+    assert details["chosen"] == {"lam": grid[best]}
+    assert [row["lam"] for row in details["grid"]] == grid
+    for row, (acc, wga, aga) in zip(details["grid"], hand, strict=True):
+        assert row["val_accuracy"] == pytest.approx(acc, abs=1e-12)
+        assert row["val_wga"] == pytest.approx(wga, abs=1e-12)
+        assert row["val_aga"] == pytest.approx(aga, abs=1e-12)
+    # The winner is the model a single-value run with the chosen lambda gives, to the bit.
+    assert_same_weights(result.model, singles[best])
+    # Every grid point trains and logs under its own lambda.
+    assert [line["lam"] for line in lines if line["stage"] == "align"] == grid
+    assert [line["lam"] for line in lines if line["stage"] == "align-select"] == grid
+
+
+def test_grid_ties_go_to_the_first_value(ctx):
+    """Lambdas too small to change a prediction score alike: the earlier one wins, either way
+    round."""
+    data, model, al, masks = grid_setup()
+    for grid in ([0.0, 1e-9], [1e-9, 0.0]):
+        result = RrrAligner(RrrOptions(**{**GRID_OPTS, "lam": grid})).align(
+            model, data, al, masks, ctx
+        )
+        rows = result.details["grid"]
+        assert rows[0]["val_accuracy"] == rows[1]["val_accuracy"]  # a tie, as built
+        assert result.details["chosen"] == {"lam": grid[0]}
+
+
+def test_val_wga_selects_by_the_worst_group(ctx):
+    """Groups built from the single-value models' predictions: group 1 holds the samples the
+    accuracy winner gets wrong and another model gets right, so the winner's worst group is 0
+    and the two criteria must disagree."""
+    data, model, al, masks = grid_setup()
+    grid = [0.0, 1.0, 10.0]
+    singles = align_each(grid, model, data, al, masks, ctx)
+    with torch.no_grad():
+        right = torch.stack([m(data.val.images).argmax(1) == data.val.labels for m in singles])
+    by_acc = first_best(right.double().mean(1).tolist())
+    groups = (~right[by_acc] & right.any(0)).long()
+    assert groups.any()
+    val = dataclasses.replace(data.val, groups=groups)
+    data = dataclasses.replace(data, val=val)
+
+    picked = {}
+    for select_by in ("val-accuracy", "val-wga"):
+        opts = RrrOptions(**{**GRID_OPTS, "lam": grid, "select_by": select_by})
+        picked[select_by] = RrrAligner(opts).align(model, data, al, masks, ctx)
+    wgas = [hand_scores(m, val)[1] for m in singles]
+    assert picked["val-accuracy"].details["chosen"] == {"lam": grid[by_acc]}
+    assert wgas[by_acc] == 0.0
+    details = picked["val-wga"].details
+    assert details["criterion"] == "val-wga"
+    assert details["chosen"] == {"lam": grid[first_best(wgas)]} != {"lam": grid[by_acc]}
+    assert [row["val_wga"] for row in details["grid"]] == pytest.approx(wgas, abs=1e-12)
+    assert_same_weights(picked["val-wga"].model, singles[first_best(wgas)])
+
+
+def test_grid_never_reads_the_test_split(ctx):
+    data, model, al, masks = grid_setup()
+    poisoned = dataclasses.replace(
+        data,
+        test=Split(torch.full_like(data.test.images, math.nan), torch.full_like(data.test.labels, 7)),
+    )
+    for select_by in ("val-accuracy", "val-wga"):
+        aligner = RrrAligner(RrrOptions(**{**GRID_OPTS, "lam": [0.0, 1.0], "select_by": select_by}))
+        clean = aligner.align(model, data, al, masks, ctx)
+        dirty = aligner.align(model, poisoned, al, masks, ctx)
+        assert dirty.details == clean.details
+        assert_same_weights(dirty.model, clean.model)
+
+
+def test_grid_refusals_name_the_option(ctx):
+    data, model, al, masks = grid_setup()
+    no_val = dataclasses.replace(data, val=None)
+    empty_val = dataclasses.replace(data, val=data.val.subset(torch.zeros(0, dtype=torch.int64)))
+    no_groups = with_val(shortcut_data(n_train=64), groups=False)
+    grid = RrrAligner(RrrOptions(**{**GRID_OPTS, "lam": [1.0, 10.0]}))
+    by_wga = RrrAligner(RrrOptions(**{**GRID_OPTS, "lam": [1.0, 10.0], "select_by": "val-wga"}))
+    cases = [
+        (grid, no_val, r"lam is a grid of 2 values.*no validation split"),
+        (grid, empty_val, r"lam is a grid.*an empty validation split"),
+        (by_wga, no_val, r"lam is a grid.*no validation split"),
+        (by_wga, no_groups, r"select_by = 'val-wga'.*needs group labels on the validation"),
+    ]
+    for aligner, bad, message in cases:
+        (problem,) = aligner.check_data(bad)
+        assert re.search(message, problem), problem
+        with pytest.raises(ValueError, match=message):
+            aligner.align(model, bad, al, masks, ctx)
+    assert not (ctx.run_dir / "metrics.jsonl").exists()  # refused before any training
+    assert grid.check_data(no_groups) == []  # val-accuracy needs no groups
+    assert by_wga.check_data(data) == []
+    # A single lambda selects nothing: it needs neither a validation split nor groups.
+    single = RrrAligner(RrrOptions(**{**GRID_OPTS, "select_by": "val-wga"}))
+    assert single.check_data(no_val) == [] and single.check_data(no_groups) == []
+
+
+def test_single_lambda_is_unchanged(ctx):
+    """A single value still returns a bare module, logs no lambda, ignores the validation
+    split, and gives the weights the code before grids gave."""
+    data = shortcut_data()
+    model = trained_model(data)
+    al, masks = alignment_of(data)
+    aligned = RrrAligner(RrrOptions(**OPTS)).align(model, data, al, masks, ctx)
+    assert isinstance(aligned, nn.Module)
+    lines = [json.loads(x) for x in (ctx.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all("lam" not in line for line in lines)
+    # Pinned from the aligner before lambda grids existed (bit-identical there, checked by
+    # aligning with both versions side by side).
+    checksum = float(sum(p.detach().double().abs().sum() for p in aligned.parameters()))
+    assert checksum == pytest.approx(346.7160784775042, rel=1e-6)
+    with_groups = with_val(data)
+    again = RrrAligner(RrrOptions(**OPTS)).align(model, with_groups, al, masks, ctx)
+    assert_same_weights(again, aligned)
+    # A grid of one value goes through the same alignment: the same weights.
+    one = RrrAligner(RrrOptions(**{**OPTS, "lam": [OPTS["lam"]]})).align(
+        model, with_groups, al, masks, ctx
+    )
+    assert one.details["chosen"] == {"lam": OPTS["lam"]}
+    assert_same_weights(one.model, aligned)
 
 
 @pytest.mark.gpu
