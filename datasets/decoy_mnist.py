@@ -7,7 +7,10 @@ uniformly from 0..9, so a model that learned the shortcut fails there. The true 
 an image is exactly its 16 square pixels.
 
 Groups are class x whether the square's shade matches the class: group ``2 * y`` is
-``"y/match"`` and ``2 * y + 1`` is ``"y/mismatch"`` (training images all match).
+``"y/match"`` and ``2 * y + 1`` is ``"y/mismatch"``. Training images all match by default, so
+the mismatch groups are empty in training; ``train_match_share`` below 1 gives a share of the
+training images another class's shade, so that every group occurs in training (what SUBG needs,
+and what studies of a weaker correlation need).
 """
 
 from __future__ import annotations
@@ -56,22 +59,36 @@ class Decoys(NamedTuple):
 
 
 def add_decoys(
-    images: torch.Tensor, labels: torch.Tensor, *, random_shade: bool, generator: torch.Generator
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    random_shade: bool,
+    generator: torch.Generator,
+    match_share: float = 1.0,
 ) -> Decoys:
     """Write a decoy square into a corner of every image (0-255 scale, ``[N, H, W]``).
 
     Draws, in this order from ``generator``: two coin flips per image ``[N, 2]`` (bottom?,
     right?), then, with ``random_shade``, a digit per image uniform on 0..9; otherwise the shade
-    digit is the label.
+    digit is the label, except (when ``match_share < 1``) for ``round((1 - match_share) * N)``
+    images, the first of a permutation ``[N]`` drawn next, whose digit is
+    ``(label + r) % 10`` with ``r`` drawn uniform on 1..9 per image ``[N]`` (another class's
+    shade, uniform over the nine). ``match_share = 1`` draws nothing more.
     """
     if images.dim() != 3:
         raise ValueError(f"add_decoys: images must be [N, H, W], got {tuple(images.shape)}")
+    if not 0.0 <= match_share <= 1.0:
+        raise ValueError(f"add_decoys: match_share must lie in [0, 1], got {match_share}")
     n, height, width = images.shape
     flips = torch.randint(0, 2, (n, 2), generator=generator).bool()
     if random_shade:
         digits = torch.randint(0, NUM_CLASSES, (n,), generator=generator)
     else:
         digits = labels.to(torch.int64).clone()
+        if match_share < 1.0:
+            mismatched = torch.randperm(n, generator=generator)[: round((1.0 - match_share) * n)]
+            offsets = torch.randint(1, NUM_CLASSES, (n,), generator=generator)
+            digits[mismatched] = (digits[mismatched] + offsets[mismatched]) % NUM_CLASSES
     rows = torch.arange(height)
     cols = torch.arange(width)
     # Top rows 0..3 or bottom rows H-4..H-1; likewise for the columns.
@@ -95,8 +112,11 @@ def _split(
     random_shade: bool,
     generator: torch.Generator,
     scale: str,
+    match_share: float = 1.0,
 ) -> Split:
-    decoys = add_decoys(images, labels, random_shade=random_shade, generator=generator)
+    decoys = add_decoys(
+        images, labels, random_shade=random_shade, generator=generator, match_share=match_share
+    )
     x = decoys.images if scale == "0-255" else decoys.images / 255.0
     groups = 2 * labels + (decoys.shade_digits != labels).long()
     return Split(
@@ -119,6 +139,7 @@ def make_decoy_mnist(
     scale: Literal["0-255", "0-1"],
     val_decoys: Literal["random", "class"],
     generator: Callable[[str], torch.Generator],
+    train_match_share: float = 1.0,
 ) -> SpuriousDataset:
     """DecoyMNIST from raw digits (uint8 or float on the 0-255 scale, ``[N, 28, 28]``).
 
@@ -126,7 +147,9 @@ def make_decoy_mnist(
     images (its first ``train_size``) and the validation images (the next ``val_size``). With a
     separate test pool (``x_test``), the test images are its first ``test_size``; without one
     (``x_test is None``), they are taken from the pool's permutation first, before training.
-    Decoys of each split come from ``generator("decoy-mnist-<split>")``.
+    Decoys of each split come from ``generator("decoy-mnist-<split>")``; ``train_match_share``
+    is the share of training images whose square has their own class's shade (``add_decoys``'s
+    ``match_share``).
     """
     pool = int(x_train.shape[0])
     order = torch.randperm(pool, generator=generator("decoy-mnist-split"))
@@ -150,6 +173,7 @@ def make_decoy_mnist(
     train = _split(
         x_train[train_index], y_train[train_index],
         random_shade=False, generator=generator("decoy-mnist-train"), scale=scale,
+        match_share=train_match_share,
     )  # fmt: skip
     test = _split(
         x_test[:test_size], y_test[:test_size],
@@ -224,6 +248,16 @@ class DecoyMnistProvider:
             description='Decoy shades of the validation split: "random" like the test split (every '
             'group occurs, as DFR and JTT need), "class" like the training split.',
         )
+        train_match_share: float = Field(
+            1.0,
+            ge=0,
+            le=1,
+            description="Share of the training images whose square has their own class's shade; "
+            "the others (exactly round((1 - share) * train_size), seeded) get one of the nine other "
+            "shades, uniformly. 1 (Ross et al.): every training image matches, so the mismatch "
+            "groups are empty in training and SUBG cannot run; below 1 every group occurs in "
+            "training and the shortcut is weaker.",
+        )
         scale: Literal["0-255", "0-1"] = Field(
             "0-255",
             description='Input scale of the images. On "0-255" (Ross et al.) the model learns the '
@@ -274,4 +308,5 @@ class DecoyMnistProvider:
             x_train, y_train, x_test, y_test,
             train_size=train_size, test_size=test_size, val_size=opts.val_size,
             scale=opts.scale, val_decoys=opts.val_decoys, generator=ctx.generator,
+            train_match_share=opts.train_match_share,
         )  # fmt: skip

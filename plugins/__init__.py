@@ -32,7 +32,12 @@ BUILTINS: dict[str, dict[str, str]] = {
     "aligner": {
         "rrr": "lvlmva.plugins.aligners.rrr:RrrAligner",
     },
-    "mitigator": {},
+    "mitigator": {
+        "erm": "lvlmva.plugins.mitigators.erm:ErmMitigator",
+        "dfr": "lvlmva.plugins.mitigators.dfr:DfrMitigator",
+        "jtt": "lvlmva.plugins.mitigators.jtt:JttMitigator",
+        "subg": "lvlmva.plugins.mitigators.subg:SubgMitigator",
+    },
     "evaluator": {
         "standard": "lvlmva.plugins.evaluators.standard:StandardEvaluator",
     },

@@ -227,3 +227,44 @@ def test_class_specification():
     assert "decoy-mnist" in available_families()
     with pytest.raises(ValueError, match="no class specification"):
         load_class_spec("no-such-family")
+
+
+def _digest(data) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for split in (data.train, data.val, data.test):
+        for name in ("images", "labels", "groups", "spurious_masks"):
+            h.update(getattr(split, name).numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_default_train_match_share_keeps_the_data_bit_identical():
+    # Digest of the arrays the code gave before train_match_share existed (seed 3, these sizes).
+    data = tiny_decoy_dataset(n_train=300, n_test=200, n_val=100, seed=3)
+    assert _digest(data) == "27f85d732f6f7211f734d48379da895290848cdf7e83c8b6c9c747cb11c6dab9"
+    assert _digest(tiny_decoy_dataset(300, 200, 3, n_val=100, train_match_share=1.0)) == _digest(data)
+
+
+def test_train_match_share_gives_other_shades_to_the_rest(ctx):
+    x, y = _ids(1000)
+    kwargs = dict(train_size=500, test_size=200, val_size=100, scale="0-255", val_decoys="random")
+    base = make_decoy_mnist(x, y, None, None, generator=ctx.generator, **kwargs)
+    mixed = make_decoy_mnist(x, y, None, None, generator=ctx.generator, train_match_share=0.7, **kwargs)
+    train = mixed.train
+    shade = ((255 - train.images[:, 0][train.spurious_masks].reshape(500, 16)[:, 0]) / 25).round().long()
+    mismatched = shade != train.labels
+    assert int(mismatched.sum()) == 150  # exactly round(0.3 * 500)
+    assert torch.equal(train.groups, 2 * train.labels + mismatched.long())
+    assert len(set(train.groups.tolist())) == 20  # every group occurs in training
+    offsets = (shade - train.labels)[mismatched] % 10
+    assert set(offsets.tolist()) == set(range(1, 10))  # any of the nine other shades
+    # Same images, corners and other splits: only the shades of the chosen 150 change.
+    assert torch.equal(train.spurious_masks, base.train.spurious_masks)
+    assert torch.equal(train.images[:, 0][~train.spurious_masks], base.train.images[:, 0][~base.train.spurious_masks])
+    assert torch.equal(mixed.test.images, base.test.images) and torch.equal(mixed.val.images, base.val.images)
+    none = make_decoy_mnist(x, y, None, None, generator=ctx.generator, train_match_share=0.0, **kwargs)
+    assert bool((none.train.groups % 2 == 1).all())
+    with pytest.raises(pydantic.ValidationError):
+        DecoyMnistProvider.Options(train_match_share=1.5)
+    assert DecoyMnistProvider.Options(train_match_share=0.9).train_match_share == 0.9
