@@ -145,7 +145,8 @@ def run_cell(cell: Cell | dict[str, Any]) -> dict[str, Any]:
         for outcome in pipeline.outcomes.values():
             counts[outcome.status] = counts.get(outcome.status, 0) + 1
         out["stages"] = counts
-        out["computed"] = sorted(n for n, o in pipeline.outcomes.items() if o.status == "computed")
+        stored = {s.name for s in pipeline.stages if s.persist}  # the data set is loaded, not stored
+        out["computed"] = sorted(n for n, o in pipeline.outcomes.items() if o.status == "computed" and n in stored)
     except Exception as exc:  # a cell that cannot even start: recorded, the study goes on
         out.update(status="failed", reason=f"{type(exc).__name__}: {exc}")
     out["seconds"] = round(time.perf_counter() - started, 3)
@@ -169,7 +170,14 @@ def _run_processes(cells: Sequence[Cell], done: Done, workers: int) -> None:
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(run_cell, asdict(c)): c for c in cells}
         for future in as_completed(futures):
-            done(futures[future], future.result())
+            cell = futures[future]
+            try:
+                status = future.result()
+            except Exception as exc:  # a worker that died (killed for memory, a crash): recorded
+                status = {"dataset": cell.dataset, "seed": cell.seed, "run_dir": cell.run_dir,
+                          "status": "failed", "reason": f"worker process failed: {type(exc).__name__}: {exc}",
+                          "seconds": 0.0}  # fmt: skip
+            done(cell, status)
 
 
 def _run_ray(cells: Sequence[Cell], done: Done, address: str | None, threads: int) -> None:
