@@ -328,6 +328,7 @@ def _statistics(
     methods: Mapping[str, str],
     baseline: str,
     alpha: float,
+    correction: str = "holm",
 ) -> list[dict[str, Any]]:
     need = min_pairs(alpha)
     comparisons = []
@@ -361,27 +362,51 @@ def _statistics(
             # Holm over the comparisons that could be tested: an untestable one has no p to
             # rank, and counting it would only make the others stricter for no information.
             tested = [e for e in family if e["p"] is not None]
-            for entry, adjusted in zip(
-                tested, holm_adjusted([e["p"] for e in tested]), strict=True
-            ):
+            adjusted_p = holm_adjusted([e["p"] for e in tested]) if tested else []
+            for entry, adjusted in zip(tested, adjusted_p, strict=True):
                 entry["p_holm"] = adjusted
             for entry in family:
                 entry.setdefault("p_holm", None)
-                entry["significant"] = entry["p_holm"] is not None and entry["p_holm"] < alpha
-                entry["verdict"] = _verdict(entry, alpha)
+                decisive = entry["p_holm"] if correction == "holm" else entry["p"]
+                entry["significant"] = decisive is not None and decisive < alpha
+                entry["verdict"] = _verdict(entry, alpha, correction)
             comparisons += family
     return comparisons
 
 
-def _verdict(entry: Mapping[str, Any], alpha: float) -> str:
+def _verdict(entry: Mapping[str, Any], alpha: float, correction: str = "holm") -> str:
     if entry["p"] is None:
         return f"not tested: {entry['not_tested']}"
+    which = "Holm p" if correction == "holm" else "p, uncorrected,"
     if entry["significant"]:
-        return f"{entry['effect']} than {entry['baseline_label']} (Holm p < {alpha:g})"
+        return f"{entry['effect']} than {entry['baseline_label']} ({which} < {alpha:g})"
     return f"no significant difference at {alpha:g}"
 
 
-def _stats_description(alpha: float) -> dict[str, Any]:
+def holm_floor(comparisons: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per data set and metric, the smallest Holm-adjusted p the tested methods could reach:
+    m x (smallest p for the fewest non-zero differences among them), m = methods tested."""
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for entry in comparisons:
+        if entry["p"] is not None:
+            groups.setdefault((entry["dataset"], entry["metric"]), []).append(entry)
+    out = []
+    for (dataset, metric), entries in groups.items():
+        fewest = min(int(e["n_nonzero"]) for e in entries)
+        out.append(
+            {
+                "dataset": dataset,
+                "metric": metric,
+                "methods": len(entries),
+                "n_nonzero": fewest,
+                "smallest_p": 2.0 ** (1 - fewest),
+                "smallest_holm_p": min(1.0, len(entries) * 2.0 ** (1 - fewest)),
+            }
+        )
+    return out
+
+
+def _stats_description(alpha: float, correction: str = "holm") -> dict[str, Any]:
     return {
         "test": "scipy.stats.wilcoxon, two-sided, each method against the baseline paired by seed",
         "scipy": scipy.__version__,
@@ -394,7 +419,11 @@ def _stats_description(alpha: float) -> dict[str, Any]:
         "(p_method says which case applied)",
         "difference_decimals": DIFFERENCE_DECIMALS,
         "min_pairs": min_pairs(alpha),
-        "correction": "Holm step-down over the methods tested, per data set and metric",
+        "correction": correction,
+        "correction_why": "Holm step-down over the methods tested, per data set and metric"
+        if correction == "holm"
+        else "none: each method's test stands alone (as the paper reports them); with several "
+        "methods the chance of at least one false positive exceeds alpha",
         "alpha": alpha,
     }
 
@@ -403,8 +432,31 @@ def _fmt(value: float | None, spec: str) -> str:
     return DASH if value is None else format(value, spec)
 
 
-def _stats_markdown(comparisons: Sequence[Mapping[str, Any]], baseline: str, alpha: float) -> str:
+def _stats_markdown(
+    comparisons: Sequence[Mapping[str, Any]], baseline: str, alpha: float, correction: str = "holm"
+) -> str:
     need = min_pairs(alpha)
+    if correction == "holm":
+        decide = (
+            f"- Holm's step-down correction over the methods tested per data set and metric; a "
+            f"verdict needs Holm p < {alpha:g}."
+        )
+        floors = [f for f in holm_floor(comparisons) if f["smallest_holm_p"] >= alpha]
+        if floors:
+            worst = max(floors, key=lambda f: f["smallest_holm_p"])
+            decide += (
+                f" **No verdict can reach significance here:** with {worst['methods']} methods "
+                f"and {worst['n_nonzero']} non-zero differences the smallest Holm p is "
+                f"{worst['methods']} x 2/2^{worst['n_nonzero']} = {worst['smallest_holm_p']:.4f}"
+                f" ≥ {alpha:g} (for {len(floors)} data set x metric table(s)). Run more seeds, "
+                "compare fewer methods, or read the uncorrected p (`[study] correction = "
+                '"none"` decides on it, as the paper does).'
+            )
+    else:
+        decide = (
+            f"- No correction for several methods (`correction = \"none\"`): a verdict needs "
+            f"p < {alpha:g} on its own test; Holm p is shown for reference."
+        )
     lines = [
         "# Significance against the baseline",
         "",
@@ -425,9 +477,9 @@ def _stats_markdown(comparisons: Sequence[Mapping[str, Any]], baseline: str, alp
         "- With n non-zero differences the smallest two-sided p is 2/2^n: with 7 seeds "
         f"2/128 = 0.0156. Below {need} non-zero differences no outcome can reach "
         f"p < {alpha:g}, so no test is reported.",
-        f"- Holm's step-down correction over the methods tested per data set and metric; a "
-        f"verdict needs Holm p < {alpha:g}. Effect: sign of the mean difference "
-        "(method − baseline), read with the metric's direction.",
+        decide,
+        "- Effect: sign of the mean difference (method − baseline), read with the metric's "
+        "direction.",
         "",
     ]
     groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
@@ -532,6 +584,7 @@ def write_study_outputs(
     evaluator: str | None = None,
     baseline: str = "original",
     alpha: float = 0.05,
+    correction: str = "holm",
 ) -> dict[str, Any]:
     """Write results.csv, results.json, table.md, stats.json, stats.md and one PNG per metric
     into ``out_dir``, each atomically.
@@ -562,7 +615,9 @@ def write_study_outputs(
             "values": values,
             "problems": _problems(dataset, mine, methods, values),
         }
-    comparisons = _statistics(datasets, by_dataset, methods, baseline, alpha)
+    if correction not in ("holm", "none"):
+        raise ValueError(f'correction must be "holm" or "none", got {correction!r}')
+    comparisons = _statistics(datasets, by_dataset, methods, baseline, alpha, correction)
 
     files: dict[str, str] = {}
 
@@ -577,9 +632,14 @@ def write_study_outputs(
         + "\n",
     )
     write("table.md", _table(datasets, by_dataset, methods))
-    stats = {**_stats_description(alpha), "baseline": baseline, "comparisons": comparisons}
+    stats = {
+        **_stats_description(alpha, correction),
+        "holm_floor": holm_floor(comparisons),
+        "baseline": baseline,
+        "comparisons": comparisons,
+    }
     write("stats.json", json.dumps(stats, indent=2) + "\n")
-    write("stats.md", _stats_markdown(comparisons, baseline, alpha))
+    write("stats.md", _stats_markdown(comparisons, baseline, alpha, correction))
     shown_keys = list(dict.fromkeys(k for d in datasets for k in by_dataset[d]["shown"]))
     for key in shown_keys:
         name = _figure_name(key)

@@ -167,7 +167,8 @@ def _run_processes(cells: Sequence[Cell], done: Done, workers: int) -> None:
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     # spawn: a fresh interpreter per worker, as on a cluster (no state inherited by fork)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
         futures = {pool.submit(run_cell, asdict(c)): c for c in cells}
         for future in as_completed(futures):
             cell = futures[future]
@@ -178,6 +179,18 @@ def _run_processes(cells: Sequence[Cell], done: Done, workers: int) -> None:
                           "status": "failed", "reason": f"worker process failed: {type(exc).__name__}: {exc}",
                           "seconds": 0.0}  # fmt: skip
             done(cell, status)
+    except BaseException:
+        # Ctrl-C (or an error here): stop now instead of waiting for every queued cell. The
+        # cells running are stopped too; each keeps its finished stages, and the stage it was
+        # computing is discarded (never committed half-written), so a re-run resumes there.
+        workers_now = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in workers_now:
+            process.terminate()
+        for process in workers_now:
+            process.join(timeout=10)
+        raise
+    pool.shutdown()
 
 
 def _run_ray(cells: Sequence[Cell], done: Done, address: str | None, threads: int) -> None:
@@ -194,10 +207,15 @@ def _run_ray(cells: Sequence[Cell], done: Done, address: str | None, threads: in
     try:
         task = ray.remote(num_cpus=threads)(run_cell)
         pending = {task.remote(asdict(c)): c for c in cells}
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                done(pending.pop(ref), ray.get(ref))
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    done(pending.pop(ref), ray.get(ref))
+        except BaseException:
+            for ref in pending:  # Ctrl-C: queued and running cells are cancelled, not awaited
+                ray.cancel(ref, force=True)
+            raise
     finally:
         if started_here:
             ray.shutdown()
@@ -264,7 +282,7 @@ def run_study(
         )
     summary = write_study_outputs(
         cells, plan.directory, metrics=tuple(study.metrics), evaluator=study.evaluator,
-        baseline=study.baseline, alpha=study.alpha,
+        baseline=study.baseline, alpha=study.alpha, correction=study.correction,
     )  # fmt: skip
     failed = [c for c in cells if c.status != "ok" or c.reason]
     write_atomic(plan.directory / "study.json", json.dumps({

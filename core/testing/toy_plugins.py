@@ -12,6 +12,7 @@ about shortcut mitigation. Load them with ``LVLMVA_PLUGINS=lvlmva.testing.toy_pl
 from __future__ import annotations
 
 import math
+import time
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -46,6 +47,7 @@ class ToyRetrainOptions(PluginOptions):
         default_factory=list,
         description="Raise on runs with these seeds (to test how a study records a failed method).",
     )
+    sleep_s: float = Field(0.0, ge=0, description="Seconds to wait before training (to test interrupting a study).")
 
 
 class ToyRetrain:
@@ -67,6 +69,8 @@ class ToyRetrain:
     ) -> nn.Module:
         if ctx.seed in self.options.fail_on_seeds:
             raise RuntimeError(f"toy-retrain was told to fail on seed {ctx.seed}")
+        if self.options.sleep_s:
+            time.sleep(self.options.sleep_s)
         n = len(data.train)
         keep = math.ceil(self.options.fraction * n)
         order = torch.randperm(n, generator=ctx.generator("toy-retrain"))

@@ -173,6 +173,45 @@ def test_worker_processes_and_ray_give_the_same_results_as_one_process(tmp_path,
     assert (serial / "table.md").read_text() == (on_ray / "table.md").read_text()
 
 
+def test_interrupting_a_study_with_workers_stops_at_once_and_a_rerun_computes_the_rest(tmp_path, toy_mitigators):
+    """SIGINT to the study (Ctrl-C, or ``kill -INT``) does not wait for the queued cells: it
+    exits 130 within seconds; the cells that finished are kept and a re-run computes only the
+    others."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    settings, study = _settings(tmp_path), tmp_path / "study"
+    argv = [sys.executable, "-m", "lvlmva", "study", str(settings), "--out", str(study),
+            "--set", "study.seeds=[0, 1, 2, 3, 4, 5]", "--set", "study.workers=2",
+            "--set", "mitigators.half.sleep_s=6"]  # fmt: skip
+    env = {**os.environ, "LVLMVA_PLUGINS": "lvlmva.testing.toy_plugins"}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (study / "cells.jsonl").exists() and (study / "cells.jsonl").read_text().strip():
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    # four or more cells were still to run (6 s each at least): none of them was waited for
+    assert time.monotonic() - sent < 12, err
+    assert "interrupted" in err
+    done_before = {s for _, s, _ in _computed(study)}
+    assert 1 <= len(done_before) <= 3
+
+    assert main(argv[3:]) == EXIT_OK  # the same command again
+    again = _computed(study)[len(done_before):]
+    assert sorted(s for _, s, _ in again) == sorted(set(range(6)) - done_before)
+    rows = list(csv.DictReader((study / "results.csv").read_text().splitlines()))
+    assert {int(r["seed"]) for r in rows if r["method"] == "half"} == set(range(6))
+
+
 def test_bad_input_stops_the_study_before_any_cell(tmp_path, toy_mitigators, capsys):
     settings, study = _settings(tmp_path), tmp_path / "study"
     code = main(["study", str(settings), "--out", str(study), "--set", "study.seeds=[0]", "--set", "train.epochs=-1"])

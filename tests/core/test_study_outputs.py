@@ -424,3 +424,30 @@ def test_round_off_does_not_split_tied_differences(tmp_path):
     floats = [b + k / 1000 - b for b, k in zip(base, thousandths, strict=True)]
     assert entry["p"] == pytest.approx(exact.pvalue)
     assert entry["p"] != pytest.approx(stats.wilcoxon(floats, zero_method="wilcox").pvalue)
+
+
+def test_uncorrected_tests_decide_on_p_and_holm_floor_is_stated(tmp_path):
+    """``correction = "none"`` decides on each test's own p (as the paper reports them); with
+    Holm, a table whose smallest reachable Holm p lies above alpha says so in stats.md."""
+    summary = write_study_outputs(cells(), tmp_path / "holm", metrics=("aga",))
+    holm = json.loads((tmp_path / "holm" / "stats.json").read_text())
+    plain_summary = write_study_outputs(cells(), tmp_path / "none", metrics=("aga",), correction="none")
+    plain = json.loads((tmp_path / "none" / "stats.json").read_text())
+    assert summary["files"].keys() == plain_summary["files"].keys()
+    assert holm["correction"] == "holm" and plain["correction"] == "none"
+    for a, b in zip(holm["comparisons"], plain["comparisons"], strict=True):
+        assert a["p"] == b["p"] and a["p_holm"] == b["p_holm"]
+        assert b["significant"] == (b["p"] is not None and b["p"] < 0.05)
+        assert a["significant"] == (a["p_holm"] is not None and a["p_holm"] < 0.05)
+    floors = {(f["dataset"], f["metric"]): f for f in holm["holm_floor"]}
+    for (dataset, metric), f in floors.items():
+        tested = [c for c in holm["comparisons"] if (c["dataset"], c["metric"]) == (dataset, metric) and c["p"] is not None]
+        assert f["methods"] == len(tested)
+        assert f["smallest_holm_p"] == pytest.approx(min(1.0, len(tested) * 2.0 ** (1 - min(c["n_nonzero"] for c in tested))))
+    text = (tmp_path / "holm" / "stats.md").read_text()
+    assert ("No verdict can reach significance" in text) == any(f["smallest_holm_p"] >= 0.05 for f in floors.values())
+    assert "uncorrected" in (tmp_path / "none" / "stats.md").read_text() or not any(
+        c["significant"] for c in plain["comparisons"]
+    )
+    with pytest.raises(ValueError, match="correction"):
+        write_study_outputs(cells(), tmp_path / "bad", metrics=("aga",), correction="bonferroni")
