@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from .training import Trainer
 
 __all__ = [
+    "DatasetError",
     "PluginOptions",
     "RunContext",
     "ROLES",
@@ -63,6 +64,13 @@ __all__ = [
     "Evaluator",
     "Metric",
 ]
+
+
+class DatasetError(ValueError):
+    """The user's data cannot be used as it is (a missing or unreadable image, an unknown label,
+    a mask of the wrong size, a folder that is not laid out as the provider expects). A provider
+    raises it with a message that names the files; the run stops with exit 2 before anything
+    trains, and nothing computed before is lost."""
 
 
 class PluginOptions(BaseModel):
@@ -327,6 +335,12 @@ class Evaluator(Protocol):
 
     Flags: ``needs_groups``, ``needs_true_masks``; optionally ``split`` (default ``"test"``), the
     split its metrics are computed on, which every table names.
+
+    ``metrics`` may be an instance attribute when the metrics depend on the options (one per
+    corruption asked for); it is read after every model was evaluated. An evaluator may also
+    define ``finalize(models: dict[str, dict]) -> dict[str, dict]``: called once with every
+    model's values (keys as in results.json: ``"original"``, ``"aligned"``, instance names) to
+    add values across models, such as each model's difference to the original.
     """
 
     Options: ClassVar[type[PluginOptions]]

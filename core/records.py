@@ -14,6 +14,8 @@ from typing import Any
 import torch
 
 __all__ = [
+    "Normalization",
+    "Inputs",
     "Split",
     "SpuriousDataset",
     "AlignmentSet",
@@ -33,25 +35,137 @@ def _check(cond: bool, message: str) -> None:
 
 
 @dataclass(frozen=True)
+class Normalization:
+    """How stored pixels become model inputs, per channel: ``x = (stored * scale - mean[c]) /
+    std[c]``. For uint8 storage ``scale`` is usually ``1/255`` and ``mean``/``std`` the data set's
+    (or ImageNet's) channel statistics. Recorded in results.json."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(len(self.mean) == len(self.std) and len(self.mean) > 0, "Normalization needs one mean and std per channel")
+        _check(all(s > 0 for s in self.std), f"Normalization.std must be positive, got {self.std}")
+        _check(self.scale > 0, f"Normalization.scale must be positive, got {self.scale}")
+
+    def apply(self, stored: torch.Tensor) -> torch.Tensor:
+        """Float32 inputs ``[B, C, H, W]`` from stored pixels ``[B, C, H, W]`` (any device)."""
+        _check(
+            stored.dim() == 4 and stored.shape[1] == len(self.mean),
+            f"Normalization for {len(self.mean)} channels applied to {tuple(stored.shape)}",
+        )
+        x = stored.to(torch.float32)
+        shape = (1, len(self.mean), 1, 1)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(shape)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(shape)
+        if self.scale != 1.0:
+            x = x * self.scale
+        return (x - mean) / std
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean": list(self.mean), "std": list(self.std), "scale": self.scale}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Normalization:
+        return cls(mean=tuple(float(v) for v in data["mean"]), std=tuple(float(v) for v in data["std"]), scale=float(data["scale"]))
+
+
+class Inputs:
+    """Model inputs of a split with compact storage, normalised batch by batch.
+
+    Behaves like the float32 tensor ``[N, C, H, W]`` it stands for where the toolkit reads
+    inputs (``shape``, ``len``, ``dim()``, indexing, ``index_select``, ``to(device)``), but only
+    the rows asked for are ever converted: indexing returns a float32 tensor of those rows.
+    ``to(device)`` moves the *stored* pixels (uint8 stays uint8) and returns another view, so a
+    resident training loop holds a quarter of the float32 size on the device.
+    """
+
+    dtype = torch.float32
+
+    def __init__(self, stored: torch.Tensor, normalization: Normalization) -> None:
+        self.stored = stored
+        self.normalization = normalization
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.stored.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.stored.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (the stored pixels), not the float32 size."""
+        return int(self.stored.nbytes)
+
+    def dim(self) -> int:
+        return self.stored.dim()
+
+    def __len__(self) -> int:
+        return int(self.stored.shape[0])
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        rows = self.stored[index]
+        if rows.dim() == 3:  # one integer index
+            return self.normalization.apply(rows.unsqueeze(0))[0]
+        return self.normalization.apply(rows)
+
+    def index_select(self, dim: int, index: torch.Tensor) -> torch.Tensor:
+        _check(dim == 0, "Inputs.index_select selects samples (dim 0) only")
+        return self.normalization.apply(self.stored.index_select(0, index))
+
+    def to(self, device: torch.device | str, *args: Any, **kwargs: Any) -> Inputs:
+        return Inputs(self.stored.to(device), self.normalization)
+
+    def materialize(self) -> torch.Tensor:
+        """All inputs as one float32 tensor (4x the uint8 size: for small splits only)."""
+        return self.normalization.apply(self.stored)
+
+
+@dataclass(frozen=True)
 class Split:
     """One split of a data set, resident in memory.
 
-    - ``images``: float32 ``[N, C, H, W]`` on the model's input scale.
+    - ``images``: the stored pixels ``[N, C, H, W]``: float32 on the model's input scale, or
+      uint8 (a quarter of the memory; 10,000 RGB images of 224 x 224 take 1.5 GB) with a
+      ``normalization`` that turns them into inputs batch by batch. A tensor made from a
+      read-only ``numpy.memmap`` works too.
     - ``labels``: int64 ``[N]`` class indices.
     - ``groups``: int64 ``[N]`` group indices (see ``SpuriousDataset.group_names``) or ``None``.
     - ``spurious_masks``: bool ``[N, H, W]``, True on pixels of a known spurious feature, or
       ``None`` where the truth is unknown.
+    - ``normalization``: applied to ``images`` to give model inputs; ``None`` means the stored
+      float32 values are the inputs. Required for uint8 storage.
+
+    Code that feeds a model reads :attr:`inputs`, never ``images``: for float32 storage without
+    normalization it is ``images`` itself (no copy); otherwise an :class:`Inputs` view.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     groups: torch.Tensor | None = None
     spurious_masks: torch.Tensor | None = None
+    normalization: Normalization | None = None
 
     def __post_init__(self) -> None:
         n = self.images.shape[0]
         _check(self.images.dim() == 4, f"Split.images must be [N,C,H,W], got {tuple(self.images.shape)}")
-        _check(self.images.dtype == torch.float32, f"Split.images must be float32, got {self.images.dtype}")
+        _check(
+            self.images.dtype in (torch.float32, torch.uint8),
+            f"Split.images must be float32 or uint8, got {self.images.dtype}",
+        )
+        _check(
+            self.images.dtype == torch.float32 or self.normalization is not None,
+            "Split.images of dtype uint8 need a normalization (how pixels become inputs)",
+        )
+        if self.normalization is not None:
+            _check(
+                len(self.normalization.mean) == self.images.shape[1],
+                f"Split.normalization has {len(self.normalization.mean)} channels, images have "
+                f"{self.images.shape[1]}",
+            )
         _check(tuple(self.labels.shape) == (n,), f"Split.labels must be [{n}], got {tuple(self.labels.shape)}")
         _check(self.labels.dtype == torch.int64, f"Split.labels must be int64, got {self.labels.dtype}")
         if self.groups is not None:
@@ -67,6 +181,13 @@ class Split:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    @property
+    def inputs(self) -> torch.Tensor | Inputs:
+        """The model inputs ``[N, C, H, W]``: indexing gives float32 tensors."""
+        if self.normalization is None:
+            return self.images
+        return Inputs(self.images, self.normalization)
+
     def subset(self, index: torch.Tensor) -> Split:
         """The samples at ``index`` (int64 indices or a bool mask)."""
         return Split(
@@ -74,14 +195,19 @@ class Split:
             labels=self.labels[index],
             groups=None if self.groups is None else self.groups[index],
             spurious_masks=None if self.spurious_masks is None else self.spurious_masks[index],
+            normalization=self.normalization,
         )
 
     def to_state(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        state["normalization"] = None if self.normalization is None else self.normalization.to_dict()
+        return state
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> Split:
-        return cls(**state)
+        state = dict(state)
+        norm = state.pop("normalization", None)
+        return cls(**state, normalization=None if norm is None else Normalization.from_dict(norm))
 
 
 @dataclass(frozen=True)

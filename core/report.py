@@ -527,12 +527,12 @@ def report_stage(call: StageCall, inputs: Sequence[str]) -> dict[str, Any]:
     data = call["data"]
     n = min(options.test_images, len(data.test))
     pick = torch.randperm(len(data.test), generator=call.ctx.generator("report-test-images"))[:n]
-    images, labels = data.test.images[pick], data.test.labels[pick]
+    images, labels = data.test.inputs[pick], data.test.labels[pick]
     attributions: dict[str, torch.Tensor] = {}
     attributor = call.plugin("attributor")
     if attributor is not None and n > 0:
         for key, model in call.models().items():
-            attributions[key] = attributor.attribute(model, images, labels, data.train.images, call.ctx).detach().cpu()
+            attributions[key] = attributor.attribute(model, images, labels, data.train.inputs, call.ctx).detach().cpu()
     timings = {}
     for name in inputs:
         info = call.info(name)

@@ -88,7 +88,14 @@ def assemble_results(
     """The results stage: labels of the models, every evaluation, verdict quality, alignment
     failures and LVLM usage, from the artifacts the stage declared."""
     data: SpuriousDataset = call["data"]
-    out: dict[str, Any] = {"models": {}, "evaluations": {}, "input_scale": data.input_scale}
+    norm = data.train.normalization
+    out: dict[str, Any] = {
+        "models": {},
+        "evaluations": {},
+        "input_scale": data.input_scale,
+        # how stored pixels became model inputs (None: the stored float32 values are the inputs)
+        "normalization": None if norm is None else {"storage": str(data.train.images.dtype).removeprefix("torch."), **norm.to_dict()},
+    }
     for stage in model_stages:
         info = call.info(stage.provides)
         if info is not None:

@@ -37,7 +37,7 @@ def select_alignment_set(
     n = options.n
     if n > len(split):
         raise ValueError(f"selection.n = {n}, but the split has only {len(split)} samples")
-    entropy = predictive_entropy(predict_logits(model, split.images, ctx.device))
+    entropy = predictive_entropy(predict_logits(model, split.inputs, ctx.device))
     if options.strategy == "lowest-entropy":
         indices = torch.argsort(entropy, stable=True)[:n]
     elif options.strategy == "highest-entropy":

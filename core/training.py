@@ -125,8 +125,10 @@ def _loader_batches(
         sampler=order.tolist(),
         pin_memory=pin,
     )
+    norm = split.normalization
     for x, y in loader:
-        yield x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)
+        x = x.to(device, non_blocking=pin)
+        yield (x if norm is None else norm.apply(x)), y.to(device, non_blocking=pin)
 
 
 @contextlib.contextmanager
@@ -281,7 +283,8 @@ class Trainer:
         else:
             resident = fits_on_device(split, device)
         if resident:
-            images = split.images.to(device)
+            # uint8 storage stays uint8 on the device; batches are normalised as they are drawn
+            images = split.inputs.to(device)
             labels = split.labels.to(device)
 
         m = n if indices is None else int(indices.shape[0])

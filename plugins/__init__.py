@@ -9,9 +9,16 @@ from lvlmva.hookspecs import hookimpl
 BUILTINS: dict[str, dict[str, str]] = {
     "dataset": {
         "decoy-mnist": "lvlmva.datasets.decoy_mnist:DecoyMnistProvider",
+        "synthetic-skin": "lvlmva.datasets.synthetic:SyntheticSkinProvider",
+        "synthetic-knee": "lvlmva.datasets.synthetic:SyntheticKneeProvider",
+        "knee-folder": "lvlmva.datasets.folders:KneeFolderProvider",
+        "isic-folder": "lvlmva.datasets.folders:IsicFolderProvider",
+        "medmnist": "lvlmva.datasets.folders:MedmnistProvider",
     },
     "model": {
         "mlp": "lvlmva.plugins.models.mlp:MlpFactory",
+        "resnet": "lvlmva.plugins.models.resnet:ResNetFactory",
+        "cnn": "lvlmva.plugins.models.cnn:SmallCnnFactory",
     },
     "attributor": {
         "deeplift-shap": "lvlmva.plugins.attributors.deeplift_shap:DeepLiftShapAttributor",
@@ -40,6 +47,7 @@ BUILTINS: dict[str, dict[str, str]] = {
     },
     "evaluator": {
         "standard": "lvlmva.plugins.evaluators.standard:StandardEvaluator",
+        "medmnist-c": "lvlmva.plugins.evaluators.medmnist_c:MedmnistCEvaluator",
     },
 }
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..protocols import RunContext
+from ..protocols import DatasetError, RunContext
 from ..registry import PluginRegistry, get_plugin_manager, get_registry
 from ..results import machine_info
 from ..settings import Settings
@@ -581,6 +581,8 @@ class Pipeline:
             with _isolated_rng():
                 seed_everything(_stage_seed(self.settings.run.seed, stage.name), self.settings.run.deterministic)
                 value = stage.run(self._call(stage, self._context(stage, self.run_dir, uuid.uuid4().hex[:12])))
+        except DatasetError as exc:  # the user's data: bad input (exit 2), not a failed stage
+            raise _DataProblems(f"[{stage.name}] {exc}") from None
         except Exception as exc:  # recorded as the data set's failure, not the stage that asked
             seconds = time.perf_counter() - started
             self._nested += seconds

@@ -98,7 +98,7 @@ def _attribute_fn(call: StageCall, data: SpuriousDataset) -> Callable[[nn.Module
     attributor = call.plugin("attributor")
     if attributor is None:
         return None
-    return lambda model, x, y: attributor.attribute(model, x, y, data.train.images, call.ctx)
+    return lambda model, x, y: attributor.attribute(model, x, y, data.train.inputs, call.ctx)
 
 
 def _no_critic(view: StageView) -> str | None:
@@ -147,8 +147,8 @@ def _selection_fits(view: StageView, data: SpuriousDataset) -> list[str]:
 def _attribute(call: StageCall) -> dict[str, torch.Tensor]:
     data: SpuriousDataset = call["data"]
     idx = call["select"].indices
-    images = data.train.images[idx]
-    attributions = call.plugin("attributor").attribute(call["train"], images, data.train.labels[idx], data.train.images, call.ctx)
+    images = data.train.inputs[idx]
+    attributions = call.plugin("attributor").attribute(call["train"], images, data.train.labels[idx], data.train.inputs, call.ctx)
     _check_shape("attributor", attributions, tuple(images.shape))
     return {"attributions": attributions.detach().float().cpu()}
 
@@ -167,7 +167,7 @@ def _render(call: StageCall) -> list:
     chosen: AlignmentSet = call["select"]
     seg: Segmentation = call["segment"]
     return render_samples(
-        data.train.images[chosen.indices],
+        data.train.inputs[chosen.indices],
         seg.labels,
         [int(i) for i in chosen.indices],
         call.option("render"),
@@ -317,12 +317,17 @@ def _evaluate_stage(instance: str, choice: PluginChoice, model_stages: Sequence[
         data: SpuriousDataset = call["data"]
         evaluator = call.plugin(slot)
         attribute = _attribute_fn(call, data)
-        declared = type(evaluator).metrics
         models = {}
         for key, model in call.models().items():
-            values = evaluator.evaluate(model, data, call.ctx, attribute=attribute)
+            models[key] = evaluator.evaluate(model, data, call.ctx, attribute=attribute)
+        finalize = getattr(evaluator, "finalize", None)
+        if callable(finalize):  # values across models (a difference to the original)
+            models = finalize(models)
+        # read after evaluating: an evaluator may declare metrics that depend on its options
+        # and the data set (one per corruption it could resolve)
+        declared = tuple(evaluator.metrics)
+        for key, values in models.items():
             check_evaluation(choice.name, key, values, declared)
-            models[key] = values
         split = str(getattr(evaluator, "split", "test"))
         return {"plugin": choice.name, "split": split, "metrics": [m.to_dict() for m in declared], "models": models}
 

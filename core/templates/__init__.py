@@ -1,8 +1,9 @@
 """Prompt templates shipped with lvlmva: one TOML file per dataset family and role.
 
 Files are named ``<family>.<role>.toml`` (``decoy-mnist.critic.toml``). Each holds ``version``
-and ``text`` (plus ``user`` for judges and ``class_descriptions`` for critics); the loader and
-renderer live in :mod:`lvlmva.plugins.lvlm.prompts`.
+and ``text`` (plus ``user`` for judges); the class descriptions come from the data set's
+specification (``lvlmva/datasets/specs/<family>.toml``). The loader and renderer live in
+:mod:`lvlmva.plugins.lvlm.prompts`.
 """
 
 from __future__ import annotations

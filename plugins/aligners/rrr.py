@@ -282,7 +282,7 @@ class RrrAligner:
             aligned.parameters(), lr=opts.lr, weight_decay=opts.weight_decay
         )
 
-        align_images = train.images[alignment.indices]
+        align_images = train.inputs[alignment.indices]
         align_labels = train.labels[alignment.indices]
         align_masks = masks.to(torch.bool)
         ordinary_masks = torch.zeros(
@@ -316,7 +316,7 @@ class RrrAligner:
                 for step in range(steps):
                     a_idx = align_stream.take(opts.alignment_batch)
                     o_idx = order[step * opts.ordinary_batch : (step + 1) * opts.ordinary_batch]
-                    inputs = torch.cat([align_images[a_idx], train.images[o_idx]]).to(device)
+                    inputs = torch.cat([align_images[a_idx], train.inputs[o_idx]]).to(device)
                     targets = torch.cat([align_labels[a_idx], train.labels[o_idx]]).to(device)
                     batch_masks = torch.cat(
                         [align_masks[a_idx], ordinary_masks[: o_idx.numel()]]
@@ -360,7 +360,7 @@ def _validation_scores(model: nn.Module, data: SpuriousDataset, ctx: RunContext)
     group labels)."""
     val = data.val
     assert val is not None  # check_data refused a grid without one
-    logits = predict_logits(model, val.images, ctx.device)
+    logits = predict_logits(model, val.inputs, ctx.device)
     scores: dict[str, Any] = {
         "val_accuracy": accuracy(logits, val.labels),
         "val_wga": None,

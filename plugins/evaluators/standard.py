@@ -99,7 +99,7 @@ class StandardEvaluator:
         test = data.test
         if len(test) == 0:
             raise ValueError("StandardEvaluator: the test split is empty")
-        logits = predict_logits(model, test.images, ctx.device, batch_size=self.options.batch_size)
+        logits = predict_logits(model, test.inputs, ctx.device, batch_size=self.options.batch_size)
         pred = logits.argmax(dim=1)
         out: dict[str, Any] = {"accuracy": accuracy(pred, test.labels), "test_samples": len(test)}
         if test.groups is not None:
@@ -150,12 +150,10 @@ class StandardEvaluator:
         parts = []
         for start in range(0, n, step):
             idx = chosen[start : start + step]
-            attr = attribute(model, test.images[idx], test.labels[idx])
-            if tuple(attr.shape) != tuple(test.images[idx].shape):
-                raise ValueError(
-                    f"StandardEvaluator: attribute returned {tuple(attr.shape)} for inputs "
-                    f"{tuple(test.images[idx].shape)}"
-                )
+            attr = attribute(model, test.inputs[idx], test.labels[idx])
+            want = (int(idx.shape[0]), *test.images.shape[1:])
+            if tuple(attr.shape) != want:
+                raise ValueError(f"StandardEvaluator: attribute returned {tuple(attr.shape)} for inputs {want}")
             parts.append(attr.detach().float().cpu())
         attributions = torch.cat(parts)
         masks = test.spurious_masks[chosen]

@@ -340,6 +340,13 @@ class SpendingEstimate:
     cost_usd: float | None
 
 
+def _class_descriptions(family: str) -> tuple[str, ...]:
+    """The family's shipped class descriptions (none for a family without a specification)."""
+    from lvlmva.datasets.class_specs import available_families, load_class_spec
+
+    return load_class_spec(family)[1] if family in available_families() else ()
+
+
 def _template_chars(role: str, options: OpenAIOptions) -> int:
     """Characters of the longest prompt a template of ``role`` can give before the sample's own
     text: the user's file, or the family's built-in one, else the longest built-in one."""
@@ -352,7 +359,7 @@ def _template_chars(role: str, options: OpenAIOptions) -> int:
     def chars(t: PromptTemplate) -> int:
         if role == "judge":
             return len(t.text) + len(t.user)
-        return len(t.text) + max(map(len, t.class_descriptions.values()), default=0)
+        return len(t.text) + max(map(len, _class_descriptions(t.family)), default=0)
 
     return max(map(chars, templates), default=0)
 

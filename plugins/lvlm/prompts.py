@@ -2,8 +2,10 @@
 
 A template is a TOML file with a ``version`` string and a ``text`` (the prompt, with the
 placeholders ``<label>``, ``<class_description>``, ``<num_clusters>``, ``<cluster_colors>``).
-Judge templates may add ``user``: the user message around the critique (``<critique>``); critic
-templates may add a ``class_descriptions`` table (the expert's class specifications).
+Judge templates may add ``user``: the user message around the critique (``<critique>``). The
+expert's class descriptions are not part of a template: they come with the data set
+(``lvlmva/datasets/specs/<family>.toml``, or a provider's own setting) and fill
+``<class_description>`` per sample.
 
 Built-in templates live in :mod:`lvlmva.templates` (one per dataset family and role); a user
 points the plugin option ``template`` at a file of their own. The version goes into the response
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from lvlmva.records import Critique, CritiqueRequest
@@ -27,7 +29,6 @@ __all__ = [
     "TemplateError",
     "PromptTemplate",
     "load_template",
-    "class_specifications",
     "format_colors",
     "render_critic_prompt",
     "render_judge_prompt",
@@ -62,7 +63,6 @@ class PromptTemplate:
     - ``version``: goes into the response cache key.
     - ``text``: the prompt (critic) or the instructions with few-shot examples (judge).
     - ``user``: the judge's user message around ``<critique>`` (unused by critics).
-    - ``class_descriptions``: the expert's class specifications shipped with a critic template.
     - ``source``: the file it came from.
     """
 
@@ -71,7 +71,6 @@ class PromptTemplate:
     version: str
     text: str
     user: str = DEFAULT_JUDGE_USER
-    class_descriptions: Mapping[str, str] = field(default_factory=dict)
     source: str = ""
 
 
@@ -127,7 +126,13 @@ def load_template(family: str, role: str, path: str | Path | None = None) -> Pro
             raise TemplateError(f"{file}: {role} template needs the key {key!r} (a string)")
         if not isinstance(data[key], str) or not data[key].strip():
             raise TemplateError(f"{file}: {key!r} must be a non-empty string, got {data[key]!r}")
-    allowed = {"version", "text", "user", "class_descriptions", "family", "role"}
+    if "class_descriptions" in data:
+        raise TemplateError(
+            f"{file}: 'class_descriptions' is not a template key: the expert's class descriptions "
+            "come with the data set (lvlmva/datasets/specs/<family>.toml, or the provider's "
+            "class_descriptions setting), so that one text serves every prompt; remove the table"
+        )
+    allowed = {"version", "text", "user", "family", "role"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise TemplateError(f"{file}: unknown keys {unknown}; allowed: {sorted(allowed)}")
@@ -151,27 +156,14 @@ def load_template(family: str, role: str, path: str | Path | None = None) -> Pro
         raise TemplateError(
             f"{file}: judge template 'user' lacks the placeholder {CRITIQUE_PLACEHOLDER}"
         )
-    descriptions = data.get("class_descriptions", {})
-    if not isinstance(descriptions, dict) or not all(
-        isinstance(v, str) for v in descriptions.values()
-    ):
-        raise TemplateError(f"{file}: 'class_descriptions' must be a table of strings")
     return PromptTemplate(
         family=str(data.get("family", family)),
         role=role,
         version=data["version"].strip(),
         text=text,
         user=user,
-        class_descriptions={str(k): v for k, v in descriptions.items()},
         source=str(file),
     )
-
-
-def class_specifications(family: str) -> dict[str, str]:
-    """The expert's class descriptions shipped with the built-in critic template of ``family``
-    (class name -> description; empty when the family's data set ships its own, as
-    DecoyMNIST's does), for data set providers that have none of their own (knee, skin)."""
-    return dict(load_template(family, "critic").class_descriptions)
 
 
 def format_colors(colors: Sequence[str]) -> str:

@@ -450,7 +450,7 @@ class DfrMitigator:
         assert data.val is not None and data.val.groups is not None  # checked above
         _check_model(original)
         num_classes = data.num_classes
-        x_val = penultimate_features(original, data.val.images, trainer.device)
+        x_val = penultimate_features(original, data.val.inputs, trainer.device)
         y_val, g_val = data.val.labels.numpy(), data.val.groups.numpy()
 
         tuning = tune(
@@ -459,7 +459,7 @@ class DfrMitigator:
         )  # fmt: skip
         point = tuning["chosen"]["params"]
         if opts.scaler == "train":
-            fit_on = penultimate_features(original, data.train.images, trainer.device)
+            fit_on = penultimate_features(original, data.train.inputs, trainer.device)
         else:
             fit_on = x_val if opts.scaler == "val" else None
         scaler = _Scaler.fit(fit_on, x_val.shape[1])

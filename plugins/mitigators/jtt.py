@@ -107,7 +107,7 @@ class _ErrorSets:
         if self.mode == "train-pass":
             wrong = end.order[end.predicted != labels[end.order]]
         else:
-            predicted = self.trainer.predict(end.model, self.data.train.images).argmax(dim=1)
+            predicted = self.trainer.predict(end.model, self.data.train.inputs).argmax(dim=1)
             wrong = torch.nonzero(predicted != labels).flatten()
         self.found[end.epoch] = torch.unique(wrong)  # sorted; the order is every index once
 

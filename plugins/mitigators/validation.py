@@ -152,7 +152,7 @@ class EpochSelector:
         self._best: tuple[int, dict[str, float], dict[str, torch.Tensor]] | None = None
 
     def scores(self, model: nn.Module) -> dict[str, float]:
-        return split_scores(self.trainer.predict(model, self.val.images), self.val, self.num_groups)
+        return split_scores(self.trainer.predict(model, self.val.inputs), self.val, self.num_groups)
 
     def __call__(self, end: EpochEnd) -> None:
         scores = self.scores(end.model)

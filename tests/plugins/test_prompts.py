@@ -10,7 +10,6 @@ import torch
 from lvlmva.plugins.lvlm.prompts import (
     PLACEHOLDERS,
     TemplateError,
-    class_specifications,
     load_template,
     render_critic_prompt,
     render_judge_prompt,
@@ -45,8 +44,6 @@ def test_critic_prompt_is_filled_and_asks_for_verdict_lines(family):
     assert "red, blue, green" in text and " 3 " in text
     # The rules judge parses these lines from free answers.
     assert '"Verdict: yes"' in text and '"Verdict: no"' in text
-    if family != "decoy-mnist":  # DecoyMNIST's specification ships with its data set
-        assert template.class_descriptions, "knee and skin templates ship the class specifications"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -76,10 +73,21 @@ def test_judge_few_shot_examples_are_valid_answers(family):
         assert len(parsed.relevant) == len(colors) and parsed.ignored == ()
 
 
-def test_class_specifications_of_the_medical_families():
-    assert class_specifications("decoy-mnist") == {}
-    assert sorted(class_specifications("knee")) == ["no osteoarthritis", "osteoarthritis"]
-    assert sorted(class_specifications("skin")) == ["benign", "malignant"]
+def test_class_descriptions_come_from_the_data_sets_specification(tmp_path):
+    from lvlmva.datasets.class_specs import load_class_spec
+
+    assert load_class_spec("knee")[0] == ("no osteoarthritis", "osteoarthritis")
+    assert load_class_spec("skin")[0] == ("benign", "malignant")
+    assert all("osteophytes" not in d for d in load_class_spec("skin")[1])
+    # a template that still carries its own descriptions is refused with the reason
+    file = tmp_path / "old.critic.toml"
+    file.write_text(
+        'version = "x/1"\ntext = "<label> <class_description> <num_clusters> <cluster_colors>"\n'
+        '[class_descriptions]\n"a" = "b"\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(TemplateError, match="come with the data set"):
+        load_template("custom", "critic", file)
 
 
 def test_user_template_file(tmp_path: Path):

@@ -1,0 +1,216 @@
+"""The user-data providers on folders the tests make: every bad row found before any work and
+named (exit 2 through DatasetError), groups and true masks from the user's files, MedMNIST npz."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lvlmva.datasets.folders import IsicFolderProvider, KneeFolderProvider, MedmnistProvider
+from lvlmva.protocols import DatasetError, RunContext
+
+
+def ctx(tmp_path) -> RunContext:
+    return RunContext(seed=0, device=torch.device("cpu"), run_dir=tmp_path, stage_dir=tmp_path, cache_dir=tmp_path)
+
+
+def _png(path, size=(40, 30), mode="L", value=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(abs(hash(path.name)) % 2**32)
+    shape = (size[1], size[0]) if mode == "L" else (size[1], size[0], 3)
+    arr = rng.integers(0, 256, shape, dtype=np.uint8) if value is None else np.full(shape, value, np.uint8)
+    Image.fromarray(arr).save(path)
+
+
+def make_knee(root, per_grade=2):
+    rows = ["image,marker,box"]
+    for split in ("train", "val", "test"):
+        for grade in range(5):
+            for i in range(per_grade):
+                rel = f"{split}/{grade}/{split}{grade}_{i}.png"
+                _png(root / rel)
+                marked = (grade + i) % 2
+                box = '"2,3,12,10"' if marked else ""
+                rows.append(f"{rel},{marked},{box}")
+    (root / "markers.csv").write_text("\n".join(rows) + "\n")
+    return root / "markers.csv"
+
+
+def knee(root, markers, **kw):
+    return KneeFolderProvider(KneeFolderProvider.Options(root=root, markers=markers, size=16, **kw))
+
+
+def test_knee_folder_grades_markers_and_boxes(tmp_path):
+    markers = make_knee(tmp_path / "kneeKL")
+    data = knee(tmp_path / "kneeKL", markers).load(ctx(tmp_path))
+    assert data.family == "knee" and data.input_shape == (1, 16, 16)
+    assert len(data.train) == 10 and len(data.val) == 10 and len(data.test) == 10
+    # KL >= 2 is osteoarthritis: grades 0, 1 -> 0; 2, 3, 4 -> 1
+    assert data.train.labels.tolist().count(1) == 6
+    assert data.group_names == ("no osteoarthritis/no-marker", "no osteoarthritis/marker", "osteoarthritis/no-marker", "osteoarthritis/marker")
+    marked = data.train.groups % 2 == 1
+    assert torch.equal(data.train.spurious_masks.flatten(1).any(1), marked)
+    # the box 2..12 x 3..10 of a 40 x 30 image at 16 x 16: rows 1..6, columns 0..5
+    one = data.train.spurious_masks[marked][0]
+    assert one[1:6, 0:5].all() and not one[8:, :].any()
+    assert data.train.images.dtype == torch.uint8 and data.train.normalization is not None
+    with_threshold = knee(tmp_path / "kneeKL", markers, oa_threshold=3).load(ctx(tmp_path))
+    assert with_threshold.train.labels.tolist().count(1) == 4
+
+
+def test_knee_folder_with_a_missing_file_names_it(tmp_path):
+    root = tmp_path / "kneeKL"
+    markers = make_knee(root)
+    (root / "test/4/test4_1.png").unlink()
+    with pytest.raises(DatasetError) as err:
+        knee(root, markers).load(ctx(tmp_path))
+    text = str(err.value)
+    assert "test/4/test4_1.png" in text and "1 problem" in text
+
+
+def test_knee_folder_lists_the_first_twenty_problems_and_the_count(tmp_path):
+    root = tmp_path / "kneeKL"
+    markers = make_knee(root, per_grade=3)
+    lines = markers.read_text().splitlines()
+    broken = [lines[0]] + [ln.replace(",1,", ",maybe,").replace(",0,", ",perhaps,") for ln in lines[1:]]
+    markers.write_text("\n".join(broken) + "\n")
+    (root / "train" / "7").mkdir()
+    (root / "train" / "0" / "train0_0.png").write_bytes(b"not a png")
+    with pytest.raises(DatasetError) as err:
+        knee(root, markers).load(ctx(tmp_path))
+    text = str(err.value)
+    assert "46 problem(s)" in text and "(the first 20 shown)" in text and "... and 26 more" in text
+    assert text.count("\n  - ") == 20 and "train/7: not a Kellgren-Lawrence grade folder" in text
+
+
+def test_knee_folder_rows_the_csv_lacks_or_invents(tmp_path):
+    root = tmp_path / "kneeKL"
+    markers = make_knee(root)
+    markers.write_text(markers.read_text() + "train/0/ghost.png,1,\n")
+    _png(root / "train/0/extra.png")
+    with pytest.raises(DatasetError) as err:
+        knee(root, markers).load(ctx(tmp_path))
+    assert "'train/0/ghost.png' is not among the images" in str(err.value)
+    assert "extra.png: no row in markers.csv" in str(err.value)
+
+
+def test_knee_folder_a_corrupt_image_is_named_after_the_listing(tmp_path):
+    root = tmp_path / "kneeKL"
+    markers = make_knee(root)
+    (root / "val/2/val2_0.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(DatasetError, match=r"val2_0.png: cannot be read as an image"):
+        knee(root, markers).load(ctx(tmp_path))
+
+
+def make_cdep(root):
+    for folder, count in (("no_cancer", 6), ("cancer", 4)):
+        for i in range(count):
+            _png(root / "processed" / folder / f"{folder}_{i}.jpg", mode="RGB", size=(32, 32))
+    for i in range(3):  # patches on three benign images
+        mask = np.zeros((32, 32), np.uint8)
+        mask[0:8, 0:8] = 255
+        Image.fromarray(mask).save(root / "segmentation" / f"no_cancer_{i}.png") if (root / "segmentation").exists() else (
+            (root / "segmentation").mkdir(), Image.fromarray(mask).save(root / "segmentation" / f"no_cancer_{i}.png"))
+
+
+def test_isic_cdep_layout_patches_from_masks_and_stratified_splits(tmp_path):
+    make_cdep(tmp_path / "isic")
+    data = IsicFolderProvider(IsicFolderProvider.Options(root=tmp_path / "isic", size=16, val_share=0.0, test_share=0.34)).load(ctx(tmp_path))
+    assert data.family == "skin" and data.input_shape == (3, 16, 16)
+    total = len(data.train) + len(data.test)
+    assert total == 10 and data.val is None
+    groups = torch.cat([data.train.groups, data.test.groups])
+    assert sorted(groups.tolist()).count(1) == 3 and (groups == 2).sum() == 4
+    masks = torch.cat([data.train.spurious_masks, data.test.spurious_masks])
+    assert torch.equal(masks.flatten(1).any(1), groups % 2 == 1)
+    # every group keeps its share in test: round(0.34 * 3) patched benign, round(0.34 * 4) malignant
+    assert (data.test.groups == 1).sum() == 1 and (data.test.groups == 2).sum() == 1
+
+
+def test_isic_mask_of_the_wrong_size_is_refused(tmp_path):
+    make_cdep(tmp_path / "isic")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "isic" / "segmentation" / "no_cancer_1.png")
+    with pytest.raises(DatasetError, match=r"no_cancer_1.jpg: mask .*mask is 10 x 10, the image is 32 x 32"):
+        IsicFolderProvider(IsicFolderProvider.Options(root=tmp_path / "isic", size=16)).load(ctx(tmp_path))
+
+
+def test_isic_csv_with_an_unknown_label(tmp_path):
+    make_cdep(tmp_path / "isic")
+    rows = ["image,label,split"]
+    for i in range(6):
+        rows.append(f"processed/no_cancer/no_cancer_{i}.jpg,benign,{'test' if i < 2 else 'train'}")
+    rows.append("processed/cancer/cancer_0.jpg,melanoma,train")
+    (tmp_path / "isic" / "list.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(DatasetError, match=r"list.csv line 8: label 'melanoma'"):
+        IsicFolderProvider(IsicFolderProvider.Options(csv=tmp_path / "isic" / "list.csv", size=16)).load(ctx(tmp_path))
+
+
+def make_dermamnist(path, n=(20, 6, 10), size=28):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, count in zip(("train", "val", "test"), n, strict=True):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(count) % 7).reshape(-1, 1).astype(np.uint8)
+    np.savez(path, **arrays)
+    return path
+
+
+def test_a_small_dermamnist_npz_maps_to_benign_and_malignant(tmp_path):
+    npz = make_dermamnist(tmp_path / "dermamnist.npz")
+    data = MedmnistProvider(MedmnistProvider.Options(npz=npz)).load(ctx(tmp_path))
+    assert data.family == "skin" and data.input_shape == (3, 28, 28)
+    # akiec 0, bcc 1, mel 4 -> malignant; the rest benign
+    want = [1 if v in (0, 1, 4) else 0 for v in (np.arange(20) % 7)]
+    assert data.train.labels.tolist() == want and data.train.groups is None
+    assert len(data.val) == 6 and len(data.test) == 10 and data.train.images.dtype == torch.uint8
+
+
+def test_medmnist_groups_and_bad_files(tmp_path):
+    npz = make_dermamnist(tmp_path / "dermamnist.npz")
+    groups = tmp_path / "groups.npz"
+    np.savez(groups, train_groups=np.arange(20) % 4, val_groups=np.arange(6) % 4, test_groups=np.arange(10) % 4)
+    data = MedmnistProvider(MedmnistProvider.Options(npz=npz, groups=groups)).load(ctx(tmp_path))
+    assert data.train.groups.tolist() == (np.arange(20) % 4).tolist() and data.group_names == ("group 0", "group 1", "group 2", "group 3")
+    with pytest.raises(DatasetError, match="does not exist"):
+        MedmnistProvider(MedmnistProvider.Options(npz=tmp_path / "absent.npz")).load(ctx(tmp_path))
+    with pytest.raises(DatasetError, match="label 6 .* is not in class_map"):
+        MedmnistProvider(MedmnistProvider.Options(npz=npz, class_map={str(k): 0 for k in range(6)})).load(ctx(tmp_path))
+    np.savez(tmp_path / "broken.npz", train_images=np.zeros((3, 8, 8), np.float32), train_labels=np.zeros((3, 1)))
+    with pytest.raises(DatasetError) as err:
+        MedmnistProvider(MedmnistProvider.Options(npz=tmp_path / "broken.npz", class_map="none", family="knee")).load(ctx(tmp_path))
+    assert "expected uint8" in str(err.value) and "no test_images or test_labels" in str(err.value)
+
+
+def test_compose_on_a_knee_folder_with_a_missing_file_exits_2_naming_it(tmp_path, capsys):
+    from lvlmva.cli import EXIT_BAD_INPUT, main
+
+    root = tmp_path / "kneeKL"
+    markers = make_knee(root)
+    (root / "train/3/train3_1.png").unlink()  # listed in markers.csv, gone from the folder
+    settings = tmp_path / "knee.toml"
+    settings.write_text(f"""
+[run]
+device = "cpu"
+[dataset]
+plugin = "knee-folder"
+root = "{root.as_posix()}"
+markers = "{markers.as_posix()}"
+size = 16
+[model]
+plugin = "cnn"
+channels = [4]
+[train]
+epochs = 1
+[evaluators.standard]
+plugin = "standard"
+alignment_score_samples = 0
+[report]
+enabled = false
+""")
+    run_dir = tmp_path / "run"
+    assert main(["compose", str(settings), "--out", str(run_dir)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "train/3/train3_1.png" in err and "is not among the images" in err and "Traceback" not in err
+    assert not (run_dir / "train").exists()  # nothing trained
