@@ -340,7 +340,9 @@ class Evaluator(Protocol):
     corruption asked for); it is read after every model was evaluated. An evaluator may also
     define ``finalize(models: dict[str, dict]) -> dict[str, dict]``: called once with every
     model's values (keys as in results.json: ``"original"``, ``"aligned"``, instance names) to
-    add values across models, such as each model's difference to the original.
+    add values across models, such as each model's difference to the original. A result key
+    ``not_computed`` (``{metric key: reason}``) names what could not be computed and why; the
+    report lists it under the evaluator's tables.
     """
 
     Options: ClassVar[type[PluginOptions]]

@@ -121,10 +121,23 @@ def _models_section(results: Mapping[str, Any]) -> list[str]:
                 ["Model", *keys],
                 [[labels[m], *(c.metric.format_value(tables[m].get(k)) for k in keys)] for m in scored if m in tables],
             )
+        missing: dict[str, str] = {}
+        for m in scored:  # what an evaluator could not compute (a corruption that cannot run)
+            missing.update((evaluation["models"][m].get("not_computed") or {}))
+        if missing:
+            out += ["", "Not computed (reported by the evaluator, never counted as a result): "
+                    + "; ".join(f"{k}: {v}" for k, v in missing.items()) + "."]  # fmt: skip
         out.append("")
     notes = []
     if results.get("input_scale"):
         notes.append(f"Inputs on the {results['input_scale']} scale.")
+    norm = results.get("normalization")
+    if norm:
+        fmt = ", ".join
+        notes.append(
+            f"Pixels stored as {norm['storage']}, scaled by {norm['scale']:.6g} and normalised per channel "
+            f"with mean ({fmt(f'{v:.4f}' for v in norm['mean'])}) and std ({fmt(f'{v:.4f}' for v in norm['std'])})."
+        )
     machine = results.get("machine") or {}
     if machine:
         notes.append(

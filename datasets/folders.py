@@ -204,7 +204,7 @@ def _assemble(
         class_names=class_names,
         class_descriptions=descriptions,
         group_names=group_names,
-        input_scale="uint8 0-255, normalised per channel by the training split's mean and std",
+        input_scale="0-255 (uint8 pixels, normalised per channel by the training split's mean and std)",
     )
 
 
@@ -566,6 +566,6 @@ class MedmnistProvider:
             class_names=names,
             class_descriptions=descriptions,
             group_names=self._group_names(splits) if groups_file is not None else (),
-            input_scale="uint8 0-255, normalised per channel by the training split's mean and std",
+            input_scale="0-255 (uint8 pixels, normalised per channel by the training split's mean and std)",
         )
 

@@ -308,7 +308,7 @@ def make_synthetic(
         class_names=names,
         class_descriptions=descriptions,
         group_names=groups,
-        input_scale="uint8 0-255, normalised per channel by the training split's mean and std",
+        input_scale="0-255 (uint8 pixels, normalised per channel by the training split's mean and std)",
     )
 
 
@@ -360,7 +360,7 @@ class SyntheticKneeProvider:
 
     class Options(_SyntheticOptions):
         share_train: tuple[Share, Share] = Field(
-            (0.05, 0.95),
+            (0.02, 0.98),
             description="Share of the training images with a laterality marker, per class "
             "(no osteoarthritis, osteoarthritis): the shortcut's strength.",
         )

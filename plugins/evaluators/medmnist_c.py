@@ -6,7 +6,7 @@ model loses under realistic image corruptions, five severities each (seed A.5).
 from numpy's and Python's global random state; each application here is seeded from the run
 seed, the corruption, the severity and the image index, so the numbers repeat. A corruption that
 cannot run (a known breakage with numpy 2, an image too small for it) is reported with its
-reason in ``failed_corruptions`` and the others go on; it never counts as a result.
+reason in ``not_computed`` (shown in report.md) and the others go on; it never counts as a result.
 
 Metrics, all on the same seeded subset of the test split:
 
@@ -277,7 +277,7 @@ class MedmnistCEvaluator:
             "samples": int(index.numel()),
             "family": self._family,
             "severities": list(self.options.severities),
-            "failed_corruptions": failed,
+            "not_computed": {f"drop.{label}": reason for label, reason in failed.items()},
         }
         for label in self._corruptions or {}:
             out[f"drop.{label}"] = per_corruption.get(label)
