@@ -3,8 +3,8 @@
 1. PPEPS-WGM on one 224 x 224 attribution map against that map's DeepLiftShap attribution on
    ResNet-50 (target: at most 5 %).
 2. DeepLiftShap on ResNet-50 against the raw forward and backward passes it needs: one forward
-   and one backward pass of the model over the input x background batch, with input gradients
-   (target: at most 1.3x).
+   and one backward pass of the model over the paired input x background batch, with input
+   gradients (target: at most 1.3x; met by ``engine = "rescale"``; Captum's engine is shown too).
 3. An RRR step (double backprop, 8 masked + 56 ordinary samples) on ResNet-18 at 64 x 64
    against a cross-entropy step on the same batch (target: at most 3x).
 4. The training data path: the trainer's epoch over a uint8 split normalised per batch (the
@@ -81,11 +81,15 @@ def main() -> int:
     x = torch.randn(1, 3, 224, 224, generator=gen)
     pool = torch.randn(args.background, 3, 224, 224, generator=gen)
     target = torch.tensor([1])
-    attributor = DeepLiftShapAttributor(DeepLiftShapAttributor.Options(background_size=args.background))
+    attributor = DeepLiftShapAttributor(DeepLiftShapAttributor.Options(background_size=args.background, engine="rescale"))
+    with_captum = DeepLiftShapAttributor(DeepLiftShapAttributor.Options(background_size=args.background))
     maps: list[torch.Tensor] = []
 
     def attribute() -> None:
         maps.append(attributor.attribute(model50, x, target, pool, ctx))
+
+    def attribute_captum() -> None:
+        with_captum.attribute(model50, x, target, pool, ctx)
 
     prepared = prepare_model_for_deeplift(model50, example_input=x.to(device)).to(device).eval()
     for p in prepared.parameters():
@@ -105,12 +109,15 @@ def main() -> int:
     def segment() -> None:
         segmenter.segment(one_map, ctx)
 
-    t = medians({"attribute": attribute, "raw": raw_passes, "segment": segment}, args.rounds)
+    t = medians({"attribute": attribute, "captum": attribute_captum, "raw": raw_passes, "segment": segment}, args.rounds)
     r1 = t["segment"] / t["attribute"]
-    results.append(("PPEPS-WGM (J=7) on a 224x224 map / its DeepLiftShap on ResNet-50", r1, "<= 0.05", r1 <= 0.05))
+    results.append(("PPEPS-WGM (J=7) on a 224x224 map / its DeepLiftShap (rescale engine) on ResNet-50", r1, "<= 0.05", r1 <= 0.05))
     r2 = t["attribute"] / t["raw"]
-    results.append((f"DeepLiftShap ResNet-50 224x224 (background {args.background}) / raw forward+backward", r2, "<= 1.3", r2 <= 1.3))
-    print(f"  DeepLiftShap {t['attribute'] * 1e3:.0f} ms, raw passes {t['raw'] * 1e3:.0f} ms, PPEPS-WGM {t['segment'] * 1e3:.1f} ms")
+    results.append((f"DeepLiftShap, rescale engine, ResNet-50 224x224 (background {args.background}) / raw forward+backward", r2, "<= 1.3", r2 <= 1.3))
+    print(
+        f"  DeepLiftShap rescale engine {t['attribute'] * 1e3:.0f} ms, Captum engine {t['captum'] * 1e3:.0f} ms "
+        f"({t['captum'] / t['raw']:.2f}x the raw passes), raw passes {t['raw'] * 1e3:.0f} ms, PPEPS-WGM {t['segment'] * 1e3:.1f} ms"
+    )
 
     # -- 3: RRR step on ResNet-18 at 64 --------------------------------------------------------
     model18 = resnet("resnet18", (3, 64, 64), device).train()

@@ -13,6 +13,7 @@ import copy
 import warnings
 from collections import Counter
 from collections.abc import Iterator
+from typing import Literal
 
 import torch
 import torch.fx
@@ -219,6 +220,14 @@ class DeepLiftShapOptions(PluginOptions):
         description="Multiply multipliers by (input - baseline) (Captum's default: global "
         "attributions that sum to f(x) - E[f(background)]).",
     )
+    engine: Literal["captum", "rescale"] = Field(
+        "captum",
+        description='"captum": Captum\'s DeepLiftShap (per-module hooks). "rescale": the same rescale '
+        "rule as autograd functions on ReLU and MaxPool2d (lvlmva.plugins.attributors.rescale), about "
+        "1.3x the raw forward and backward passes on ResNet-50 where Captum takes about 2x; equal to "
+        "Captum on models without max pools, and complete (attributions sum to f(x) - E[f(b)]) through "
+        "max pools, where Captum's rule is not. Refuses models with other nonlinear modules.",
+    )
     prepare_model: bool = Field(
         True,
         description="Attribute a copy of the model in which every activation use has its own "
@@ -287,8 +296,19 @@ class DeepLiftShapAttributor:
         # Only input gradients are needed.
         for param in explained.parameters():
             param.requires_grad_(False)
-        explainer = DeepLiftShap(explained, multiply_by_inputs=self.options.multiply_by_inputs)
         targets = targets.to(torch.int64)
+        if self.options.engine == "rescale":
+            from .rescale import deeplift_shap_rescale, prepare_rescale
+
+            if not self.options.prepare_model:
+                raise ValueError('attributor.engine = "rescale" needs prepare_model = true')
+            ruled = prepare_rescale(explained)
+            return torch.cat([
+                deeplift_shap_rescale(ruled, inputs[part].to(device, torch.float32), targets[part].to(device),
+                                      background, self.options.multiply_by_inputs).detach().to("cpu", torch.float32)
+                for part in _chunks(inputs.shape[0], self.options.batch_size)
+            ])  # fmt: skip
+        explainer = DeepLiftShap(explained, multiply_by_inputs=self.options.multiply_by_inputs)
         out = []
         for part in _chunks(inputs.shape[0], self.options.batch_size):
             x = inputs[part].to(device, torch.float32)

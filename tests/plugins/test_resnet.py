@@ -98,3 +98,41 @@ def test_deeplift_shap_is_complete_on_resnet50(ctx):
     assert gap.abs().max() < 1e-3 * (fx - fb).abs().max().clamp(min=1.0)
     # the caller's model is unchanged: its blocks still reuse their in-place ReLU
     assert model.backbone.layer1[0].relu.inplace
+
+
+def _bn_stats(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("stem", ["small", "imagenet"])
+def test_rescale_engine_equals_captum_without_max_pool_and_is_complete_with_it(ctx, stem):
+    torch.manual_seed(0)
+    model = _bn_stats(factory(depth="resnet18", stem=stem).build((3, 16, 16), 4))
+    gen = torch.Generator().manual_seed(3)
+    x, pool = torch.randn(2, 3, 16, 16, generator=gen), torch.randn(5, 3, 16, 16, generator=gen)
+    targets = torch.tensor([1, 3])
+    captum = DeepLiftShapAttributor(DeepLiftShapAttributor.Options(background_size=3))
+    rescale = DeepLiftShapAttributor(DeepLiftShapAttributor.Options(background_size=3, engine="rescale"))
+    a = captum.attribute(model, x, targets, pool, ctx)
+    b = rescale.attribute(model, x, targets, pool, ctx)
+    background = rescale.draw_background(pool, ctx)
+    with torch.no_grad():
+        diff = (model(x).gather(1, targets[:, None]).squeeze(1) - model(background)[:, targets].mean(0)).double()
+    gap = lambda attr: (attr.flatten(1).sum(1).double() - diff).abs().max()  # noqa: E731
+    assert gap(b) < 1e-5 * max(1.0, float(diff.abs().max()))
+    if stem == "small":  # no max pool: the same rule, the same numbers
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+    else:  # Captum's max-pool rule loses part of the difference (overwritten windows)
+        assert gap(a) > 100 * gap(b)
+
+
+def test_rescale_engine_refuses_nonlinearities_it_has_no_rule_for(ctx):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.Sigmoid(), nn.Linear(4, 2)).eval()
+    plugin = DeepLiftShapAttributor(DeepLiftShapAttributor.Options(background_size=2, engine="rescale"))
+    with pytest.raises(ValueError, match=r"no rule for 2 \(Sigmoid\)"):
+        plugin.attribute(model, torch.randn(1, 3, 2, 2), torch.tensor([0]), torch.randn(4, 3, 2, 2), ctx)
