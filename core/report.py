@@ -123,7 +123,7 @@ def _models_section(results: Mapping[str, Any]) -> list[str]:
             )
         missing: dict[str, str] = {}
         for m in scored:  # what an evaluator could not compute (a corruption that cannot run)
-            missing.update((evaluation["models"][m].get("not_computed") or {}))
+            missing.update(evaluation["models"][m].get("not_computed") or {})
         if missing:
             out += ["", "Not computed (reported by the evaluator, never counted as a result): "
                     + "; ".join(f"{k}: {v}" for k, v in missing.items()) + "."]  # fmt: skip
