@@ -208,6 +208,21 @@ def _assemble(
     )
 
 
+def _read_csv(path: Path, columns: set[str], what: str) -> list[dict[str, str]]:
+    """The rows of a user's CSV; a missing file, an unreadable one or missing columns stop the
+    run with a message that names the file."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            table = list(csv.DictReader(fh))
+    except FileNotFoundError:
+        raise DatasetError(f"{what} {path} does not exist") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetError(f"{what} {path} cannot be read: {exc}") from None
+    if not table or not columns <= set(table[0]):
+        raise DatasetError(f"{what} {path} needs the columns {', '.join(repr(c) for c in sorted(columns))}")
+    return table
+
+
 def _images_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
@@ -268,15 +283,7 @@ class KneeFolderProvider:
     def _read_markers(self, rows: dict[str, _Row], problems: Problems) -> None:
         path = self.options.markers
         assert path is not None
-        try:
-            with open(path, newline="", encoding="utf-8") as fh:
-                table = list(csv.DictReader(fh))
-        except FileNotFoundError:
-            raise DatasetError(f"knee-folder: markers CSV {path} does not exist") from None
-        except (UnicodeDecodeError, csv.Error) as exc:
-            raise DatasetError(f"knee-folder: markers CSV {path} cannot be read: {exc}") from None
-        if not table or not {"image", "marker"} <= set(table[0]):
-            raise DatasetError(f"knee-folder: markers CSV {path} needs the columns 'image' and 'marker'")
+        table = _read_csv(path, {"image", "marker"}, "knee-folder: markers CSV")
         seen = set()
         for i, entry in enumerate(table, start=2):  # line numbers as an editor shows them
             where = f"{path.name} line {i}"
@@ -365,15 +372,7 @@ class IsicFolderProvider:
     def _csv_rows(self, problems: Problems) -> list[_Row]:
         path = self.options.csv
         assert path is not None
-        try:
-            with open(path, newline="", encoding="utf-8") as fh:
-                table = list(csv.DictReader(fh))
-        except FileNotFoundError:
-            raise DatasetError(f"isic-folder: CSV {path} does not exist") from None
-        except (UnicodeDecodeError, csv.Error) as exc:
-            raise DatasetError(f"isic-folder: CSV {path} cannot be read: {exc}") from None
-        if not table or not {"image", "label"} <= set(table[0]):
-            raise DatasetError(f"isic-folder: CSV {path} needs the columns 'image' and 'label'")
+        table = _read_csv(path, {"image", "label"}, "isic-folder: CSV")
         rows = []
         labels = {"benign": 0, "malignant": 1, "0": 0, "1": 1, "no_cancer": 0, "cancer": 1}
         for i, entry in enumerate(table, start=2):

@@ -324,12 +324,30 @@ class _SyntheticOptions(PluginOptions):
     share_test: float = Field(0.5, ge=0, le=1, description="Share of the images of every class with the shortcut in validation and test (the same for each class: uncorrelated).")
 
 
-class SyntheticSkinProvider:
+class _SyntheticProvider:
+    """What both proxies share: options checked by pydantic, data drawn by :func:`make_synthetic`."""
+
+    family: ClassVar[Literal["skin", "knee"]]
+    has_groups: ClassVar[bool] = True
+    has_true_masks: ClassVar[bool] = True
+
+    def __init__(self, options: _SyntheticOptions) -> None:
+        self.options = options
+
+    def load(self, ctx: RunContext) -> SpuriousDataset:
+        o = self.options
+        return make_synthetic(
+            self.family, size=o.size, train_size=o.train_size, val_size=o.val_size, test_size=o.test_size,
+            positive_share=o.positive_share, share_train=o.share_train, share_test=o.share_test,  # type: ignore[attr-defined]
+            generator=ctx.generator,
+        )  # fmt: skip
+
+
+class SyntheticSkinProvider(_SyntheticProvider):
     """Synthetic dermoscopy: benign/malignant lesions (seed Table 4) with coloured adhesive
     patches beside benign lesions in training; true patch masks."""
 
-    has_groups: ClassVar[bool] = True
-    has_true_masks: ClassVar[bool] = True
+    family = "skin"
 
     class Options(_SyntheticOptions):
         share_train: tuple[Share, Share] = Field(
@@ -339,24 +357,13 @@ class SyntheticSkinProvider:
             "its malignant ones never; a small malignant share keeps every group in training (SUBG, JTT).",
         )
 
-    def __init__(self, options: SyntheticSkinProvider.Options) -> None:
-        self.options = options
-
-    def load(self, ctx: RunContext) -> SpuriousDataset:
-        o = self.options
-        return make_synthetic(
-            "skin", size=o.size, train_size=o.train_size, val_size=o.val_size, test_size=o.test_size,
-            positive_share=o.positive_share, share_train=o.share_train, share_test=o.share_test,
-            generator=ctx.generator,
-        )  # fmt: skip
 
 
-class SyntheticKneeProvider:
+class SyntheticKneeProvider(_SyntheticProvider):
     """Synthetic knee radiographs: joints without/with osteoarthritis (seed Table 5) with an "L"
     or "R" marker mostly on osteoarthritic knees in training; true marker masks."""
 
-    has_groups: ClassVar[bool] = True
-    has_true_masks: ClassVar[bool] = True
+    family = "knee"
 
     class Options(_SyntheticOptions):
         share_train: tuple[Share, Share] = Field(
@@ -365,13 +372,3 @@ class SyntheticKneeProvider:
             "(no osteoarthritis, osteoarthritis): the shortcut's strength.",
         )
 
-    def __init__(self, options: SyntheticKneeProvider.Options) -> None:
-        self.options = options
-
-    def load(self, ctx: RunContext) -> SpuriousDataset:
-        o = self.options
-        return make_synthetic(
-            "knee", size=o.size, train_size=o.train_size, val_size=o.val_size, test_size=o.test_size,
-            positive_share=o.positive_share, share_train=o.share_train, share_test=o.share_test,
-            generator=ctx.generator,
-        )  # fmt: skip
