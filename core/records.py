@@ -188,6 +188,13 @@ class Split:
             return self.images
         return Inputs(self.images, self.normalization)
 
+    def display(self, index: Any) -> torch.Tensor:
+        """The pixels to show a person or an LVLM: the stored uint8 pixels where the storage is
+        uint8 (true colours; per-channel normalisation would shift the hues), else the inputs."""
+        if self.images.dtype == torch.uint8:
+            return self.images[index]
+        return self.inputs[index]
+
     def subset(self, index: torch.Tensor) -> Split:
         """The samples at ``index`` (int64 indices or a bool mask)."""
         return Split(

@@ -103,11 +103,17 @@ def colorize_labels(labels: torch.Tensor, palette: Sequence[Color | str]) -> tor
 def to_display(images: torch.Tensor) -> torch.Tensor:
     """Images ``[B, C, H, W]`` (C = 1 or 3, any value scale) -> uint8 RGB ``[B, H, W, 3]``.
 
-    Each image is min-max normalised on its own, so inputs on a 0-255 or a 0-1 scale (or
+    uint8 images (stored pixels) are shown as they are. Float images are min-max normalised
+    each on its own, so inputs on a 0-255 or a 0-1 scale (or
     standardised ones) display the same; a constant image becomes black.
     """
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"images must be [B,1,H,W] or [B,3,H,W], got {tuple(images.shape)}")
+    if images.dtype == torch.uint8:  # stored pixels: shown as they are
+        x = images.detach().cpu()
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return x.permute(0, 2, 3, 1).contiguous()
     x = images.detach().to(device="cpu", dtype=torch.float64)
     flat = x.flatten(1)
     lo = flat.min(dim=1).values.view(-1, 1, 1, 1)

@@ -558,7 +558,7 @@ def report_stage(call: StageCall, inputs: Sequence[str]) -> dict[str, Any]:
         rendered=call["render"] or [],
         verdicts=call["judge"] or [],
         critiques=call["critic"] or [],
-        test_images=images,
+        test_images=data.test.display(pick),
         test_labels=labels,
         attributions=attributions,
         class_names=data.class_names,

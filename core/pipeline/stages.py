@@ -167,7 +167,7 @@ def _render(call: StageCall) -> list:
     chosen: AlignmentSet = call["select"]
     seg: Segmentation = call["segment"]
     return render_samples(
-        data.train.inputs[chosen.indices],
+        data.train.display(chosen.indices),
         seg.labels,
         [int(i) for i in chosen.indices],
         call.option("render"),

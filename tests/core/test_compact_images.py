@@ -93,3 +93,17 @@ def test_ten_thousand_rgb_images_of_224_take_under_two_gigabytes():
     assert 10_000 * 3 * 224 * 224 == 1_505_280_000 < 2 * 1024**3 < 4 * 1_505_280_000
     split = _uint8_split(n=4)
     assert split.inputs.nbytes == split.images.nbytes == 4 * 3 * 6 * 6
+
+
+def test_uint8_splits_are_shown_in_their_true_colours():
+    """What a critic or a person sees is the stored pixels, not the per-channel normalised
+    inputs (which would shift the hues: a brown lesion would not look brown)."""
+    from lvlmva.rendering import to_display
+
+    split = _uint8_split(n=4)
+    shown = to_display(split.display(torch.arange(4)))
+    assert shown.dtype == torch.uint8 and torch.equal(shown, split.images.permute(0, 2, 3, 1))
+    grey = Split(images=split.images[:, :1].contiguous(), labels=split.labels, normalization=Normalization((0.5,), (0.25,), 1 / 255))
+    assert torch.equal(to_display(grey.display(torch.arange(4)))[..., 2], grey.images[:, 0])
+    plain = Split(images=split.inputs[torch.arange(4)], labels=split.labels)
+    assert torch.equal(plain.display(torch.arange(4)), plain.images)
