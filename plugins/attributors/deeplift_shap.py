@@ -302,7 +302,7 @@ class DeepLiftShapAttributor:
 
             if not self.options.prepare_model:
                 raise ValueError('attributor.engine = "rescale" needs prepare_model = true')
-            ruled = prepare_rescale(explained)
+            ruled = prepare_rescale(explained, inplace=True)  # explained is this call's own copy
             return torch.cat([
                 deeplift_shap_rescale(ruled, inputs[part].to(device, torch.float32), targets[part].to(device),
                                       background, self.options.multiply_by_inputs).detach().to("cpu", torch.float32)

@@ -121,11 +121,11 @@ class RescaleMaxPool2d(nn.Module):
         return _MaxPoolRule.apply(x, *self.params)
 
 
-def prepare_rescale(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` (already prepared for DeepLift: one module per use, none in-place)
-    with every ReLU and MaxPool2d swapped for its rescale-rule module. Raises ``ValueError``
-    naming a nonlinear module this engine has no rule for."""
-    prepared = copy.deepcopy(model)
+def prepare_rescale(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """``model`` (already prepared for DeepLift: one module per use, none in-place) with every
+    ReLU and MaxPool2d swapped for its rescale-rule module: a copy, or the model itself with
+    ``inplace``. Raises ``ValueError`` naming a nonlinear module this engine has no rule for."""
+    prepared = model if inplace else copy.deepcopy(model)
     for name, module in list(prepared.named_modules()):
         if isinstance(module, UNSUPPORTED):
             raise ValueError(
