@@ -24,7 +24,7 @@ from lvlmva.protocols import DatasetError, PluginOptions, RunContext
 from lvlmva.records import Split, SpuriousDataset
 
 from .class_specs import load_class_spec
-from .synthetic import train_normalization
+from .synthetic import UINT8_SCALE, shortcut_group_names, train_normalization
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -195,7 +195,7 @@ def _assemble(
         masks = torch.from_numpy(np.stack(part["masks"])) if with_masks else None
         return Split(images=torch.from_numpy(np.stack(part["images"])), labels=labels, groups=groups, spurious_masks=masks, normalization=norm)
 
-    group_names = tuple(f"{c}/{s}" for c in class_names for s in (f"no-{shortcut}", shortcut)) if with_groups else ()
+    group_names = shortcut_group_names(class_names, shortcut) if with_groups and shortcut else ()
     return SpuriousDataset(
         family=family,
         train=split("train"),  # type: ignore[arg-type]
@@ -204,7 +204,7 @@ def _assemble(
         class_names=class_names,
         class_descriptions=descriptions,
         group_names=group_names,
-        input_scale="0-255 (uint8 pixels, normalised per channel by the training split's mean and std)",
+        input_scale=UINT8_SCALE,
     )
 
 
@@ -565,6 +565,6 @@ class MedmnistProvider:
             class_names=names,
             class_descriptions=descriptions,
             group_names=self._group_names(splits) if groups_file is not None else (),
-            input_scale="0-255 (uint8 pixels, normalised per channel by the training split's mean and std)",
+            input_scale=UINT8_SCALE,
         )
 

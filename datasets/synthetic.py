@@ -47,6 +47,8 @@ __all__ = [
     "draw_skin",
     "draw_knee",
     "train_normalization",
+    "shortcut_group_names",
+    "UINT8_SCALE",
 ]
 
 _CHUNK = 256
@@ -223,6 +225,15 @@ def draw_knee(labels: torch.Tensor, marked: torch.Tensor, size: int, gen: torch.
     return img.round().clamp(0, 255).to(torch.uint8).unsqueeze(1), masks
 
 
+#: how the uint8 providers describe their inputs (results.json's input_scale)
+UINT8_SCALE = "0-255 (uint8 pixels, normalised per channel by the training split's mean and std)"
+
+
+def shortcut_group_names(class_names: tuple[str, ...], shortcut: str) -> tuple[str, ...]:
+    """Names of the groups ``2 * y + s``: ``"<class>/no-<shortcut>"``, ``"<class>/<shortcut>"``."""
+    return tuple(f"{c}/{s}" for c in class_names for s in (f"no-{shortcut}", shortcut))
+
+
 def train_normalization(images: torch.Tensor) -> Normalization:
     """Per-channel mean and standard deviation of uint8 images on the 0-1 scale."""
     x = images.to(torch.float64) / 255.0
@@ -299,7 +310,6 @@ def make_synthetic(
         images, labels, flags, masks = raw[name]
         return Split(images=images, labels=labels, groups=2 * labels + flags.long(), spurious_masks=masks, normalization=norm)
 
-    groups = tuple(f"{c}/{s}" for c in names for s in (f"no-{shortcut}", shortcut))
     return SpuriousDataset(
         family=family,
         train=as_split("train"),  # type: ignore[arg-type]
@@ -307,8 +317,8 @@ def make_synthetic(
         val=as_split("val"),
         class_names=names,
         class_descriptions=descriptions,
-        group_names=groups,
-        input_scale="0-255 (uint8 pixels, normalised per channel by the training split's mean and std)",
+        group_names=shortcut_group_names(names, shortcut),
+        input_scale=UINT8_SCALE,
     )
 
 
