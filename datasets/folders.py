@@ -233,13 +233,17 @@ def _images_under(folder: Path) -> list[Path]:
 class KneeFolderOptions(PluginOptions):
     """Options of ``knee-folder``."""
 
-    root: Path = Field(description="Folder with train/, val/ (optional) and test/, each holding one folder per Kellgren-Lawrence grade 0..4 (the kneeKL224 layout).")
+    root: Path = Field(
+        description="Folder with train/, val/ (optional) and test/, each holding one folder per Kellgren-Lawrence grade 0..4 (the kneeKL224 layout).",
+        json_schema_extra={"fingerprint": "listing"},
+    )
     markers: Path | None = Field(
         None,
         description="CSV with a row per image: 'image' (path relative to root, e.g. train/3/9012.png), "
         "'marker' (1/0, yes/no), optional 'box' (x0,y0,x1,y1 in the image's pixels) or 'mask' (a mask "
         "file, relative to the CSV's folder, of the image's size). Gives groups (class x marker) and, "
         "where every marked image has a box or mask, true masks. None: no groups.",
+        json_schema_extra={"fingerprint": "listing"},
     )
     oa_threshold: int = Field(2, ge=1, le=4, description="Osteoarthritis = KL grade >= this (2: the usual definition).")
     size: int = Field(224, ge=16, le=1024, description="Images are resized to size x size.")
@@ -326,12 +330,14 @@ class IsicFolderOptions(PluginOptions):
         None,
         description="The CDEP layout: root/processed/{cancer,no_cancer}/ images and root/segmentation/ "
         "patch masks with the same file names (an image without a mask has no patch).",
+        json_schema_extra={"fingerprint": "listing"},
     )
     csv: Path | None = Field(
         None,
         description="Instead of root: a CSV with 'image' (path relative to the CSV's folder), 'label' "
         "(benign/malignant or 0/1), optional 'split' (train/val/test), 'patch' (1/0) and 'mask' (a "
         "patch mask file of the image's size).",
+        json_schema_extra={"fingerprint": "listing"},
     )
     val_share: float = Field(0.1, ge=0, lt=1, description="Share of every group for validation when the layout has no splits (seeded).")
     test_share: float = Field(0.2, gt=0, lt=1, description="Share of every group for test when the layout has no splits (seeded).")
@@ -446,7 +452,10 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 class MedmnistOptions(PluginOptions):
     """Options of ``medmnist``."""
 
-    npz: Path = Field(description="A MedMNIST file (<flag>[_64|_128|_224].npz, as medmnist downloads it) with train/val/test _images and _labels.")
+    npz: Path = Field(
+        description="A MedMNIST file (<flag>[_64|_128|_224].npz, as medmnist downloads it) with train/val/test _images and _labels.",
+        json_schema_extra={"fingerprint": "listing"},
+    )
     family: str = Field("skin", description="Prompt-template family and class specification (datasets/specs/<family>.toml) of the classes after mapping.")
     class_map: Literal["none", "dermamnist-benign-malignant"] | dict[str, int] = Field(
         "dermamnist-benign-malignant",
@@ -457,6 +466,7 @@ class MedmnistOptions(PluginOptions):
         None,
         description="An npz with train_groups, val_groups, test_groups (int per image) where the user has "
         "group labels; None: no groups (the baselines need them).",
+        json_schema_extra={"fingerprint": "listing"},
     )
     group_names: list[str] = Field(default_factory=list, description="Names of the groups in `groups`, by index.")
 

@@ -258,7 +258,9 @@ class Pipeline:
         """A setting as the fingerprint sees it: the device as resolved ("auto" and "cpu" are
         the same on a machine without CUDA), options marked ``fingerprint=False`` left out (they
         change how, not what: batch sizes for inference, concurrency, where data is read from),
-        files marked ``fingerprint="content"`` hashed by content."""
+        files marked ``fingerprint="content"`` hashed by content, and data paths marked
+        ``fingerprint="listing"`` by their file list, sizes and modification times (a user's
+        folder of images: an added, removed or edited file makes every stage recompute)."""
         if key == "device":
             return self.device.type
         section, _, sub = key.partition(".")
@@ -275,6 +277,8 @@ class Pipeline:
                 continue
             if marker == "content" and item:
                 item = {"path": item, "sha256": _content_sha256(Path(item))}
+            elif marker == "listing" and item:
+                item = {"path": item, "listing": _listing_sha256(Path(item))}
             out[name] = item
         return out
 
@@ -719,6 +723,26 @@ def _content_sha256(path: Path) -> str:
         return sha256_file(path)
     except OSError as exc:
         raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _listing_sha256(path: Path) -> str:
+    """A cheap signature of a data path: for a folder, every file's relative path, size and
+    modification time; for a file, its size and modification time; ``"missing"`` when there is
+    nothing (the provider then says what is missing, with exit 2, when it loads)."""
+    entries = []
+    try:
+        if path.is_dir():
+            for file in sorted(p for p in path.rglob("*") if p.is_file()):
+                st = file.stat()
+                entries.append(f"{file.relative_to(path).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}")
+        elif path.exists():
+            st = path.stat()
+            entries.append(f"\t{st.st_size}\t{st.st_mtime_ns}")
+        else:
+            return "missing"
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
 
 
 def _stage_seed(seed: int, stage: str) -> int:

@@ -34,6 +34,7 @@ class ResNetOptions(PluginOptions):
         "of torchvision's model.state_dict()); loaded with weights_only=True, the fc layer left out "
         "(the head is new for the run's classes). With 1 input channel the first convolution's RGB "
         "filters are summed. None: random initialisation. Nothing is ever downloaded.",
+        json_schema_extra={"fingerprint": "content"},
     )
     stem: Literal["imagenet", "small"] = Field(
         "imagenet",

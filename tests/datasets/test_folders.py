@@ -214,3 +214,48 @@ enabled = false
     err = capsys.readouterr().err
     assert "train/3/train3_1.png" in err and "is not among the images" in err and "Traceback" not in err
     assert not (run_dir / "train").exists()  # nothing trained
+
+
+def test_an_edited_image_in_the_users_folder_recomputes_the_run(tmp_path, capsys):
+    """The data set is not stored in the run directory, so its folder's listing (paths, sizes,
+    modification times) is part of every stage's fingerprint: an unchanged folder is reused, an
+    edited image retrains."""
+    import os
+
+    from lvlmva.cli import EXIT_OK, main
+
+    root = tmp_path / "kneeKL"
+    markers = make_knee(root)
+    settings = tmp_path / "knee.toml"
+    settings.write_text(f"""
+[run]
+device = "cpu"
+[dataset]
+plugin = "knee-folder"
+root = "{root.as_posix()}"
+markers = "{markers.as_posix()}"
+size = 16
+[model]
+plugin = "cnn"
+channels = [4]
+[train]
+epochs = 1
+[evaluators.standard]
+plugin = "standard"
+alignment_score_samples = 0
+[report]
+enabled = false
+""")
+    run = ["compose", str(settings), "--out", str(tmp_path / "run")]
+    assert main(run) == EXIT_OK
+    capsys.readouterr()
+    assert main(run) == EXIT_OK
+    progress = capsys.readouterr()
+    assert "+ train" not in progress.out + progress.err  # nothing changed: reused
+    assert "train" in progress.out + progress.err
+    image = root / "train/2/train2_0.png"
+    _png(image, value=7)
+    os.utime(image, ns=(1, 1))  # a new modification time, whatever the clock says
+    assert main(run) == EXIT_OK
+    progress = capsys.readouterr()
+    assert "+ train" in progress.out + progress.err
