@@ -18,7 +18,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lvlmva.protocols import DatasetError, PluginOptions, RunContext
 from lvlmva.records import Split, SpuriousDataset
@@ -343,6 +343,12 @@ class IsicFolderOptions(PluginOptions):
     test_share: float = Field(0.2, gt=0, lt=1, description="Share of every group for test when the layout has no splits (seeded).")
     size: int = Field(224, ge=16, le=1024, description="Images are resized to size x size.")
 
+    @model_validator(mode="after")
+    def _one_layout(self) -> IsicFolderOptions:
+        if (self.root is None) == (self.csv is None):
+            raise ValueError("set exactly one of root (the CDEP layout) and csv")
+        return self
+
 
 class IsicFolderProvider:
     """Dermoscopy (benign / malignant) with coloured patches as the shortcut: the CDEP folder
@@ -354,8 +360,6 @@ class IsicFolderProvider:
 
     def __init__(self, options: IsicFolderOptions) -> None:
         self.options = options
-        if (options.root is None) == (options.csv is None):
-            raise ValueError("isic-folder: set exactly one of root (the CDEP layout) and csv")
 
     def _cdep_rows(self, problems: Problems) -> list[_Row]:
         root = self.options.root

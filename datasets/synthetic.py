@@ -272,9 +272,6 @@ def _split(draw: Draw, n: int, positive_share: float, shares: tuple[float, float
         img, mask = draw(labels[start : start + _CHUNK], flags[start : start + _CHUNK], size, gen)
         images.append(img)
         masks.append(mask)
-    if not images:
-        channels = draw(labels[:1], flags[:1], size, gen)[0].shape[1] if n else 1
-        return torch.zeros((0, channels, size, size), dtype=torch.uint8), labels, flags, torch.zeros((0, size, size), dtype=torch.bool)
     return torch.cat(images), labels, flags, torch.cat(masks)
 
 

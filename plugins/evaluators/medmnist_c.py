@@ -37,7 +37,7 @@ from lvlmva.training import predict_logits
 __all__ = ["MedmnistCEvaluator", "MedmnistCOptions", "resolve_corruptions", "DEFAULT_FAMILY"]
 
 #: the MedMNIST-C family whose corruption list a data set family gets by default
-DEFAULT_FAMILY = {"skin": "dermamnist", "knee": "chestmnist", "decoy-mnist": "breastmnist"}
+DEFAULT_FAMILY = {"skin": "dermamnist", "knee": "chestmnist"}
 SEVERITIES = 5
 ORIGINAL = "original"
 

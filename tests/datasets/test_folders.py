@@ -259,3 +259,10 @@ enabled = false
     assert main(run) == EXIT_OK
     progress = capsys.readouterr()
     assert "+ train" in progress.out + progress.err
+
+
+def test_isic_needs_exactly_one_layout():
+    with pytest.raises(ValueError, match="exactly one of root"):
+        IsicFolderProvider.Options()
+    with pytest.raises(ValueError, match="exactly one of root"):
+        IsicFolderProvider.Options(root="a", csv="b.csv")
