@@ -59,6 +59,8 @@ class StudyPlan:
     settings: Settings
     cells: tuple[Cell, ...]
     datasets: tuple[str, ...]
+    #: per cell: every stage stored and intact for the settings as they are now, results published
+    finished: tuple[bool, ...] = ()
 
 
 def _dataset_label(path: Path, settings: Settings, taken: set[str]) -> str:
@@ -83,6 +85,7 @@ def plan_study(settings_files: Sequence[Path], overrides: Sequence[str] = (), ou
     directory = Path(out) if out is not None else Path(study.out_dir) / (study.name or f"{Path(settings_files[0]).stem}_study")
     RunDirectory.check(directory)
     cells: list[Cell] = []
+    finished: list[bool] = []
     datasets: list[str] = []
     taken: set[str] = set()
     for path in settings_files:
@@ -90,6 +93,14 @@ def plan_study(settings_files: Sequence[Path], overrides: Sequence[str] = (), ou
         base = load_settings(path, overrides)
         if not base.instances("evaluator"):
             raise SettingsError(f"{path}: a study compares evaluations: configure [evaluators.<name>]")
+        if study.evaluator is not None and study.evaluator not in base.instances("evaluator"):
+            raise SettingsError(
+                f"{path}: study.evaluator = {study.evaluator!r} is not one of its evaluators "
+                f"({', '.join(base.instances('evaluator'))})"
+            )
+        models = {"original", "aligned", "true_mask", *base.instances("mitigator")}
+        if study.baseline not in models:
+            raise SettingsError(f"{path}: study.baseline = {study.baseline!r} is not a model of the study ({', '.join(sorted(models))})")
         label = _dataset_label(path, base, taken)
         datasets.append(label)
         text = path.read_text(encoding="utf-8")
@@ -98,21 +109,13 @@ def plan_study(settings_files: Sequence[Path], overrides: Sequence[str] = (), ou
             cell_overrides = (*overrides, f"run.seed={seed}")
             settings = load_settings(path, cell_overrides)
             RunDirectory.check(run_dir)
-            Pipeline(settings, run_dir, echo=lambda _m: None)  # combinations, preflight (keys, budgets)
+            # combinations and preflight (keys, budgets); its plan, made with the settings as
+            # they are now (an edited file is not finished), says whether the cell is finished
+            pipeline = Pipeline(settings, run_dir, echo=lambda _m: None)
+            published = (run_dir / "results.json").is_file() and (run_dir / CELL_SETTINGS).is_file()
+            finished.append(published and all(o.status in ("reused", "skipped") for o in pipeline.plan()))
             cells.append(Cell(label, seed, text, path.name, cell_overrides, str(run_dir), study.threads))
-    return StudyPlan(directory, first, tuple(cells), tuple(datasets))
-
-
-def _is_finished(cell: Cell) -> bool:
-    """Whether every stage of the cell is stored and intact and its results are published."""
-    from ..pipeline import Pipeline
-
-    run_dir = Path(cell.run_dir)
-    if not (run_dir / "results.json").is_file() or not (run_dir / CELL_SETTINGS).is_file():
-        return False
-    settings = load_settings(run_dir / CELL_SETTINGS, cell.overrides)
-    plan = Pipeline(settings, run_dir, echo=lambda _m: None).plan()
-    return all(o.status in ("reused", "skipped") for o in plan)
+    return StudyPlan(directory, first, tuple(cells), tuple(datasets), tuple(finished))
 
 
 def run_cell(cell: Cell | dict[str, Any]) -> dict[str, Any]:
@@ -120,12 +123,20 @@ def run_cell(cell: Cell | dict[str, Any]) -> dict[str, Any]:
     return its status as plain data. Never raises for a failing run: the reason is returned."""
     import torch
 
+    if isinstance(cell, dict):
+        cell = Cell(**{**cell, "overrides": tuple(cell["overrides"])})
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(cell.threads)
+    try:
+        return _run_cell(cell)
+    finally:  # the serial executor runs cells in the caller's process
+        torch.set_num_threads(threads_before)
+
+
+def _run_cell(cell: Cell) -> dict[str, Any]:
     from ..pipeline import Pipeline, RunDirectory, StageFailed
     from ..pipeline.errors import describe_failure
 
-    if isinstance(cell, dict):
-        cell = Cell(**{**cell, "overrides": tuple(cell["overrides"])})
-    torch.set_num_threads(cell.threads)
     run_dir = Path(cell.run_dir)
     started = time.perf_counter()
     out: dict[str, Any] = {"dataset": cell.dataset, "seed": cell.seed, "run_dir": cell.run_dir}
@@ -137,10 +148,10 @@ def run_cell(cell: Cell | dict[str, Any]) -> dict[str, Any]:
         pipeline = Pipeline(settings, run_dir, echo=lambda _m: None)
         try:
             pipeline.run()
-            out.update(status="ok", reason="")
-        except StageFailed as exc:
+            out.update(status="ok", reason="", published=True)
+        except StageFailed as exc:  # raised after results.json was published with the failure
             reasons = "; ".join(f"{name}: {describe_failure(e)}" for name, e in exc.failures.items())
-            out.update(status="failed", reason=reasons)
+            out.update(status="failed", reason=reasons, published=True)
         counts = {}
         for outcome in pipeline.outcomes.values():
             counts[outcome.status] = counts.get(outcome.status, 0) + 1
@@ -148,7 +159,7 @@ def run_cell(cell: Cell | dict[str, Any]) -> dict[str, Any]:
         stored = {s.name for s in pipeline.stages if s.persist}  # the data set is loaded, not stored
         out["computed"] = sorted(n for n, o in pipeline.outcomes.items() if o.status == "computed" and n in stored)
     except Exception as exc:  # a cell that cannot even start: recorded, the study goes on
-        out.update(status="failed", reason=f"{type(exc).__name__}: {exc}")
+        out.update(status="failed", reason=f"{type(exc).__name__}: {exc}", published=False)
     out["seconds"] = round(time.perf_counter() - started, 3)
     return out
 
@@ -177,7 +188,7 @@ def _run_processes(cells: Sequence[Cell], done: Done, workers: int) -> None:
             except Exception as exc:  # a worker that died (killed for memory, a crash): recorded
                 status = {"dataset": cell.dataset, "seed": cell.seed, "run_dir": cell.run_dir,
                           "status": "failed", "reason": f"worker process failed: {type(exc).__name__}: {exc}",
-                          "seconds": 0.0}  # fmt: skip
+                          "seconds": 0.0, "published": False}  # fmt: skip
             done(cell, status)
     except BaseException:
         # Ctrl-C (or an error here): stop now instead of waiting for every queued cell. The
@@ -211,7 +222,13 @@ def _run_ray(cells: Sequence[Cell], done: Done, address: str | None, threads: in
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
-                    done(pending.pop(ref), ray.get(ref))
+                    cell = pending.pop(ref)
+                    try:
+                        status = ray.get(ref)
+                    except Exception as exc:  # the task's worker died (memory, a crash): recorded
+                        status = {"dataset": cell.dataset, "seed": cell.seed, "run_dir": cell.run_dir, "status": "failed",
+                                  "reason": f"Ray task failed: {type(exc).__name__}: {exc}", "seconds": 0.0, "published": False}  # fmt: skip
+                    done(cell, status)
         except BaseException:
             for ref in pending:  # Ctrl-C: queued and running cells are cancelled, not awaited
                 ray.cancel(ref, force=True)
@@ -236,7 +253,7 @@ def run_study(
     study = plan.settings.study
     RunDirectory.claim(plan.directory)
     log = plan.directory / "cells.jsonl"
-    todo = [c for c in plan.cells if not _is_finished(c)]
+    todo = [c for c, done in zip(plan.cells, plan.finished, strict=True) if not done]
     total = len(plan.cells)
     echo(f"study {plan.directory}: {total} cells ({len(plan.datasets)} data sets x {len(study.seeds)} seeds), "
          f"{total - len(todo)} finished, {len(todo)} to run ({study.executor}"
@@ -264,9 +281,12 @@ def run_study(
 
     cells = []
     for cell in plan.cells:
-        status = statuses.get((cell.dataset, cell.seed)) or {"status": "ok", "reason": "", "seconds": None}
+        status = statuses.get((cell.dataset, cell.seed)) or {"status": "ok", "reason": "", "seconds": None, "published": True}
         results_path = Path(cell.run_dir) / "results.json"
-        results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.is_file() else None
+        # a cell that failed before publishing may still hold an earlier run's results.json:
+        # those numbers are not this study's and are not counted
+        fresh = status.get("published", True) and results_path.is_file()
+        results = json.loads(results_path.read_text(encoding="utf-8")) if fresh else None
         # A cell whose run published results counts, also when one of its methods failed:
         # results.json names that method's failure and the others' numbers are valid.
         cells.append(

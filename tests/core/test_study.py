@@ -212,6 +212,33 @@ def test_interrupting_a_study_with_workers_stops_at_once_and_a_rerun_computes_th
     assert {int(r["seed"]) for r in rows if r["method"] == "half"} == set(range(6))
 
 
+def test_an_edited_settings_file_reruns_its_cells_and_stale_results_are_not_counted(tmp_path, toy_mitigators, capsys):
+    settings, study = _settings(tmp_path), tmp_path / "study"
+    one_seed = ["study", str(settings), "--out", str(study), "--set", "study.seeds=[0]"]
+    assert main(one_seed) == EXIT_OK
+    capsys.readouterr()
+    # the user edits the file: the cell is not finished any more, its changed stages recompute
+    settings.write_text(settings.read_text().replace("lam = 100.0", "lam = 50.0"))
+    assert main(one_seed) == EXIT_OK
+    assert "1 cells (1 data sets x 1 seeds), 0 finished, 1 to run" in capsys.readouterr().err
+    assert "align" in _computed(study)[-1][2] and "train" not in _computed(study)[-1][2]
+    # a run that stops before publishing (a data check) leaves the old results.json in the
+    # cell: the study reports the cell failed and counts none of those stale numbers
+    assert main([*one_seed, "--set", "selection.n=100000"]) == EXIT_FAILED
+    assert "selection.n = 100000" in capsys.readouterr().err
+    rows = list(csv.DictReader((study / "results.csv").read_text().splitlines()))
+    assert rows == []
+    assert (study / "cells" / "tiny" / "seed0" / "results.json").is_file()  # the user's run kept
+
+
+def test_a_study_evaluator_or_baseline_that_does_not_exist_stops_before_any_cell(tmp_path, toy_mitigators, capsys):
+    settings, study = _settings(tmp_path), tmp_path / "study"
+    for key, value in (("study.evaluator", "standrd"), ("study.baseline", "orginal")):
+        assert main(["study", str(settings), "--out", str(study), "--set", f"{key}={value}"]) == EXIT_BAD_INPUT
+        assert f"{key} = '{value}'" in capsys.readouterr().err
+    assert not (study / "cells").exists()
+
+
 def test_bad_input_stops_the_study_before_any_cell(tmp_path, toy_mitigators, capsys):
     settings, study = _settings(tmp_path), tmp_path / "study"
     code = main(["study", str(settings), "--out", str(study), "--set", "study.seeds=[0]", "--set", "train.epochs=-1"])
