@@ -119,7 +119,7 @@ def _flag(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "yes", "true", "y", "present"):
         return True
-    if value in ("0", "no", "false", "n", "absent", ""):
+    if value in ("0", "no", "false", "n", "absent"):
         return False
     raise ValueError(f"{text!r} is not a yes/no value (1/0, yes/no, true/false)")
 
@@ -401,6 +401,9 @@ class IsicFolderProvider:
                 problems.add(where, f"patch {exc}")
                 continue
             mask = (entry.get("mask") or "").strip()
+            if patch and not mask:  # an all-empty mask would pass for a true mask
+                problems.add(where, "patch = 1 but no mask file: true masks need the patch's pixels")
+                continue
             rows.append(_Row(split, path.parent / entry["image"].strip(), label, shortcut=patch, mask_file=(path.parent / mask) if mask else None))
         if rows and len({r.split == "" for r in rows}) > 1:
             problems.add(path, "either every row names its split or none does")
@@ -500,7 +503,7 @@ class MedmnistProvider:
     def _group_names(self, splits: dict) -> tuple[str, ...]:
         if self.options.group_names:
             return tuple(self.options.group_names)
-        top = max(int(g.max()) for _, _, g in splits.values() if g is not None and len(g))
+        top = max((int(g.max()) for _, _, g in splits.values() if g is not None and len(g)), default=0)
         return tuple(f"group {i}" for i in range(top + 1))
 
     def load(self, ctx: RunContext) -> SpuriousDataset:
@@ -520,6 +523,8 @@ class MedmnistProvider:
                 groups_file = _read_npz(o.groups)
             except FileNotFoundError:
                 raise DatasetError(f"medmnist: groups file {o.groups} does not exist") from None
+            except Exception as exc:
+                raise DatasetError(f"medmnist: groups file {o.groups} cannot be read as an npz: {type(exc).__name__}: {exc}") from None
         splits: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         for split in ("train", "val", "test"):
             keys = (f"{split}_images", f"{split}_labels")
@@ -557,8 +562,9 @@ class MedmnistProvider:
                     problems.add(o.groups, f"needs {key} with {len(images)} entries")
                     continue
                 groups = torch.from_numpy(groups_file[key].astype(np.int64))
-                if o.group_names and (int(groups.min()) < 0 or int(groups.max()) >= len(o.group_names)):
-                    problems.add(o.groups, f"{key} has values outside 0..{len(o.group_names) - 1}")
+                top = len(o.group_names) - 1 if o.group_names else None
+                if len(groups) and (int(groups.min()) < 0 or (top is not None and int(groups.max()) > top)):
+                    problems.add(o.groups, f"{key} has values outside 0..{top if top is not None else 'N'}")
                     continue
             tensor = torch.from_numpy(images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2).copy())
             splits[split] = (tensor.contiguous(), torch.from_numpy(labels), groups)

@@ -261,6 +261,32 @@ def _reference(call: StageCall) -> ModelArtifact:
     return _artifact("aligner", call.plugin("aligner").align(call["train"], data, chosen, masks, call.ctx), data)
 
 
+def _needs_train_masks(what: str) -> Callable[[StageView, SpuriousDataset], list[str]]:
+    """A data check: ``what`` reads true spurious masks of the training split. A provider's
+    ``has_true_masks`` says it *can* give them; the loaded data set says whether it did (a knee
+    folder whose marker CSV has no boxes has none), so this is checked on the data, before
+    anything trains, instead of failing later inside the stage."""
+
+    def check(view: StageView, data: SpuriousDataset) -> list[str]:
+        if data.train.spurious_masks is None:
+            return [f"{what} needs true spurious masks of the training split, which the loaded data set does not have"]
+        return []
+
+    return check
+
+
+def _masks_check(view: StageView, data: SpuriousDataset) -> list[str]:
+    if view.option("masks.source") != "true":
+        return []
+    return _needs_train_masks('masks.source = "true"')(view, data)
+
+
+def _critic_check(view: StageView, data: SpuriousDataset) -> list[str]:
+    if not view.flag("critic", "needs_true_masks"):
+        return []
+    return _needs_train_masks("the critic (it reads the true masks)")(view, data)
+
+
 def _reference_skip(view: StageView) -> str | None:
     if not view.option("masks.true_mask_reference"):
         return "masks.true_mask_reference = false"
@@ -422,7 +448,7 @@ def _core_stages(settings: Settings) -> list[Stage]:
         ),
         Stage(
             "critic", _critic, inputs=("data", "select", "segment", "render"), plugins=("critic",),
-            codec=codecs.CRITIQUES, refreshable=True, summary="discuss clusters",
+            codec=codecs.CRITIQUES, refreshable=True, summary="discuss clusters", check=_critic_check,
         ),
         Stage(
             "judge", _judge, inputs=("critic",), plugins=("judge",), codec=codecs.VERDICTS, refreshable=True,
@@ -433,6 +459,7 @@ def _core_stages(settings: Settings) -> list[Stage]:
             # block them, and new answers must not recompute them
             "masks", _masks, inputs=("data", "select") if settings.masks.source == "true" else ("data", "select", "segment", "judge"),
             settings=("masks.source",), codec=codecs.TENSORS, skip=_masks_skip, summary="correction masks",
+            check=_masks_check,
         ),
         Stage(
             "align", _align, inputs=("data", "train", "select", "masks"), plugins=("aligner",),
@@ -442,6 +469,7 @@ def _core_stages(settings: Settings) -> list[Stage]:
             "reference", _reference, inputs=("data", "train", "select"), plugins=("aligner",),
             settings=("masks.true_mask_reference", "masks.source"), codec=codecs.MODEL, model="true_mask",
             label="true-mask reference", skip=_reference_skip,
+            check=_needs_train_masks("the true-mask reference (set masks.true_mask_reference = false to run without it)"),
             summary="align with the true masks of the same samples",
         ),
     ]  # fmt: skip

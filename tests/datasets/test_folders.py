@@ -266,3 +266,65 @@ def test_isic_needs_exactly_one_layout():
         IsicFolderProvider.Options()
     with pytest.raises(ValueError, match="exactly one of root"):
         IsicFolderProvider.Options(root="a", csv="b.csv")
+
+
+def test_empty_marker_values_and_patches_without_masks_are_problems(tmp_path):
+    root = tmp_path / "kneeKL"
+    markers = make_knee(root)
+    lines = markers.read_text().splitlines()
+    lines[1] = lines[1].split(",")[0] + ",,"
+    markers.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError, match=r"line 2: marker '' is not a yes/no value"):
+        knee(root, markers).load(ctx(tmp_path))
+    make_cdep(tmp_path / "isic")
+    (tmp_path / "isic" / "list.csv").write_text(
+        "image,label,patch\nprocessed/no_cancer/no_cancer_0.jpg,benign,1\nprocessed/cancer/cancer_0.jpg,malignant,0\n"
+    )
+    with pytest.raises(DatasetError, match="line 2: patch = 1 but no mask file"):
+        IsicFolderProvider(IsicFolderProvider.Options(csv=tmp_path / "isic" / "list.csv", size=16)).load(ctx(tmp_path))
+
+
+def test_a_knee_folder_without_marker_boxes_and_a_true_mask_reference_exits_2(tmp_path, capsys):
+    """The provider can give true masks, but this folder's CSV has no boxes: the loaded data
+    has none, so the reference is refused before anything trains (not a TypeError later)."""
+    from lvlmva.cli import EXIT_BAD_INPUT, main
+
+    root = tmp_path / "kneeKL"
+    make_knee(root)
+    settings = tmp_path / "knee.toml"
+    settings.write_text(f"""
+[run]
+device = "cpu"
+[dataset]
+plugin = "knee-folder"
+root = "{root.as_posix()}"
+size = 16
+[model]
+plugin = "cnn"
+channels = [4]
+[train]
+epochs = 1
+[selection]
+strategy = "random"
+n = 4
+[attributor]
+plugin = "deeplift-shap"
+background_size = 2
+[segmenter]
+plugin = "ppeps-wgm"
+num_clusters = 3
+[critic]
+plugin = "oracle"
+[judge]
+plugin = "rules"
+[aligner]
+plugin = "rrr"
+[evaluators.standard]
+plugin = "standard"
+alignment_score_samples = 0
+""")
+    assert main(["compose", str(settings), "--out", str(tmp_path / "run")]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "the critic (it reads the true masks) needs true spurious masks" in err
+    assert "set masks.true_mask_reference = false" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "train").exists()
