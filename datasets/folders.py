@@ -180,7 +180,8 @@ def _assemble(
     for needed in ("train", "test"):
         if not parts.get(needed, {}).get("images"):
             raise DatasetError(f"{what}: the {needed} split has no images")
-    norm = train_normalization(torch.from_numpy(np.stack(parts["train"]["images"])))
+    stacked = {name: torch.from_numpy(np.stack(part["images"])) for name, part in parts.items() if part["images"]}
+    norm = train_normalization(stacked["train"])
     with_groups = shortcut is not None and all(f is not None for p in parts.values() for f in p["flags"])
     with_masks = all(m is not None for p in parts.values() for m in p["masks"])
 
@@ -193,7 +194,7 @@ def _assemble(
         if with_groups:
             groups = 2 * labels + torch.tensor([bool(f) for f in part["flags"]], dtype=torch.int64)
         masks = torch.from_numpy(np.stack(part["masks"])) if with_masks else None
-        return Split(images=torch.from_numpy(np.stack(part["images"])), labels=labels, groups=groups, spurious_masks=masks, normalization=norm)
+        return Split(images=stacked[name], labels=labels, groups=groups, spurious_masks=masks, normalization=norm)
 
     group_names = shortcut_group_names(class_names, shortcut) if with_groups and shortcut else ()
     return SpuriousDataset(

@@ -234,11 +234,20 @@ def shortcut_group_names(class_names: tuple[str, ...], shortcut: str) -> tuple[s
     return tuple(f"{c}/{s}" for c in class_names for s in (f"no-{shortcut}", shortcut))
 
 
-def train_normalization(images: torch.Tensor) -> Normalization:
-    """Per-channel mean and standard deviation of uint8 images on the 0-1 scale."""
-    x = images.to(torch.float64) / 255.0
-    mean = x.mean(dim=(0, 2, 3))
-    std = x.std(dim=(0, 2, 3)).clamp(min=1e-6)
+def train_normalization(images: torch.Tensor, chunk: int = 256) -> Normalization:
+    """Per-channel mean and standard deviation of uint8 images on the 0-1 scale, summed in
+    float64 chunk by chunk (no float copy of the whole split)."""
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    squares = torch.zeros(images.shape[1], dtype=torch.float64)
+    for start in range(0, images.shape[0], chunk):
+        x = images[start : start + chunk].to(torch.float64) / 255.0
+        total += x.sum(dim=(0, 2, 3))
+        squares += x.square().sum(dim=(0, 2, 3))
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / count
+    # the sample variance, as torch.std gives it
+    var = (squares - count * mean.square()) / max(count - 1, 1)
+    std = var.clamp(min=0).sqrt().clamp(min=1e-6)
     return Normalization(mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std), scale=1 / 255)
 
 

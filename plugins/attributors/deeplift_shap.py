@@ -227,7 +227,8 @@ class DeepLiftShapOptions(PluginOptions):
         "at 224 x 224 on a 2-core CPU 1.5-1.9x the raw forward and backward passes, where Captum takes "
         "2-3.5x (docs/results.md); equal to "
         "Captum on models without max pools, and complete (attributions sum to f(x) - E[f(b)]) through "
-        "max pools, where Captum's rule is not. Refuses models with other nonlinear modules.",
+        "max pools, where Captum's rule is not. Refuses models with other nonlinear modules. "
+        "prepare_model does not apply (the rule needs no module per use).",
     )
     prepare_model: bool = Field(
         True,
@@ -288,6 +289,20 @@ class DeepLiftShapAttributor:
         background = self.draw_background(reference_pool, ctx).to(device, torch.float32)
         if inputs.shape[0] == 0:
             return torch.zeros(inputs.shape, dtype=torch.float32)
+        targets = targets.to(torch.int64)
+        if self.options.engine == "rescale":
+            # the rule's autograd functions keep their own inputs per call, so a reused or
+            # in-place ReLU needs no splitting: only the swap of ReLU and MaxPool2d (on a copy)
+            from .rescale import deeplift_shap_rescale, prepare_rescale
+
+            ruled = prepare_rescale(model).to(device).eval()
+            for param in ruled.parameters():
+                param.requires_grad_(False)
+            return torch.cat([
+                deeplift_shap_rescale(ruled, inputs[part].to(device, torch.float32), targets[part].to(device),
+                                      background, self.options.multiply_by_inputs).detach().to("cpu", torch.float32)
+                for part in _chunks(inputs.shape[0], self.options.batch_size)
+            ])  # fmt: skip
         if self.options.prepare_model:
             example = inputs[:1].to(_module_device(model), torch.float32)
             explained = prepare_model_for_deeplift(model, example_input=example)
@@ -297,18 +312,6 @@ class DeepLiftShapAttributor:
         # Only input gradients are needed.
         for param in explained.parameters():
             param.requires_grad_(False)
-        targets = targets.to(torch.int64)
-        if self.options.engine == "rescale":
-            from .rescale import deeplift_shap_rescale, prepare_rescale
-
-            if not self.options.prepare_model:
-                raise ValueError('attributor.engine = "rescale" needs prepare_model = true')
-            ruled = prepare_rescale(explained, inplace=True)  # explained is this call's own copy
-            return torch.cat([
-                deeplift_shap_rescale(ruled, inputs[part].to(device, torch.float32), targets[part].to(device),
-                                      background, self.options.multiply_by_inputs).detach().to("cpu", torch.float32)
-                for part in _chunks(inputs.shape[0], self.options.batch_size)
-            ])  # fmt: skip
         explainer = DeepLiftShap(explained, multiply_by_inputs=self.options.multiply_by_inputs)
         out = []
         for part in _chunks(inputs.shape[0], self.options.batch_size):

@@ -122,8 +122,8 @@ class RescaleMaxPool2d(nn.Module):
 
 
 def prepare_rescale(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """``model`` (already prepared for DeepLift: one module per use, none in-place) with every
-    ReLU and MaxPool2d swapped for its rescale-rule module: a copy, or the model itself with
+    """``model`` with every ReLU and MaxPool2d (in-place or reused ones too: each call of the
+    rule keeps its own input) swapped for its rescale-rule module: a copy, or the model itself with
     ``inplace``. Raises ``ValueError`` naming a nonlinear module this engine has no rule for."""
     prepared = model if inplace else copy.deepcopy(model)
     for name, module in list(prepared.named_modules()):

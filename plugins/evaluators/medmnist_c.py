@@ -30,6 +30,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
+from lvlmva.metrics import accuracy
 from lvlmva.protocols import Metric, PluginOptions, RunContext
 from lvlmva.records import SpuriousDataset
 from lvlmva.training import predict_logits
@@ -200,10 +201,22 @@ class MedmnistCEvaluator:
         return torch.randperm(n, generator=ctx.generator("medmnist-c-subset"))[:k].sort().values
 
     def _corrupt(self, obj: Any, label: str, severity: int, pixels: torch.Tensor, index: torch.Tensor, seed: int) -> torch.Tensor:
-        from PIL import Image
 
         out = torch.empty_like(pixels)
         grey = pixels.shape[1] == 1
+        # medmnistc draws from the global generators: seeded per image here, and put back after
+        # so that nothing else in the run sees a changed random state
+        saved = np.random.get_state(), random.getstate()
+        try:
+            self._corrupt_rows(obj, label, severity, pixels, index, seed, out, grey)
+        finally:
+            np.random.set_state(saved[0])
+            random.setstate(saved[1])
+        return out
+
+    def _corrupt_rows(self, obj: Any, label: str, severity: int, pixels: torch.Tensor, index: torch.Tensor, seed: int, out: torch.Tensor, grey: bool) -> None:
+        from PIL import Image
+
         for row in range(pixels.shape[0]):
             s = _seed_for(seed, label, severity, int(index[row]))
             np.random.seed(s)
@@ -221,7 +234,6 @@ class MedmnistCEvaluator:
             if grey:
                 result = result[:, :, :3].mean(axis=2, keepdims=True).round().astype(np.uint8) if result.shape[2] >= 3 else result[:, :, :1]
             out[row] = torch.from_numpy(np.ascontiguousarray(result[:, :, : pixels.shape[1]])).permute(2, 0, 1)
-        return out
 
     def _corrupted_sets(self, data: SpuriousDataset, ctx: RunContext) -> tuple[torch.Tensor, dict[tuple[str, int], torch.Tensor], dict[str, str]]:
         """The subset, its corrupted inputs per (corruption, severity) and the failures; made once
@@ -258,16 +270,16 @@ class MedmnistCEvaluator:
         index, sets, failed = self._corrupted_sets(data, ctx)
         labels = data.test.labels[index]
 
-        def accuracy(inputs: torch.Tensor) -> float:
+        def score(inputs: torch.Tensor) -> float:
             logits = predict_logits(model, inputs, ctx.device, batch_size=self.options.batch_size)
-            return float((logits.argmax(1) == labels).float().mean())
+            return accuracy(logits, labels)
 
-        clean = accuracy(data.test.inputs[index])
-        by_severity = {f"{label}/s{severity}": clean - accuracy(inputs) for (label, severity), inputs in sets.items()}
-        per_corruption: dict[str, float] = {}
-        for (label, _severity) in sets:
-            values = [v for k, v in by_severity.items() if k.rsplit("/s", 1)[0] == label]
-            per_corruption[label] = float(np.mean(values))
+        clean = score(data.test.inputs[index])
+        by_severity = {f"{label}/s{severity}": clean - score(inputs) for (label, severity), inputs in sets.items()}
+        per_corruption = {
+            label: float(np.mean([by_severity[f"{label}/s{s}"] for s in self.options.severities]))
+            for label in dict.fromkeys(label for label, _ in sets)
+        }
         out: dict[str, Any] = {
             "clean_accuracy": clean,
             "mean_drop": float(np.mean(list(by_severity.values()))) if by_severity else None,

@@ -17,7 +17,7 @@ from torchvision.models import resnet as tv
 
 from lvlmva.protocols import PluginOptions
 
-__all__ = ["ResNetClassifier", "ResNetFactory", "ResNetOptions", "load_imagenet_weights"]
+__all__ = ["ResNetClassifier", "ResNetFactory", "ResNetOptions", "load_imagenet_weights", "read_state_dict"]
 
 _ARCHITECTURES = {"resnet18": tv.resnet18, "resnet34": tv.resnet34, "resnet50": tv.resnet50}
 
@@ -67,12 +67,9 @@ class ResNetClassifier(nn.Module):
         return self.head(self.backbone(x))
 
 
-def load_imagenet_weights(model: ResNetClassifier, path: Path, *, first_conv_is_new: bool) -> None:
-    """Load an ImageNet ``state_dict`` (torchvision key names) into ``model``'s backbone.
-
-    ``fc.*`` is left out (the head is new). With one input channel the first convolution's
-    RGB filters are summed over the channel axis; with ``first_conv_is_new`` it is not loaded.
-    Raises ``ValueError`` naming the file for anything else that does not fit."""
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The state_dict in a local weights file (``weights_only=True``); ``ValueError`` naming the
+    file when it is missing or not a state_dict."""
     path = Path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -84,6 +81,16 @@ def load_imagenet_weights(model: ResNetClassifier, path: Path, *, first_conv_is_
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"model.weights: {path} does not hold a state_dict (a mapping of names to tensors)")
+    return state
+
+
+def load_imagenet_weights(model: ResNetClassifier, state: dict[str, torch.Tensor], *, first_conv_is_new: bool, source: Path | str = "weights") -> None:
+    """Load an ImageNet ``state_dict`` (torchvision key names) into ``model``'s backbone.
+
+    ``fc.*`` is left out (the head is new). With one input channel the first convolution's
+    RGB filters are summed over the channel axis; with ``first_conv_is_new`` it is not loaded.
+    Raises ``ValueError`` naming ``source`` for anything else that does not fit."""
+    path = source
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     target = model.backbone.state_dict()
     conv = state.get("conv1.weight")
@@ -115,6 +122,7 @@ class ResNetFactory:
 
     def __init__(self, options: ResNetOptions) -> None:
         self.options = options
+        self._weights: dict[str, torch.Tensor] | None = None  # read once: JTT builds k + 1 models
 
     def build(self, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
         """An untrained (or ImageNet-initialised) :class:`ResNetClassifier`; random weights come
@@ -133,5 +141,7 @@ class ResNetFactory:
             backbone.conv1 = nn.Conv2d(channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         model = ResNetClassifier(backbone, num_classes, input_shape)
         if self.options.weights is not None:
-            load_imagenet_weights(model, self.options.weights, first_conv_is_new=small)
+            if self._weights is None:
+                self._weights = read_state_dict(self.options.weights)
+            load_imagenet_weights(model, self._weights, first_conv_is_new=small, source=self.options.weights)
         return model
