@@ -125,16 +125,35 @@ def _made_by_an_earlier_version(path: Path) -> bool:
     return isinstance(packages, dict) and bool(packages.get("lvlmva")) and (path / "settings.resolved.toml").is_file()
 
 
-def _check_ours(path: Path) -> bool:
-    """True when ``path`` is a run directory of ours, False when it does not exist or is an
-    empty folder (ours to take); raises :class:`NotARunDirectory` for anything else."""
+def _marker_kind(path: Path) -> str:
+    """What a folder with our marker holds: ``"run"`` or ``"study"`` (markers written before
+    the kind was recorded: a study folder is the one with cells/)."""
+    try:
+        kind = json.loads((path / MARKER).read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind in ("run", "study"):
+        return kind
+    return "study" if (path / "cells").is_dir() or (path / "cells.jsonl").is_file() else "run"
+
+
+def _check_ours(path: Path, kind: str = "run") -> bool:
+    """True when ``path`` is a folder of ours of this ``kind`` (a run directory or a study
+    directory), False when it does not exist or is an empty folder (ours to take); raises
+    :class:`NotARunDirectory` for anything else, a folder of the other kind included (a run
+    would unpublish a study's results.json, a study would overwrite a run's)."""
     if not path.exists():
         if path.is_symlink():
             raise NotARunDirectory(f"{path} is a broken symbolic link; pick another --out")
         return False
     if not path.is_dir():
         raise NotARunDirectory(f"{path} exists and is not a folder; pick another --out")
-    if (path / MARKER).is_file() or _made_by_an_earlier_version(path):
+    if (path / MARKER).is_file():
+        found = _marker_kind(path)
+        if found != kind:
+            raise NotARunDirectory(f"{path} is an lvlmva {found} directory, not a {kind} directory; pick another folder")
+        return True
+    if kind == "run" and _made_by_an_earlier_version(path):
         return True
     try:
         with os.scandir(path) as entries:
@@ -158,11 +177,11 @@ class RunDirectory:
 
     # -- claiming and locking --------------------------------------------------------------
     @staticmethod
-    def check(path: Path) -> None:
+    def check(path: Path, kind: str = "run") -> None:
         """What :meth:`claim` would refuse, without creating anything (``--dry-run``,
         ``validate``)."""
         path = Path(path)
-        if not _check_ours(path):
+        if not _check_ours(path, kind):
             parent = next((p for p in [path, *path.parents] if p.exists()), None)
             if parent is not None and not parent.is_dir():
                 raise NotARunDirectory(f"cannot create {path}: {parent} is a file")
@@ -170,16 +189,17 @@ class RunDirectory:
                 raise NotARunDirectory(f"cannot create {path}: {parent} is not writable")
 
     @classmethod
-    def claim(cls, path: Path) -> RunDirectory:
-        """Take ``path`` as a run directory: create it (with its parents) or mark an empty
-        folder; refuse a folder that is not ours with :class:`NotARunDirectory`."""
+    def claim(cls, path: Path, kind: str = "run") -> RunDirectory:
+        """Take ``path`` as a run directory (or, with ``kind="study"``, a study directory):
+        create it (with its parents) or mark an empty folder; refuse a folder that is not ours,
+        or ours of the other kind, with :class:`NotARunDirectory`."""
         path = Path(path)
-        if not _check_ours(path) or not (path / MARKER).is_file():
+        if not _check_ours(path, kind) or not (path / MARKER).is_file():
             try:
                 path.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise NotARunDirectory(f"cannot create run directory {path}: {exc.strerror or exc}") from None
-            marker = {"lvlmva": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            marker = {"lvlmva": __version__, "kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             try:
                 write_atomic(path / MARKER, json.dumps(marker) + "\n")
             except OSError as exc:

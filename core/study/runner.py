@@ -83,7 +83,7 @@ def plan_study(settings_files: Sequence[Path], overrides: Sequence[str] = (), ou
     first = load_settings(settings_files[0], overrides)
     study = first.study
     directory = Path(out) if out is not None else Path(study.out_dir) / (study.name or f"{Path(settings_files[0]).stem}_study")
-    RunDirectory.check(directory)
+    RunDirectory.check(directory, kind="study")
     cells: list[Cell] = []
     finished: list[bool] = []
     datasets: list[str] = []
@@ -251,7 +251,7 @@ def run_study(
 
     plan = plan_study(settings_files, overrides, out)
     study = plan.settings.study
-    RunDirectory.claim(plan.directory)
+    RunDirectory.claim(plan.directory, kind="study")
     log = plan.directory / "cells.jsonl"
     todo = [c for c, done in zip(plan.cells, plan.finished, strict=True) if not done]
     total = len(plan.cells)
