@@ -19,6 +19,7 @@ __all__ = [
     "Split",
     "SpuriousDataset",
     "AlignmentSet",
+    "EFFECTS",
     "Segmentation",
     "RenderedSample",
     "CritiqueRequest",
@@ -302,17 +303,27 @@ class AlignmentSet:
         return cls(**state)
 
 
+#: Which effect of an attribution map a segmentation covers: ``"positive"`` (evidence for the
+#: class, the paper's PPEPS-WGM), ``"negative"`` (evidence against it) or ``"absolute"`` (both).
+EFFECTS: tuple[str, ...] = ("positive", "negative", "absolute")
+
+
+def _check_effect(record: str, effect: str) -> None:
+    _check(effect in EFFECTS, f"{record}.effect must be one of {', '.join(EFFECTS)}, got {effect!r}")
+
+
 @dataclass(frozen=True)
 class Segmentation:
     """What a Segmenter returns for a batch of attribution maps.
 
     - ``labels``: int64 ``[B, H, W]``, cluster index in ``0..J-1`` for every pixel.
-    - ``shares``: float32 ``[B, J]``, mixture weight of each cluster = its share of the positive
-      attribution (rows sum to 1).
+    - ``shares``: float32 ``[B, J]``, mixture weight of each cluster = its share of the
+      segmented effect (rows sum to 1).
     - ``num_clusters``: J.
-    - ``degenerate``: bool ``[B]``, True where the map had no positive attribution; such a
+    - ``degenerate``: bool ``[B]``, True where the map had no attribution of that effect; such a
       sample has every pixel in cluster 0 and shares ``[1, 0, ...]``.
     - ``log_likelihood``: float64 ``[B]``, the weighted log-likelihood reached (per unit weight).
+    - ``effect``: the effect the clusters cover, one of :data:`EFFECTS`.
     """
 
     labels: torch.Tensor
@@ -320,8 +331,10 @@ class Segmentation:
     num_clusters: int
     degenerate: torch.Tensor
     log_likelihood: torch.Tensor
+    effect: str = "positive"
 
     def __post_init__(self) -> None:
+        _check_effect("Segmentation", self.effect)
         b = self.labels.shape[0]
         _check(self.labels.dim() == 3, f"Segmentation.labels must be [B,H,W], got {tuple(self.labels.shape)}")
         _check(
@@ -370,6 +383,8 @@ class CritiqueRequest:
     - ``rendered``: the three images and the ordered colour names.
     - ``cluster_map``: int64 ``[H, W]`` cluster labels (for critics that work on geometry).
     - ``true_mask``: bool ``[H, W]`` or ``None``; only critics with ``needs_true_masks`` may read it.
+    - ``effect``: the effect of the attribution the clusters cover (:data:`EFFECTS`); prompts
+      say it (a negative-effect cluster is evidence against the class).
     """
 
     sample_id: int
@@ -379,6 +394,10 @@ class CritiqueRequest:
     rendered: RenderedSample
     cluster_map: torch.Tensor
     true_mask: torch.Tensor | None = None
+    effect: str = "positive"
+
+    def __post_init__(self) -> None:
+        _check_effect("CritiqueRequest", self.effect)
 
     @property
     def colors(self) -> tuple[str, ...]:

@@ -2,8 +2,11 @@
 
 A template is a TOML file with a ``version`` string and a ``text`` (the prompt, with the
 placeholders ``<label>``, ``<class_description>``, ``<num_clusters>``, ``<cluster_colors>``).
-Judge templates may add ``user``: the user message around the critique (``<critique>``). The
-expert's class descriptions are not part of a template: they come with the data set
+Judge templates may add ``user``: the user message around the critique (``<critique>``). A
+critic template may say which effect of the attribution its clusters show with ``<effect>``,
+filled with the request's ``effect`` from its table ``[effects]`` (one text per effect:
+``positive``, ``negative``, ``absolute``), or from :data:`DEFAULT_EFFECT_TEXTS` when it has
+none; a template without ``<effect>`` serves the positive effect only. The expert's class descriptions are not part of a template: they come with the data set
 (``lvlmva/datasets/specs/<family>.toml``, or a provider's own setting) and fill
 ``<class_description>`` per sample.
 
@@ -19,13 +22,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lvlmva.records import Critique, CritiqueRequest
+from lvlmva.records import EFFECTS, Critique, CritiqueRequest
 from lvlmva.templates import ROLES, builtin_template_path
 
 __all__ = [
     "PLACEHOLDERS",
     "REQUIRED_PLACEHOLDERS",
     "DEFAULT_JUDGE_USER",
+    "DEFAULT_EFFECT_TEXTS",
+    "EFFECT_PLACEHOLDER",
     "TemplateError",
     "PromptTemplate",
     "load_template",
@@ -35,7 +40,23 @@ __all__ = [
 ]
 
 #: every placeholder a template may use
-PLACEHOLDERS = ("<label>", "<class_description>", "<num_clusters>", "<cluster_colors>")
+PLACEHOLDERS = ("<label>", "<class_description>", "<num_clusters>", "<cluster_colors>", "<effect>")
+
+#: filled from the template's [effects] table with the effect the clusters show
+EFFECT_PLACEHOLDER = "<effect>"
+
+#: what ``<effect>`` says in a template without an [effects] table of its own (it stands right
+#: after a sentence; nothing for the positive effect, which prompts take for granted)
+DEFAULT_EFFECT_TEXTS: dict[str, str] = {
+    "positive": "",
+    "negative": " The clusters mark evidence against the class <label>: regions that lowered the "
+    "model's score for <label>. Judge each cluster by what it covers, exactly as you would judge "
+    "evidence for the class.",
+    "absolute": " The clusters mark the regions with the largest effect on the model's score for "
+    "<label>, whether they raised it (evidence for <label>) or lowered it (evidence against "
+    "<label>); the images do not tell which is which. Judge each cluster by what it covers, "
+    "whichever way it acted.",
+}
 
 #: placeholders a template of each role must contain (a judge does not need the class)
 REQUIRED_PLACEHOLDERS: dict[str, tuple[str, ...]] = {
@@ -64,6 +85,9 @@ class PromptTemplate:
     - ``text``: the prompt (critic) or the instructions with few-shot examples (judge).
     - ``user``: the judge's user message around ``<critique>`` (unused by critics).
     - ``source``: the file it came from.
+    - ``effects``: ``(effect, text)`` pairs, the text that replaces ``<effect>`` for each effect
+      (empty when the text has no ``<effect>``: the template then serves the positive effect
+      only).
     """
 
     family: str
@@ -72,6 +96,7 @@ class PromptTemplate:
     text: str
     user: str = DEFAULT_JUDGE_USER
     source: str = ""
+    effects: tuple[tuple[str, str], ...] = ()
 
 
 class TemplateBook:
@@ -132,7 +157,7 @@ def load_template(family: str, role: str, path: str | Path | None = None) -> Pro
             "come with the data set (lvlmva/datasets/specs/<family>.toml, or the provider's "
             "class_descriptions setting), so that one text serves every prompt; remove the table"
         )
-    allowed = {"version", "text", "user", "family", "role"}
+    allowed = {"version", "text", "user", "family", "role", "effects"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise TemplateError(f"{file}: unknown keys {unknown}; allowed: {sorted(allowed)}")
@@ -148,6 +173,7 @@ def load_template(family: str, role: str, path: str | Path | None = None) -> Pro
             f"{file}: {role} template text lacks the placeholder(s) {', '.join(missing)} "
             f"(a {role} template must contain {', '.join(REQUIRED_PLACEHOLDERS[role])})"
         )
+    effects = _effect_texts(file, role, text, data.get("effects"))
     user = data.get("user", DEFAULT_JUDGE_USER)
     if not isinstance(user, str):
         raise TemplateError(f"{file}: 'user' must be a string, got {user!r}")
@@ -163,7 +189,40 @@ def load_template(family: str, role: str, path: str | Path | None = None) -> Pro
         text=text,
         user=user,
         source=str(file),
+        effects=effects,
     )
+
+
+def _effect_texts(file: Path, role: str, text: str, table: object) -> tuple[tuple[str, str], ...]:
+    """The ``[effects]`` table of a template, checked: only where the text says ``<effect>``,
+    a string for every effect and no other key; :data:`DEFAULT_EFFECT_TEXTS` when it has none."""
+    if EFFECT_PLACEHOLDER not in text:
+        if table is not None:
+            raise TemplateError(
+                f"{file}: has an [effects] table but its text has no {EFFECT_PLACEHOLDER} to put it in"
+            )
+        return ()
+    if role != "critic":
+        raise TemplateError(f"{file}: {EFFECT_PLACEHOLDER} is filled in critic templates only")
+    if table is None:
+        return tuple((e, DEFAULT_EFFECT_TEXTS[e]) for e in EFFECTS)
+    if not isinstance(table, dict):
+        raise TemplateError(f"{file}: 'effects' must be a table with a string for each of {', '.join(EFFECTS)}")
+    missing = [e for e in EFFECTS if e not in table]
+    unknown = sorted(set(table) - set(EFFECTS))
+    if missing or unknown:
+        problems = ([f"lacks {', '.join(missing)}"] if missing else []) + (
+            [f"has unknown keys {unknown}"] if unknown else []
+        )
+        raise TemplateError(
+            f"{file}: [effects] {' and '.join(problems)}; it needs exactly {', '.join(EFFECTS)}"
+        )
+    bad = [e for e in EFFECTS if not isinstance(table[e], str)]
+    if bad:
+        raise TemplateError(f"{file}: [effects] {', '.join(bad)} must be a string")
+    if EFFECT_PLACEHOLDER in "".join(table.values()):
+        raise TemplateError(f"{file}: an [effects] text cannot contain {EFFECT_PLACEHOLDER}")
+    return tuple((e, table[e]) for e in EFFECTS)
 
 
 def format_colors(colors: Sequence[str]) -> str:
@@ -187,8 +246,19 @@ def render_critic_prompt(template: PromptTemplate, request: CritiqueRequest) -> 
     colors = request.colors
     if not colors:
         raise ValueError(f"sample {request.sample_id}: no cluster colours to ask about")
+    if template.effects:
+        text = template.text.replace(EFFECT_PLACEHOLDER, dict(template.effects)[request.effect])
+    elif request.effect != "positive":
+        raise TemplateError(
+            f"{template.source}: the clusters show the {request.effect} effect (segmenter.effect), "
+            f"but this template does not say so: add {EFFECT_PLACEHOLDER} to its text and a table "
+            f"[effects] with a text for each of {', '.join(EFFECTS)}"
+        )
+    else:
+        text = template.text
+    # <effect> first: its text may use the other placeholders (<label>).
     return _fill(
-        template.text,
+        text,
         {
             "<label>": str(request.label),
             "<class_description>": str(request.class_description),

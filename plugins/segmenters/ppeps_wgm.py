@@ -5,6 +5,14 @@ An attribution map is summed over channels, cut to its positive part and normali
 (scaled to [0, 1]) is fitted by weighted EM with pixel weights ``w_i = M p_i``; every pixel,
 zero-weight ones too, is then assigned to its most responsible component (method.md 2.2).
 
+Which effect is segmented is an option (``effect``): the positive part ``max(Phi, 0)`` (the
+paper's, evidence for the class), the negative part ``max(-Phi, 0)`` (evidence against it) or
+the magnitude ``|Phi|`` (both). Everything after that choice is the same: shares ``p_i`` of the
+chosen effect, weights ``w_i = M p_i``, mixture weights ``pi_j`` = the share of that effect a
+cluster holds. A shortcut that lowers its class's score (a dim decoy on DecoyMNIST, see
+docs/results.md) carries negative attribution only, so only ``negative`` or ``absolute`` give it
+a cluster of its own.
+
 The EM is batched over images in torch (float64) and works on CPU and CUDA. Densities use the
 closed-form inverse and determinant of 2 x 2 covariances, written as a quadratic form in the
 features ``(1, x, y, x^2, xy, y^2)``: one batched matmul gives every log-density, and the same
@@ -16,13 +24,13 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from pydantic import Field
 
 from lvlmva.protocols import PluginOptions, RunContext
-from lvlmva.records import Segmentation
+from lvlmva.records import EFFECTS, Segmentation
 
 __all__ = [
     "PpepsWgmSegmenter",
@@ -32,6 +40,7 @@ __all__ = [
     "gmm_log_density",
     "pixel_coordinates",
     "pixel_weights",
+    "effect_map",
     "default_reg_covar",
 ]
 
@@ -77,18 +86,37 @@ def pixel_coordinates(height: int, width: int, device: torch.device | str = "cpu
     return torch.stack([grid_r.reshape(-1), grid_c.reshape(-1)], dim=-1)
 
 
-def pixel_weights(attributions: torch.Tensor) -> torch.Tensor:
-    """float64 ``[B, H*W]`` weights ``w_i = M p_i`` of attribution maps ``[B, C, H, W]``.
+def effect_map(attributions: torch.Tensor, effect: str = "positive") -> torch.Tensor:
+    """float64 ``[B, H*W]`` non-negative effect ``phi_i`` per pixel of maps ``[B, C, H, W]``.
 
-    Channels are summed, the positive part is kept and normalised to shares ``p_i``; weights
-    average 1 over the M pixels. A map without positive attribution gets all-zero weights.
+    Channels are summed first (an RGB pixel is one location), then ``"positive"`` keeps
+    ``max(Phi_i, 0)``, ``"negative"`` keeps ``max(-Phi_i, 0)`` and ``"absolute"`` takes ``|Phi_i|``.
     """
+    if effect not in EFFECTS:
+        raise ValueError(f"effect must be one of {', '.join(EFFECTS)}, got {effect!r}")
     if attributions.dim() != 4:
         raise ValueError(f"attributions must be [B, C, H, W], got {tuple(attributions.shape)}")
     if not torch.isfinite(attributions).all():
         bad = (~torch.isfinite(attributions)).flatten(1).any(1).nonzero().flatten().tolist()
         raise ValueError(f"attributions contain NaN or inf (batch positions {bad})")
-    phi = attributions.to(torch.float64).sum(dim=1).flatten(1).clamp_min(0.0)
+    signed = attributions.to(torch.float64).sum(dim=1).flatten(1)
+    if effect == "positive":
+        return signed.clamp_min(0.0)
+    if effect == "negative":
+        # where(), not neg().clamp_min(0): that leaves -0.0 where Phi is 0, and the GMM's seed
+        # is drawn from the weights' bytes, so the mirrored map would not segment the same
+        return torch.where(signed < 0, -signed, torch.zeros_like(signed))
+    return signed.abs()
+
+
+def pixel_weights(attributions: torch.Tensor, effect: str = "positive") -> torch.Tensor:
+    """float64 ``[B, H*W]`` weights ``w_i = M p_i`` of attribution maps ``[B, C, H, W]``.
+
+    Channels are summed, the chosen effect is kept (:func:`effect_map`) and normalised to shares
+    ``p_i``; weights average 1 over the M pixels. A map without attribution of that effect gets
+    all-zero weights.
+    """
+    phi = effect_map(attributions, effect)
     total = phi.sum(dim=1, keepdim=True)
     m = phi.shape[1]
     return torch.where(total > 0, phi * (m / total.clamp_min(1e-300)), torch.zeros_like(phi))
@@ -433,16 +461,25 @@ class PpepsWgmOptions(PluginOptions):
         "scale. None: the variance of one pixel cell, 1 / (12 (max(H, W) - 1)^2), which keeps "
         "components from collapsing onto a single pixel.",
     )
+    effect: Literal["positive", "negative", "absolute"] = Field(
+        "positive",
+        description='Which effect of the attribution is segmented: "positive" = max(Phi, 0), '
+        'evidence for the class (the paper\'s PPEPS-WGM); "negative" = max(-Phi, 0), evidence '
+        'against the class; "absolute" = |Phi|, both. Pixel weights and cluster shares are '
+        "shares of the chosen effect. The critic's prompt says which effect the clusters show "
+        "(the <effect> text of its template).",
+    )
 
 
 class PpepsWgmSegmenter:
-    """Segments the positive part of attribution maps into J regions with a weighted GMM.
+    """Segments the positive (or negative, or absolute) effect of attribution maps into J
+    regions with a weighted GMM.
 
-    Cluster 0 is the region with the largest share of positive attribution, cluster 1 the next,
+    Cluster 0 is the region with the largest share of the segmented effect, cluster 1 the next,
     and so on. The k-means++ seeding of each image is drawn from a generator seeded by the run
     seed and the image's weights, so an image's segmentation does not depend on the batch it
-    comes in. A map without positive attribution is ``degenerate``: every pixel in cluster 0,
-    shares ``[1, 0, ...]``, log-likelihood 0.
+    comes in. A map without attribution of that effect is ``degenerate``: every pixel in
+    cluster 0, shares ``[1, 0, ...]``, log-likelihood 0.
     """
 
     Options = PpepsWgmOptions
@@ -455,7 +492,7 @@ class PpepsWgmSegmenter:
         opts = self.options
         b, _, h, w = attributions.shape
         device = ctx.device
-        weights = pixel_weights(attributions).to(device)
+        weights = pixel_weights(attributions, opts.effect).to(device)
         coords = pixel_coordinates(h, w, device=device)
         reg = opts.reg_covar if opts.reg_covar is not None else default_reg_covar(h, w)
         generators = [ctx.generator(f"ppeps-wgm:{_image_digest(row)}") for row in weights]
@@ -479,4 +516,5 @@ class PpepsWgmSegmenter:
             num_clusters=opts.num_clusters,
             degenerate=degenerate.cpu(),
             log_likelihood=fit.log_likelihood.cpu(),
+            effect=opts.effect,
         )
