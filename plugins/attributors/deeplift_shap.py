@@ -224,7 +224,7 @@ class DeepLiftShapOptions(PluginOptions):
         "captum",
         description='"captum": Captum\'s DeepLiftShap (per-module hooks). "rescale": the same rescale '
         "rule as autograd functions on ReLU and MaxPool2d (lvlmva.plugins.attributors.rescale): on ResNet-50 "
-        "at 224 x 224 on a 2-core CPU 1.5-1.9x the raw forward and backward passes, where Captum takes "
+        "at 224 x 224 on a 2-core CPU 1.2x the raw forward and backward passes, where Captum takes "
         "2-3.5x (docs/results.md); equal to "
         "Captum on models without max pools, and complete (attributions sum to f(x) - E[f(b)]) through "
         "max pools, where Captum's rule is not. Refuses models with other nonlinear modules. "

@@ -252,3 +252,19 @@ def test_cuda_matches_cpu(ctx) -> None:
     )
     assert gpu.device.type == "cpu"
     torch.testing.assert_close(gpu, cpu, atol=1e-3, rtol=1e-3)
+
+
+def test_rescale_relu_rule_uses_the_gradient_where_a_pair_is_equal():
+    from lvlmva.plugins.attributors.rescale import RescaleReLU
+
+    a = torch.tensor([[2.0, -1.0, 3.0, -2.0, 0.5, 0.0]])
+    b = torch.tensor([[2.0, -1.0, -1.0, 1.0, 0.5 + 1e-12, 0.0]])
+    x = torch.cat([a, b]).requires_grad_(True)
+    y = RescaleReLU()(x)
+    assert torch.equal(y, torch.relu(x))
+    (grad,) = torch.autograd.grad(y, x, torch.tensor([[1.0] * 6, [2.0] * 6]))
+    # equal pairs: the ordinary gradient (1 above the threshold, 0 below or at it); a pair
+    # closer than EPS counts as equal; straddling pairs: (relu(a) - relu(b)) / (a - b)
+    multiplier = torch.tensor([1.0, 0.0, 0.75, 1 / 3, 1.0, 0.0])
+    assert torch.isfinite(grad).all()
+    assert torch.allclose(grad, torch.stack([multiplier, 2 * multiplier]))
