@@ -22,6 +22,9 @@ BUILTINS: dict[str, dict[str, str]] = {
     },
     "attributor": {
         "deeplift-shap": "lvlmva.plugins.attributors.deeplift_shap:DeepLiftShapAttributor",
+        "integrated-gradients": "lvlmva.plugins.attributors.gradients:IntegratedGradientsAttributor",
+        "gradient-shap": "lvlmva.plugins.attributors.gradients:GradientShapAttributor",
+        "grad-cam": "lvlmva.plugins.attributors.gradients:GradCamAttributor",
     },
     "segmenter": {
         "ppeps-wgm": "lvlmva.plugins.segmenters.ppeps_wgm:PpepsWgmSegmenter",
