@@ -9,7 +9,10 @@ import pytest
 
 from lvlmva.cli import EXIT_OK, main
 
-EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.toml"))
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
+#: the effects study's cells, one settings file per variant (lvlmva study examples/decoy_mnist_effects/*.toml)
+EFFECTS_STUDY = sorted((EXAMPLES_DIR / "decoy_mnist_effects").glob("*.toml"))
+EXAMPLES = sorted(EXAMPLES_DIR.glob("*.toml")) + EFFECTS_STUDY
 
 
 def test_the_medical_examples_are_there():
@@ -19,7 +22,7 @@ def test_the_medical_examples_are_there():
         assert name in names
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.relative_to(EXAMPLES_DIR).as_posix())
 def test_example_validates(path, monkeypatch, capsys):
     from lvlmva.registry import reset_plugins
 
@@ -33,3 +36,38 @@ def test_example_validates(path, monkeypatch, capsys):
         monkeypatch.delenv("LVLMVA_PLUGINS", raising=False)
         reset_plugins()
     assert code == EXIT_OK, capsys.readouterr().err
+
+
+def test_the_effects_study_compares_what_it_says():
+    """Every variant is the lowest-entropy DecoyMNIST pipeline over seeds 0..6 in one study; an
+    absolute-effect file differs from its positive twin in the effect alone, and the attributor
+    files from the paper's (deeplift_positive) in the attributor (and, for Grad-CAM, the model)."""
+    from lvlmva.settings import load_settings
+
+    settings = {p.stem: load_settings(p, environ={}).as_dict() for p in EFFECTS_STUDY}
+    assert set(settings) >= {
+        "deeplift_positive", "deeplift_absolute", "integrated_gradients_positive", "gradient_shap_positive",
+        "grad_cam_positive", "deeplift_cnn_positive",
+    }  # fmt: skip
+
+    def without(d, *keys):
+        d = {section: dict(values) for section, values in d.items()}
+        for key in keys:
+            section, _, name = key.partition(".")
+            d[section].pop(name) if name else d.pop(section)
+        return d
+
+    for name, s in settings.items():
+        assert s["run"]["name"] == name
+        assert s["selection"]["strategy"] == "lowest-entropy"
+        assert s["study"]["seeds"] == list(range(7)) and s["study"]["name"] == "decoy_mnist_effects"
+        assert s["segmenter"]["effect"] == name.rpartition("_")[2]
+        if s["segmenter"]["effect"] == "absolute":
+            twin = settings[name.replace("_absolute", "_positive")]
+            assert without(s, "run.name", "segmenter.effect") == without(twin, "run.name", "segmenter.effect")
+    paper = settings["deeplift_positive"]
+    for name in ("integrated_gradients_positive", "gradient_shap_positive"):
+        assert without(settings[name], "run.name", "attributor") == without(paper, "run.name", "attributor")
+    cnn = settings["deeplift_cnn_positive"]
+    assert without(cnn, "run.name", "model") == without(paper, "run.name", "model")
+    assert without(settings["grad_cam_positive"], "run.name", "attributor") == without(cnn, "run.name", "attributor")
