@@ -398,3 +398,17 @@ def test_pipeline_runs_each_attributor_and_fingerprints_what_changes_it(tmp_path
     if same is not None:
         assert run(same)["attribute"] == "reused"
     assert run(different)["attribute"] == "computed"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ATTRIBUTORS)
+def test_cuda_matches_cpu(name, ctx) -> None:
+    model = small_cnn()
+    x, pool = torch.randn(3, 3, 12, 12), torch.randn(30, 3, 12, 12)
+    targets = torch.tensor([0, 2, 4])
+    plugin = make(ATTRIBUTORS[name])
+    cpu = plugin.attribute(model, x, targets, pool, ctx)
+    gpu = plugin.attribute(model, x, targets, pool, dataclasses.replace(ctx, device=torch.device("cuda")))
+    assert gpu.device.type == "cpu" and next(model.parameters()).device.type == "cpu"
+    # GradientSHAP without noise (stdevs = 0) draws from numpy only: the same draws on both
+    torch.testing.assert_close(gpu, cpu, atol=1e-4, rtol=1e-3)
