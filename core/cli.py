@@ -8,6 +8,7 @@ kept); 130 interrupted (finished stages kept).
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -47,6 +48,18 @@ def _parser() -> argparse.ArgumentParser:
     compose.add_argument("--dry-run", action="store_true", help="validate and print which stages would run, reuse or skip")
     compose.add_argument("--refresh", action="store_true", help="ignore cached LVLM responses and ask again")
     compose.add_argument("--quiet", action="store_true", help="no progress bars or stage lines")
+    compose.add_argument(
+        "--until", metavar="STAGE",
+        help="stop after this stage (e.g. judge: review the verdicts with `lvlmva review`, then compose again)",
+    )
+
+    review = sub.add_parser("review", help="a local web page to check and correct a run's verdicts (review/overrides.json)")
+    review.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory whose judge stage has finished")
+    review.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    review.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free port)")
+    review.add_argument("--read-only", action="store_true", help="show the verdicts without allowing changes")
+    review.add_argument("--reviewer", default="", help="name recorded with each override")
+    review.add_argument("--no-browser", action="store_true", help="do not open a browser, only print the address")
 
     validate = sub.add_parser("validate", help="check a settings file without running anything")
     add_settings_args(validate)
@@ -73,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         return EXIT_BAD_INPUT
     try:
-        return {"compose": _compose, "validate": _validate, "plugins": _plugins, "study": _study}[args.command](args)
+        return {"compose": _compose, "validate": _validate, "plugins": _plugins, "study": _study, "review": _review}[args.command](args)
     except (SettingsError, PluginError) as exc:
         print(f"lvlmva: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -86,7 +99,7 @@ def _pipeline(args: argparse.Namespace, quiet: bool = True) -> Pipeline:
     echo = (lambda _msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
     return Pipeline(
         settings, out, refresh=getattr(args, "refresh", False),
-        progress=not quiet and sys.stderr.isatty(), echo=echo,
+        progress=not quiet and sys.stderr.isatty(), echo=echo, until=getattr(args, "until", None),
     )
 
 
@@ -134,6 +147,13 @@ def _compose(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"lvlmva: interrupted; finished stages are kept, run again to resume: {pipeline.run_dir}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    if args.until:
+        print(f"stopped after {args.until} (--until): the stages before are kept for the next compose")
+        if args.until in ("judge", "overrides"):
+            print(f"review the verdicts:  lvlmva review {pipeline.run_dir}")
+            again = [str(args.settings), *(f"--set {shlex.quote(o)}" for o in args.overrides), *(["--out", str(args.out)] if args.out else [])]
+            print(f"then go on:           lvlmva compose {' '.join(again)}")
+        return EXIT_OK
     summary = summary_lines(results)
     if summary:
         print("\n".join(summary))
@@ -164,6 +184,22 @@ def _study(args: argparse.Namespace) -> int:
         print(f"lvlmva: {summary['failed']} of {summary['cells']} cells failed; their reasons are in {directory / 'table.md'}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _review(args: argparse.Namespace) -> int:
+    from .pipeline.errors import ConfigurationError
+    from .review.server import ReviewError, serve
+
+    try:
+        return serve(
+            args.run_dir, host=args.host, port=args.port, read_only=args.read_only,
+            reviewer=args.reviewer, open_browser=not args.no_browser,
+        )
+    except (ReviewError, ConfigurationError) as exc:
+        print(f"lvlmva: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 def _plugins(args: argparse.Namespace) -> int:

@@ -20,7 +20,9 @@ listing what it returned.
 Any plugin may define ``check_data(self, data: SpuriousDataset) -> list[str]`` too: problems with
 the loaded data set that would stop it (an empty group cell SUBG cannot subsample, a validation
 split without a group DFR tunes on). The pipeline calls it once the data set is loaded and before
-anything trains, and exits 2 listing what it returned.
+anything trains, and exits 2 listing what it returned. Likewise ``check_model(self, model) ->
+list[str]``: problems with the model's architecture (a layer name it lacks), asked of the untrained
+model built for the data set's input shape.
 """
 
 from __future__ import annotations

@@ -385,6 +385,8 @@ class CritiqueRequest:
     - ``true_mask``: bool ``[H, W]`` or ``None``; only critics with ``needs_true_masks`` may read it.
     - ``effect``: the effect of the attribution the clusters cover (:data:`EFFECTS`); prompts
       say it (a negative-effect cluster is evidence against the class).
+    - ``draw``: which of the ``critic.samples`` answers is asked for (0 for the first or only
+      one); critics that sample key their cache and seed on it, so each answer is its own.
     """
 
     sample_id: int
@@ -395,9 +397,11 @@ class CritiqueRequest:
     cluster_map: torch.Tensor
     true_mask: torch.Tensor | None = None
     effect: str = "positive"
+    draw: int = 0
 
     def __post_init__(self) -> None:
         _check_effect("CritiqueRequest", self.effect)
+        _check(self.draw >= 0, f"CritiqueRequest: draw must be >= 0, got {self.draw}")
 
     @property
     def colors(self) -> tuple[str, ...]:
@@ -452,6 +456,7 @@ class Critique:
     family: str = ""
     label: str = ""
     retryable: bool = False
+    draw: int = 0
 
     def __post_init__(self) -> None:
         _check((self.text is None) != (self.failure is None), "Critique needs exactly one of text, failure")
@@ -468,6 +473,8 @@ class Critique:
             "family": self.family,
             "label": self.label,
             "retryable": self.retryable,
+            # only when sampled: a run with one answer per sample stores what it always stored
+            **({"draw": self.draw} if self.draw else {}),
         }
 
     @classmethod
@@ -482,6 +489,7 @@ class Critique:
             family=state.get("family", ""),
             label=state.get("label", ""),
             retryable=state.get("retryable", False),
+            draw=state.get("draw", 0),
         )
 
 
@@ -494,6 +502,17 @@ class Verdicts:
     ``retryable`` has the meaning it has on :class:`Critique` (no answer could be obtained: the
     stage is left unfinished and a re-run asks again). ``ignored_colors`` are colours the judge
     gave a verdict for that are not among the sample's clusters: recorded, not used.
+
+    With ``critic.samples = k > 1`` the judge read each of the critic's k answers: ``votes[d]``
+    are the verdicts of answer ``d`` (``None`` for an answer that gave none), ``relevant`` the
+    majority per colour, and ``uncertainty`` the share of all votes that disagree with it (0:
+    every answer agreed; near 0.5: a coin toss). With one answer, ``votes`` is empty and the
+    uncertainty 0.
+
+    After review, ``sources[j]`` says who decided colour ``j``: ``"judge"`` or ``"person"``;
+    ``judge_relevant`` keeps the judge's own verdicts (``None`` where the judge gave none) when a
+    person decided any colour (``None`` when the judge gave none for the sample). Both are empty
+    for verdicts no one reviewed.
     """
 
     sample_id: int
@@ -504,6 +523,10 @@ class Verdicts:
     usage: Usage = field(default_factory=Usage)
     retryable: bool = False
     ignored_colors: tuple[str, ...] = ()
+    votes: tuple[tuple[bool, ...] | None, ...] = ()
+    uncertainty: float = 0.0
+    sources: tuple[str, ...] = ()
+    judge_relevant: tuple[bool, ...] | None = None
 
     def __post_init__(self) -> None:
         _check((self.relevant is None) != (self.failure is None), "Verdicts needs exactly one of relevant, failure")
@@ -513,6 +536,18 @@ class Verdicts:
                 len(self.relevant) == len(self.colors),
                 f"Verdicts for sample {self.sample_id}: {len(self.relevant)} verdicts for {len(self.colors)} colours",
             )
+        for vote in self.votes:
+            _check(vote is None or len(vote) == len(self.colors), f"Verdicts for sample {self.sample_id}: a vote for {len(vote or ())} of {len(self.colors)} colours")
+        _check(0.0 <= self.uncertainty <= 1.0, f"Verdicts for sample {self.sample_id}: uncertainty {self.uncertainty} outside [0, 1]")
+        _check(
+            not self.sources or (len(self.sources) == len(self.colors) and set(self.sources) <= {"judge", "person"}),
+            f"Verdicts for sample {self.sample_id}: sources must name 'judge' or 'person' for each of {len(self.colors)} colours",
+        )
+
+    @property
+    def overridden(self) -> tuple[str, ...]:
+        """The colours a person decided."""
+        return tuple(c for c, s in zip(self.colors, self.sources, strict=False) if s == "person")
 
     @property
     def ok(self) -> bool:
@@ -528,6 +563,11 @@ class Verdicts:
             "usage": self.usage.to_state(),
             "retryable": self.retryable,
             "ignored_colors": list(self.ignored_colors),
+            # only where there is something to say: unsampled, unreviewed verdicts are stored
+            # as they always were
+            **({"votes": [None if v is None else list(v) for v in self.votes], "uncertainty": self.uncertainty} if self.votes else {}),
+            **({"sources": list(self.sources)} if self.sources else {}),
+            **({"judge_relevant": list(self.judge_relevant)} if self.judge_relevant is not None else {}),
         }
 
     @classmethod
@@ -541,6 +581,10 @@ class Verdicts:
             usage=Usage(**state["usage"]),
             retryable=state.get("retryable", False),
             ignored_colors=tuple(state.get("ignored_colors", ())),
+            votes=tuple(None if v is None else tuple(v) for v in state.get("votes", ())),
+            uncertainty=float(state.get("uncertainty", 0.0)),
+            sources=tuple(state.get("sources", ())),
+            judge_relevant=None if state.get("judge_relevant") is None else tuple(state["judge_relevant"]),
         )
 
 

@@ -154,7 +154,7 @@ def _verdicts_section(results: Mapping[str, Any], verdicts: Sequence[Verdicts]) 
     metrics = results.get("verdicts")
     critic = results.get("critic") or {}
     if critic:
-        note = f" (it {ORACLE_NOTE})" if critic.get("reads_true_masks") else ""
+        note = f" (it {critic.get('note') or ORACLE_NOTE})" if critic.get("reads_true_masks") else ""
         out += [f"Verdicts from the {critic.get('label', 'critic')}{note} and the judge.", ""]
     if not metrics and not verdicts:
         return out + [
@@ -185,6 +185,68 @@ def _verdicts_section(results: Mapping[str, Any], verdicts: Sequence[Verdicts]) 
             )
     else:
         out.append("No verdict metrics: the data set has no true masks to score verdicts against.")
+    return out + [""]
+
+
+def _review_section(results: Mapping[str, Any]) -> list[str]:
+    review = results.get("review")
+    if not review:
+        return []
+    out = ["## Review", ""]
+    if not review.get("overrides"):
+        return out + ["No verdict was changed by a person (`lvlmva review RUN_DIR` opens the review page).", ""]
+    out.append(
+        f"A person decided {review['overrides']} verdicts of {review.get('samples', 0)} samples "
+        f"(review/overrides.json); {review.get('changed', 0)} of them differ from the judge's. Masks, "
+        "alignment and evaluation use them."
+    )
+    before, after = review.get("before"), review.get("after")
+    if before and after:
+        out += ["", *_table(
+            ["", "judge alone", "after review"],
+            [
+                ["verdict accuracy", before.get("verdict_accuracy"), after.get("verdict_accuracy")],
+                ["cluster accuracy", before.get("cluster_accuracy"), after.get("cluster_accuracy")],
+                ["samples with verdicts", before.get("judged_samples"), after.get("judged_samples")],
+            ],
+        )]  # fmt: skip
+    return out + [""]
+
+
+def _uncertainty_section(results: Mapping[str, Any], path: Path) -> list[str]:
+    info = results.get("uncertainty")
+    if not info:
+        return []
+    out = ["## Critic uncertainty", ""]
+    k = info.get("answers_per_sample")
+    share = info.get("share_of_errors_in_top")
+    out.append(
+        f"The critic answered each sample {k} times; a sample's uncertainty is the share of its votes "
+        f"that disagree with the majority. Of {info.get('errors')} verdict errors (against the true "
+        f"masks) over {info.get('samples')} samples, {info.get('errors_in_top')} lie in the "
+        f"{info.get('top_samples')} most uncertain samples (the top {info.get('top_share', 0.1):.0%})"
+        + (f": {share:.0%} of the errors." if isinstance(share, float) else ".")
+    )
+    rows = info.get("per_sample") or []
+    if rows:
+        u = np.array([r["uncertainty"] for r in rows], dtype=float)
+        e = np.array([r["errors"] for r in rows], dtype=float)
+        fig = Figure(figsize=(9, 3.2))
+        left, right = fig.subplots(1, 2)
+        jitter = np.random.default_rng(0).uniform(-0.15, 0.15, len(e))
+        left.scatter(u, e + jitter, s=12, alpha=0.6)
+        left.set_xlabel("uncertainty (share of disagreeing votes)")
+        left.set_ylabel("wrong verdicts in the sample")
+        left.yaxis.set_major_locator(MaxNLocator(integer=True))
+        levels = np.unique(u)
+        right.bar([f"{x:.2f}" for x in levels], [e[u == x].mean() for x in levels])
+        right.set_xlabel("uncertainty")
+        right.set_ylabel("mean wrong verdicts per sample")
+        for ax in (left, right):
+            ax.tick_params(labelsize=7)
+        fig.tight_layout()
+        _save_figure(fig, path)
+        out += ["", f"![verdict errors against uncertainty]({FIGURES_DIR}/{path.name})"]
     return out + [""]
 
 
@@ -257,6 +319,7 @@ def _critiques_section(critiques: Sequence[Critique], verdicts: Sequence[Verdict
     if not critiques:
         return out + ["No critiques: this run had no critic.", ""]
     by_id = {v.sample_id: v for v in verdicts}
+    critiques = [c for c in critiques if c.draw == 0]  # the first answer of each sample
     shown = critiques[:_CRITIQUES_SHOWN]
     out.append(
         f"The first {len(shown)} of {len(critiques)} critiques (texts cut at "
@@ -468,6 +531,8 @@ def write_report(
         lines += [""]
     lines += _models_section(results)
     lines += _verdicts_section(results, verdicts)
+    lines += _review_section(results)
+    lines += _uncertainty_section(results, figures / "uncertainty.png")
     lines += _alignment_section(results)
     lines += _usage_section(results)
     lines += _timings_section(results)
@@ -556,7 +621,7 @@ def report_stage(call: StageCall, inputs: Sequence[str]) -> dict[str, Any]:
         {**call["results"], "timings": timings},
         options=options,
         rendered=call["render"] or [],
-        verdicts=call["judge"] or [],
+        verdicts=call["verdicts"] or call["judge"] or [],
         critiques=call["critic"] or [],
         test_images=data.test.display(pick),
         test_labels=labels,

@@ -113,27 +113,48 @@ def assemble_results(
         if evaluation is not None:
             out["evaluations"][stage.name.partition(".")[2]] = evaluation
     oracle = call.flag("critic", "needs_true_masks")
+    # what a critic that reads the true masks is (the oracle: an upper bound; the scripted
+    # critic: a simulation with chosen mistakes); never an LVLM
+    note = str(getattr(call.plugin_class("critic"), "truth_note", ORACLE_NOTE)) if oracle else ""
     if call.configured("critic"):
-        out["critic"] = {"label": critic, "reads_true_masks": oracle}
+        out["critic"] = {"label": critic, "reads_true_masks": oracle, **({"note": note} if note else {})}
 
     critiques: list[Critique] = call["critic"] or []
-    verdicts: list[Verdicts] | None = call["judge"]
+    judged: list[Verdicts] | None = call["judge"]
+    # what masks were made from: the judge's verdicts with a person's overrides applied
+    verdicts: list[Verdicts] | None = call["verdicts"] if call["verdicts"] is not None else judged
+    reviewed = [v for v in verdicts or [] if v.sources]
+    if verdicts is not None:
+        out["review"] = review_summary(verdicts)
+        if reviewed:
+            out["review"]["samples_reviewed"] = [v.sample_id for v in reviewed]
     if verdicts is not None and data.train.spurious_masks is not None:
         from .metrics import verdict_metrics
 
         chosen = call["select"]
+        truth = data.train.spurious_masks[chosen.indices]
+        labels = call["segment"].labels
         out["verdicts"] = {
-            **verdict_metrics(call["segment"].labels, verdicts, data.train.spurious_masks[chosen.indices]),
-            "critic": critic,
-            "note": ORACLE_NOTE if oracle else "",
+            **verdict_metrics(labels, verdicts, truth),
+            "critic": critic + (" + person's review" if reviewed else ""),
+            "note": note,
         }
+        if reviewed and judged is not None:
+            # the same measures of the judge's verdicts alone: what the review changed
+            before = verdict_metrics(labels, judged, truth)
+            out["review"]["before"] = {k: before[k] for k in ("verdict_accuracy", "cluster_accuracy", "confusion", "judged_samples")}
+            out["review"]["after"] = {k: out["verdicts"][k] for k in ("verdict_accuracy", "cluster_accuracy", "confusion", "judged_samples")}
+        uncertain = uncertainty_summary(labels, verdicts, truth)
+        if uncertain is not None:
+            out["uncertainty"] = uncertain
     masks = call["masks"]
     if masks is not None:
         # One failure per sample: a critique that failed is reported with the critic's reason,
         # not the judge's "no critique to judge".
         by_sample = {f["sample_id"]: f for f in masks["failures"]}
         for c in critiques:
-            if c.failure is not None:
+            # with several answers per sample, a failed answer matters only where the sample failed
+            if c.failure is not None and (c.sample_id in by_sample or len(critiques) == len(verdicts or [])):
                 by_sample[c.sample_id] = {"sample_id": c.sample_id, "stage": "critic", "reason": c.failure}
         ok = masks["ok"]
         out["alignment"] = {
@@ -150,6 +171,67 @@ def assemble_results(
     out["usage"] = total_usage([*critiques, *(verdicts or [])]).to_state()
     out["machine"] = machine_info(call.ctx.device)
     return out
+
+
+def review_summary(verdicts: Sequence[Verdicts]) -> dict[str, Any]:
+    """How many verdicts a person decided, and how many of those differ from the judge's."""
+    overridden = changed = 0
+    for v in verdicts:
+        for j, source in enumerate(v.sources):
+            if source != "person":
+                continue
+            overridden += 1
+            judge = None if v.judge_relevant is None else v.judge_relevant[j]
+            changed += int(judge is None or v.relevant is None or judge != v.relevant[j])
+    return {"overrides": overridden, "changed": changed, "samples": sum(1 for v in verdicts if v.sources)}
+
+
+#: the share of most uncertain samples whose verdict errors results.json counts
+UNCERTAIN_SHARE = 0.10
+
+
+def verdict_errors(labels: torch.Tensor, verdicts: Sequence[Verdicts], truth: torch.Tensor) -> list[int | None]:
+    """Per sample, how many of its clusters' verdicts are wrong against the true masks (a
+    cluster with any pixel on the true mask should be "no"); ``None`` for a failed sample."""
+    from .masks import cluster_overlap
+
+    out: list[int | None] = []
+    for i, v in enumerate(verdicts):
+        if v.relevant is None:
+            out.append(None)
+            continue
+        sizes, on = cluster_overlap(labels[i : i + 1].long(), truth[i : i + 1].bool(), len(v.colors))
+        wrong = 0
+        for j, relevant in enumerate(v.relevant):
+            if int(sizes[0, j]) == 0:
+                continue
+            wrong += int(relevant == (int(on[0, j]) > 0))
+        out.append(wrong)
+    return out
+
+
+def uncertainty_summary(labels: torch.Tensor, verdicts: Sequence[Verdicts], truth: torch.Tensor) -> dict[str, Any] | None:
+    """Where the verdict errors lie against the samples' uncertainty (several critic answers
+    per sample); ``None`` when the critic answered once."""
+    if not any(v.votes for v in verdicts):
+        return None
+    errors = verdict_errors(labels, verdicts, truth)
+    rows = [(v.uncertainty, e, v.sample_id) for v, e in zip(verdicts, errors, strict=True) if e is not None]
+    # most uncertain first; equal uncertainty in sample order (what the review page shows)
+    rows.sort(key=lambda r: (-r[0], r[2]))
+    top = max(1, math.ceil(UNCERTAIN_SHARE * len(rows))) if rows else 0
+    total = sum(r[1] for r in rows)
+    in_top = sum(r[1] for r in rows[:top])
+    return {
+        "samples": len(rows),
+        "answers_per_sample": max(len(v.votes) for v in verdicts),
+        "errors": total,
+        "top_share": UNCERTAIN_SHARE,
+        "top_samples": top,
+        "errors_in_top": in_top,
+        "share_of_errors_in_top": (in_top / total) if total else None,
+        "per_sample": [{"sample_id": r[2], "uncertainty": r[0], "errors": r[1]} for r in rows],
+    }
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -212,6 +294,11 @@ def summary_lines(results: Mapping[str, Any]) -> list[str]:
     if _is_number(verdicts.get("verdict_accuracy")):
         note = f"; the critic {verdicts['note']}" if verdicts.get("note") else ""
         lines.append(f"  verdict accuracy {verdicts['verdict_accuracy']:.4f} ({verdicts.get('critic', 'critic')}{note})")
+    review = results.get("review") or {}
+    if review.get("overrides"):
+        before = (review.get("before") or {}).get("verdict_accuracy")
+        was = f"; the judge alone: {before:.4f}" if _is_number(before) else ""
+        lines.append(f"  review: {review['overrides']} verdicts decided by a person in {review.get('samples')} samples, {review.get('changed')} changed{was}")
     return lines
 
 

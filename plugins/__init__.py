@@ -33,6 +33,8 @@ BUILTINS: dict[str, dict[str, str]] = {
         "oracle": "lvlmva.plugins.critics.oracle:OracleCritic",
         "openai": "lvlmva.plugins.lvlm.openai_backend:OpenAICritic",
         "transformers": "lvlmva.plugins.lvlm.transformers_backend:TransformersCritic",
+        # simulated mistakes on the true verdicts, for offline runs of sampling and review: not an LVLM
+        "scripted": "lvlmva.testing.critics:ScriptedCritic",
     },
     "judge": {
         "rules": "lvlmva.plugins.judges.rules:RulesJudge",

@@ -12,6 +12,7 @@ __all__ = [
     "NotARunDirectory",
     "RunDirectoryBusy",
     "StageFailed",
+    "StageInputError",
     "PublishError",
     "describe_failure",
 ]
@@ -28,6 +29,12 @@ class NotARunDirectory(ConfigurationError):
 
 class RunDirectoryBusy(ConfigurationError):
     """Another process is running in the same run directory."""
+
+
+class StageInputError(ConfigurationError):
+    """A stage found a file of the user's that it reads unusable (``review/overrides.json``
+    that is not JSON, or names samples the run does not have): the run stops with exit 2, the
+    file is left as it is, and every stage finished so far is kept."""
 
 
 class StageFailed(Exception):

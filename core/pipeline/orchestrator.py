@@ -34,10 +34,10 @@ from ..registry import PluginRegistry, get_plugin_manager, get_registry
 from ..results import machine_info
 from ..settings import Settings
 from .codecs import DecodeContext
-from .errors import ConfigurationError, StageFailed, describe_failure
+from .errors import ConfigurationError, StageFailed, StageInputError, describe_failure
 from .rundir import RunDirectory, StageRecord, sha256_file
 from .stage import InputInfo, Stage, StageCall, StageView
-from .stages import build_stages
+from .stages import build_stages, critic_samples
 
 __all__ = ["Pipeline", "StageOutcome", "ARTIFACT_VERSION", "default_cache_dir", "environment_info"]
 
@@ -96,6 +96,7 @@ class Pipeline:
         progress: bool = False,
         registry: PluginRegistry | None = None,
         echo: Callable[[str], None] = print,
+        until: str | None = None,
     ) -> None:
         from ..training import resolve_device
 
@@ -113,6 +114,9 @@ class Pipeline:
             raise ConfigurationError(f"run.device = {run.device!r}: {exc}") from None
         self.stages = build_stages(settings, self.registry)
         self._by_name = {s.name: s for s in self.stages}
+        self.until = until
+        if until is not None and until not in self._by_name:
+            raise ConfigurationError(f"--until {until}: this run has no stage {until!r}; its stages: {', '.join(self._by_name)}")
         self._width = max(len(s.name) for s in self.stages)
         self._providers = self._resolve_inputs()
         self._plugins: dict[str, Any] = {}
@@ -121,6 +125,8 @@ class Pipeline:
         self.outcomes: dict[str, StageOutcome] = {}
         self._check_combination()
         self.skipped = self._skip_reasons()
+        if until is not None and self.skipped[until] is not None:
+            raise ConfigurationError(f"--until {until}: that stage does not run with these settings ({self.skipped[until]})")
         self._static = {s.name: self._static_fingerprint(s) for s in self.stages}
         self._preflight()
 
@@ -215,9 +221,11 @@ class Pipeline:
         """Why each stage will not run with these settings (``None`` when it runs). Static:
         it depends on the settings alone."""
         out: dict[str, str | None] = {}
+        after = False
         for stage in self.stages:
-            reason = None
-            for slot in stage.required_plugins:
+            reason = f"after --until {self.until}" if after else None
+            after = after or stage.name == self.until
+            for slot in stage.required_plugins if reason is None else ():
                 if slot not in self.settings.plugins:
                     reason = f"no [{slot}] plugin configured"
                     break
@@ -249,7 +257,9 @@ class Pipeline:
                 asked.add(slot)
                 check = getattr(self.plugin(slot), "preflight", None)
                 if callable(check):
-                    problems += list(check(samples))
+                    # the judge reads each of the critic's answers (critic.samples of them)
+                    draws = critic_samples(self.plugin("critic")) if slot == "judge" else 1
+                    problems += list(check(samples * draws))
         if problems:
             raise ConfigurationError("\n".join(problems))
 
@@ -311,7 +321,14 @@ class Pipeline:
             if token is _UNKNOWN:
                 return None
             inputs[name] = token
-        blob = json.dumps({**self._static[stage.name], "inputs": inputs}, sort_keys=True, default=str)
+        watched = {}
+        for rel in stage.watch:
+            path = self.run_dir / rel
+            try:
+                watched[rel] = sha256_file(path) if path.is_file() else "missing"
+            except OSError as exc:
+                raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}") from None
+        blob = json.dumps({**self._static[stage.name], "inputs": inputs, **({"watch": watched} if watched else {})}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
     # -- deciding ------------------------------------------------------------------------------
@@ -500,7 +517,7 @@ class Pipeline:
             value = stage.codec.decode(partial, self._decode_context())  # type: ignore[union-attr]
             seconds = time.perf_counter() - started - self._nested  # the data set's loading is its own
             record = rundir.commit(stage.name, fp, stage.codec.name, seconds)  # type: ignore[union-attr]
-        except (KeyboardInterrupt, SystemExit, _DataProblems):
+        except (KeyboardInterrupt, SystemExit, _DataProblems, StageInputError):
             rundir.abandon(stage.name)
             raise
         except _InputFailed as exc:  # the data set failed to load: recorded there, this one waits
@@ -600,19 +617,28 @@ class Pipeline:
 
     def _check_data(self, data: Any) -> None:
         """Every stage's ``check`` and the ``check_data(data)`` of the plugins it works with,
-        on the loaded data set, before anything trains."""
+        on the loaded data set, and their ``check_model(model)`` on the untrained model (a
+        Grad-CAM layer the architecture lacks), before anything trains."""
         problems: list[str] = []
         asked: set[str] = set()
+        untrained: list[torch.nn.Module] = []
         for stage in self.stages:
             if self.skipped[stage.name] is not None:
                 continue
             if stage.check is not None:
                 problems += stage.check(self._view(stage), data)
             for slot in stage.required_plugins:
-                check = getattr(self.plugin(slot), "check_data", None) if slot not in asked else None
+                plugin = self.plugin(slot) if slot not in asked else None
                 asked.add(slot)
+                check = getattr(plugin, "check_data", None)
                 if callable(check):
                     problems += [f"[{slot}] {p}" for p in check(data)]
+                check_model = getattr(plugin, "check_model", None)
+                if callable(check_model) and self.plugin("model") is not None:
+                    if not untrained:  # the architecture, built once with the data set's shape
+                        with _isolated_rng():
+                            untrained.append(self.plugin("model").build(data.input_shape, data.num_classes))
+                    problems += [f"[{slot}] {p}" for p in check_model(untrained[0])]
         if problems:
             raise _DataProblems("\n".join(problems))
 

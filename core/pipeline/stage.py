@@ -39,7 +39,7 @@ class StageIncomplete(Exception):
 #: names a stage folder may not take: the files and folders at the top of a run directory
 RESERVED_NAMES = frozenset(
     {"figures", "results.json", "report.md", "env.json", "settings.resolved.toml", "metrics.jsonl",
-     "transcripts.jsonl", "timings.json"}
+     "transcripts.jsonl", "timings.json", "review"}
 )  # fmt: skip
 
 _NAME = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z0-9_-]+)?$")
@@ -77,6 +77,9 @@ class Stage:
       computes (a selection larger than the split, group labels a mitigator needs).
     - ``persist``: stored in the run directory (the data set is not: cheap, deterministic).
     - ``refreshable``: ``--refresh`` recomputes it and bypasses caches (paid LVLM answers).
+    - ``watch``: files in the run directory, relative to it, that a person edits and the stage
+      reads (``review/overrides.json``); their content enters the fingerprint (a missing file
+      counts as missing), so an edit recomputes the stage and what reads it.
     """
 
     name: str
@@ -93,6 +96,7 @@ class Stage:
     check: Callable[[StageView, Any], list[str]] | None = None
     persist: bool = True
     refreshable: bool = False
+    watch: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name) or self.name in RESERVED_NAMES:

@@ -1,8 +1,8 @@
 """The built-in stages of ``lvlmva compose`` and how a run's list of stages is built.
 
 ```
-data -> train -> select -> attribute -> segment -> render -> critic -> judge -> masks
-     -> align -> reference -> mitigate.<name>... -> evaluate.<name>... -> results -> report
+data -> train -> select -> attribute -> segment -> render -> critic -> judge -> overrides
+     -> masks -> align -> reference -> mitigate.<name>... -> evaluate.<name>... -> results -> report
 ```
 
 Each stage is a :class:`~lvlmva.pipeline.stage.Stage` whose run function reads only what it
@@ -13,6 +13,7 @@ stages added by plugins are placed where they asked to be.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -35,7 +36,7 @@ from . import codecs
 from .codecs import ModelArtifact
 from .stage import Stage, StageCall, StageIncomplete, StageView
 
-__all__ = ["build_stages", "critic_label", "MODEL_ORDER"]
+__all__ = ["build_stages", "critic_label", "critic_samples", "MODEL_ORDER"]
 
 #: the run's own models, in the order tables list them (mitigators follow in settings order)
 MODEL_ORDER = ("original", "aligned", "true_mask")
@@ -183,6 +184,7 @@ def _critic(call: StageCall) -> list[Critique]:
     seg: Segmentation = call["segment"]
     critic = call.plugin("critic")
     with_truth = bool(getattr(critic, "needs_true_masks", False))
+    draws = critic_samples(critic)
     requests = []
     for row, (index, sample) in enumerate(zip(chosen.indices.tolist(), call["render"], strict=True)):
         label = int(data.train.labels[index])
@@ -195,20 +197,52 @@ def _critic(call: StageCall) -> list[Critique]:
                 rendered=sample,
                 cluster_map=seg.labels[row],
                 true_mask=data.train.spurious_masks[index] if with_truth else None,
+                effect=seg.effect,
             )
         )
+    if draws > 1:
+        # every sample's k answers, sample by sample: one call, so that a concurrent critic
+        # has all of them in flight together
+        requests = [dataclasses.replace(r, draw=d) for r in requests for d in range(draws)]
     critiques = critic.critique(requests, call.ctx)
     _check_answers("critic", requests, critiques)
+    if draws > 1:
+        wrong = [(c.sample_id, c.draw, r.draw) for r, c in zip(requests, critiques, strict=True) if c.draw != r.draw]
+        if wrong:
+            raise ValueError(f"critic answered draw {wrong[0][1]} of sample {wrong[0][0]} where draw {wrong[0][2]} was asked")
     _unfinished("critic", critiques)
     return critiques
 
 
+def critic_samples(critic: Any) -> int:
+    """How many answers the critic gives per sample (its ``samples`` option; 1 without one)."""
+    return int(getattr(getattr(critic, "options", None), "samples", 1) or 1)
+
+
 def _judge(call: StageCall) -> list[Verdicts]:
+    from ..verdicts import combine_draws
+
     critiques: list[Critique] = call["critic"]
     verdicts = call.plugin("judge").judge(critiques, call.ctx)
     _check_answers("judge", critiques, verdicts)
     _unfinished("judge", verdicts)
-    return verdicts
+    # one Verdicts per sample: the majority of its answers' verdicts (the critic's answers come
+    # sample by sample, the draws of one sample together)
+    grouped: dict[int, list[Verdicts]] = {}
+    for v in verdicts:
+        grouped.setdefault(v.sample_id, []).append(v)
+    return [combine_draws(group) for group in grouped.values()]
+
+
+def _overrides(call: StageCall) -> list[Verdicts]:
+    from ..overrides import OVERRIDES_FILE, OverridesError, apply_overrides, read_overrides
+    from .errors import StageInputError
+
+    path = call.ctx.run_dir / OVERRIDES_FILE
+    try:
+        return apply_overrides(call["judge"], read_overrides(path), path)
+    except OverridesError as exc:
+        raise StageInputError(str(exc)) from None
 
 
 def _masks(call: StageCall) -> dict[str, Any]:
@@ -219,7 +253,7 @@ def _masks(call: StageCall) -> dict[str, Any]:
         return {"masks": masks, "ok": torch.ones(len(chosen), dtype=torch.bool), "failures": []}
     from ..masks import masks_from_verdicts
 
-    verdicts: list[Verdicts] = call["judge"]
+    verdicts: list[Verdicts] = call["verdicts"]
     masks, ok = masks_from_verdicts(call["segment"].labels, verdicts)
     failures = [{"sample_id": v.sample_id, "stage": "judge", "reason": v.failure} for v in verdicts if not v.ok]
     return {"masks": masks, "ok": ok, "failures": failures}
@@ -390,7 +424,7 @@ def _results_stage(settings: Settings, model_stages: Sequence[Stage], evaluate_s
         run,
         inputs=(
             "data",
-            "select?", "segment?", "critic?", "judge?", "masks?",
+            "select?", "segment?", "critic?", "judge?", "verdicts?", "masks?",
             *(f"{s.provides}?" for s in model_stages),
             *(f"{s.provides}?" for s in evaluate_stages),
         ),  # fmt: skip
@@ -455,9 +489,15 @@ def _core_stages(settings: Settings) -> list[Stage]:
             summary="turn critiques into verdicts",
         ),
         Stage(
+            # a person's corrections (review/overrides.json, written by `lvlmva review`) on the
+            # judge's verdicts: what masks read; without the file, the judge's verdicts as they are
+            "overrides", _overrides, inputs=("judge",), provides="verdicts", codec=codecs.VERDICTS,
+            watch=("review/overrides.json",), summary="apply a person's review of the verdicts",
+        ),
+        Stage(
             # masks from the true masks do not read the verdicts: a failed critic must not
             # block them, and new answers must not recompute them
-            "masks", _masks, inputs=("data", "select") if settings.masks.source == "true" else ("data", "select", "segment", "judge"),
+            "masks", _masks, inputs=("data", "select") if settings.masks.source == "true" else ("data", "select", "segment", "verdicts"),
             settings=("masks.source",), codec=codecs.TENSORS, skip=_masks_skip, summary="correction masks",
             check=_masks_check,
         ),

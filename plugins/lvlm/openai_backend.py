@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import errno
+import hashlib
 import os
 import random
 import re
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from lvlmva.protocols import PluginOptions, RunContext
 from lvlmva.records import Critique, CritiqueRequest, Usage, Verdicts
@@ -370,8 +371,9 @@ def estimate_spending(role: str, options: OpenAIOptions, samples: int) -> Spendi
     template the options name does not load."""
     prompt_tokens = _template_chars(role, options) // CHARS_PER_TOKEN
     if role == "critic":
-        requests = samples
-        basis = f"{samples} alignment samples"
+        draws = getattr(options, "samples", 1)
+        requests = samples * draws
+        basis = f"{samples} alignment samples" + (f", {draws} answers each (critic.samples)" if draws > 1 else "")
         prompt_tokens += CRITIC_IMAGES * image_tokens(options.image_detail)
     else:
         repairs = getattr(options, "repair_attempts", 0)
@@ -731,6 +733,24 @@ class OpenAICritic(_OpenAIBackend):
     class Options(OpenAIOptions):
         """Settings of the OpenAI-compatible critic."""
 
+        samples: int = Field(
+            1,
+            ge=1,
+            le=15,
+            description="Answers asked per alignment sample. Above 1 (an odd number, so that a majority "
+            "exists) the judge reads each answer, the verdict per colour is the majority, and each sample "
+            "gets an uncertainty (the share of disagreeing votes) that `lvlmva review` orders by; needs "
+            "temperature > 0. Each answer is cached under its own index.",
+        )
+
+        @model_validator(mode="after")
+        def _samples_need_sampling(self) -> OpenAICritic.Options:
+            if self.samples > 1 and self.samples % 2 == 0:
+                raise ValueError(f"samples = {self.samples}: use an odd number, so that every colour has a majority")
+            if self.samples > 1 and self.temperature == 0:
+                raise ValueError(f"samples = {self.samples} needs temperature > 0: at temperature 0 the answers would all be the same")
+            return self
+
     accepts_images: ClassVar[bool] = True
     needs_true_masks: ClassVar[bool] = False
     role: ClassVar[str] = "critic"
@@ -762,6 +782,10 @@ class OpenAICritic(_OpenAIBackend):
         images = request.rendered.images
         hashes = [sha256_hex(png) for png in images]
         params = self._params(ctx)
+        draw = request.draw
+        if draw and "seed" in params:
+            # another answer of the same sample: a server that honours seeds must not repeat the first
+            params["seed"] = int.from_bytes(hashlib.sha256(f"{ctx.seed}:draw:{draw}".encode()).digest()[:4], "little")
         detail = self.options.image_detail
         key = ResponseCache.key(
             backend="openai",
@@ -770,13 +794,15 @@ class OpenAICritic(_OpenAIBackend):
             template_version=template.version,
             images=hashes,
             prompt=prompt,
-            params={**params, "image_detail": detail, "extra_body": self.options.extra_body},
+            # the first answer keeps the key it always had; each further one is cached by its index
+            params={**params, "image_detail": detail, "extra_body": self.options.extra_body, **({"draw": draw} if draw else {})},
         )
         record: dict[str, Any] = {
             "stage": "critic",
             "backend": "openai",
             "model": self.options.model,
             "sample_id": request.sample_id,
+            **({"draw": request.draw} if request.draw else {}),
             "label": request.label,
             "family": template.family,
             "template_version": template.version,
@@ -789,7 +815,7 @@ class OpenAICritic(_OpenAIBackend):
         }
         started = time.perf_counter()
         common = {"sample_id": request.sample_id, "colors": request.colors, "model": self.options.model,
-                  "family": request.family, "label": request.label}  # fmt: skip
+                  "family": request.family, "label": request.label, "draw": request.draw}  # fmt: skip
         cached = None if (cache is None or ctx.refresh) else cache.get(key)
         if cached is not None:
             record.update(answer=cached, cache_hit=True, attempts=0, latency_s=time.perf_counter() - started,

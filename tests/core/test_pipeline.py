@@ -484,7 +484,9 @@ def test_a_plugin_stage_between_judge_and_masks_is_what_masks_reads(tmp_path, se
     run_dir = tmp_path / "run"
     pipe, _ = _run(settings_file, run_dir, registry)
     names = [s.name for s in pipe.stages]
-    assert names.index("judge") + 1 == names.index("flip") == names.index("masks") - 1
+    # the flip reads the judge's verdicts and provides them under the same name: the overrides
+    # stage (a person's review) works on the flipped verdicts, and masks read its result
+    assert names.index("judge") + 1 == names.index("flip") == names.index("overrides") - 1 == names.index("masks") - 2
     unflipped = open_run(run_dir).load("masks")["masks"]
     assert _roles(calls).count("flip") == 1
 
@@ -640,7 +642,7 @@ def test_true_masks_do_not_wait_for_a_failed_critic(tmp_path, settings_file, reg
     status = _status(pipe)
     assert status["critic"] == "failed" and status["masks"] == status["align"] == status["evaluate.toy"] == "computed"
     assert status["judge"] == "blocked" and status["results"] == "computed"
-    assert set(json.loads((tmp_path / "run" / "results.json").read_text())["failed"]) == {"critic", "judge"}
+    assert set(json.loads((tmp_path / "run" / "results.json").read_text())["failed"]) == {"critic", "judge", "verdicts"}
 
 
 def test_a_data_check_that_stops_the_run_leaves_the_last_results_in_place(tmp_path, settings_file, registry):

@@ -396,18 +396,18 @@ def _stage(name: str):
 def test_added_stages_are_checked_and_recorded():
     registry = PluginRegistry()
     registry._source = ("my-dist", "1.0", "my_plugin")
-    registry.add_stage(_stage("review"), after="judge", options=PluginOptions)
+    registry.add_stage(_stage("second-look"), after="judge", options=PluginOptions)
     (entry,) = registry.stages()
-    assert (entry.name, entry.after, entry.before, entry.distribution) == ("review", "judge", None, "my-dist")
-    assert registry.stage_sections() == {"review": PluginOptions}
-    with pytest.raises(PluginError, match="duplicate stage 'review': added by my_plugin"):
-        registry.add_stage(_stage("review"), before="masks")
+    assert (entry.name, entry.after, entry.before, entry.distribution) == ("second-look", "judge", None, "my-dist")
+    assert registry.stage_sections() == {"second-look": PluginOptions}
+    with pytest.raises(PluginError, match="duplicate stage 'second-look': added by my_plugin"):
+        registry.add_stage(_stage("second-look"), before="masks")
     with pytest.raises(PluginError, match="give exactly one of after= or before="):
         registry.add_stage(_stage("other"), after="judge", before="masks")
     with pytest.raises(PluginError, match="is not a lvlmva.pipeline.Stage"):
         registry.add_stage(object(), after="judge")
     with pytest.raises(PluginError, match="options must subclass lvlmva.PluginOptions"):
         registry.add_stage(_stage("third"), after="judge", options=dict)
-    blocked = PluginRegistry(blocked={"stage:review"})
-    blocked.add_stage(_stage("review"), after="judge")
+    blocked = PluginRegistry(blocked={"stage:second-look"})
+    blocked.add_stage(_stage("second-look"), after="judge")
     assert blocked.stages() == []

@@ -1,0 +1,363 @@
+"""The review page: a Flask application over one run directory.
+
+- ``GET /``: the page (a Jinja template), one card per alignment sample, the most uncertain
+  first when the critic answered several times.
+- ``GET /image/<sample>/<original|clusters|overlay>.png``: the rendered images the critic saw.
+- ``GET /mask/<sample>.png``: the correction mask the current verdicts give (white: forbidden).
+- ``GET /api/samples``: the state of every sample as JSON.
+- ``POST /api/toggle`` ``{"sample", "colour", "reviewer"?, "comment"?}``: flip one colour's
+  verdict; ``POST /api/reset`` ``{"sample"}``: back to the judge's verdicts for a sample.
+
+State-changing requests must carry the page's token in ``X-Review-Token`` (a page of another
+site cannot read it, so cannot post), a JSON body, and a ``Host`` this server answers to (a
+DNS-rebinding page cannot pose as it). In read-only mode they are refused. Overrides are
+written atomically after every change, so a closed browser or a killed server loses nothing.
+"""
+
+from __future__ import annotations
+
+import hmac
+import io
+import secrets
+import sys
+import threading
+import webbrowser
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..overrides import (
+    OVERRIDES_FILE,
+    Override,
+    OverridesError,
+    apply_overrides,
+    now_iso,
+    read_overrides,
+    write_overrides,
+)
+from ..records import AlignmentSet, Critique, RenderedSample, Segmentation, Verdicts
+
+__all__ = ["ReviewError", "ReviewRun", "create_app", "serve", "make_server"]
+
+_KINDS = ("original", "clusters", "overlay")
+
+
+class ReviewError(Exception):
+    """The run directory cannot be reviewed (not a run, no finished judge, an unusable
+    overrides file); the message says what to do."""
+
+
+@dataclass
+class _Sample:
+    row: int
+    sample_id: int
+    label: str
+    colors: tuple[str, ...]
+    rendered: RenderedSample
+    critiques: list[Critique]
+    judged: Verdicts
+
+
+class ReviewRun:
+    """What the page shows of a run directory, and the overrides made on it."""
+
+    def __init__(self, run_dir: Path) -> None:
+        from ..pipeline import ArtifactError, open_run
+        from ..pipeline.errors import NotARunDirectory
+
+        self.run_dir = Path(run_dir)
+        try:
+            run = open_run(self.run_dir)
+            records = run.records()
+        except (NotARunDirectory, OSError) as exc:
+            raise ReviewError(str(exc)) from None
+        missing = [s for s in ("select", "segment", "render", "critic", "judge") if s not in records]
+        if missing:
+            raise ReviewError(
+                f"{self.run_dir} has no finished {', '.join(missing)} stage(s): run "
+                "`lvlmva compose SETTINGS --until judge` (with a critic and a judge) first"
+            )
+        try:
+            chosen: AlignmentSet = run.load("select")
+            self.segmentation: Segmentation = run.load("segment")
+            rendered: list[RenderedSample] = run.load("render")
+            critiques: list[Critique] = run.load("critic")
+            verdicts: list[Verdicts] = run.load("judge")
+        except ArtifactError as exc:
+            raise ReviewError(f"cannot read the run: {exc}") from None
+        by_sample: dict[int, list[Critique]] = {}
+        for c in critiques:
+            by_sample.setdefault(c.sample_id, []).append(c)
+        judged = {v.sample_id: v for v in verdicts}
+        self.samples: dict[int, _Sample] = {}
+        for row, (index, r) in enumerate(zip(chosen.indices.tolist(), rendered, strict=True)):
+            answers = by_sample.get(index, [])
+            v = judged.get(index)
+            if v is None:
+                raise ReviewError(f"{self.run_dir}: sample {index} has no verdicts in the judge stage")
+            label = answers[0].label if answers else ""
+            self.samples[index] = _Sample(row, index, label, tuple(r.colors), r, answers, v)
+        self.path = self.run_dir / OVERRIDES_FILE
+        try:
+            self.overrides: dict[tuple[int, str], Override] = {(o.sample, o.colour): o for o in read_overrides(self.path)}
+            # the same check compose makes: overrides of samples or colours this run lacks
+            apply_overrides(verdicts, list(self.overrides.values()), self.path)
+        except OverridesError as exc:
+            raise ReviewError(str(exc)) from None
+        self.lock = threading.Lock()
+
+    # -- state ------------------------------------------------------------------------------
+    def effective(self, sample_id: int) -> Verdicts:
+        s = self.samples[sample_id]
+        mine = [o for (sid, _c), o in self.overrides.items() if sid == sample_id]
+        return apply_overrides([s.judged], mine, self.path)[0]
+
+    def state(self, sample_id: int) -> dict[str, Any]:
+        s = self.samples[sample_id]
+        v = self.effective(sample_id)
+        judge = s.judged.relevant
+        colours = []
+        for j, color in enumerate(s.colors):
+            o = self.overrides.get((sample_id, color))
+            colours.append({
+                "colour": color,
+                "judge": None if judge is None else ("yes" if judge[j] else "no"),
+                "verdict": o.verdict if o is not None else (None if judge is None else ("yes" if judge[j] else "no")),
+                "source": "person" if o is not None else "judge",
+                "votes": [None if vote is None else ("yes" if vote[j] else "no") for vote in s.judged.votes],
+                "reviewer": o.reviewer if o else "",
+                "comment": o.comment if o else "",
+            })  # fmt: skip
+        return {
+            "sample": sample_id,
+            "row": s.row,
+            "label": s.label,
+            "uncertainty": s.judged.uncertainty,
+            "answers": len(s.judged.votes) or 1,
+            "judge_failure": s.judged.failure,
+            "failure": v.failure,
+            "overridden": any(c["source"] == "person" for c in colours),
+            "colours": colours,
+            "critiques": [c.text if c.text is not None else f"(no answer: {c.failure})" for c in s.critiques],
+        }
+
+    def ordered(self) -> list[int]:
+        """Sample ids, most uncertain first (equal uncertainty: the run's order)."""
+        return sorted(self.samples, key=lambda sid: (-self.samples[sid].judged.uncertainty, self.samples[sid].row))
+
+    def toggle(self, sample_id: int, colour: str, reviewer: str = "", comment: str = "") -> dict[str, Any]:
+        """Flip one colour's current verdict (a colour without one becomes "no"); an override
+        that comes back to the judge's verdict is removed. Saved before this returns."""
+        s = self.samples[sample_id]
+        if colour not in s.colors:
+            raise KeyError(f"sample {sample_id} has no cluster {colour!r} (its colours: {', '.join(s.colors)})")
+        with self.lock:
+            key = (sample_id, colour)
+            j = s.colors.index(colour)
+            judge = None if s.judged.relevant is None else ("yes" if s.judged.relevant[j] else "no")
+            current = self.overrides[key].verdict if key in self.overrides else judge
+            new = "no" if current in (None, "yes") else "yes"
+            before = dict(self.overrides)
+            if new == judge:
+                self.overrides.pop(key, None)
+            else:
+                self.overrides[key] = Override(sample_id, colour, new, now_iso(), reviewer, comment)
+            self._save(before)
+        return self.state(sample_id)
+
+    def reset(self, sample_id: int) -> dict[str, Any]:
+        if sample_id not in self.samples:
+            raise KeyError(f"sample {sample_id} is not an alignment sample of this run")
+        with self.lock:
+            before = dict(self.overrides)
+            for key in [k for k in self.overrides if k[0] == sample_id]:
+                del self.overrides[key]
+            self._save(before)
+        return self.state(sample_id)
+
+    def _save(self, before: dict[tuple[int, str], Override]) -> None:
+        try:
+            write_overrides(self.path, self.overrides.values())
+        except OSError:
+            self.overrides = before  # what the page shows stays what the file holds
+            raise
+
+    # -- images -----------------------------------------------------------------------------
+    def image(self, sample_id: int, kind: str) -> bytes:
+        r = self.samples[sample_id].rendered
+        return dict(zip(_KINDS, r.images, strict=True))[kind]
+
+    def mask_png(self, sample_id: int) -> bytes:
+        """The correction mask of the current verdicts: the clusters judged "no", in white."""
+        from PIL import Image
+
+        s = self.samples[sample_id]
+        v = self.effective(sample_id)
+        labels = self.segmentation.labels[s.row].numpy()
+        mask = np.zeros(labels.shape, dtype=np.uint8)
+        if v.relevant is not None:
+            for j, relevant in enumerate(v.relevant):
+                if not relevant:
+                    mask[labels == j] = 255
+        else:
+            mask[:] = 64  # no usable verdicts: the sample is left out of alignment
+        buf = io.BytesIO()
+        Image.fromarray(mask, mode="L").save(buf, format="PNG")
+        return buf.getvalue()
+
+
+def create_app(run_dir: Path, *, read_only: bool = False, reviewer: str = "", allowed_hosts: set[str] | None = None) -> Any:
+    """The Flask application for one run directory (``allowed_hosts``: the ``Host`` headers
+    it answers state-changing requests for; ``None`` = any, for tests)."""
+    from flask import Flask, Response, abort, jsonify, render_template, request
+
+    run = ReviewRun(run_dir)
+    token = secrets.token_urlsafe(32)
+    app = Flask(__name__, template_folder="templates", static_folder="static")
+    app.config.update(REVIEW_RUN=run, REVIEW_TOKEN=token, JSON_SORT_KEYS=False)
+
+    def _check_write() -> None:
+        if read_only:
+            abort(403, description="this review page is read-only (lvlmva review --read-only)")
+        sent = request.headers.get("X-Review-Token", "")
+        if not hmac.compare_digest(sent, token):
+            abort(403, description="missing or wrong review token: reload the page")
+        if allowed_hosts is not None and request.host not in allowed_hosts:
+            abort(403, description=f"requests for host {request.host!r} are not served")
+        if not request.is_json:
+            abort(415, description="send JSON")
+
+    def _body() -> dict[str, Any]:
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            abort(400, description="the body must be a JSON object")
+        return body
+
+    def _sample(body: dict[str, Any]) -> int:
+        sid = body.get("sample")
+        if not isinstance(sid, int) or sid not in run.samples:
+            abort(404, description=f"no alignment sample {sid!r} in this run")
+        return sid
+
+    @app.errorhandler(400)
+    @app.errorhandler(403)
+    @app.errorhandler(404)
+    @app.errorhandler(415)
+    @app.errorhandler(500)
+    def _error(exc: Any) -> Any:
+        return jsonify({"error": getattr(exc, "description", str(exc))}), getattr(exc, "code", 500)
+
+    @app.get("/")
+    def page() -> Any:
+        states = [run.state(sid) for sid in run.ordered()]
+        sampled = any(s["answers"] > 1 for s in states)
+        return render_template(
+            "review.html", states=states, token=token, read_only=read_only, reviewer=reviewer,
+            run_dir=str(run.run_dir), overrides_file=str(run.path), sampled=sampled,
+            colours=_swatches(),
+        )  # fmt: skip
+
+    @app.get("/favicon.ico")
+    def favicon() -> Any:
+        return Response(status=204)
+
+    @app.get("/api/samples")
+    def samples() -> Any:
+        return jsonify([run.state(sid) for sid in run.ordered()])
+
+    @app.get("/image/<int:sample>/<kind>.png")
+    def image(sample: int, kind: str) -> Any:
+        if sample not in run.samples or kind not in _KINDS:
+            abort(404)
+        return Response(run.image(sample, kind), mimetype="image/png")
+
+    @app.get("/mask/<int:sample>.png")
+    def mask(sample: int) -> Any:
+        if sample not in run.samples:
+            abort(404)
+        response = Response(run.mask_png(sample), mimetype="image/png")
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    @app.post("/api/toggle")
+    def toggle() -> Any:
+        _check_write()
+        body = _body()
+        sid = _sample(body)
+        colour = body.get("colour")
+        if not isinstance(colour, str) or colour not in run.samples[sid].colors:
+            abort(404, description=f"sample {sid} has no cluster {colour!r}")
+        who = body.get("reviewer", reviewer)
+        comment = body.get("comment", "")
+        if not isinstance(who, str) or not isinstance(comment, str):
+            abort(400, description="reviewer and comment must be strings")
+        return jsonify(run.toggle(sid, colour, who[:200], comment[:2000]))
+
+    @app.post("/api/reset")
+    def reset() -> Any:
+        _check_write()
+        return jsonify(run.reset(_sample(_body())))
+
+    @app.after_request
+    def _headers(response: Any) -> Any:
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Content-Security-Policy", "default-src 'self'; img-src 'self'; style-src 'self'; script-src 'self'")
+        return response
+
+    return app
+
+
+def _swatches() -> dict[str, str]:
+    from ..rendering import PALETTE
+
+    return {name: "#{:02x}{:02x}{:02x}".format(*rgb) for name, rgb in PALETTE}
+
+
+def _hosts(host: str, port: int) -> set[str]:
+    names = {host, "127.0.0.1", "localhost", "[::1]"} if host in ("127.0.0.1", "localhost", "::1") else {host}
+    return {f"{name}:{port}" for name in names} | ({name for name in names} if port == 80 else set())
+
+
+def make_server(run_dir: Path, *, host: str = "127.0.0.1", port: int = 0, read_only: bool = False, reviewer: str = "") -> Any:
+    """A werkzeug server (threaded) for the review page, bound but not yet serving; its
+    ``port`` is the one bound (0 picks a free one)."""
+    from werkzeug.serving import make_server as _make
+
+    holder: dict[str, Any] = {}
+
+    def app(environ: Any, start_response: Any) -> Any:  # the real app, made once the port is known
+        return holder["app"](environ, start_response)
+
+    from werkzeug.serving import WSGIRequestHandler
+
+    class _Quiet(WSGIRequestHandler):
+        def log_request(self, code: Any = "-", size: Any = "-") -> None:  # noqa: D102 - one line per image would drown the terminal
+            if self.command == "POST" or str(code)[:1] in ("4", "5"):
+                super().log_request(code, size)
+
+    try:
+        server = _make(host, port, app, threaded=True, request_handler=_Quiet)
+    except OSError as exc:
+        raise ReviewError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    holder["app"] = create_app(run_dir, read_only=read_only, reviewer=reviewer, allowed_hosts=_hosts(host, server.port))
+    return server
+
+
+def serve(run_dir: Path, *, host: str = "127.0.0.1", port: int = 8765, read_only: bool = False, reviewer: str = "", open_browser: bool = True) -> int:
+    """Serve the review page until interrupted; returns the exit code."""
+    server = make_server(run_dir, host=host, port=port, read_only=read_only, reviewer=reviewer)
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{server.port}/"
+    print(f"lvlmva review: {url}  ({'read-only' if read_only else 'overrides saved in ' + str(Path(run_dir) / OVERRIDES_FILE)}); Ctrl-C to stop", file=sys.stderr)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"lvlmva review: listening on {host}: anyone who can reach this address can see the run's samples", file=sys.stderr)
+    if open_browser:
+        threading.Timer(0.5, lambda: webbrowser.open(url)).start()
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
