@@ -91,6 +91,14 @@ def plan_study(settings_files: Sequence[Path], overrides: Sequence[str] = (), ou
     for path in settings_files:
         path = Path(path)
         base = load_settings(path, overrides)
+        if path != Path(settings_files[0]) and base.section("study") and base.study != study:
+            # one study, one schedule: a later file's [study] would otherwise be ignored
+            mine, theirs = base.study.model_dump(), study.model_dump()
+            keys = ", ".join(f"{k} ({theirs[k]!r} there, {mine[k]!r} here)" for k in mine if mine[k] != theirs[k])
+            raise SettingsError(
+                f"{path}: its [study] differs from that of {settings_files[0]}: {keys}. The study follows "
+                "one [study] section: make them equal, or leave [study] out of all files but the first"
+            )
         if not base.instances("evaluator"):
             raise SettingsError(f"{path}: a study compares evaluations: configure [evaluators.<name>]")
         if study.evaluator is not None and study.evaluator not in base.instances("evaluator"):

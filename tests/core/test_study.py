@@ -267,3 +267,19 @@ def test_bad_input_stops_the_study_before_any_cell(tmp_path, toy_mitigators, cap
     assert "is not an lvlmva run directory" in capsys.readouterr().err
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
     assert not study.exists()
+
+
+def test_a_later_file_with_another_study_section_stops_the_study(tmp_path, toy_mitigators, capsys):
+    first, study = _settings(tmp_path), tmp_path / "study"
+    second = _settings(tmp_path, name="other")
+    second.write_text(second.read_text().replace("seeds = [0, 1, 2]", "seeds = [0, 1]"))
+    assert main(["study", str(first), str(second), "--out", str(study)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "other.toml: its [study] differs" in err and "seeds ([0, 1, 2] there, [0, 1] here)" in err
+    assert not (study / "cells").exists()
+    # the same section, or none, is fine: the first file's schedule holds for all
+    second.write_text(second.read_text().replace("[study]\nseeds = [0, 1]\n", ""))
+    assert "[study]" not in second.read_text()
+    from lvlmva.study.runner import plan_study
+
+    assert len(plan_study([first, second], ["study.seeds=[0]"], study).cells) == 2
