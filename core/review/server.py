@@ -224,8 +224,6 @@ def create_app(run_dir: Path, *, read_only: bool = False, reviewer: str = "", al
         sent = request.headers.get("X-Review-Token", "")
         if not hmac.compare_digest(sent, token):
             abort(403, description="missing or wrong review token: reload the page")
-        if allowed_hosts is not None and request.host not in allowed_hosts:
-            abort(403, description=f"requests for host {request.host!r} are not served")
         if not request.is_json:
             abort(415, description="send JSON")
 
@@ -240,6 +238,13 @@ def create_app(run_dir: Path, *, read_only: bool = False, reviewer: str = "", al
         if not isinstance(sid, int) or sid not in run.samples:
             abort(404, description=f"no alignment sample {sid!r} in this run")
         return sid
+
+    @app.before_request
+    def _host() -> None:
+        # every request, reads too: a page of another site whose name was made to resolve to
+        # this address (DNS rebinding) must not read the run's images and answers either
+        if allowed_hosts is not None and request.host not in allowed_hosts:
+            abort(403, description=f"requests for host {request.host!r} are not served")
 
     @app.errorhandler(400)
     @app.errorhandler(403)
@@ -316,8 +321,11 @@ def _swatches() -> dict[str, str]:
     return {name: "#{:02x}{:02x}{:02x}".format(*rgb) for name, rgb in PALETTE}
 
 
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 def _hosts(host: str, port: int) -> set[str]:
-    names = {host, "127.0.0.1", "localhost", "[::1]"} if host in ("127.0.0.1", "localhost", "::1") else {host}
+    names = {host, "127.0.0.1", "localhost", "[::1]"} if host in _LOOPBACK else {host}
     return {f"{name}:{port}" for name in names} | ({name for name in names} if port == 80 else set())
 
 
@@ -342,8 +350,11 @@ def make_server(run_dir: Path, *, host: str = "127.0.0.1", port: int = 0, read_o
         server = _make(host, port, app, threaded=True, request_handler=_Quiet)
     except OSError as exc:
         raise ReviewError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    # bound to loopback: only the loopback names are served (no DNS rebinding); bound to another
+    # address on purpose, any name others reach it by (the token still guards every change)
+    hosts = _hosts(host, server.port) if host in _LOOPBACK else None
     try:
-        holder["app"] = create_app(run_dir, read_only=read_only, reviewer=reviewer, allowed_hosts=_hosts(host, server.port))
+        holder["app"] = create_app(run_dir, read_only=read_only, reviewer=reviewer, allowed_hosts=hosts)
     except BaseException:
         server.server_close()  # a run that cannot be reviewed must not leave the port bound
         raise

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
 from lvlmva.protocols import PluginOptions, RunContext
 from lvlmva.records import Critique, CritiqueRequest, Usage, Verdicts
@@ -743,13 +743,16 @@ class OpenAICritic(_OpenAIBackend):
             "temperature > 0. Each answer is cached under its own index.",
         )
 
-        @model_validator(mode="after")
-        def _samples_need_sampling(self) -> OpenAICritic.Options:
-            if self.samples > 1 and self.samples % 2 == 0:
-                raise ValueError(f"samples = {self.samples}: use an odd number, so that every colour has a majority")
-            if self.samples > 1 and self.temperature == 0:
-                raise ValueError(f"samples = {self.samples} needs temperature > 0: at temperature 0 the answers would all be the same")
-            return self
+        @field_validator("samples")
+        @classmethod
+        def _samples_need_sampling(cls, samples: int, info: ValidationInfo) -> int:
+            # a field validator (samples comes after temperature): its error shows this value
+            # only, not the whole section
+            if samples > 1 and samples % 2 == 0:
+                raise ValueError(f"samples = {samples}: use an odd number, so that every colour has a majority")
+            if samples > 1 and info.data.get("temperature", 0.0) == 0:
+                raise ValueError(f"samples = {samples} needs temperature > 0: at temperature 0 the answers would all be the same")
+            return samples
 
     accepts_images: ClassVar[bool] = True
     needs_true_masks: ClassVar[bool] = False

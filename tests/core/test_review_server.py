@@ -176,9 +176,14 @@ def test_changes_need_the_pages_token(run_dir: Path):
     assert _post(client, "/api/toggle", body, token).status_code == 200
 
 
-def test_changes_for_another_host_are_refused(run_dir: Path):
+def test_requests_for_another_host_are_refused(run_dir: Path):
     client = create_app(run_dir, allowed_hosts={"127.0.0.1:8765"}).test_client()
-    token = _token(client)  # reading is not guarded by the Host
+    # reads too: a rebinding page must not see the run's images and answers
+    for path in ("/", "/api/samples"):
+        read = client.get(path, headers={"Host": "evil.example:8765"})
+        assert read.status_code == 403 and "evil.example" in read.get_json()["error"]
+    html = client.get("/", headers={"Host": "127.0.0.1:8765"}).get_data(as_text=True)
+    (token,) = re.findall(r'<meta name="review-token" content="([^"]+)">', html)
     sid = ReviewRun(run_dir).ordered()[0]
     body = {"sample": sid, "colour": "red"}
     refused = client.post("/api/toggle", json=body, headers={"X-Review-Token": token, "Host": "evil.example:8765"})
@@ -338,6 +343,33 @@ def test_the_server_answers_on_a_free_port_and_only_for_its_own_host(run_dir: Pa
         status, _ = request("POST", "/api/toggle", body, host=f"localhost:{server.port}", token=token.decode())
         assert status == 200
         assert len(read_overrides(run_dir / "review" / "overrides.json")) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_a_server_bound_beyond_loopback_serves_any_host_name_with_the_token(run_dir: Path):
+    # a colleague reaches the page by this machine's name or address: only the token guards
+    server = make_server(run_dir, host="0.0.0.0", port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        def request(method: str, path: str, body: dict | None = None, token: str = ""):
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            headers = {"Content-Type": "application/json", "X-Review-Token": token, "Host": f"labhost.example:{server.port}"}
+            conn.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
+            response = conn.getresponse()
+            data = response.read()
+            conn.close()
+            return response.status, data
+
+        status, html = request("GET", "/")
+        assert status == 200
+        (token,) = re.findall(rb'<meta name="review-token" content="([^"]+)">', html)
+        sid = int(re.findall(rb'data-sample="(\d+)"', html)[0])
+        assert request("POST", "/api/toggle", {"sample": sid, "colour": "red"})[0] == 403  # no token
+        assert request("POST", "/api/toggle", {"sample": sid, "colour": "red"}, token=token.decode())[0] == 200
     finally:
         server.shutdown()
         server.server_close()
