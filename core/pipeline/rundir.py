@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -137,6 +138,10 @@ def _marker_kind(path: Path) -> str:
     return "study" if (path / "cells").is_dir() or (path / "cells.jsonl").is_file() else "run"
 
 
+#: the temporary file write_atomic makes for the marker (``.<marker>.<12 hex>.tmp``)
+_MARKER_TEMP = re.compile(rf"^\.{re.escape(MARKER)}\.[0-9a-f]{{12}}\.tmp$")
+
+
 def _check_ours(path: Path, kind: str = "run") -> bool:
     """True when ``path`` is a folder of ours of this ``kind`` (a run directory or a study
     directory), False when it does not exist or is an empty folder (ours to take); raises
@@ -157,7 +162,9 @@ def _check_ours(path: Path, kind: str = "run") -> bool:
         return True
     try:
         with os.scandir(path) as entries:
-            empty = next(entries, None) is None
+            # a claim killed while writing the marker leaves only the marker's temporary file:
+            # the folder is still ours to take (claim removes it)
+            empty = all(_MARKER_TEMP.match(e.name) for e in entries)
     except OSError as exc:
         raise NotARunDirectory(f"cannot read {path}: {exc.strerror or exc}") from None
     if not empty:
@@ -199,6 +206,9 @@ class RunDirectory:
                 path.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise NotARunDirectory(f"cannot create run directory {path}: {exc.strerror or exc}") from None
+            for leftover in path.iterdir():  # an earlier claim's marker, cut short
+                if _MARKER_TEMP.match(leftover.name):
+                    leftover.unlink(missing_ok=True)
             marker = {"lvlmva": __version__, "kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             try:
                 write_atomic(path / MARKER, json.dumps(marker) + "\n")

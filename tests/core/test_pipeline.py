@@ -676,3 +676,23 @@ def test_a_run_directory_of_the_version_before_the_marker_is_taken_over(tmp_path
     (other / "settings.resolved.toml").write_text("")
     with pytest.raises(NotARunDirectory):
         _run(settings_file, other, registry)
+
+
+def test_a_claim_killed_while_writing_the_marker_leaves_a_folder_that_can_be_claimed(tmp_path):
+    from lvlmva.pipeline import RunDirectory
+    from lvlmva.pipeline.errors import NotARunDirectory
+
+    # what a worker killed between write_atomic's temporary file and its rename leaves behind
+    cut = tmp_path / "cell"
+    cut.mkdir()
+    (cut / "..lvlmva-run.0123456789ab.tmp").write_text('{"lvl')
+    RunDirectory.claim(cut)
+    assert (cut / ".lvlmva-run").is_file() and sorted(p.name for p in cut.iterdir()) == [".lvlmva-run"]
+    # anything else is still a folder of the user's
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "..lvlmva-run.0123456789ab.tmp").write_text("")
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(NotARunDirectory, match="is not empty"):
+        RunDirectory.claim(other)
+    assert sorted(p.name for p in other.iterdir()) == ["..lvlmva-run.0123456789ab.tmp", "notes.txt"]
