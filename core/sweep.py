@@ -23,7 +23,7 @@ from .pipeline import ArtifactError, Pipeline, PublishError, RunDirectory, Stage
 from .results import iter_model_values, metric_columns
 from .settings import SettingsError, load_settings
 
-SHARED_STAGES = ("train", "select", "attribute", "segment", "render", "critic", "judge", "masks")
+SHARED_STAGES = ("train", "select", "attribute", "segment", "render", "critic", "judge", "overrides", "masks")
 
 
 def _shared(pipeline: Pipeline) -> list[str]:
