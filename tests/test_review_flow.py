@@ -299,3 +299,17 @@ def test_a_grad_cam_layer_the_model_lacks_stops_before_training(tmp_path: Path, 
     assert "[attributor] attributor.layer = 'nope'" in err and "has no layer of that name" in err
     assert "train" not in _statuses(err) or _statuses(err)["train"] != "computed"
     assert not (tmp_path / "run" / "train").exists()
+
+
+def test_stopping_early_on_a_finished_run_keeps_its_results_unless_a_stage_before_recomputes(run_dir, settings, compose):
+    code, _, _ = compose(settings, run_dir)
+    assert code == EXIT_OK
+    published = (run_dir / "results.json").read_bytes()
+    # a stop for review recomputes nothing: what was published still matches the artifacts
+    code, out, err = compose(settings, run_dir, "--until", "judge")
+    assert code == EXIT_OK and "stopped after judge" in out
+    assert (run_dir / "results.json").read_bytes() == published and (run_dir / "report.md").is_file()
+    # a stage before the stop that recomputes (--refresh asks the critic again) makes them stale
+    code, _, err = compose(settings, run_dir, "--until", "judge", "--refresh")
+    assert code == EXIT_OK and _statuses(err)["critic"] == "computed"
+    assert not (run_dir / "results.json").exists() and not (run_dir / "report.md").exists()

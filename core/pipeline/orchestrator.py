@@ -423,7 +423,11 @@ class Pipeline:
                     self._preload_data()
                     rundir.write("settings.resolved.toml", self.settings.to_toml())
                     rundir.write("env.json", json.dumps(environment_info(self.device), indent=2, sort_keys=True))
-                    rundir.unpublish()
+                    # A run that stops early (--until) publishes nothing: it keeps what was
+                    # published before unless a stage before the stop is to be recomputed,
+                    # which would make those results disagree with the artifacts
+                    if self.until is None or any(o.status == "pending" for o in self.plan() if self._by_name[o.name].persist):
+                        rundir.unpublish()
                     self._loop(rundir, hooks)
                     # published also when some stage failed: results.json then names the
                     # failures beside what could be computed without them
