@@ -34,6 +34,7 @@ __all__ = [
     "read_overrides",
     "write_overrides",
     "apply_overrides",
+    "cluster_hash",
     "now_iso",
 ]
 
@@ -42,7 +43,7 @@ OVERRIDES_FILE = Path("review") / "overrides.json"
 
 _FORMAT = "lvlmva-overrides"
 _VERSION = 1
-_KEYS = {"sample", "colour", "verdict", "when", "reviewer", "comment"}
+_KEYS = {"sample", "colour", "verdict", "when", "reviewer", "comment", "clusters"}
 
 
 class OverridesError(ValueError):
@@ -59,6 +60,9 @@ class Override:
     when: str
     reviewer: str = ""
     comment: str = ""
+    #: a hash of the sample's cluster map the person looked at (:func:`cluster_hash`): a later
+    #: segmentation with other clusters under the same colour names is refused, not applied
+    clusters: str = ""
 
     @property
     def relevant(self) -> bool:
@@ -66,7 +70,17 @@ class Override:
 
     def to_state(self) -> dict[str, Any]:
         return {"sample": self.sample, "colour": self.colour, "verdict": self.verdict, "when": self.when,
-                "reviewer": self.reviewer, "comment": self.comment}  # fmt: skip
+                "reviewer": self.reviewer, "comment": self.comment, **({"clusters": self.clusters} if self.clusters else {})}  # fmt: skip
+
+
+def cluster_hash(cluster_map: Any) -> str:
+    """A short hash of one sample's cluster map (an int tensor ``[H, W]``)."""
+    import hashlib
+
+    import torch
+
+    labels = torch.as_tensor(cluster_map).to(torch.int64).contiguous()
+    return hashlib.sha256(str(tuple(labels.shape)).encode() + labels.numpy().tobytes()).hexdigest()[:16]
 
 
 def now_iso() -> str:
@@ -88,12 +102,12 @@ def _entry(path: Path, i: int, item: Any) -> Override:
         raise OverridesError(f"{where}: sample must be a training-split index (an integer >= 0), got {sample!r}")
     if item["verdict"] not in ("yes", "no"):
         raise OverridesError(f"{where}: verdict must be \"yes\" or \"no\", got {item['verdict']!r}")
-    for key in ("colour", "when", "reviewer", "comment"):
+    for key in ("colour", "when", "reviewer", "comment", "clusters"):
         if key in item and not isinstance(item[key], str):
             raise OverridesError(f"{where}: {key} must be a string, got {type(item[key]).__name__}")
     if not item["colour"]:
         raise OverridesError(f"{where}: colour is empty")
-    return Override(sample, item["colour"], item["verdict"], item["when"], item.get("reviewer", ""), item.get("comment", ""))
+    return Override(sample, item["colour"], item["verdict"], item["when"], item.get("reviewer", ""), item.get("comment", ""), item.get("clusters", ""))
 
 
 def read_overrides(path: Path) -> list[Override]:
@@ -135,14 +149,17 @@ def write_overrides(path: Path, overrides: Iterable[Override]) -> None:
     write_atomic(Path(path), json.dumps(doc, indent=2) + "\n")
 
 
-def apply_overrides(verdicts: Sequence[Verdicts], overrides: Sequence[Override], path: Path | str = OVERRIDES_FILE) -> list[Verdicts]:
+def apply_overrides(
+    verdicts: Sequence[Verdicts], overrides: Sequence[Override], path: Path | str = OVERRIDES_FILE, clusters: dict[int, str] | None = None
+) -> list[Verdicts]:
     """The judge's verdicts with a person's overrides applied, in the same order.
 
     A reviewed sample's verdicts say per colour who decided (``sources``) and keep the judge's
     own (``judge_relevant``). A sample the judge failed on becomes usable when a person decided
     every one of its colours; with some decided, it stays a failure that says so. An override
-    of a sample or colour the run does not have raises :class:`OverridesError` listing them:
-    the selection or segmentation changed since the review."""
+    of a sample or colour the run does not have, or (with ``clusters``, sample -> the
+    :func:`cluster_hash` of its cluster map now) one made on other clusters, raises
+    :class:`OverridesError` listing them: the selection or segmentation changed since the review."""
     by_sample: dict[int, dict[str, Override]] = {}
     for o in overrides:
         by_sample.setdefault(o.sample, {})[o.colour] = o
@@ -156,6 +173,10 @@ def apply_overrides(verdicts: Sequence[Verdicts], overrides: Sequence[Override],
         missing = sorted(c for c in chosen if c not in v.colors)
         if missing:
             stale.append(f"sample {sample}: colour(s) {', '.join(missing)} not among its clusters ({', '.join(v.colors)})")
+        elif clusters is not None and sample in clusters:
+            moved = sorted(c for c, o in chosen.items() if o.clusters and o.clusters != clusters[sample])
+            if moved:
+                stale.append(f"sample {sample}: its clusters changed since the review, so {', '.join(moved)} names another region now")
     if stale:
         shown = "; ".join(stale[:10]) + (f"; and {len(stale) - 10} more" if len(stale) > 10 else "")
         raise OverridesError(

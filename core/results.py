@@ -144,7 +144,9 @@ def assemble_results(
             before = verdict_metrics(labels, judged, truth)
             out["review"]["before"] = {k: before[k] for k in ("verdict_accuracy", "cluster_accuracy", "confusion", "judged_samples")}
             out["review"]["after"] = {k: out["verdicts"][k] for k in ("verdict_accuracy", "cluster_accuracy", "confusion", "judged_samples")}
-        uncertain = uncertainty_summary(labels, verdicts, truth)
+        # the critic's own uncertainty against the judge's verdicts: a person's corrections
+        # must not take errors out of what measures the critic
+        uncertain = uncertainty_summary(labels, judged if judged is not None else verdicts, truth)
         if uncertain is not None:
             out["uncertainty"] = uncertain
     masks = call["masks"]
@@ -152,10 +154,14 @@ def assemble_results(
         # One failure per sample: a critique that failed is reported with the critic's reason,
         # not the judge's "no critique to judge".
         by_sample = {f["sample_id"]: f for f in masks["failures"]}
+        answers: dict[int, list[Critique]] = {}
         for c in critiques:
-            # with several answers per sample, a failed answer matters only where the sample failed
-            if c.failure is not None and (c.sample_id in by_sample or len(critiques) == len(verdicts or [])):
-                by_sample[c.sample_id] = {"sample_id": c.sample_id, "stage": "critic", "reason": c.failure}
+            answers.setdefault(c.sample_id, []).append(c)
+        for sid, group in answers.items():
+            # a sample that failed because its critic did (every answer), not because the judge
+            # could not read the answers or their votes tied: the critic's reason
+            if sid in by_sample and all(c.failure is not None for c in group):
+                by_sample[sid] = {"sample_id": sid, "stage": "critic", "reason": group[0].failure}
         ok = masks["ok"]
         out["alignment"] = {
             "samples": int(ok.numel()),
@@ -216,9 +222,9 @@ def uncertainty_summary(labels: torch.Tensor, verdicts: Sequence[Verdicts], trut
     if not any(v.votes for v in verdicts):
         return None
     errors = verdict_errors(labels, verdicts, truth)
-    rows = [(v.uncertainty, e, v.sample_id) for v, e in zip(verdicts, errors, strict=True) if e is not None]
-    # most uncertain first; equal uncertainty in sample order (what the review page shows)
-    rows.sort(key=lambda r: (-r[0], r[2]))
+    rows = [(v.uncertainty, e, v.sample_id, row) for row, (v, e) in enumerate(zip(verdicts, errors, strict=True)) if e is not None]
+    # most uncertain first; equal uncertainty in the run's order (what the review page shows)
+    rows.sort(key=lambda r: (-r[0], r[3]))
     top = max(1, math.ceil(UNCERTAIN_SHARE * len(rows))) if rows else 0
     total = sum(r[1] for r in rows)
     in_top = sum(r[1] for r in rows[:top])

@@ -235,12 +235,20 @@ def _judge(call: StageCall) -> list[Verdicts]:
 
 
 def _overrides(call: StageCall) -> list[Verdicts]:
-    from ..overrides import OVERRIDES_FILE, OverridesError, apply_overrides, read_overrides
+    from ..overrides import (
+        OVERRIDES_FILE,
+        OverridesError,
+        apply_overrides,
+        cluster_hash,
+        read_overrides,
+    )
     from .errors import StageInputError
 
     path = call.ctx.run_dir / OVERRIDES_FILE
+    seg: Segmentation = call["segment"]
+    clusters = {int(i): cluster_hash(seg.labels[row]) for row, i in enumerate(call["select"].indices.tolist())}
     try:
-        return apply_overrides(call["judge"], read_overrides(path), path)
+        return apply_overrides(call["judge"], read_overrides(path), path, clusters)
     except OverridesError as exc:
         raise StageInputError(str(exc)) from None
 
@@ -491,7 +499,7 @@ def _core_stages(settings: Settings) -> list[Stage]:
         Stage(
             # a person's corrections (review/overrides.json, written by `lvlmva review`) on the
             # judge's verdicts: what masks read; without the file, the judge's verdicts as they are
-            "overrides", _overrides, inputs=("judge",), provides="verdicts", codec=codecs.VERDICTS,
+            "overrides", _overrides, inputs=("select", "segment", "judge"), provides="verdicts", codec=codecs.VERDICTS,
             watch=("review/overrides.json",), summary="apply a person's review of the verdicts",
         ),
         Stage(

@@ -33,6 +33,7 @@ from ..overrides import (
     Override,
     OverridesError,
     apply_overrides,
+    cluster_hash,
     now_iso,
     read_overrides,
     write_overrides,
@@ -100,21 +101,28 @@ class ReviewRun:
             label = answers[0].label if answers else ""
             self.samples[index] = _Sample(row, index, label, tuple(r.colors), r, answers, v)
         self.path = self.run_dir / OVERRIDES_FILE
+        self.clusters = {sid: cluster_hash(self.segmentation.labels[s.row]) for sid, s in self.samples.items()}
         try:
             self.overrides: dict[tuple[int, str], Override] = {(o.sample, o.colour): o for o in read_overrides(self.path)}
             # the same check compose makes: overrides of samples or colours this run lacks
-            apply_overrides(verdicts, list(self.overrides.values()), self.path)
+            apply_overrides(verdicts, list(self.overrides.values()), self.path, self.clusters)
         except OverridesError as exc:
             raise ReviewError(str(exc)) from None
-        self.lock = threading.Lock()
+        # one lock for reading and changing the overrides (the server answers in threads)
+        self.lock = threading.RLock()
 
     # -- state ------------------------------------------------------------------------------
     def effective(self, sample_id: int) -> Verdicts:
         s = self.samples[sample_id]
-        mine = [o for (sid, _c), o in self.overrides.items() if sid == sample_id]
+        with self.lock:
+            mine = [o for (sid, _c), o in self.overrides.items() if sid == sample_id]
         return apply_overrides([s.judged], mine, self.path)[0]
 
     def state(self, sample_id: int) -> dict[str, Any]:
+        with self.lock:
+            return self._state(sample_id)
+
+    def _state(self, sample_id: int) -> dict[str, Any]:
         s = self.samples[sample_id]
         v = self.effective(sample_id)
         judge = s.judged.relevant
@@ -163,9 +171,9 @@ class ReviewRun:
             if new == judge:
                 self.overrides.pop(key, None)
             else:
-                self.overrides[key] = Override(sample_id, colour, new, now_iso(), reviewer, comment)
+                self.overrides[key] = Override(sample_id, colour, new, now_iso(), reviewer, comment, self.clusters[sample_id])
             self._save(before)
-        return self.state(sample_id)
+            return self._state(sample_id)
 
     def reset(self, sample_id: int) -> dict[str, Any]:
         if sample_id not in self.samples:
@@ -175,7 +183,7 @@ class ReviewRun:
             for key in [k for k in self.overrides if k[0] == sample_id]:
                 del self.overrides[key]
             self._save(before)
-        return self.state(sample_id)
+            return self._state(sample_id)
 
     def _save(self, before: dict[tuple[int, str], Override]) -> None:
         try:
@@ -235,7 +243,7 @@ def create_app(run_dir: Path, *, read_only: bool = False, reviewer: str = "", al
 
     def _sample(body: dict[str, Any]) -> int:
         sid = body.get("sample")
-        if not isinstance(sid, int) or sid not in run.samples:
+        if not isinstance(sid, int) or isinstance(sid, bool) or sid not in run.samples:
             abort(404, description=f"no alignment sample {sid!r} in this run")
         return sid
 
@@ -346,19 +354,58 @@ def make_server(run_dir: Path, *, host: str = "127.0.0.1", port: int = 0, read_o
             if self.command == "POST" or str(code)[:1] in ("4", "5"):
                 super().log_request(code, size)
 
+    if not 0 <= port <= 65535:
+        raise ReviewError(f"--port {port}: a port is 0 (any free one) to 65535")
     try:
         server = _make(host, port, app, threaded=True, request_handler=_Quiet)
-    except OSError as exc:
-        raise ReviewError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    except (OSError, OverflowError) as exc:
+        raise ReviewError(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}") from None
+    except SystemExit:  # werkzeug reports a port in use itself and exits 1
+        raise ReviewError(f"cannot listen on {host}:{port}: the address is in use or cannot be bound (another lvlmva review?)") from None
     # bound to loopback: only the loopback names are served (no DNS rebinding); bound to another
     # address on purpose, any name others reach it by (the token still guards every change)
     hosts = _hosts(host, server.port) if host in _LOOPBACK else None
+    try:
+        # one writer per run: a second page would overwrite the first one's overrides
+        lock = None if read_only else _hold_review_lock(Path(run_dir))
+    except BaseException:
+        server.server_close()
+        raise
+    close_socket = server.server_close
+
+    def server_close() -> None:  # the socket and the run's review lock go together
+        close_socket()
+        if lock is not None and not lock.closed:
+            lock.close()
+
+    server.server_close = server_close
     try:
         holder["app"] = create_app(run_dir, read_only=read_only, reviewer=reviewer, allowed_hosts=hosts)
     except BaseException:
         server.server_close()  # a run that cannot be reviewed must not leave the port bound
         raise
     return server
+
+
+def _hold_review_lock(run_dir: Path) -> Any:
+    """An exclusive lock on ``review/.lock`` held while the server runs (released when the
+    process ends or the returned file is closed)."""
+    import fcntl
+
+    if not run_dir.is_dir():
+        return None  # ReviewRun says what is wrong with the folder
+    folder = run_dir / OVERRIDES_FILE.parent
+    try:
+        folder.mkdir(exist_ok=True)
+        fh = open(folder / ".lock", "w")  # noqa: SIM115 - held for the server's life
+    except OSError as exc:
+        raise ReviewError(f"cannot write into {folder}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise ReviewError(f"{run_dir} is being reviewed by another lvlmva review (its changes would be overwritten); stop that one, or use --read-only") from None
+    return fh
 
 
 def serve(run_dir: Path, *, host: str = "127.0.0.1", port: int = 8765, read_only: bool = False, reviewer: str = "", open_browser: bool = True) -> int:
@@ -368,7 +415,8 @@ def serve(run_dir: Path, *, host: str = "127.0.0.1", port: int = 8765, read_only
     url = f"http://{shown}:{server.port}/"
     print(f"lvlmva review: {url}  ({'read-only' if read_only else 'overrides saved in ' + str(Path(run_dir) / OVERRIDES_FILE)}); Ctrl-C to stop", file=sys.stderr)
     if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"lvlmva review: listening on {host}: anyone who can reach this address can see the run's samples", file=sys.stderr)
+        print(f"lvlmva review: listening on {host}: anyone who can reach this address can see the run's samples "
+              "and change its verdicts (use --read-only to show them only)", file=sys.stderr)
     if open_browser:
         threading.Timer(0.5, lambda: webbrowser.open(url)).start()
     try:

@@ -270,7 +270,7 @@ def test_the_server_answers_on_a_free_port_and_only_for_its_own_host(run_dir: Pa
         # a page served from another name (DNS rebinding) that somehow has the token
         status, _ = request("POST", "/api/toggle", body, host=f"rebound.example:{server.port}", token=token.decode())
         assert status == 403
-        assert not (run_dir / "review").exists()
+        assert not (run_dir / "review" / "overrides.json").exists()
         status, _ = request("POST", "/api/toggle", body, host=f"localhost:{server.port}", token=token.decode())
         assert status == 200
         assert len(read_overrides(run_dir / "review" / "overrides.json")) == 1
@@ -289,3 +289,37 @@ def test_a_server_bound_beyond_loopback_serves_any_host_name_with_the_token(run_
         sid = int(re.findall(rb'data-sample="(\d+)"', html)[0])
         assert request("POST", "/api/toggle", {"sample": sid, "colour": "red"})[0] == 403  # no token
         assert request("POST", "/api/toggle", {"sample": sid, "colour": "red"}, token=token.decode())[0] == 200
+
+
+def test_a_second_review_server_on_the_same_run_is_refused(run_dir: Path):
+    # two pages writing the same overrides.json would overwrite each other's work
+    first = make_server(run_dir, port=0)
+    try:
+        with pytest.raises(ReviewError, match="being reviewed by another lvlmva review"):
+            make_server(run_dir, port=0)
+        make_server(run_dir, port=0, read_only=True).server_close()  # showing only is fine
+    finally:
+        first.server_close()
+    make_server(run_dir, port=0).server_close()  # released with the first server
+
+
+def test_overrides_made_on_other_clusters_are_refused(run_dir: Path):
+    run = ReviewRun(run_dir)
+    sid = run.ordered()[0]
+    colour = run.samples[sid].colors[0]
+    run.toggle(sid, colour)
+    (entry,) = read_overrides(run_dir / "review" / "overrides.json")
+    assert entry.clusters == run.clusters[sid]
+    # the same colour name over another region (a re-segmentation): not applied silently
+    doc = json.loads((run_dir / "review" / "overrides.json").read_text())
+    doc["overrides"][0]["clusters"] = "0" * 16
+    (run_dir / "review" / "overrides.json").write_text(json.dumps(doc))
+    with pytest.raises(ReviewError, match=rf"sample {sid}: its clusters changed since the review"):
+        ReviewRun(run_dir)
+
+
+def test_a_boolean_sample_is_not_taken_for_an_index(run_dir: Path):
+    client = create_app(run_dir).test_client()
+    token = _token(client)
+    assert _post(client, "/api/toggle", {"sample": False, "colour": "red"}, token).status_code == 404
+    assert not (run_dir / "review" / "overrides.json").exists()
