@@ -20,15 +20,14 @@ Everything is seeded by the run seed, ``seed``, the sample, the colour and the a
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
 from pydantic import Field, model_validator
 
-from lvlmva.masks import cluster_overlap
+from lvlmva.plugins.critics.oracle import OracleCritic
 from lvlmva.protocols import PluginOptions, RunContext
-from lvlmva.records import Critique, CritiqueRequest
+from lvlmva.records import CritiqueRequest
 
 __all__ = ["ScriptedCritic"]
 
@@ -38,8 +37,10 @@ def _rng(*parts: object) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-class ScriptedCritic:
-    """Simulated critic (not an LVLM): the true verdicts, each wrong with a per-cluster error rate."""
+class ScriptedCritic(OracleCritic):
+    """Simulated critic (not an LVLM): the true verdicts, each wrong with a per-cluster error rate.
+
+    The oracle critic's checks and overlaps, with each cluster's verdict flipped at its rate."""
 
     class Options(PluginOptions):
         """Settings of the scripted critic."""
@@ -69,13 +70,9 @@ class ScriptedCritic:
                 raise ValueError(f"samples = {self.samples}: use an odd number, so that every colour has a majority")
             return self
 
-    accepts_images: ClassVar[bool] = False
-    needs_true_masks: ClassVar[bool] = True
+    model_name: ClassVar[str] = "scripted"
     #: what tables say about its verdicts
     truth_note: ClassVar[str] = "reads the true masks and errs at a scripted rate: a simulation, not an LVLM"
-
-    def __init__(self, options: ScriptedCritic.Options | None = None) -> None:
-        self.options = options if options is not None else self.Options()
 
     def rate(self, run_seed: int, sample_id: int, color: str) -> float:
         """The error rate of one cluster (the same for every answer)."""
@@ -85,20 +82,8 @@ class ScriptedCritic:
         concentration = (1.0 - spread) / spread
         return float(_rng(run_seed, self.options.seed, "rate", sample_id, color).beta(mean * concentration, (1.0 - mean) * concentration))
 
-    def critique(self, requests: Sequence[CritiqueRequest], ctx: RunContext) -> list[Critique]:
-        return [self._one(r, ctx) for r in requests]
-
-    def _one(self, request: CritiqueRequest, ctx: RunContext) -> Critique:
-        colors = tuple(request.colors)
-        common = {"sample_id": request.sample_id, "colors": colors, "model": "scripted", "family": request.family,
-                  "label": request.label, "draw": request.draw}  # fmt: skip
-        if request.true_mask is None:
-            return Critique(text=None, failure=f"scripted critic, sample {request.sample_id}: no true spurious mask", **common)
-        pixels, on_mask = cluster_overlap(request.cluster_map[None].long(), request.true_mask[None].bool(), num_clusters=len(colors))
-        lines = []
-        for color, n, k in zip(colors, pixels[0].tolist(), on_mask[0].tolist(), strict=True):
-            spurious = n > 0 and k > 0 and k / n >= self.options.min_overlap
-            flip = _rng(ctx.seed, self.options.seed, "answer", request.sample_id, color, request.draw).random() < self.rate(ctx.seed, request.sample_id, color)
-            verdict = "yes" if spurious == flip else "no"
-            lines.append(f"{color}: covers {n} pixels, {k} on the true spurious feature. Verdict: {verdict}")
-        return Critique(text="\n".join(lines), **common)
+    def _line(self, request: CritiqueRequest, ctx: RunContext, color: str, n: int, k: int) -> str:
+        spurious = n > 0 and k > 0 and k / n >= self.options.min_overlap
+        flip = _rng(ctx.seed, self.options.seed, "answer", request.sample_id, color, request.draw).random() < self.rate(ctx.seed, request.sample_id, color)
+        verdict = "yes" if spurious == flip else "no"
+        return f"{color}: covers {n} pixels, {k} on the true spurious feature. Verdict: {verdict}"

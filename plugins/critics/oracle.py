@@ -54,22 +54,26 @@ class OracleCritic:
     def __init__(self, options: OracleCritic.Options | None = None) -> None:
         self.options = options if options is not None else self.Options()
 
+    #: what Critique.model and failures call this critic
+    model_name: ClassVar[str] = "oracle"
+
     def critique(self, requests: Sequence[CritiqueRequest], ctx: RunContext) -> list[Critique]:
         """One line per cluster colour with its overlap and a verdict, per request."""
-        return [self._one(request) for request in requests]
+        return [self._one(request, ctx) for request in requests]
 
     def _fail(self, request: CritiqueRequest, reason: str) -> Critique:
         return Critique(
             sample_id=request.sample_id,
             colors=tuple(request.colors),
             text=None,
-            failure=f"oracle critic, sample {request.sample_id}: {reason}",
-            model="oracle",
+            failure=f"{self.model_name} critic, sample {request.sample_id}: {reason}",
+            model=self.model_name,
             family=request.family,
             label=request.label,
+            draw=request.draw,
         )
 
-    def _one(self, request: CritiqueRequest) -> Critique:
+    def _one(self, request: CritiqueRequest, ctx: RunContext) -> Critique:
         colors = tuple(request.colors)
         if request.true_mask is None:
             return self._fail(request, "no true spurious mask (the data set provides none)")
@@ -89,23 +93,23 @@ class OracleCritic:
         pixels, on_mask = cluster_overlap(
             cmap[None].long(), tmask[None].bool(), num_clusters=len(colors)
         )
-        lines = []
-        for color, n, k in zip(colors, pixels[0].tolist(), on_mask[0].tolist(), strict=True):
-            if n == 0:
-                lines.append(f"{color}: covers no pixels. Verdict: yes")
-                continue
-            share = k / n
-            spurious = k > 0 and share >= self.options.min_overlap
-            on = "none" if k == 0 else f"{k} of them ({share:.0%})"
-            verdict = "no" if spurious else "yes"
-            lines.append(
-                f"{color}: covers {n} pixels, {on} on the true spurious feature. Verdict: {verdict}"
-            )
+        rows = zip(colors, pixels[0].tolist(), on_mask[0].tolist(), strict=True)
         return Critique(
             sample_id=request.sample_id,
             colors=colors,
-            text="\n".join(lines),
-            model="oracle",
+            text="\n".join(self._line(request, ctx, color, n, k) for color, n, k in rows),
+            model=self.model_name,
             family=request.family,
             label=request.label,
+            draw=request.draw,
         )
+
+    def _line(self, request: CritiqueRequest, ctx: RunContext, color: str, n: int, k: int) -> str:
+        """One cluster's line: ``n`` pixels, ``k`` of them on the true mask."""
+        if n == 0:
+            return f"{color}: covers no pixels. Verdict: yes"
+        share = k / n
+        spurious = k > 0 and share >= self.options.min_overlap
+        on = "none" if k == 0 else f"{k} of them ({share:.0%})"
+        verdict = "no" if spurious else "yes"
+        return f"{color}: covers {n} pixels, {on} on the true spurious feature. Verdict: {verdict}"
