@@ -420,13 +420,15 @@ class Pipeline:
                     # The data set first when anything computes: its checks (a selection
                     # larger than the split, groups a mitigator needs) stop the run before
                     # the previous results are unpublished or any setting is recorded.
-                    self._preload_data()
+                    plan = self.plan()
+                    computes = any(o.status == "pending" for o in plan if self._by_name[o.name].persist)
+                    self._preload_data(plan, computes)
                     rundir.write("settings.resolved.toml", self.settings.to_toml())
                     rundir.write("env.json", json.dumps(environment_info(self.device), indent=2, sort_keys=True))
                     # A run that stops early (--until) publishes nothing: it keeps what was
                     # published before unless a stage before the stop is to be recomputed,
                     # which would make those results disagree with the artifacts
-                    if self.until is None or any(o.status == "pending" for o in self.plan() if self._by_name[o.name].persist):
+                    if self.until is None or computes:
                         rundir.unpublish()
                     self._loop(rundir, hooks)
                     # published also when some stage failed: results.json then names the
@@ -449,10 +451,9 @@ class Pipeline:
         except OSError as exc:  # said, not raised: an error already on its way must not be hidden
             self.echo(f"  ! cannot write {rundir.path / 'timings.json'}: {exc.strerror or exc}")
 
-    def _preload_data(self) -> None:
+    def _preload_data(self, plan: list[StageOutcome], computes: bool) -> None:
         unstored = [s for s in self.stages if not s.persist and self.skipped[s.name] is None]
-        plan = self.plan()
-        if not unstored or not any(o.status == "pending" for o in plan if self._by_name[o.name].persist):
+        if not unstored or not computes:
             return
         for stage in unstored:
             self._state.tokens[stage.name] = next(o.fingerprint for o in plan if o.name == stage.name)

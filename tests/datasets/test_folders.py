@@ -38,6 +38,31 @@ def make_knee(root, per_grade=2):
     return root / "markers.csv"
 
 
+def knee_settings(tmp_path, root, markers):
+    """A small compose over a knee folder: a one-epoch CNN, the standard evaluator."""
+    settings = tmp_path / "knee.toml"
+    settings.write_text(f"""
+[run]
+device = "cpu"
+[dataset]
+plugin = "knee-folder"
+root = "{root.as_posix()}"
+markers = "{markers.as_posix()}"
+size = 16
+[model]
+plugin = "cnn"
+channels = [4]
+[train]
+epochs = 1
+[evaluators.standard]
+plugin = "standard"
+alignment_score_samples = 0
+[report]
+enabled = false
+""")
+    return settings
+
+
 def knee(root, markers, **kw):
     return KneeFolderProvider(KneeFolderProvider.Options(root=root, markers=markers, size=16, **kw))
 
@@ -189,26 +214,7 @@ def test_compose_on_a_knee_folder_with_a_missing_file_exits_2_naming_it(tmp_path
     root = tmp_path / "kneeKL"
     markers = make_knee(root)
     (root / "train/3/train3_1.png").unlink()  # listed in markers.csv, gone from the folder
-    settings = tmp_path / "knee.toml"
-    settings.write_text(f"""
-[run]
-device = "cpu"
-[dataset]
-plugin = "knee-folder"
-root = "{root.as_posix()}"
-markers = "{markers.as_posix()}"
-size = 16
-[model]
-plugin = "cnn"
-channels = [4]
-[train]
-epochs = 1
-[evaluators.standard]
-plugin = "standard"
-alignment_score_samples = 0
-[report]
-enabled = false
-""")
+    settings = knee_settings(tmp_path, root, markers)
     run_dir = tmp_path / "run"
     assert main(["compose", str(settings), "--out", str(run_dir)]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
@@ -226,26 +232,7 @@ def test_an_edited_image_in_the_users_folder_recomputes_the_run(tmp_path, capsys
 
     root = tmp_path / "kneeKL"
     markers = make_knee(root)
-    settings = tmp_path / "knee.toml"
-    settings.write_text(f"""
-[run]
-device = "cpu"
-[dataset]
-plugin = "knee-folder"
-root = "{root.as_posix()}"
-markers = "{markers.as_posix()}"
-size = 16
-[model]
-plugin = "cnn"
-channels = [4]
-[train]
-epochs = 1
-[evaluators.standard]
-plugin = "standard"
-alignment_score_samples = 0
-[report]
-enabled = false
-""")
+    settings = knee_settings(tmp_path, root, markers)
     run = ["compose", str(settings), "--out", str(tmp_path / "run")]
     assert main(run) == EXIT_OK
     capsys.readouterr()
