@@ -16,6 +16,7 @@ written atomically after every change, so a closed browser or a killed server lo
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import io
 import secrets
@@ -48,6 +49,10 @@ _KINDS = ("original", "clusters", "overlay")
 class ReviewError(Exception):
     """The run directory cannot be reviewed (not a run, no finished judge, an unusable
     overrides file); the message says what to do."""
+
+
+class ReviewConflict(ReviewError):
+    """The overrides file changed outside the page; nothing was written."""
 
 
 @dataclass
@@ -102,6 +107,7 @@ class ReviewRun:
             self.samples[index] = _Sample(row, index, label, tuple(r.colors), r, answers, v)
         self.path = self.run_dir / OVERRIDES_FILE
         self.clusters = {sid: cluster_hash(self.segmentation.labels[s.row]) for sid, s in self.samples.items()}
+        self._disk = self._on_disk()  # what the file held when read: an edit elsewhere is noticed
         try:
             self.overrides: dict[tuple[int, str], Override] = {(o.sample, o.colour): o for o in read_overrides(self.path)}
             # the same check compose makes: overrides of samples or colours this run lacks
@@ -162,6 +168,7 @@ class ReviewRun:
         if colour not in s.colors:
             raise KeyError(f"sample {sample_id} has no cluster {colour!r} (its colours: {', '.join(s.colors)})")
         with self.lock:
+            self._unchanged()
             key = (sample_id, colour)
             j = s.colors.index(colour)
             judge = None if s.judged.relevant is None else ("yes" if s.judged.relevant[j] else "no")
@@ -179,11 +186,24 @@ class ReviewRun:
         if sample_id not in self.samples:
             raise KeyError(f"sample {sample_id} is not an alignment sample of this run")
         with self.lock:
+            self._unchanged()
             before = dict(self.overrides)
             for key in [k for k in self.overrides if k[0] == sample_id]:
                 del self.overrides[key]
             self._save(before)
             return self._state(sample_id)
+
+    def _on_disk(self) -> str | None:
+        try:
+            return hashlib.sha256(self.path.read_bytes()).hexdigest()
+        except FileNotFoundError:
+            return None
+
+    def _unchanged(self) -> None:
+        """Refuse to write over an overrides file someone else changed since this page read
+        or wrote it (a hand edit): that person's work is not ours to overwrite."""
+        if self._on_disk() != self._disk:
+            raise ReviewConflict(f"{self.path} was changed outside this page since it was read: restart `lvlmva review` to load it; nothing was written")
 
     def _save(self, before: dict[tuple[int, str], Override]) -> None:
         try:
@@ -191,6 +211,7 @@ class ReviewRun:
         except OSError:
             self.overrides = before  # what the page shows stays what the file holds
             raise
+        self._disk = self._on_disk()
 
     # -- images -----------------------------------------------------------------------------
     def image(self, sample_id: int, kind: str) -> bytes:
@@ -306,12 +327,18 @@ def create_app(run_dir: Path, *, read_only: bool = False, reviewer: str = "", al
         comment = body.get("comment", "")
         if not isinstance(who, str) or not isinstance(comment, str):
             abort(400, description="reviewer and comment must be strings")
-        return jsonify(run.toggle(sid, colour, who[:200], comment[:2000]))
+        try:
+            return jsonify(run.toggle(sid, colour, who[:200], comment[:2000]))
+        except ReviewConflict as exc:
+            return jsonify({"error": str(exc)}), 409
 
     @app.post("/api/reset")
     def reset() -> Any:
         _check_write()
-        return jsonify(run.reset(_sample(_body())))
+        try:
+            return jsonify(run.reset(_sample(_body())))
+        except ReviewConflict as exc:
+            return jsonify({"error": str(exc)}), 409
 
     @app.after_request
     def _headers(response: Any) -> Any:

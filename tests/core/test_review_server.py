@@ -323,3 +323,16 @@ def test_a_boolean_sample_is_not_taken_for_an_index(run_dir: Path):
     token = _token(client)
     assert _post(client, "/api/toggle", {"sample": False, "colour": "red"}, token).status_code == 404
     assert not (run_dir / "review" / "overrides.json").exists()
+
+
+def test_an_overrides_file_edited_elsewhere_is_not_written_over(run_dir: Path):
+    client = create_app(run_dir).test_client()
+    token = _token(client)
+    sid = ReviewRun(run_dir).ordered()[0]
+    assert _post(client, "/api/toggle", {"sample": sid, "colour": "red"}, token).status_code == 200
+    path = run_dir / "review" / "overrides.json"
+    edited = path.read_text().replace('"comment": ""', '"comment": "by hand"')
+    path.write_text(edited)  # a person edits the file while the page is open
+    refused = _post(client, "/api/toggle", {"sample": sid, "colour": "blue"}, token)
+    assert refused.status_code == 409 and "changed outside this page" in refused.get_json()["error"]
+    assert path.read_text() == edited
