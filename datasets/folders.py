@@ -11,6 +11,7 @@ per channel by the training split's mean and standard deviation (recorded in res
 from __future__ import annotations
 
 import csv
+import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,19 +210,47 @@ def _assemble(
     )
 
 
-def _read_csv(path: Path, columns: set[str], what: str) -> list[dict[str, str]]:
-    """The rows of a user's CSV; a missing file, an unreadable one or missing columns stop the
-    run with a message that names the file."""
+def _read_csv(path: Path, columns: set[str], what: str) -> list[tuple[int, dict[str, str]]]:
+    """The rows of a user's CSV with the line each stands on, as an editor numbers it; a missing
+    file, an unreadable one or missing columns stop the run with a message that names the file."""
     try:
         with open(path, newline="", encoding="utf-8") as fh:
-            table = list(csv.DictReader(fh))
+            reader = csv.DictReader(fh)
+            # the reader's own line count: blank lines, which it skips, still count (a row with
+            # a quoted line break is named by its last line)
+            table = [(reader.line_num, entry) for entry in reader]
     except FileNotFoundError:
         raise DatasetError(f"{what} {path} does not exist") from None
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DatasetError(f"{what} {path} cannot be read: {exc}") from None
-    if not table or not columns <= set(table[0]):
+    if not table or not columns <= set(table[0][1]):
         raise DatasetError(f"{what} {path} needs the columns {', '.join(repr(c) for c in sorted(columns))}")
     return table
+
+
+def _box_numbers(text: str) -> tuple[float, ...] | str:
+    """A box's numbers (so that "2,3,12,10" and "2; 3; 12; 10" compare equal), or its text when
+    it has none."""
+    try:
+        return tuple(float(v) for v in text.replace(";", ",").split(","))
+    except ValueError:
+        return text
+
+
+def _file_key(text: str) -> str:
+    """A relative file name written either way ("masks\\a.png", "./masks/a.png")."""
+    return posixpath.normpath(text.replace("\\", "/")) if text else ""
+
+
+def _marker_text(values: tuple[bool, str, str]) -> str:
+    """A marker row's values as the user wrote them, for a message."""
+    marker, mask, box = values
+    text = f"marker {int(marker)}"
+    if box:
+        text += f", box {box!r}"
+    if mask:
+        text += f", mask {mask!r}"
+    return text
 
 
 def _images_under(folder: Path) -> list[Path]:
@@ -274,6 +303,9 @@ class KneeFolderProvider:
                 if split != "val":
                     problems.add(folder, "missing (train/ and test/ are required)")
                 continue
+            # an image beside the grade folders has no grade: it would be left out unseen
+            for path in _images_under(folder):
+                problems.add(path, f"an image outside the grade folders (images go in {split}/0 .. {split}/4)")
             for grade_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
                 if grade_dir.name not in {"0", "1", "2", "3", "4"}:
                     problems.add(grade_dir, "not a Kellgren-Lawrence grade folder (0..4)")
@@ -290,21 +322,40 @@ class KneeFolderProvider:
         assert path is not None
         table = _read_csv(path, {"image", "marker"}, "knee-folder: markers CSV")
         seen = set()
-        for i, entry in enumerate(table, start=2):  # line numbers as an editor shows them
-            where = f"{path.name} line {i}"
-            key = (entry.get("image") or "").strip().replace("\\", "/")
+        # the line and the values of the row that gave each image its marker
+        given: dict[str, tuple[int, tuple[bool, str, str]]] = {}
+        for line, entry in table:
+            where = f"{path.name} line {line}"
+            key = _file_key((entry.get("image") or "").strip())
             if key not in rows:
                 problems.add(where, f"image {key!r} is not among the images under {self.options.root}")
                 continue
             seen.add(key)
             try:
-                rows[key].shortcut = _flag(entry.get("marker") or "")
+                marker = _flag(entry.get("marker") or "")
             except ValueError as exc:
                 problems.add(where, f"marker {exc}")
                 continue
             mask = (entry.get("mask") or "").strip()
+            box = (entry.get("box") or "").strip()
+            values = (marker, mask, box)
+            if key in given:
+                first, before = given[key]
+                same = (before[0], _file_key(before[1]), _box_numbers(before[2])) == (marker, _file_key(mask), _box_numbers(box))
+                # A second row that repeats the first (a file concatenated from two lists) is
+                # accepted: the image gets the same marker either way, and a row that was meant
+                # for another image leaves that image without a row, which is reported below.
+                # Rows that disagree are refused: which one is right is the user's to say.
+                if not same:
+                    problems.add(
+                        f"{path.name} lines {first} and {line}",
+                        f"image {key!r} is listed twice with different values ({_marker_text(before)} against {_marker_text(values)})",
+                    )
+                continue
+            given[key] = (line, values)
+            rows[key].shortcut = marker
             rows[key].mask_file = (path.parent / mask) if mask else None
-            rows[key].box = (entry.get("box") or "").strip() or None
+            rows[key].box = box or None
         for key in sorted(set(rows) - seen):
             problems.add(rows[key].path, f"no row in {path.name} (every image needs its marker value)")
 
@@ -386,8 +437,29 @@ class IsicFolderProvider:
         table = _read_csv(path, {"image", "label"}, "isic-folder: CSV")
         rows = []
         labels = {"benign": 0, "malignant": 1, "0": 0, "1": 1, "no_cancer": 0, "cancer": 1}
-        for i, entry in enumerate(table, start=2):
-            where = f"{path.name} line {i}"
+        listed: dict[str, tuple[int, dict[str, str]]] = {}  # image -> its first line and row
+        for line, entry in table:
+            where = f"{path.name} line {line}"
+            image = (entry.get("image") or "").strip()
+            if not image:
+                problems.add(where, "no image")
+                continue
+            # Every row is one sample, so an image listed twice is refused even where the rows
+            # agree: it would count twice and could land in train and test both.
+            key = _file_key(image)
+            if key in listed:
+                first, before = listed[key]
+                differ = [
+                    f"{column} {(before.get(column) or '').strip()!r} against {(entry.get(column) or '').strip()!r}"
+                    for column in ("label", "split", "patch", "mask")
+                    if (before.get(column) or "").strip().lower() != (entry.get(column) or "").strip().lower()
+                ]
+                problems.add(
+                    f"{path.name} lines {first} and {line}",
+                    f"image {image!r} is listed twice" + (f" with different values ({', '.join(differ)})" if differ else " (one row per image)"),
+                )
+                continue
+            listed[key] = (line, entry)
             label = labels.get((entry.get("label") or "").strip().lower())
             if label is None:
                 problems.add(where, f"label {entry.get('label')!r} is not benign/malignant (or 0/1)")
@@ -405,7 +477,7 @@ class IsicFolderProvider:
             if patch and not mask:  # an all-empty mask would pass for a true mask
                 problems.add(where, "patch = 1 but no mask file: true masks need the patch's pixels")
                 continue
-            rows.append(_Row(split, path.parent / entry["image"].strip(), label, shortcut=patch, mask_file=(path.parent / mask) if mask else None))
+            rows.append(_Row(split, path.parent / image, label, shortcut=patch, mask_file=(path.parent / mask) if mask else None))
         if rows and len({r.split == "" for r in rows}) > 1:
             problems.add(path, "either every row names its split or none does")
         return rows

@@ -315,3 +315,95 @@ alignment_score_samples = 0
     assert "the critic (it reads the true masks) needs true spurious masks" in err
     assert "set masks.true_mask_reference = false" in err and "Traceback" not in err
     assert not (tmp_path / "run" / "train").exists()
+
+
+def test_knee_markers_listing_an_image_twice_with_different_values_is_refused_naming_both_lines(tmp_path):
+    root = tmp_path / "kneeKL"
+    markers = make_knee(root)
+    lines = markers.read_text().splitlines()
+    # line 2 is train/0/train0_0.png, marker 0; line 3 is train/0/train0_1.png, marker 1 with a box
+    assert lines[1] == "train/0/train0_0.png,0," and lines[2] == 'train/0/train0_1.png,1,"2,3,12,10"'
+    lines += [
+        "train/0/train0_0.png,1,",  # line 32: the marker disagrees with line 2
+        './train/0/train0_1.png,1,"0,0,5,5"',  # line 33: the box disagrees with line 3
+    ]
+    markers.write_text("\n".join(lines) + "\n")
+    (root / "test/4/test4_1.png").unlink()  # an unrelated problem, reported with the others
+    with pytest.raises(DatasetError) as err:
+        knee(root, markers).load(ctx(tmp_path))
+    text = str(err.value)
+    assert "3 problem(s)" in text
+    assert "markers.csv lines 2 and 32: image 'train/0/train0_0.png' is listed twice with different values (marker 0 against marker 1)" in text
+    assert "markers.csv lines 3 and 33: image 'train/0/train0_1.png' is listed twice with different values (marker 1, box '2,3,12,10' against marker 1, box '0,0,5,5')" in text
+    assert "test4_1.png" in text
+
+
+def test_knee_markers_repeating_a_row_exactly_is_accepted(tmp_path):
+    """A repeated row changes nothing (the image's marker is the same either way); the same
+    box written with other separators is the same box."""
+    root = tmp_path / "kneeKL"
+    markers = make_knee(root)
+    once = knee(root, markers).load(ctx(tmp_path))
+    lines = markers.read_text().splitlines()
+    lines += [lines[1], lines[2].replace('"2,3,12,10"', '"2; 3; 12; 10"'), lines[2].replace(",1,", ",yes,")]
+    markers.write_text("\n".join(lines) + "\n")
+    twice = knee(root, markers).load(ctx(tmp_path))
+    assert len(twice.train) == len(once.train) == 10
+    assert torch.equal(twice.train.groups, once.train.groups)
+    assert torch.equal(twice.train.spurious_masks, once.train.spurious_masks)
+
+
+def test_knee_markers_line_numbers_count_blank_lines(tmp_path):
+    root = tmp_path / "kneeKL"
+    markers = make_knee(root)
+    lines = markers.read_text().splitlines()
+    lines[2] = lines[2].replace(",1,", ",maybe,")
+    markers.write_text("\n".join(lines[:2] + ["", ""] + lines[2:]) + "\n")  # two blank lines before it
+    with pytest.raises(DatasetError, match=r"markers.csv line 5: marker 'maybe' is not a yes/no value"):
+        knee(root, markers).load(ctx(tmp_path))
+
+
+def test_knee_an_image_outside_the_grade_folders_is_a_problem_with_the_others(tmp_path):
+    root = tmp_path / "kneeKL"
+    markers = make_knee(root)
+    _png(root / "train/loose.png")  # under train/, in no grade folder: no grade, no CSV row
+    _png(root / "val/3/stray.png")  # in a grade folder, no CSV row
+    (root / "notes.txt").write_text("not an image")  # the root may hold other files (the CSV, masks)
+    with pytest.raises(DatasetError) as err:
+        knee(root, markers).load(ctx(tmp_path))
+    text = str(err.value)
+    assert "2 problem(s)" in text
+    assert "train/loose.png: an image outside the grade folders (images go in train/0 .. train/4)" in text
+    assert "val/3/stray.png: no row in markers.csv" in text
+
+
+def isic_csv(tmp_path, extra_rows):
+    make_cdep(tmp_path / "isic")
+    rows = ["image,label,split"]
+    for i in range(6):
+        rows.append(f"processed/no_cancer/no_cancer_{i}.jpg,benign,{'test' if i < 2 else 'train'}")
+    for i in range(4):
+        rows.append(f"processed/cancer/cancer_{i}.jpg,malignant,{'test' if i < 1 else 'train'}")
+    (tmp_path / "isic" / "list.csv").write_text("\n".join(rows + extra_rows) + "\n")
+    return IsicFolderProvider(IsicFolderProvider.Options(csv=tmp_path / "isic" / "list.csv", size=16))
+
+
+def test_isic_csv_listing_an_image_twice_is_refused_naming_both_lines(tmp_path):
+    assert len(isic_csv(tmp_path, []).load(ctx(tmp_path)).train) == 7
+    provider = isic_csv(
+        tmp_path,
+        [
+            "processed/cancer/cancer_1.jpg,benign,train",  # line 12: line 9 says malignant
+            "./processed/no_cancer/no_cancer_3.jpg,benign,train",  # line 13: line 5 again, written otherwise
+            "processed/no_cancer/no_cancer_0.jpg,benign,train",  # line 14: line 2 puts it in test
+            ",benign,train",  # line 15
+        ],
+    )
+    with pytest.raises(DatasetError) as err:
+        provider.load(ctx(tmp_path))
+    text = str(err.value)
+    assert "4 problem(s)" in text and "list.csv line 15: no image" in text
+    assert "list.csv lines 9 and 12: image 'processed/cancer/cancer_1.jpg' is listed twice with different values (label 'malignant' against 'benign')" in text
+    # rows that agree are refused too: every row is a sample, it would count twice
+    assert "list.csv lines 5 and 13: image './processed/no_cancer/no_cancer_3.jpg' is listed twice (one row per image)" in text
+    assert "list.csv lines 2 and 14: image 'processed/no_cancer/no_cancer_0.jpg' is listed twice with different values (split 'test' against 'train')" in text
