@@ -529,6 +529,16 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         return {key: handle[key] for key in handle.files}
 
 
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return " x ".join(str(v) for v in shape) if shape else "a single value"
+
+
+def _image_text(chw: tuple[int, ...]) -> str:
+    """``(C, H, W)`` as a user reads it: "64 x 64, 1 channel (grey)"."""
+    c, h, w = chw
+    return f"{h} x {w}, " + ("1 channel (grey)" if c == 1 else f"{c} channels (RGB)")
+
+
 class MedmnistOptions(PluginOptions):
     """Options of ``medmnist``."""
 
@@ -610,11 +620,17 @@ class MedmnistProvider:
             if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] != 3):
                 problems.add(f"{o.npz.name}:{keys[0]}", f"expected uint8 N x H x W or N x H x W x 3, got {images.dtype} {images.shape}")
                 continue
-            labels = labels.reshape(len(labels), -1)
-            if labels.shape != (len(images), 1):
-                problems.add(f"{o.npz.name}:{keys[1]}", f"expected {len(images)} x 1 labels, got {arrays[keys[1]].shape}")
+            if len(images) == 0:
+                hint = " (leave out val_images and val_labels to run without validation)" if split == "val" else ""
+                problems.add(f"{o.npz.name}:{keys[0]}", f"the {split} split has no images ({_shape_text(images.shape)}){hint}")
                 continue
-            labels = labels[:, 0].astype(np.int64)
+            if labels.shape not in ((len(images),), (len(images), 1)):
+                problems.add(f"{o.npz.name}:{keys[1]}", f"expected {len(images)} x 1 labels ({keys[0]} is {_shape_text(images.shape)}), got {_shape_text(labels.shape)}")
+                continue
+            if not np.issubdtype(labels.dtype, np.integer):
+                problems.add(f"{o.npz.name}:{keys[1]}", f"expected integer class labels, got {labels.dtype}")
+                continue
+            labels = labels.reshape(-1).astype(np.int64)
             if mapping is not None:
                 unknown = sorted(set(np.unique(labels).tolist()) - set(mapping))
                 for value in unknown[:SHOWN_PROBLEMS]:
@@ -641,6 +657,17 @@ class MedmnistProvider:
                     continue
             tensor = torch.from_numpy(images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2).copy())
             splits[split] = (tensor.contiguous(), torch.from_numpy(labels), groups)
+        # every split feeds the same model: a validation split of another size or channel count
+        # would select epochs on inputs the model never trains on (or fail deep in training)
+        if "train" in splits:
+            want = tuple(splits["train"][0].shape[1:])
+            for split, (images, _, _) in splits.items():
+                if tuple(images.shape[1:]) != want:
+                    problems.add(
+                        f"{o.npz.name}:{split}_images",
+                        f"the {split} split's images are {_image_text(tuple(images.shape[1:]))} ({_shape_text(arrays[f'{split}_images'].shape)}), "
+                        f"the train split's are {_image_text(want)} ({_shape_text(arrays['train_images'].shape)}): every split needs train's size and channels",
+                    )
         problems.raise_if_any()
         norm = train_normalization(splits["train"][0])
 

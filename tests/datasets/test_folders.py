@@ -407,3 +407,93 @@ def test_isic_csv_listing_an_image_twice_is_refused_naming_both_lines(tmp_path):
     # rows that agree are refused too: every row is a sample, it would count twice
     assert "list.csv lines 5 and 13: image './processed/no_cancer/no_cancer_3.jpg' is listed twice (one row per image)" in text
     assert "list.csv lines 2 and 14: image 'processed/no_cancer/no_cancer_0.jpg' is listed twice with different values (split 'test' against 'train')" in text
+
+
+def npz_of(path, shapes, labels=None):
+    """An npz with ``{split: images shape}`` of random uint8 pixels and labels ``i % 7``."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, shape in shapes.items():
+        arrays[f"{split}_images"] = rng.integers(0, 256, shape, dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(shape[0]) % 7).reshape(-1, 1).astype(np.uint8)
+    arrays.update(labels or {})
+    np.savez(path, **arrays)
+    return path
+
+
+def medmnist_error(npz, tmp_path) -> str:
+    with pytest.raises(DatasetError) as err:
+        MedmnistProvider(MedmnistProvider.Options(npz=npz)).load(ctx(tmp_path))
+    return str(err.value)
+
+
+def test_medmnist_a_split_of_another_size_or_channel_count_is_refused(tmp_path):
+    rgb28 = (28, 28, 3)
+    text = medmnist_error(npz_of(tmp_path / "sizes.npz", {"train": (10, *rgb28), "val": (4, 64, 64, 3), "test": (5, 28, 28)}), tmp_path)
+    assert "2 problem(s)" in text
+    assert (
+        "sizes.npz:val_images: the val split's images are 64 x 64, 3 channels (RGB) (4 x 64 x 64 x 3), "
+        "the train split's are 28 x 28, 3 channels (RGB) (10 x 28 x 28 x 3): every split needs train's size and channels"
+    ) in text
+    assert "sizes.npz:test_images: the test split's images are 28 x 28, 1 channel (grey) (5 x 28 x 28), the train split's are 28 x 28, 3 channels (RGB)" in text
+    # a grey train split beside an RGB validation split: named the same way
+    text = medmnist_error(npz_of(tmp_path / "grey.npz", {"train": (10, 28, 28), "val": (4, *rgb28), "test": (5, 28, 28)}), tmp_path)
+    assert "1 problem(s)" in text and "grey.npz:val_images: the val split's images are 28 x 28, 3 channels (RGB)" in text
+    assert "the train split's are 28 x 28, 1 channel (grey) (10 x 28 x 28)" in text
+
+
+def test_medmnist_empty_splits_are_refused(tmp_path):
+    text = medmnist_error(npz_of(tmp_path / "empty.npz", {"train": (0, 28, 28, 3), "val": (0, 28, 28, 3), "test": (5, 28, 28, 3)}), tmp_path)
+    assert "2 problem(s)" in text
+    assert "empty.npz:train_images: the train split has no images (0 x 28 x 28 x 3)" in text
+    assert "empty.npz:val_images: the val split has no images (0 x 28 x 28 x 3) (leave out val_images and val_labels to run without validation)" in text
+    # without val arrays there is no validation split, and that is allowed
+    data = MedmnistProvider(MedmnistProvider.Options(npz=npz_of(tmp_path / "noval.npz", {"train": (6, 8, 8), "test": (3, 8, 8)}))).load(ctx(tmp_path))
+    assert data.val is None and len(data.train) == 6
+
+
+def test_medmnist_labels_that_do_not_fit_the_images_are_refused(tmp_path):
+    shapes = {"train": (10, 28, 28, 3), "val": (4, 28, 28, 3), "test": (5, 28, 28, 3)}
+    text = medmnist_error(
+        npz_of(tmp_path / "labels.npz", shapes, {
+            "train_labels": np.zeros((9, 1), np.uint8),  # one label short
+            "val_labels": np.zeros((4, 2), np.uint8),  # two labels per image
+            "test_labels": np.array([0, 1, 0, 1, 0.5]),  # not class numbers
+        }),
+        tmp_path,
+    )
+    assert "3 problem(s)" in text
+    assert "labels.npz:train_labels: expected 10 x 1 labels (train_images is 10 x 28 x 28 x 3), got 9 x 1" in text
+    assert "labels.npz:val_labels: expected 4 x 1 labels (val_images is 4 x 28 x 28 x 3), got 4 x 2" in text
+    assert "labels.npz:test_labels: expected integer class labels, got float64" in text
+    # labels as a flat array of N are read as they are
+    data = MedmnistProvider(MedmnistProvider.Options(npz=npz_of(tmp_path / "flat.npz", shapes, {"val_labels": np.arange(4) % 7}))).load(ctx(tmp_path))
+    assert data.val.labels.tolist() == [1, 1, 0, 0]
+
+
+def test_compose_on_a_medmnist_file_with_a_validation_split_of_another_size_exits_2(tmp_path, capsys):
+    from lvlmva.cli import EXIT_BAD_INPUT, main
+
+    npz = npz_of(tmp_path / "dermamnist.npz", {"train": (10, 28, 28, 3), "val": (4, 64, 64, 3), "test": (5, 28, 28, 3)})
+    settings = tmp_path / "derma.toml"
+    settings.write_text(f"""
+[run]
+device = "cpu"
+[dataset]
+plugin = "medmnist"
+npz = "{npz.as_posix()}"
+[model]
+plugin = "cnn"
+channels = [4]
+[train]
+epochs = 1
+[evaluators.standard]
+plugin = "standard"
+alignment_score_samples = 0
+[report]
+enabled = false
+""")
+    assert main(["compose", str(settings), "--out", str(tmp_path / "run")]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "dermamnist.npz:val_images: the val split's images are 64 x 64" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "train").exists()
