@@ -13,8 +13,9 @@ as soon as it has read it, before anything can fail with the value in a message:
 
 Every text that lvlmva stores or prints passes through :func:`redact`: failure texts in
 ``results.json``, ``report.md`` and ``transcripts.jsonl``, traceback files, the command line's
-messages. A plugin that writes text of its own (its transcript records, its failure texts, the
-message of an exception it raises) passes it through ``redact`` too.
+messages. A plugin that writes text of its own (its failure texts, the message of an exception it
+raises) passes it through ``redact`` too, and a record it writes as JSON (a transcript line)
+through :func:`redact_json`.
 
 :func:`redact` replaces each registered value with ``[redacted]`` in every form in which
 libraries print it: as given and stripped of surrounding whitespace; each of these as Python's
@@ -37,9 +38,10 @@ import json
 import re
 import threading
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import quote
 
-__all__ = ["REDACTED", "redact", "register_secret"]
+__all__ = ["REDACTED", "redact", "redact_json", "register_secret"]
 
 #: what every form of a registered secret is replaced with
 REDACTED = "[redacted]"
@@ -131,3 +133,16 @@ def redact(text: str) -> str:
     if pattern is None or not text:
         return text
     return pattern.sub(REDACTED, text)
+
+
+def redact_json(value: Any) -> Any:
+    """``value`` (a JSON-able record: dicts, lists, tuples, strings, numbers) with :func:`redact`
+    applied to every string in it, keys included; redact before serialising, so that JSON's
+    escapes are written over the marker, not over a half-replaced secret."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {redact_json(k): redact_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_json(v) for v in value)
+    return value

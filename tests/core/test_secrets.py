@@ -10,7 +10,7 @@ from urllib.parse import quote
 import pytest
 
 import lvlmva.secrets as secrets
-from lvlmva.secrets import REDACTED, redact, register_secret
+from lvlmva.secrets import REDACTED, redact, redact_json, register_secret
 
 
 @pytest.fixture(autouse=True)
@@ -137,3 +137,19 @@ def test_concurrent_registering_and_redacting():
         thread.join()
     assert not errors, errors
     assert redact(" ".join(values)) == " ".join([REDACTED] * len(values))
+
+
+def test_redact_json_reaches_every_string_of_a_record():
+    register_secret("sk-rec-9876\r\n")
+    record = {
+        "failure": "Illegal header value b'Bearer sk-rec-9876\\r\\n'",
+        "errors": ["attempt 1: sk-rec-9876", ("sk-rec-9876",)],
+        "nested": {"sk-rec-9876": {"n": 3, "ok": True, "none": None}},
+        "latency_s": 0.5,
+    }
+    out = redact_json(record)
+    assert "sk-rec-9876" not in json.dumps(out)
+    assert out["failure"] == f"Illegal header value b'Bearer {REDACTED}'"
+    assert out["errors"] == [f"attempt 1: {REDACTED}", (REDACTED,)]
+    assert out["nested"] == {REDACTED: {"n": 3, "ok": True, "none": None}}
+    assert out["latency_s"] == 0.5
