@@ -232,6 +232,55 @@ def test_epoch_selector_keeps_the_best_epoch_ties_to_the_later():
     assert [e["epoch"] for e in chosen["epochs"]] == [1, 2, 3]
 
 
+class _ScriptedTrainer:
+    """Predicts, for the model whose weight holds the epoch number, the validation split with
+    the share of each group correct that ``script[epoch]`` gives (the first of each group's
+    samples right, the rest given the other class)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, val: Split, script: dict[int, list[float]]) -> None:
+        self.val, self.script = val, script
+
+    def predict(self, model, images):
+        assert images.shape[0] == len(self.val)
+        shares = self.script[int(model.weight.item())]
+        predicted = self.val.labels.clone()
+        for group, share in enumerate(shares):
+            members = torch.nonzero(self.val.groups == group).flatten()
+            wrong = members[round(share * len(members)) :]
+            predicted[wrong] = 1 - predicted[wrong]
+        return torch.nn.functional.one_hot(predicted, 2).float()
+
+
+def test_epoch_selector_chooses_and_restores_the_best_epoch_not_the_last():
+    data = _planted()  # validation: 4 groups of 20
+    # per-group shares correct by epoch: worst-group accuracy 0.5, 1.0, 0.25; the best is epoch 2
+    script = {1: [1.0, 1.0, 1.0, 0.5], 2: [1.0, 1.0, 1.0, 1.0], 3: [0.25, 1.0, 1.0, 1.0]}
+    model = torch.nn.Linear(1, 1).requires_grad_(False)
+
+    def train(selector):
+        for epoch in (1, 2, 3):
+            model.weight.fill_(epoch)  # the same model, changed in place as training does
+            selector(EpochEnd(epoch, model, 0.0, 0.0, 0.0, torch.arange(1), torch.arange(1)))
+        return selector.finish(model)
+
+    chosen = train(EpochSelector(_ScriptedTrainer(data.val, script), data.val, 4))
+    assert chosen["epoch"] == 2
+    assert model.weight.item() == 2.0  # the state of epoch 2 is back in the model
+    assert chosen["val"] == {"worst_group_accuracy": 1.0, "average_group_accuracy": 1.0, "accuracy": 1.0}
+    # by hand: epoch 1 gets 70 of 80 right (group 3: 10 of 20), epoch 3 gets 65 (group 0: 5 of 20)
+    assert chosen["epochs"] == [
+        {"epoch": 1, "worst_group_accuracy": 0.5, "average_group_accuracy": 0.875, "accuracy": 0.875},
+        {"epoch": 2, "worst_group_accuracy": 1.0, "average_group_accuracy": 1.0, "accuracy": 1.0},
+        {"epoch": 3, "worst_group_accuracy": 0.25, "average_group_accuracy": 0.8125, "accuracy": 0.8125},
+    ]
+    # without selection the last epoch stays, with its own scores
+    last = train(EpochSelector(_ScriptedTrainer(data.val, script), data.val, 4, keep_best=False))
+    assert last["epoch"] == 3 and model.weight.item() == 3.0
+    assert last["val"] == {"worst_group_accuracy": 0.25, "average_group_accuracy": 0.8125, "accuracy": 0.8125}
+
+
 def test_erm_keeps_the_epoch_with_the_best_validation_wga(ctx):
     data = _planted()
     result, trainer = _run("erm", data, ctx, epochs=4)
