@@ -82,6 +82,51 @@ def test_difference_to_the_original(tmp_path):
         )
 
 
+class LookupModel(nn.Module):
+    """Answers from a table of exact inputs: the class it was given for an input it knows, class
+    0 for any other (every corrupted image): its accuracy on corrupted images is the share of
+    class 0, whatever the corruption did."""
+
+    def __init__(self, inputs: torch.Tensor, answers: torch.Tensor) -> None:
+        super().__init__()
+        self.table = {x.numpy().tobytes(): int(y) for x, y in zip(inputs, answers, strict=True)}
+
+    def forward(self, x):
+        predicted = torch.tensor([self.table.get(row.numpy().tobytes(), 0) for row in x.cpu()])
+        return nn.functional.one_hot(predicted, 2).float()
+
+
+def test_each_models_drop_is_measured_against_its_own_clean_accuracy(tmp_path):
+    data = SyntheticSkinProvider(SyntheticSkinProvider.Options(size=32, train_size=20, val_size=0, test_size=40)).load(ctx(tmp_path))
+    labels = data.test.labels
+    clean_inputs = data.test.inputs[torch.arange(40)]
+    wrong_on_odd = torch.where(torch.arange(40) % 2 == 1, 1 - labels, labels)
+    models = {
+        "original": LookupModel(clean_inputs, labels),  # clean accuracy 1.0
+        "aligned": LookupModel(clean_inputs, wrong_on_odd),  # clean accuracy 0.5
+    }
+    corruptions = ["brightness_up", "gaussian_noise"]
+    evaluator = MedmnistCEvaluator(MedmnistCEvaluator.Options(corruptions=corruptions, severities=[1, 3], samples=40))
+    values = evaluator.finalize({k: evaluator.evaluate(m, data, ctx(tmp_path)) for k, m in models.items()})
+    # the premise: every corrupted image differs from its clean one, so both models answer 0
+    _, sets, failed = evaluator._corrupted_sets(data, ctx(tmp_path))
+    assert failed == {} and len(sets) == 4
+    assert all(bool((inputs != clean_inputs).flatten(1).any(1).all()) for inputs in sets.values())
+    # by hand: corrupted accuracy = share of class 0; drop = own clean accuracy - that
+    share_0 = float((labels == 0).float().mean())
+    assert 0.0 < share_0 < 1.0
+    for name, clean in (("original", 1.0), ("aligned", 0.5)):
+        got = values[name]
+        assert got["clean_accuracy"] == clean and got["samples"] == 40
+        assert got["drop_by_severity"] == pytest.approx({f"{c}/s{s}": clean - share_0 for c in corruptions for s in (1, 3)})
+        assert got["mean_drop"] == pytest.approx(clean - share_0)
+        assert [got[f"drop.{c}"] for c in corruptions] == pytest.approx([clean - share_0] * 2)
+    # the original loses 0.5 more than the aligned model: (1 - share_0) - (0.5 - share_0)
+    assert values["original"]["drop_vs_original"] == 0.0
+    assert values["aligned"]["drop_vs_original"] == pytest.approx(0.5)
+    assert values["aligned"]["drop_vs_original_by_corruption"] == pytest.approx({c: 0.5 for c in corruptions})
+
+
 def test_in_a_run_every_model_gets_its_drops(tmp_path, capsys):
     settings = tmp_path / "skin.toml"
     settings.write_text(f"""
