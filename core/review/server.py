@@ -10,8 +10,11 @@
 
 State-changing requests must carry the page's token in ``X-Review-Token`` (a page of another
 site cannot read it, so cannot post), a JSON body, and a ``Host`` this server answers to (a
-DNS-rebinding page cannot pose as it). In read-only mode they are refused. Overrides are
-written atomically after every change, so a closed browser or a killed server loses nothing.
+DNS-rebinding page cannot pose as it). In read-only mode they are refused. A body larger than
+:data:`MAX_BODY_BYTES` is answered 413 (with or without a ``Content-Length``: a chunked body is
+cut off where it passes the limit), one nested deeper than :data:`MAX_JSON_DEPTH` or not JSON
+400, each with ``{"error": ...}`` and nothing written. Overrides are written atomically after
+every change, so a closed browser or a killed server loses nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+import json
+import re
 import secrets
 import sys
 import threading
@@ -44,6 +49,32 @@ from ..records import AlignmentSet, Critique, RenderedSample, Segmentation, Verd
 __all__ = ["ReviewError", "ReviewRun", "create_app", "serve", "make_server"]
 
 _KINDS = ("original", "clusters", "overlay")
+
+#: the largest request body read; the page's requests are a few hundred bytes (a comment is
+#: kept to 2,000 characters), so anything near this is not the page's
+MAX_BODY_BYTES = 2 * 1024 * 1024
+#: the deepest JSON nesting accepted; the page sends one flat object. Checked before parsing,
+#: since Python's parser recurses once per level and fails with RecursionError far below the
+#: nesting a body of MAX_BODY_BYTES can hold
+MAX_JSON_DEPTH = 32
+
+# a JSON string (escapes included; unterminated: to the end, so one pass stays linear) or a bracket
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]+|\\.)*"?|[\[\]{}]', re.DOTALL)
+
+
+def _nested_too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether the JSON ``text`` opens more than ``limit`` arrays or objects inside each other
+    (brackets outside strings, counted in one pass)."""
+    depth = 0
+    for match in _JSON_TOKEN.finditer(text):
+        token = match.group()
+        if token in ("[", "{"):
+            depth += 1
+            if depth > limit:
+                return True
+        elif token in ("]", "}"):
+            depth -= 1
+    return False
 
 
 class ReviewError(Exception):
@@ -245,7 +276,10 @@ def create_app(run_dir: Path, *, read_only: bool = False, reviewer: str = "", al
     run = ReviewRun(run_dir)
     token = secrets.token_urlsafe(32)
     app = Flask(__name__, template_folder="templates", static_folder="static")
-    app.config.update(REVIEW_RUN=run, REVIEW_TOKEN=token, JSON_SORT_KEYS=False)
+    # a Content-Length above MAX_CONTENT_LENGTH is refused (413) before reading; a body without
+    # one (chunked) is read only up to it, but werkzeug then stops there without an error, so
+    # the limit lies one byte past ours and _body refuses a body that reaches it
+    app.config.update(REVIEW_RUN=run, REVIEW_TOKEN=token, JSON_SORT_KEYS=False, MAX_CONTENT_LENGTH=MAX_BODY_BYTES + 1)
 
     def _check_write() -> None:
         if read_only:
@@ -257,7 +291,20 @@ def create_app(run_dir: Path, *, read_only: bool = False, reviewer: str = "", al
             abort(415, description="send JSON")
 
     def _body() -> dict[str, Any]:
-        body = request.get_json(silent=True)
+        # read here, not through get_json: its RecursionError on deep nesting would be a 500
+        data = request.get_data(cache=False)
+        if len(data) > MAX_BODY_BYTES:  # a chunked body cut off at MAX_CONTENT_LENGTH
+            abort(413)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            abort(400, description="the body must be JSON in UTF-8")
+        if _nested_too_deep(text):
+            abort(400, description=f"the body nests arrays or objects deeper than {MAX_JSON_DEPTH} levels")
+        try:
+            body = json.loads(text)
+        except ValueError:
+            abort(400, description="the body is not valid JSON")
         if not isinstance(body, dict):
             abort(400, description="the body must be a JSON object")
         return body
@@ -282,6 +329,10 @@ def create_app(run_dir: Path, *, read_only: bool = False, reviewer: str = "", al
     @app.errorhandler(500)
     def _error(exc: Any) -> Any:
         return jsonify({"error": getattr(exc, "description", str(exc))}), getattr(exc, "code", 500)
+
+    @app.errorhandler(413)
+    def _too_large(exc: Any) -> Any:
+        return jsonify({"error": f"the request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MiB; nothing was changed"}), 413
 
     @app.get("/")
     def page() -> Any:

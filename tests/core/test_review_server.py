@@ -19,7 +19,7 @@ import pytest
 from lvlmva.cli import EXIT_BAD_INPUT, main
 from lvlmva.overrides import read_overrides
 from lvlmva.pipeline import open_run
-from lvlmva.review.server import ReviewError, ReviewRun, create_app, make_server
+from lvlmva.review.server import MAX_BODY_BYTES, ReviewError, ReviewRun, create_app, make_server
 
 pytest.importorskip("mlxtend")
 pytest.importorskip("flask")
@@ -336,3 +336,91 @@ def test_an_overrides_file_edited_elsewhere_is_not_written_over(run_dir: Path):
     refused = _post(client, "/api/toggle", {"sample": sid, "colour": "blue"}, token)
     assert refused.status_code == 409 and "changed outside this page" in refused.get_json()["error"]
     assert path.read_text() == edited
+
+
+def _toggled_once(run_dir: Path):
+    """A test client, its token, the first sample and a colour not yet toggled, after one toggle
+    saved review/overrides.json (so that an unchanged file can be compared byte for byte)."""
+    client = create_app(run_dir).test_client()
+    token = _token(client)
+    review = ReviewRun(run_dir)
+    sid = review.ordered()[0]
+    first, second = review.samples[sid].colors[:2]
+    assert _post(client, "/api/toggle", {"sample": sid, "colour": first}, token).status_code == 200
+    return client, token, sid, second
+
+
+def _toggle_of_size(sid: int, colour: str, size: int) -> bytes:
+    """A well-formed toggle of exactly ``size`` bytes (its comment padded): a body cut off
+    anywhere after ``size`` bytes would still be this toggle."""
+    bare = len(json.dumps({"sample": sid, "colour": colour, "comment": ""}))
+    body = json.dumps({"sample": sid, "colour": colour, "comment": "x" * (size - bare)}).encode()
+    assert len(body) == size
+    return body
+
+
+def test_a_body_over_the_size_limit_is_refused(run_dir: Path):
+    client, token, sid, colour = _toggled_once(run_dir)
+    path = run_dir / "review" / "overrides.json"
+    saved = path.read_bytes()
+    headers = {"X-Review-Token": token}
+
+    def post(data: bytes):
+        return client.post("/api/toggle", data=data, content_type="application/json", headers=headers)
+
+    for size in (8 << 20, MAX_BODY_BYTES + 1):
+        response = post(_toggle_of_size(sid, colour, size))
+        assert response.status_code == 413 and "larger than" in response.get_json()["error"]
+        assert path.read_bytes() == saved
+    assert post(_toggle_of_size(sid, colour, MAX_BODY_BYTES)).status_code == 200  # the limit itself
+    assert path.read_bytes() != saved
+
+
+def test_a_chunked_body_over_the_size_limit_is_refused_by_the_real_server(run_dir: Path, serving):
+    # no Content-Length to check beforehand: the body is read up to the limit and refused there
+    path = run_dir / "review" / "overrides.json"
+    with serving(make_server(run_dir, port=0)) as server:
+        status, html = _request(server.port, "GET", "/")
+        (token,) = re.findall(rb'<meta name="review-token" content="([^"]+)">', html)
+        sid = int(re.findall(rb'data-sample="(\d+)"', html)[0])
+
+        def chunked(body: bytes) -> tuple[int, bytes]:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            chunks = iter([body[i : i + 65536] for i in range(0, len(body), 65536)])
+            headers = {"Content-Type": "application/json", "X-Review-Token": token.decode()}
+            conn.request("POST", "/api/toggle", body=chunks, headers=headers, encode_chunked=True)
+            response = conn.getresponse()
+            data = response.read()
+            conn.close()
+            return response.status, data
+
+        # one byte over (a trailing space): what the first MAX_BODY_BYTES bytes hold is a
+        # valid toggle, so a body cut off at the limit would be applied
+        status, data = chunked(_toggle_of_size(sid, "red", MAX_BODY_BYTES) + b" ")
+        assert status == 413 and "larger than" in json.loads(data)["error"], data
+        assert not path.exists()
+        status, data = chunked(_toggle_of_size(sid, "red", MAX_BODY_BYTES))
+        assert status == 200, data
+        assert len(read_overrides(path)) == 1
+
+
+def test_a_deeply_nested_or_malformed_body_is_refused_without_writing(run_dir: Path):
+    client, token, sid, colour = _toggled_once(run_dir)
+    path = run_dir / "review" / "overrides.json"
+    saved = path.read_bytes()
+    headers = {"X-Review-Token": token}
+
+    def post(data: bytes):
+        return client.post("/api/toggle", data=data, content_type="application/json", headers=headers)
+
+    head = json.dumps({"sample": sid, "colour": colour})[:-1]
+    deep = post(f'{head}, "comment": {"[" * 100_000}{"]" * 100_000}}}'.encode())
+    assert deep.status_code == 400 and "deeper than" in deep.get_json()["error"]
+    # a bracket inside a string is text, not nesting
+    fine = post(f'{head}, "comment": "{"[" * 100}"}}'.encode())
+    assert fine.status_code == 200 and path.read_bytes() != saved
+    saved = path.read_bytes()
+    for body in (f"{head},".encode(), b'{"sample": 1', "{}".encode("utf-16"), b"\xff\xfe{}"):
+        response = post(body)
+        assert response.status_code == 400 and response.get_json()["error"]
+    assert path.read_bytes() == saved
