@@ -173,23 +173,26 @@ def verdict_metrics(
     labels: torch.Tensor,
     verdicts: Sequence[Verdicts],
     true_masks: torch.Tensor,
-    min_overlap: int = 1,
+    truth_min_pixels: int = 1,
 ) -> dict[str, Any]:
     """How well the verdicts find the clusters on the true spurious feature.
 
     ``labels`` int64 ``[B, H, W]`` are the cluster maps, ``verdicts[b]`` the verdicts for
     sample ``b`` (cluster ``j`` = ``verdicts[b].colors[j]``), ``true_masks`` bool ``[B, H, W]``.
 
-    A cluster is truly spurious when at least ``min_overlap`` of its pixels lie on the true
-    mask ("overlaps a true spurious feature"); "spurious" is the positive class, a "no"
-    verdict a positive prediction. Clusters with no pixel are left out (nothing to judge), and
+    A cluster is truly spurious (its true verdict is "no") when at least ``truth_min_pixels``
+    of its pixels lie on the true mask: with the default 1, when it overlaps a true spurious
+    feature at all. This is a pixel count that sets the truth the verdicts are scored
+    against, not the critic option ``min_overlap`` (a share of the cluster's pixels that
+    decides the oracle and scripted critics' own answers). "Spurious" is the positive class, a
+    "no" verdict a positive prediction. Clusters with no pixel are left out (nothing to judge), and
     so are samples with a failed verdict (counted in ``failed``).
 
     Returns ``verdict_accuracy`` (share of truly spurious clusters marked "no", the paper's
     verdict accuracy; ``None`` when there is none), ``cluster_accuracy`` (over all judged
     clusters), ``confusion`` ``{"tp","fp","tn","fn"}``, and the counts ``clusters``,
     ``spurious_clusters``, ``empty_clusters``, ``samples``, ``judged_samples``, ``failed``,
-    ``failed_sample_ids``, ``min_overlap``.
+    ``failed_sample_ids``, ``truth_min_pixels``.
     """
     if labels.dim() != 3:
         raise ValueError(f"verdict_metrics: labels must be [B,H,W], got {tuple(labels.shape)}")
@@ -201,8 +204,10 @@ def verdict_metrics(
         raise ValueError(
             f"verdict_metrics: {len(verdicts)} verdicts for {labels.shape[0]} cluster maps"
         )
-    if min_overlap < 1:
-        raise ValueError(f"verdict_metrics: min_overlap must be >= 1, got {min_overlap}")
+    if truth_min_pixels < 1:
+        raise ValueError(
+            f"verdict_metrics: truth_min_pixels (a pixel count) must be >= 1, got {truth_min_pixels}"
+        )
     b = labels.shape[0]
     ok = [v.ok for v in verdicts]
     failed_ids = [v.sample_id for v in verdicts if not v.ok]
@@ -232,7 +237,7 @@ def verdict_metrics(
     sizes, overlap = cluster_overlap(labels, true_masks.bool(), width)
     sizes, overlap = sizes[:, :num_clusters], overlap[:, :num_clusters]
     counted = judged & (sizes > 0) & torch.tensor(ok, dtype=torch.bool).unsqueeze(1)
-    truth = overlap >= min_overlap
+    truth = overlap >= truth_min_pixels
 
     tp = int((counted & truth & no).sum())
     fn = int((counted & truth & ~no).sum())
@@ -250,7 +255,7 @@ def verdict_metrics(
         "judged_samples": sum(ok),
         "failed": len(failed_ids),
         "failed_sample_ids": failed_ids,
-        "min_overlap": min_overlap,
+        "truth_min_pixels": truth_min_pixels,
     }
 
 

@@ -30,7 +30,7 @@ from PIL import Image
 
 from .atomic import write_atomic
 from .records import Critique, RenderedSample, Verdicts
-from .results import ORACLE_NOTE, metric_columns, model_labels
+from .results import ORACLE_NOTE, metric_columns, model_labels, verdict_results
 from .settings import ReportOptions
 
 if TYPE_CHECKING:
@@ -151,7 +151,7 @@ def _models_section(results: Mapping[str, Any]) -> list[str]:
 
 def _verdicts_section(results: Mapping[str, Any], verdicts: Sequence[Verdicts]) -> list[str]:
     out = ["## Verdicts", ""]
-    metrics = results.get("verdicts")
+    metrics = verdict_results(results)
     critic = results.get("critic") or {}
     if critic:
         note = f" (it {critic.get('note') or ORACLE_NOTE})" if critic.get("reads_true_masks") else ""
@@ -169,6 +169,14 @@ def _verdicts_section(results: Mapping[str, Any], verdicts: Sequence[Verdicts]) 
     if metrics:
         rows = [[k, v] for k, v in metrics.items() if not isinstance(v, (dict, list)) and k not in ("critic", "note")]
         out += _table(["Verdict metric", "Value"], rows)
+        if "truth_min_pixels" in metrics:
+            pixels = metrics["truth_min_pixels"]
+            out += [
+                "",
+                f"Scored against the true masks: a cluster is truly spurious (its right verdict is "
+                f"\"no\") when at least {_fmt(pixels)} of its pixels lie on the true mask "
+                f"(truth_min_pixels, a pixel count; not the critic option min_overlap, a share).",
+            ]
         confusion = metrics.get("confusion")
         if isinstance(confusion, Mapping):
             out += [

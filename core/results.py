@@ -6,7 +6,9 @@ Layout (each part present when the run has it)::
     failed       input -> reason, for stages of this run that failed or could not run
     evaluations  instance -> {"plugin", "split", "metrics": [declarations], "models": {key: values}}
     critic       {"label", "plugin", "reads_true_masks"}
-    verdicts     verdict accuracy and friends (where true masks exist), with the critic named
+    verdicts     verdict accuracy and friends (where true masks exist), with the critic named;
+                 truth_min_pixels: the pixels on the true mask that make a cluster truly
+                 spurious (an older results.json calls it min_overlap: read with verdict_results)
     alignment    samples, how many were aligned on, the failures with their stage and reason
     usage        LVLM tokens, requests, cache hits, cost
     machine      where the numbers were computed
@@ -39,6 +41,7 @@ __all__ = [
     "metric_columns",
     "model_labels",
     "summary_lines",
+    "verdict_results",
     "machine_info",
     "ORACLE_NOTE",
 ]
@@ -269,6 +272,22 @@ def metric_columns(results: Mapping[str, Any]) -> list[MetricColumn]:
 def model_labels(results: Mapping[str, Any]) -> dict[str, str]:
     """Model key -> the label tables show, in the run's order."""
     return {key: str(info.get("label") or key) for key, info in (results.get("models") or {}).items()}
+
+
+#: verdict keys an older results.json carries under another name -> the name they have now
+_FORMER_VERDICT_KEYS = {"min_overlap": "truth_min_pixels"}
+
+
+def verdict_results(results: Mapping[str, Any]) -> dict[str, Any]:
+    """``results["verdicts"]`` under the key names this version writes (empty when the run has
+    none): ``truth_min_pixels`` was ``min_overlap`` before the critic option of that name (a
+    share of pixels, not a count) made the two easy to confuse."""
+    verdicts = dict(results.get("verdicts") or {})
+    for old, new in _FORMER_VERDICT_KEYS.items():
+        if old in verdicts:
+            value = verdicts.pop(old)
+            verdicts.setdefault(new, value)
+    return verdicts
 
 
 def _is_number(value: Any) -> bool:

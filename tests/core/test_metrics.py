@@ -46,7 +46,7 @@ def np_alignment_score(attr, masks):
     return 1.0 - np.mean(shares) if shares else np.nan
 
 
-def np_verdict_metrics(labels, relevant, masks, min_overlap):
+def np_verdict_metrics(labels, relevant, masks, truth_min_pixels):
     """relevant[b] is None (failed) or a list of bools per cluster."""
     tp = fp = tn = fn = 0
     for lab, rel, m in zip(labels, relevant, masks, strict=True):
@@ -56,7 +56,7 @@ def np_verdict_metrics(labels, relevant, masks, min_overlap):
             pixels = lab == j
             if not pixels.any():
                 continue
-            spurious = (pixels & m).sum() >= min_overlap
+            spurious = (pixels & m).sum() >= truth_min_pixels
             said_no = not is_relevant
             tp += spurious and said_no
             fn += spurious and not said_no
@@ -174,11 +174,15 @@ def test_verdict_metrics_match_numpy(rng):
         else Verdicts(i, colors, tuple(bool(x) for x in r))
         for i, r in enumerate(relevant)
     ]
-    for min_overlap in (1, 4):
+    for truth_min_pixels in (1, 4):
         got = verdict_metrics(
-            torch.from_numpy(labels), verdicts, torch.from_numpy(masks), min_overlap
+            torch.from_numpy(labels),
+            verdicts,
+            torch.from_numpy(masks),
+            truth_min_pixels=truth_min_pixels,
         )
-        tp, fp, tn, fn = np_verdict_metrics(labels, relevant, masks, min_overlap)
+        tp, fp, tn, fn = np_verdict_metrics(labels, relevant, masks, truth_min_pixels)
+        assert got["truth_min_pixels"] == truth_min_pixels
         assert got["confusion"] == {"tp": tp, "fp": fp, "tn": tn, "fn": fn}
         assert got["verdict_accuracy"] == pytest.approx(tp / (tp + fn))
         assert got["cluster_accuracy"] == pytest.approx((tp + tn) / (tp + fp + tn + fn))
@@ -208,6 +212,24 @@ def test_verdict_metrics_perfect_and_undefined():
         verdict_metrics(labels, [Verdicts(7, ("red",), (True,))], masks)
     with pytest.raises(ValueError, match="2 verdicts for 1"):
         verdict_metrics(labels, [Verdicts(7, ("red",), (True,))] * 2, masks)
+
+
+def test_truth_min_pixels_is_a_pixel_count_that_sets_the_true_verdict():
+    # cluster 1 ("blue") has 4 pixels, 2 of them on the true mask; both verdicts say "no"
+    labels = torch.zeros(1, 4, 4, dtype=torch.long)
+    labels[0, :2, :2] = 1
+    masks = torch.zeros(1, 4, 4, dtype=torch.bool)
+    masks[0, 0, :2] = True
+    verdicts = [Verdicts(7, ("red", "blue"), (False, False))]
+    two = verdict_metrics(labels, verdicts, masks, truth_min_pixels=2)
+    assert two["confusion"] == {"tp": 1, "fp": 1, "tn": 0, "fn": 0}  # blue truly spurious
+    three = verdict_metrics(labels, verdicts, masks, truth_min_pixels=3)
+    assert three["confusion"] == {"tp": 0, "fp": 2, "tn": 0, "fn": 0}  # 2 pixels are not 3
+    assert (two["truth_min_pixels"], three["truth_min_pixels"]) == (2, 3)
+    # one name for one meaning: the critic option min_overlap is a share, not this count
+    assert "min_overlap" not in two
+    with pytest.raises(ValueError, match="truth_min_pixels"):
+        verdict_metrics(labels, verdicts, masks, truth_min_pixels=0)
 
 
 def test_wilcoxon_matches_scipy(rng):

@@ -255,3 +255,17 @@ def test_disabled_report_writes_nothing(tmp_path):
         class_names=[],
     )
     assert path == tmp_path / "report.md" and not path.exists()
+
+
+@pytest.mark.parametrize("key", ["truth_min_pixels", "min_overlap"])  # min_overlap: an older results.json
+def test_the_truths_pixel_count_is_named_for_what_it_is(tmp_path, key):
+    results = {"critic": RESULTS["critic"], "verdicts": {**RESULTS["verdicts"], key: 1}}
+    path = write_report(
+        tmp_path, results, options=ReportOptions(samples=0, test_images=0), rendered=[], verdicts=[],
+        critiques=[], test_images=None, test_labels=None, attributions={}, class_names=[],
+    )  # fmt: skip
+    text = path.read_text(encoding="utf-8")
+    assert "| truth_min_pixels | 1 |" in text
+    assert "truly spurious (its right verdict is \"no\") when at least 1 of its pixels lie on the true mask" in text
+    # the critic option min_overlap (a share) is another setting: the table does not use its name
+    assert "| min_overlap |" not in text
