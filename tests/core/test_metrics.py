@@ -22,7 +22,7 @@ from lvlmva.metrics import (
     wilcoxon_signed_rank,
     worst_group_accuracy,
 )
-from lvlmva.records import Verdicts
+from lvlmva.records import Split, SpuriousDataset, Verdicts
 
 # -- numpy reference twins ---------------------------------------------------------------------
 
@@ -155,6 +155,47 @@ def test_alignment_score_extremes():
     assert alignment_score(attr, masks) == pytest.approx(0.0)
     attr[:, 0, 3, 3] = 5.0  # half of it
     assert alignment_score(attr, masks) == pytest.approx(0.5)
+
+
+def test_alignment_score_is_taken_on_the_true_class_not_the_predicted_one(ctx):
+    """A known answer where every prediction is wrong: the attributions scored must be those
+    of the true class. The class is chosen where the evaluator asks for attributions, so the
+    score is checked through the standard evaluator, the toolkit's one caller."""
+    from lvlmva.plugins.evaluators.standard import StandardEvaluator, StandardEvaluatorOptions
+
+    images = torch.zeros(2, 1, 4, 4)
+    images[0, 0, 3, 3] = 1.0  # pixel (3, 3) decides the prediction
+    labels = torch.tensor([0, 1])
+    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
+    masks[0, :2, :2] = True  # 4 of 16 pixels, (0, 0) among them
+    masks[1, 0, :2] = True  # 2 of 16 pixels, (0, 0) among them
+    split = Split(images, labels, spurious_masks=masks)
+    data = SpuriousDataset("decoy-mnist", split, split, ("zero", "one"), ("zero", "one"))
+    # predicts class 1 where pixel (3, 3) is lit, else class 0: sample 0 -> 1, sample 1 -> 0
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([0.0, -0.5]))
+        model[1].weight[1, 15] = 1.0
+
+    def attribute(model, inputs, targets):
+        # class 0: the same attribution on every pixel; class 1: all of it on pixel (0, 0)
+        out = torch.zeros_like(inputs)
+        for i, target in enumerate(targets.tolist()):
+            if target == 0:
+                out[i] = 1.0
+            else:
+                out[i, 0, 0, 0] = 1.0
+        return out
+
+    evaluator = StandardEvaluator(StandardEvaluatorOptions(alignment_score_samples=2))
+    got = evaluator.evaluate(model, data, ctx, attribute=attribute)
+    assert got["accuracy"] == 0.0  # predicted and true classes differ for both samples
+    # by hand, true classes: sample 0 (class 0) has 4/16 of its attribution on its mask,
+    # sample 1 (class 1) all of it: 1 - (0.25 + 1) / 2. The predicted classes would give
+    # 1 - (1 + 2/16) / 2 = 0.4375, class 0 throughout 0.8125, class 1 throughout 0.
+    assert got["alignment_score"] == pytest.approx(0.375)
+    assert got["alignment_score_samples"] == 2 and got["alignment_score_skipped"] == 0
 
 
 def test_verdict_metrics_match_numpy(rng):
