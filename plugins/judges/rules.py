@@ -11,6 +11,7 @@ from pydantic import Field
 from lvlmva.protocols import PluginOptions, RunContext
 from lvlmva.records import Critique, Verdicts
 from lvlmva.rendering import COLOR_SYNONYMS, PALETTE
+from lvlmva.secrets import redact
 
 __all__ = ["RulesJudge"]
 
@@ -158,7 +159,8 @@ class RulesJudge:
             sample_id=critique.sample_id,
             colors=tuple(critique.colors),
             relevant=None,
-            failure=f"rules judge, sample {critique.sample_id}: {reason}",
+            # the reason may quote a critic's failure, which may quote a secret
+            failure=redact(f"rules judge, sample {critique.sample_id}: {reason}"),
         )
 
     def _from_json(

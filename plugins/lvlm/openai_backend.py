@@ -13,7 +13,12 @@ same for every sample it hit; an answer that was had but cannot be used (empty, 
 ``max_tokens``, a judge answer still invalid after repair) is a failure that is not retryable.
 
 The API key is read from the environment variable named by ``api_key_env`` and kept in memory
-only: it never enters a cache key, a transcript, a failure message or a settings file.
+only: it never enters a cache key, a transcript, a failure message or a settings file. Whitespace
+around it (the CR of a line read from a CRLF ``.env`` file) is stripped; a key with whitespace,
+control or non-ASCII characters inside it is refused before any work, naming the variable. The
+key, as read and as stripped, is registered with :mod:`lvlmva.secrets` the moment it is read, and
+every text this backend stores, returns or raises passes through its ``redact``: an HTTP library
+that quotes the header in an error message, or a server that echoes it, leaves ``[redacted]``.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
 from lvlmva.protocols import PluginOptions, RunContext
 from lvlmva.records import Critique, CritiqueRequest, Usage, Verdicts
+from lvlmva.secrets import redact, redact_json, register_secret
 from lvlmva.templates import builtin_families
 
 from .cache import ResponseCache, open_response_cache, sha256_hex
@@ -80,6 +86,9 @@ NO_KEY = "not-needed"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: what an API key is made of once stripped: printable ASCII without spaces (an HTTP header value
+#: that no HTTP library refuses)
+_KEY_CHARS = re.compile(r"^[\x21-\x7e]+$")
 #: query parameter names that carry a credential (``?api_key=``, ``?access_token=``, ``?auth=``)
 _CREDENTIAL_PARAM = re.compile(r"key|token|secret|passw(?:or)?d|auth", re.IGNORECASE)
 
@@ -403,9 +412,9 @@ class RequestFailed(Exception):
     """A request that could not be answered after its attempts; the message says why."""
 
     def __init__(self, message: str, attempts: int, errors: list[str]) -> None:
-        super().__init__(message)
+        super().__init__(redact(message))
         self.attempts = attempts
-        self.errors = errors
+        self.errors = [redact(e) for e in errors]
 
 
 @dataclass
@@ -433,7 +442,22 @@ def _connection_failure(exc: BaseException) -> tuple[bool, str]:
             refused = True
         current = current.__cause__ or current.__context__
     transport = exc.__cause__ or exc.__context__ or exc
-    return refused, (str(transport) or type(transport).__name__)[:120]
+    # redacted before it is cut short: a cut through a key would leave a part no redaction knows
+    return refused, redact(str(transport) or type(transport).__name__)[:120]
+
+
+def _chain_texts(exc: BaseException) -> list[str]:
+    """``Type: message`` of ``exc`` and of every exception chained to it (cause or context,
+    as a traceback prints them), notes included."""
+    texts: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        notes = getattr(current, "__notes__", None) or []
+        texts.append(" ".join([f"{type(current).__name__}: {current}", *map(str, notes)]))
+        current = current.__cause__ or current.__context__
+    return texts
 
 
 def _server_message(exc: Any) -> str:
@@ -486,32 +510,62 @@ class _OpenAIBackend:
         self._key = ""
 
     # -- secrets ---------------------------------------------------------------------------------
-    def _api_key(self) -> str:
-        name = self.options.api_key_env
+    def _read_key(self) -> tuple[str, str | None]:
+        """``(key, problem)``: the key in the variable named by ``api_key_env``, stripped of
+        surrounding whitespace, and what makes it unusable (``None`` when nothing does). Both
+        the value as read and the stripped key are registered as secrets before anything else
+        is done with them; a problem names the variable, never the value."""
+        name, role = self.options.api_key_env, self.role
         if not name:
-            return NO_KEY
-        key = os.environ.get(name)
+            return NO_KEY, None
+        raw = os.environ.get(name, "")
+        register_secret(raw)
+        key = raw.strip()
+        register_secret(key)
         if not key:
-            raise RuntimeError(
-                f"{self.role} plugin 'openai': the environment variable {name} (api_key_env) is not "
-                f'set; export it, or set {self.role}.api_key_env = "" for a server that needs no key'
+            return key, (
+                f"the environment variable {name} named by {role}.api_key_env is not set or "
+                f'empty; export it, or set {role}.api_key_env = "" for a server that needs no key'
             )
+        if not _KEY_CHARS.match(key):
+            return key, (
+                f"the environment variable {name} named by {role}.api_key_env holds whitespace, "
+                "control or non-ASCII characters inside the key (two lines, or a key pasted with "
+                f"text around it); export {name} again with the key alone"
+            )
+        return key, None
+
+    def _api_key(self) -> str:
+        key, problem = self._read_key()
+        if problem is not None:
+            raise RuntimeError(f"{self.role} plugin 'openai': {problem}")
         return key
+
+    def _secret_free(self, call: Callable[[], T]) -> T:
+        """``call()``, and an exception out of it whose text (or that of an exception chained
+        to it) holds a registered secret raised again as a RuntimeError with the texts
+        redacted, and without the chain that held it."""
+        try:
+            return call()
+        except Exception as exc:
+            texts = _chain_texts(exc)
+            if all(redact(text) == text for text in texts):
+                raise
+            message = "; from ".join(redact(text) for text in texts)
+        # raised outside the except block, so that the original is not its __context__ either
+        raise RuntimeError(f"{self.role} plugin 'openai': {message}")
 
     # -- before the run --------------------------------------------------------------------------
     def preflight(self, samples: int) -> list[str]:
-        """What would stop this stage, found before any work: an unset key variable, a template
-        that does not load, and a request or cost estimate past ``max_requests`` /
-        ``max_cost_usd`` for ``samples`` alignment samples."""
+        """What would stop this stage, found before any work: an unset key variable or a key
+        with whitespace or control characters inside it, a template that does not load, and a
+        request or cost estimate past ``max_requests`` / ``max_cost_usd`` for ``samples``
+        alignment samples."""
         who, role = f"{self.role} 'openai'", self.role
         problems = []
-        name = self.options.api_key_env
-        if name and not os.environ.get(name):
-            problems.append(
-                f"{who}: the environment variable {name} named by {role}.api_key_env is not set "
-                f'or empty; export it, or set {role}.api_key_env = "" for a server that needs '
-                "no key"
-            )
+        _, problem = self._read_key()
+        if problem is not None:
+            problems.append(f"{who}: {problem}")
         try:
             estimate = estimate_spending(role, self.options, samples)
         except TemplateError as exc:
@@ -538,11 +592,9 @@ class _OpenAIBackend:
             )
         return problems
 
-    def _redact(self, text: str) -> str:
-        key = self._key
-        if key and key != NO_KEY and key in text:
-            text = text.replace(key, "***")
-        return text
+    def _log(self, ctx: RunContext, record: dict[str, Any]) -> None:
+        """One transcript line, every text in it redacted."""
+        ctx.log_jsonl("transcripts.jsonl", redact_json(record))
 
     # -- templates ---------------------------------------------------------------------------------
     def _template(self, family: str) -> PromptTemplate:
@@ -617,18 +669,14 @@ class _OpenAIBackend:
                 errors.append(f"attempt {attempt}: {cause}")
             except openai.APIConnectionError as exc:
                 refused, reason = _connection_failure(exc)
-                cause = (
-                    "connection refused"
-                    if refused
-                    else f"connection error ({self._redact(reason)})"
-                )
+                cause = "connection refused" if refused else f"connection error ({redact(reason)})"
                 errors.append(
-                    f"attempt {attempt}: connection error: {self._redact(reason)}"
+                    f"attempt {attempt}: connection error: {redact(reason)}"
                     + ("; connection refused" if refused else "")
                 )
             except openai.APIStatusError as exc:
                 status = exc.status_code
-                message = self._redact(_server_message(exc))
+                message = redact(_server_message(exc))
                 errors.append(f"attempt {attempt}: HTTP {status}: {message}")
                 if status == 429 or status == 408 or status >= 500:
                     cause = "HTTP 429 (rate limited)" if status == 429 else f"HTTP {status}"
@@ -646,19 +694,18 @@ class _OpenAIBackend:
                     ) from None
             except openai.APIResponseValidationError as exc:
                 cause = "unreadable response"
-                errors.append(f"attempt {attempt}: unreadable response: {self._redact(str(exc))}")
+                errors.append(f"attempt {attempt}: unreadable response: {redact(str(exc))}")
             except ValueError as exc:
                 # A body cut short fails JSON decoding inside the client.
                 cause = "unreadable response body"
-                errors.append(
-                    f"attempt {attempt}: unreadable response body: {self._redact(str(exc))}"
-                )
+                errors.append(f"attempt {attempt}: unreadable response body: {redact(str(exc))}")
             else:
                 choice = response.choices[0] if response.choices else None
                 content = choice.message.content if choice is not None else None
                 usage = response.usage
                 answer = _Answer(
-                    text=content or "",
+                    # a server that echoes the key into an answer: it reaches no cache or file
+                    text=redact(content or ""),
                     prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
                     completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
                     finish_reason=None if choice is None else choice.finish_reason,
@@ -764,6 +811,11 @@ class OpenAICritic(_OpenAIBackend):
             return []
         for request in requests:
             self._template(request.family)  # template errors surface before any request is sent
+        return self._secret_free(lambda: self._critique_with_key(requests, ctx))
+
+    def _critique_with_key(
+        self, requests: Sequence[CritiqueRequest], ctx: RunContext
+    ) -> list[Critique]:
         self._key = self._api_key()
         return _run_sync(lambda: self._critique_all(requests, ctx))
 
@@ -823,8 +875,8 @@ class OpenAICritic(_OpenAIBackend):
         if cached is not None:
             record.update(answer=cached, cache_hit=True, attempts=0, latency_s=time.perf_counter() - started,
                           failure=None, usage=Usage(cache_hits=1).to_state())  # fmt: skip
-            ctx.log_jsonl("transcripts.jsonl", record)
-            return Critique(text=cached, usage=Usage(cache_hits=1), **common)
+            self._log(ctx, record)
+            return Critique(text=redact(cached), usage=Usage(cache_hits=1), **common)
 
         content: list[dict[str, Any]] = [{"type": "text", "text": prompt}]
         for png in images:
@@ -841,7 +893,7 @@ class OpenAICritic(_OpenAIBackend):
             record.update(answer=None, cache_hit=False, attempts=exc.attempts, errors=exc.errors,
                           latency_s=time.perf_counter() - started, failure=str(exc), retryable=True,
                           usage=usage.to_state())  # fmt: skip
-            ctx.log_jsonl("transcripts.jsonl", record)
+            self._log(ctx, record)
             return Critique(text=None, failure=str(exc), usage=usage, retryable=True, **common)
 
         usage = Usage(
@@ -863,7 +915,7 @@ class OpenAICritic(_OpenAIBackend):
         record.update(answer=answer.text, cache_hit=False, attempts=answer.attempts, errors=answer.errors,
                       finish_reason=answer.finish_reason, latency_s=time.perf_counter() - started,
                       failure=failure, retryable=False, usage=usage.to_state())  # fmt: skip
-        ctx.log_jsonl("transcripts.jsonl", record)
+        self._log(ctx, record)
         if failure is not None:
             return Critique(text=None, failure=failure, usage=usage, **common)
         return Critique(text=answer.text, usage=usage, **common)
@@ -904,6 +956,9 @@ class OpenAIJudge(_OpenAIBackend):
         for critique in critiques:
             if critique.text is not None:
                 self._template(critique.family)
+        return self._secret_free(lambda: self._judge_with_key(critiques, ctx))
+
+    def _judge_with_key(self, critiques: Sequence[Critique], ctx: RunContext) -> list[Verdicts]:
         if any(c.text is not None for c in critiques):
             self._key = self._api_key()
         return _run_sync(lambda: self._judge_all(critiques, ctx))
@@ -916,10 +971,10 @@ class OpenAIJudge(_OpenAIBackend):
     def _failed_critique(self, critique: Critique, ctx: RunContext) -> Verdicts:
         # Not retryable: asking the judge again cannot help; the critic's failure is the one
         # a re-run must fix.
-        reason = f"no critique to judge: {critique.failure}"
-        ctx.log_jsonl("transcripts.jsonl", {"stage": "judge", "backend": "openai", "model": self.options.model,
-                                            "sample_id": critique.sample_id, "failure": reason, "attempts": 0,
-                                            "cache_hit": False, "retryable": False})  # fmt: skip
+        reason = redact(f"no critique to judge: {critique.failure}")
+        self._log(ctx, {"stage": "judge", "backend": "openai", "model": self.options.model,
+                        "sample_id": critique.sample_id, "failure": reason, "attempts": 0,
+                        "cache_hit": False, "retryable": False})  # fmt: skip
         return Verdicts(critique.sample_id, critique.colors, None, failure=reason, attempts=0)
 
     def _response_format(self, colors: Sequence[str]) -> dict[str, Any]:
@@ -985,7 +1040,7 @@ class OpenAIJudge(_OpenAIBackend):
                               ignored_colors=list(parsed.ignored), cache_hit=True, attempts=0,
                               answers=0, latency_s=time.perf_counter() - started, failure=None,
                               usage=usage.to_state())  # fmt: skip
-                ctx.log_jsonl("transcripts.jsonl", record)
+                self._log(ctx, record)
                 return Verdicts(critique.sample_id, colors, parsed.relevant, attempts=0,
                                 usage=usage, ignored_colors=parsed.ignored)  # fmt: skip
 
@@ -1059,7 +1114,7 @@ class OpenAIJudge(_OpenAIBackend):
             retryable=retryable,
             usage=usage.to_state(),
         )
-        ctx.log_jsonl("transcripts.jsonl", record)
+        self._log(ctx, record)
         if parsed is None:
             return Verdicts(
                 critique.sample_id,

@@ -41,6 +41,7 @@ from lvlmva.plugins.lvlm.prompts import (
 from lvlmva.plugins.lvlm.verdict_schema import JudgeAnswerError, ParsedVerdicts, parse_judge_answer
 from lvlmva.protocols import PluginOptions, RunContext
 from lvlmva.records import Critique, CritiqueRequest, Usage, Verdicts
+from lvlmva.secrets import redact, redact_json
 
 __all__ = [
     "BACKEND",
@@ -394,9 +395,12 @@ class _TransformersBackend:
         return (lambda n: bar.advance(task, n)), bar.stop
 
     def _transcript(self, ctx: RunContext, **record: Any) -> None:
+        # redacted: a critique (a critic's failure) may carry a secret another plugin registered
         ctx.log_jsonl(
             "transcripts.jsonl",
-            {"stage": self.role, "backend": BACKEND, "model": self.options.model, **record},
+            redact_json(
+                {"stage": self.role, "backend": BACKEND, "model": self.options.model, **record}
+            ),
         )
 
 
@@ -464,7 +468,8 @@ class TransformersCritic(_TransformersBackend):
         except (RuntimeError, ValueError) as exc:
             # Recorded per sample (the protocol asks for failures, not a lost stage); retryable:
             # the model, not the sample, failed.
-            answers, error = [None] * len(chunk), f"generation failed: {type(exc).__name__}: {exc}"
+            error = redact(f"generation failed: {type(exc).__name__}: {exc}")
+            answers = [None] * len(chunk)
         latency = (time.perf_counter() - start) / len(chunk)
         for (i, template, prompt, hashes, key), answer in zip(chunk, answers, strict=True):
             request = requests[i]
@@ -568,7 +573,7 @@ class TransformersJudge(_TransformersBackend):
             if critique.text is None:
                 # Not retryable: judging again cannot help; the critic's failure is the one a
                 # re-run must fix.
-                reason = f"critic failed: {critique.failure}"
+                reason = redact(f"critic failed: {critique.failure}")
                 results[i] = Verdicts(critique.sample_id, critique.colors, None, reason, attempts=0)
                 self._transcript(
                     ctx,
@@ -626,7 +631,7 @@ class TransformersJudge(_TransformersBackend):
                 )
             except (RuntimeError, ValueError) as exc:
                 # Retryable: the model, not the answer, failed.
-                error = f"generation failed: {type(exc).__name__}: {exc}"
+                error = redact(f"generation failed: {type(exc).__name__}: {exc}")
                 for t in chunk:
                     results[t.index] = self._failure(t, error, attempt, retryable=True)
                     self._log(ctx, t, None, None, error, attempt, 0.0, False, retryable=True)

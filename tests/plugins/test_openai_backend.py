@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -785,7 +786,7 @@ def test_api_key_reaches_no_file_and_no_log(ctx, monkeypatch, capfd, caplog, tmp
         # The key does travel to the server, by design, in the Authorization header.
         assert server.requests[0].headers["authorization"] == f"Bearer {secret}"
     leaked_reason = [c.failure for c in critiques if c.failure]
-    assert leaked_reason and "***" in leaked_reason[0]  # the server echoed it; we redacted it
+    assert leaked_reason and "[redacted]" in leaked_reason[0]  # the server echoed it; redacted
     assert all(secret not in (v.failure or "") for v in verdicts)
     captured = capfd.readouterr()
     assert secret not in captured.out + captured.err + caplog.text
@@ -795,3 +796,209 @@ def test_api_key_reaches_no_file_and_no_log(ctx, monkeypatch, capfd, caplog, tmp
     )
     for path in files:
         assert secret.encode() not in path.read_bytes(), path
+
+
+# -- keys read with whitespace, and failures that quote a key -------------------------------------
+
+KEY_VAR = "LVLMVA_TEST_CRLF_KEY"
+
+
+def _forms_of(key: str) -> list[str]:
+    """How a key shows up in a text: as read, stripped, and as repr, bytes repr and JSON write
+    it (the stripped key is part of every one of them)."""
+    return [key, key.strip(), repr(key)[1:-1], repr(key.encode())[2:-1], json.dumps(key)[1:-1]]
+
+
+def _assert_nowhere(key: str, texts: list[str], root) -> None:
+    for text in texts:
+        assert key.strip() not in text, text
+    for path in (p for p in root.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        for form in _forms_of(key):
+            assert form.encode() not in data, (path, form)
+
+
+@pytest.mark.parametrize("key", ["sk-test-123\r\n", "sk-test-123\n", " sk-test-123\t"])
+def test_a_key_read_with_a_line_ending_is_stripped_and_works(ctx, monkeypatch, tmp_path, key):
+    monkeypatch.setenv(KEY_VAR, key)
+    with ScriptedOpenAIServer(answer=_blue_is_spurious) as server:
+        critic = _critic(server, api_key_env=KEY_VAR)
+        judge = _judge(server, api_key_env=KEY_VAR)
+        assert critic.preflight(2) == [] and judge.preflight(2) == []
+        critiques = critic.critique(synthetic_requests(2, COLORS), ctx)
+        verdicts = judge.judge(critiques, ctx)
+        assert [r.headers["authorization"] for r in server.requests] == ["Bearer sk-test-123"] * 4
+    assert all(c.failure is None for c in critiques)
+    assert [v.relevant for v in verdicts] == [EXPECTED] * 2
+    _assert_nowhere(key, [], tmp_path)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "sk-test 123",
+        "sk-test-123\r\nsk-second-456",
+        "sk-test-\x1b123",
+        "sk-tëst-123",
+        "sk-test\t123",
+    ],
+)
+@pytest.mark.parametrize(("role", "cls"), [("critic", OpenAICritic), ("judge", OpenAIJudge)])
+def test_a_key_with_inner_whitespace_or_control_characters_is_refused_naming_the_variable(
+    ctx, monkeypatch, role, cls, key
+):
+    monkeypatch.setenv(KEY_VAR, key)
+    with ScriptedOpenAIServer(answer=_blue_is_spurious) as server:
+        plugin = cls(cls.Options(base_url=server.base_url, **{**FAST, "api_key_env": KEY_VAR}))
+        [problem] = plugin.preflight(2)
+        assert problem.startswith(f"{role} 'openai': the environment variable {KEY_VAR} ")
+        assert f"{role}.api_key_env" in problem and "inside the key" in problem
+        with pytest.raises(RuntimeError, match=KEY_VAR) as info:
+            if role == "critic":
+                plugin.critique(synthetic_requests(1, COLORS), ctx)
+            else:
+                plugin.judge([_critique()], ctx)
+        assert server.count == 0  # refused before any request
+    for text in (problem, str(info.value)):
+        assert "sk-" not in text and "123" not in text, text
+
+
+def test_an_empty_or_blank_key_is_refused_as_unset(monkeypatch):
+    plugin = OpenAICritic(OpenAICritic.Options(api_key_env=KEY_VAR))
+    for blank in ("", "\r\n", "  "):
+        monkeypatch.setenv(KEY_VAR, blank)
+        [problem] = plugin.preflight(2)
+        assert (
+            f"the environment variable {KEY_VAR} named by critic.api_key_env is not set or empty"
+            in problem
+        )
+
+
+def _client_that(monkeypatch, fail):
+    """Make every request of the backend fail with ``fail(key)``, raised by the client."""
+    from lvlmva.plugins.lvlm import openai_backend
+
+    real = openai_backend._OpenAIBackend._client
+
+    def client(self):
+        made = real(self)
+
+        async def create(**_kwargs):
+            raise fail(os.environ[KEY_VAR])
+
+        made.chat.completions.create = create
+        return made
+
+    monkeypatch.setattr(openai_backend._OpenAIBackend, "_client", client)
+
+
+def test_an_http_library_error_quoting_the_key_is_redacted(ctx, monkeypatch, tmp_path):
+    """The HTTP library refuses a header with a line break and quotes it, escaped, in its error
+    (forced here by giving the client the key as read, unstripped)."""
+    key = "sk-test-forced-7f3e\r\n"
+    monkeypatch.setenv(KEY_VAR, key)
+    from lvlmva.plugins.lvlm import openai_backend
+
+    real = openai_backend._OpenAIBackend._client
+
+    def unstripped(self):
+        self._key = os.environ[KEY_VAR]
+        return real(self)
+
+    monkeypatch.setattr(openai_backend._OpenAIBackend, "_client", unstripped)
+    with ScriptedOpenAIServer(answer=VALID) as server:
+        critiques = _critic(server, api_key_env=KEY_VAR).critique(
+            synthetic_requests(2, COLORS), ctx
+        )
+        verdicts = _judge(server, api_key_env=KEY_VAR).judge([_critique(5), *critiques], ctx)
+        assert server.count == 0
+    failures = [c.failure for c in critiques] + [v.failure for v in verdicts]
+    assert all(f and "Illegal header value" in f and "[redacted]" in f for f in failures[:3]), (
+        failures
+    )
+    lines = _transcripts(ctx)
+    assert len(lines) == 5 and all("[redacted]" in json.dumps(line) for line in lines)
+    _assert_nowhere(
+        key, [*failures, *(e for line in lines for e in line.get("errors", []))], tmp_path
+    )
+
+
+def test_a_caught_failure_quoting_the_key_raw_and_escaped_is_redacted(ctx, monkeypatch, tmp_path):
+    key = "sk-test-forced-7f3e\r\n"
+    monkeypatch.setenv(KEY_VAR, key)
+    # a body the client cannot read, its error quoting the key as it is and as repr writes it
+    _client_that(monkeypatch, lambda k: ValueError(f"bad body near {k} ({k!r}, {k.encode()!r})"))
+    with ScriptedOpenAIServer(answer=VALID) as server:
+        [critique] = _critic(server, api_key_env=KEY_VAR, max_attempts=2).critique(
+            synthetic_requests(1, COLORS), ctx
+        )
+        [verdict] = _judge(server, api_key_env=KEY_VAR, max_attempts=2).judge([_critique()], ctx)
+        url = server.base_url
+    assert critique.failure == verdict.failure == f"unreadable response body at {url}"
+    errors = [e for line in _transcripts(ctx) for e in line["errors"]]
+    assert len(errors) == 4
+    assert all(e.endswith("bad body near [redacted] ('[redacted]', b'[redacted]')") for e in errors)
+    _assert_nowhere(key, errors, tmp_path)
+
+
+@pytest.mark.parametrize("role", ["critic", "judge"])
+def test_an_exception_quoting_the_key_is_raised_redacted_without_its_chain(
+    ctx, monkeypatch, tmp_path, role
+):
+    key = "sk-test-forced-7f3e\n"
+    monkeypatch.setenv(KEY_VAR, key)
+
+    def fail(k: str) -> Exception:
+        try:
+            raise OSError(f"socket said {k!r}")
+        except OSError as inner:
+            error = KeyError(f"no route for {k}")
+            error.__cause__ = inner
+            return error
+
+    _client_that(monkeypatch, fail)
+    with ScriptedOpenAIServer(answer=VALID) as server:
+        with pytest.raises(RuntimeError) as info:
+            if role == "critic":
+                _critic(server, api_key_env=KEY_VAR).critique(synthetic_requests(1, COLORS), ctx)
+            else:
+                _judge(server, api_key_env=KEY_VAR).judge([_critique()], ctx)
+    raised = info.value
+    assert str(raised).startswith(f"{role} plugin 'openai': KeyError: ")
+    assert "no route for [redacted]" in str(raised) and "OSError: socket said '[redacted]'" in str(
+        raised
+    )
+    assert raised.__cause__ is None and raised.__context__ is None
+    shown = "".join(__import__("traceback").format_exception(raised))
+    _assert_nowhere(key, [str(raised), repr(raised), shown], tmp_path)
+
+
+def test_exceptions_without_a_secret_are_raised_as_they_are(ctx, monkeypatch):
+    monkeypatch.setenv(KEY_VAR, "sk-test-forced-7f3e")
+    _client_that(monkeypatch, lambda k: KeyError("no route"))
+    with ScriptedOpenAIServer(answer=VALID) as server:
+        with pytest.raises(KeyError, match="no route"):
+            _critic(server, api_key_env=KEY_VAR).critique(synthetic_requests(1, COLORS), ctx)
+
+
+def test_judges_redact_a_critic_failure_that_quotes_a_key(ctx, monkeypatch, tmp_path):
+    """A critic's failure that quotes a registered key is judged by any judge without it."""
+    from lvlmva.plugins.judges.rules import RulesJudge
+    from lvlmva.plugins.lvlm.transformers_backend import TransformersJudge
+
+    key = "sk-test-forced-7f3e\r\n"
+    monkeypatch.setenv(KEY_VAR, key)
+    OpenAICritic(OpenAICritic.Options(api_key_env=KEY_VAR)).preflight(1)  # reads, registers
+    failed = Critique(
+        1, COLORS, None, failure=f"Illegal header value {b'Bearer ' + key.encode()!r}",
+        family="decoy-mnist", retryable=True,
+    )  # fmt: skip
+    judges = [
+        OpenAIJudge(OpenAIJudge.Options(**FAST)),
+        RulesJudge(RulesJudge.Options()),
+        TransformersJudge(TransformersJudge.Options(model="no-model-is-loaded")),
+    ]
+    failures = [judge.judge([failed], ctx)[0].failure for judge in judges]
+    assert all("Illegal header value b'Bearer [redacted]'" in f for f in failures), failures
+    assert len(_transcripts(ctx)) == 2  # the two LVLM judges write one line each
+    _assert_nowhere(key, failures, tmp_path)
