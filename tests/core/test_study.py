@@ -189,7 +189,10 @@ def test_interrupting_a_study_with_workers_stops_at_once_and_a_rerun_computes_th
             "--set", "study.seeds=[0, 1, 2, 3, 4, 5]", "--set", "study.workers=2",
             "--set", "mitigators.half.sleep_s=6"]  # fmt: skip
     env = {**os.environ, "LVLMVA_PLUGINS": "lvlmva.testing.toy_plugins"}
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell's background job inherits SIGINT ignored, and Python keeps an ignored SIGINT: the
+    # child gets the default back, so that it sees the signal as a terminal's Ctrl-C would be seen
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         if (study / "cells.jsonl").exists() and (study / "cells.jsonl").read_text().strip():
