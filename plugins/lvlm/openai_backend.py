@@ -202,6 +202,7 @@ class OpenAIOptions(PluginOptions):
     timeout_s: float = Field(
         120.0,
         gt=0,
+        allow_inf_nan=True,  # inf: no timeout (gt keeps nan and -inf out)
         description="Seconds to wait for one answer before the attempt counts as timed out.",
         json_schema_extra={"fingerprint": False},
     )
@@ -220,6 +221,7 @@ class OpenAIOptions(PluginOptions):
     backoff_max_s: float = Field(
         60.0,
         ge=0,
+        allow_inf_nan=True,  # inf: no cap, any Retry-After is honoured (ge keeps nan out)
         description="Longest wait between retries; a server's Retry-After (or retry-after-ms) is honoured up to this too.",
         json_schema_extra={"fingerprint": False},
     )
@@ -273,6 +275,7 @@ class OpenAIOptions(PluginOptions):
     max_cost_usd: float | None = Field(
         None,
         ge=0,
+        allow_inf_nan=True,  # inf: no limit, the one --set can write over a file's budget
         description="Most USD this stage may cost by an upper estimate (every request with the longest prompt and a max_tokens answer, at the prices in prices); a run estimated above it stops before any work. None: no limit.",
         json_schema_extra={"fingerprint": False},
     )
