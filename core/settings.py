@@ -18,6 +18,7 @@ Unknown keys are errors; secrets never come from a file.
 
 from __future__ import annotations
 
+import codecs
 import datetime
 import os
 import re
@@ -407,6 +408,15 @@ def _env_overrides(environ: Mapping[str, str], sections: Sequence[str]) -> tuple
     return out, raw_out
 
 
+#: byte order marks of encodings other than UTF-8 (UTF-32 first: its LE mark starts like UTF-16's)
+_OTHER_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"),
+    (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16"),
+)
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         data = path.read_bytes()
@@ -416,8 +426,12 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise SettingsError(f"{path}: is a folder, not a settings file") from None
     except OSError as exc:
         raise SettingsError(f"{path}: cannot read settings file: {exc.strerror or exc}") from None
+    for bom, encoding in _OTHER_BOMS:
+        if data.startswith(bom):
+            raise SettingsError(f"{path}: {encoding} text (it starts with a {encoding} byte order mark); save the settings file as UTF-8")
     try:
-        text = data.decode("utf-8")
+        # Windows Notepad saves UTF-8 with a byte order mark, which TOML does not allow
+        text = data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
         raise SettingsError(
             f"{path}: not UTF-8 text (byte {exc.start} is {data[exc.start]:#04x}); save the settings file as UTF-8"

@@ -4,6 +4,7 @@ of test plugins so that these tests do not depend on the built-in plugins."""
 
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 
 import pytest
@@ -500,3 +501,28 @@ def test_a_redacted_options_value_is_not_echoed(write, registry):
     registry.add("critic", "keyed", Keyed)
     err = error_of(write('[critic]\nplugin = "keyed"\napi_key_env = "sk-secret-value"\n'), registry=registry)
     assert "critic.api_key_env = <hidden>" in err and "sk-secret-value" not in err
+
+
+# -- file encoding ----------------------------------------------------------------------------
+
+
+def test_a_utf8_file_with_a_byte_order_mark_loads(tmp_path):
+    # what Windows Notepad saves as "UTF-8" (with BOM), Windows line ends included
+    path = tmp_path / "notepad.toml"
+    path.write_bytes(codecs.BOM_UTF8 + '[run]\r\nname = "café"\r\n[train]\r\nepochs = 2\r\n'.encode())
+    settings = load(path)
+    assert (settings.run.name, settings.train.epochs) == ("café", 2)
+    # only one mark is taken away: a second one is text, and an error
+    path.write_bytes(codecs.BOM_UTF8 * 2 + b"[train]\nepochs = 2\n")
+    assert error_of(path).startswith(f"{path}: not valid TOML: Invalid statement (at line 1, column 1)")
+    # bytes that are not UTF-8 after the mark are named by their place in the file
+    path.write_bytes(codecs.BOM_UTF8 + '[run]\nname = "café"\n'.encode("latin-1"))
+    assert error_of(path) == f"{path}: not UTF-8 text (byte 20 is 0xe9); save the settings file as UTF-8"
+
+
+@pytest.mark.parametrize("encoding, name", [("utf-16", "UTF-16"), ("utf-16-be", "UTF-16"), ("utf-32", "UTF-32")])
+def test_a_file_in_another_unicode_encoding_is_named(tmp_path, encoding, name):
+    path = tmp_path / "unicode.toml"
+    text = "[train]\nepochs = 2\n"
+    path.write_bytes(text.encode(encoding) if encoding != "utf-16-be" else codecs.BOM_UTF16_BE + text.encode(encoding))
+    assert error_of(path) == f"{path}: {name} text (it starts with a {name} byte order mark); save the settings file as UTF-8"
