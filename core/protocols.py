@@ -77,9 +77,13 @@ class DatasetError(ValueError):
 
 class PluginOptions(BaseModel):
     """Base class for every plugin's ``Options``: unknown keys are errors, values are checked
-    on assignment, and the model is frozen so a plugin cannot change its settings at run time."""
+    on assignment, and the model is frozen so a plugin cannot change its settings at run time.
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    ``inf`` and ``nan`` are refused for every float of every subclass (inside lists, tuples,
+    tables and unions too). A field where infinity means "no limit" says so with
+    ``Field(allow_inf_nan=True)`` and keeps ``nan`` and ``-inf`` out with a bound (``gt=0``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
 @dataclass

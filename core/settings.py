@@ -497,17 +497,20 @@ class _Provenance:
 
     def origin(self, dotted: Sequence[str]) -> str:
         for layer, label in (
-            (self.overrides, "--set " + ".".join(dotted)),
-            (self.env, "environment " + ENV_PREFIX + "__".join(p.upper() for p in dotted)),
-            (self.file, str(self.path) if self.path else "settings"),
+            (self.overrides, lambda path: "--set " + ".".join(path)),
+            (self.env, lambda path: "environment " + ENV_PREFIX + "__".join(p.upper() for p in path)),
+            (self.file, lambda path: str(self.path) if self.path else "settings"),
         ):
             node: Any = layer
-            for part in dotted:
-                if not isinstance(node, dict) or part not in node:
+            for depth, part in enumerate(dotted):
+                if not isinstance(node, dict):
+                    # a value of this layer holds the rest of the path (an item of a list)
+                    return label(dotted[:depth])
+                if part not in node:
                     break
                 node = node[part]
             else:
-                return label
+                return label(dotted)
         return "defaults"
 
 
@@ -528,6 +531,15 @@ def _describe_allowed(
     for bound, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
         if bound in ctx:
             return f"allowed: {sign} {ctx[bound]}"
+    if err_type == "finite_number":
+        field = model.model_fields.get(str(loc[0])) if len(loc) == 1 else None
+        bounds = [
+            f"{sign} {getattr(meta, bound)}"
+            for meta in (field.metadata if field is not None else ())
+            for bound, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+            if getattr(meta, bound, None) is not None
+        ]
+        return "allowed: a finite number" + (" " + " and ".join(bounds) if bounds else "")
     return ""
 
 
@@ -542,6 +554,37 @@ def _as_typed_text(values: dict[str, Any], raw: dict[str, Any], exc: ValidationE
         if isinstance(text, str) and key in values and not isinstance(values[key], str):
             retry[key] = text
     return retry if retry != values else None
+
+
+def _without_union_noise(values: dict[str, Any], errors: list[Any]) -> list[tuple[Any, list[str]]]:
+    """Each error with its location as a settings key, without the names pydantic gives the
+    branches of a union (``lam.float``, ``lam.tuple[float, ...]``): a branch name is a string
+    where the value is not a table. When a value fails every branch of a union and some branch
+    failed on more than the value's kind (``inf`` for ``float | tuple[float, ...]``), the errors
+    of the branches that only say "not a tuple" are dropped."""
+    located = []
+    for err in errors:
+        loc: list[str] = []
+        branch: tuple[str, ...] | None = None
+        node: Any = values
+        for part in err["loc"]:
+            if isinstance(part, str) and not isinstance(node, dict):
+                branch = branch or tuple(loc)  # a union's branch name, not a key of the value
+                continue
+            loc.append(str(part))
+            if isinstance(node, dict):
+                node = node.get(part)
+            elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+                node = node[part]
+            else:
+                node = None
+        located.append((err, loc, branch))
+
+    def kind_only(err: Any) -> bool:
+        return str(err["type"]).endswith("_type")
+
+    telling = {branch for err, _, branch in located if branch is not None and not kind_only(err)}
+    return [(err, loc) for err, loc, branch in located if not (branch in telling and kind_only(err))]
 
 
 def _redacted(model: type[PluginOptions], key: str) -> bool:
@@ -572,8 +615,8 @@ def _validate_section(
             except ValidationError:
                 pass  # report the errors of the values as parsed
         lines = []
-        for err in exc.errors():
-            loc = [str(p) for p in err["loc"]]
+        errors = _without_union_noise(values, exc.errors())
+        for err, loc in errors:
             dotted = [*dotted_section, *loc]
             node: Any = values
             for part in loc:

@@ -5,13 +5,17 @@ of test plugins so that these tests do not depend on the built-in plugins."""
 from __future__ import annotations
 
 import codecs
+import math
+import types
+import typing
 from pathlib import Path
+from typing import Any, Literal
 
 import pytest
-from pydantic import Field
+from pydantic import BaseModel, Field, ValidationError
 
-from lvlmva.protocols import PluginOptions
-from lvlmva.registry import PluginRegistry
+from lvlmva.protocols import ROLES, PluginOptions
+from lvlmva.registry import PluginRegistry, get_registry
 from lvlmva.settings import (
     CORE_SECTIONS,
     SettingsError,
@@ -501,6 +505,151 @@ def test_a_redacted_options_value_is_not_echoed(write, registry):
     registry.add("critic", "keyed", Keyed)
     err = error_of(write('[critic]\nplugin = "keyed"\napi_key_env = "sk-secret-value"\n'), registry=registry)
     assert "critic.api_key_env = <hidden>" in err and "sk-secret-value" not in err
+
+
+# -- numbers: finite ----------------------------------------------------
+
+
+class NumberCritic(FakeCritic):
+    """A critic with numbers inside a union, a list and a table."""
+
+    class Options(PluginOptions):
+        lam: float | tuple[float, ...] = Field(1.0, description="One weight or a grid.")
+        weights: dict[str, float] = Field(default_factory=dict, description="Weights by name.")
+        channels: Literal[1, 3] = Field(1, description="Channels.")
+        flag: bool = Field(False, description="A switch.")
+
+
+@pytest.fixture
+def numbers(registry) -> PluginRegistry:
+    registry.add("critic", "numbers", NumberCritic)
+    return registry
+
+
+@pytest.mark.parametrize("text", ["inf", "+inf", "-inf", "nan"])
+@pytest.mark.parametrize("key, allowed", [("lr", "> 0"), ("weight_decay", ">= 0")])
+def test_a_non_finite_float_in_a_file_is_refused(write, text, key, allowed):
+    path = write(f"[train]\n{key} = {text}\n")
+    shown = repr(float(text))
+    assert error_of(path) == f"{path}: train.{key} = {shown}: Input should be a finite number; allowed: a finite number {allowed}"
+
+
+def test_a_non_finite_float_from_set_or_the_environment_is_refused(write):
+    path = write("[train]\nlr = 0.1\n")
+    assert error_of(path, ["train.lr=inf"]) == "--set train.lr: train.lr = inf: Input should be a finite number; allowed: a finite number > 0"
+    assert error_of(path, environ={"LVLMVA_TRAIN__LR": "nan"}) == (
+        "environment LVLMVA_TRAIN__LR: train.lr = nan: Input should be a finite number; allowed: a finite number > 0"
+    )
+    assert error_of(None, ["render.overlay_alpha=-inf"]).endswith("allowed: a finite number >= 0 and <= 1")
+
+
+def test_a_non_finite_float_in_a_plugin_section_is_refused(write, numbers):
+    path = write('[critic]\nplugin = "fake"\ntemperature = inf\n')
+    assert error_of(path, registry=numbers) == (
+        f"{path}: critic.temperature = inf: Input should be a finite number (critic plugin 'fake'); allowed: a finite number >= 0 and <= 2"
+    )
+    # inside a union, a grid and a table; the union's branch names stay out of the key, and
+    # the branch that only says "not a tuple" is left out
+    message = error_of(None, ["critic.plugin=numbers", "critic.lam=inf"], registry=numbers)
+    assert message == "--set critic.lam: critic.lam = inf: Input should be a finite number (critic plugin 'numbers')"
+    message = error_of(None, ["critic.plugin=numbers", "critic.lam=[1, nan]"], registry=numbers)
+    assert message == "--set critic.lam: critic.lam.1 = nan: Input should be a finite number (critic plugin 'numbers')"
+    path = write('[critic]\nplugin = "numbers"\n[critic.weights]\na = 1.0\nb = -inf\n', "table.toml")
+    assert error_of(path, registry=numbers) == (
+        f"{path}: critic.weights.b = -inf: Input should be a finite number (critic plugin 'numbers')"
+    )
+    # finite values still load
+    options = load(None, ["critic.plugin=numbers", "critic.lam=[1, 1e300]"], registry=numbers).plugins["critic"].options
+    assert options.lam == (1.0, 1e300)
+
+
+#: float options where infinity means "no limit": (section, plugin, key)
+INFINITY_MEANS_NO_LIMIT = {
+    ("critic", "openai", "timeout_s"),
+    ("critic", "openai", "backoff_max_s"),
+    ("critic", "openai", "max_cost_usd"),
+    ("judge", "openai", "timeout_s"),
+    ("judge", "openai", "backoff_max_s"),
+    ("judge", "openai", "max_cost_usd"),
+}
+
+_NONE = object()
+
+
+def _holding(annotation: Any, leaves: tuple[type, ...], value: Any) -> Any:
+    """A value of type ``annotation`` with ``value`` where a ``leaves`` type (or a number
+    literal) goes, or ``_NONE`` when the type holds none."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation in leaves:
+        return value
+    if origin is Literal:
+        numbers = any(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+        return value if int in leaves and numbers else _NONE
+    if origin is typing.Annotated:
+        return _holding(args[0], leaves, value)
+    if origin in (typing.Union, types.UnionType):
+        return next((v for a in args if (v := _holding(a, leaves, value)) is not _NONE), _NONE)
+    if origin in (list, tuple, set, frozenset):
+        inner = _holding(args[0], leaves, value) if args else _NONE
+        return _NONE if inner is _NONE else [inner]
+    if origin is dict:
+        inner = _holding(args[1], leaves, value)
+        return _NONE if inner is _NONE else {"k": inner}
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        for name, field in annotation.model_fields.items():
+            inner = _holding(field.annotation, leaves, value)
+            if inner is not _NONE:
+                return {name: inner}
+    return _NONE
+
+
+def _every_options_model() -> list[tuple[str, str, type[BaseModel]]]:
+    """(section, plugin, Options) of every core section and every built-in plugin."""
+    registry = get_registry()
+    out = [(section, "", model) for section, model in {**CORE_SECTIONS, **registry.stage_sections()}.items()]
+    for role in ROLES:
+        for name in registry.names(role):
+            out.append((role, name, registry.get(role, name).Options))
+    return out
+
+
+def _refused(model: type[BaseModel], key: str, value: Any) -> bool:
+    try:
+        model.model_validate({key: value})
+    except ValidationError as exc:
+        return any(err["loc"][:1] == (key,) for err in exc.errors())
+    return False
+
+
+def test_every_float_option_refuses_non_finite_values_unless_it_means_no_limit():
+    checked, wrong = set(), []
+    for section, plugin, model in _every_options_model():
+        for key, field in model.model_fields.items():
+            for bad in (math.inf, -math.inf, math.nan):
+                value = _holding(field.annotation, (float,), bad)
+                if value is _NONE:
+                    continue
+                checked.add((section, plugin, key))
+                exception = (section, plugin, key) in INFINITY_MEANS_NO_LIMIT and bad == math.inf
+                if _refused(model, key, value) == exception:
+                    wrong.append(f"{section} {plugin} {key} = {value!r}: {'refused' if exception else 'accepted'}")
+    assert wrong == []
+    assert INFINITY_MEANS_NO_LIMIT <= checked
+    assert {("train", "", "lr"), ("train", "", "weight_decay"), ("aligner", "rrr", "lam")} <= checked
+
+
+def test_infinity_means_no_limit_where_an_option_says_so(write):
+    path = write('[critic]\nplugin = "openai"\ntimeout_s = inf\nbackoff_max_s = inf\nmax_cost_usd = 5.0\n')
+    settings = load_settings(path, ["critic.max_cost_usd=inf"], environ={})
+    options = settings.plugins["critic"].options
+    assert (options.timeout_s, options.backoff_max_s, options.max_cost_usd) == (math.inf, math.inf, math.inf)
+    # the resolved settings keep it
+    again = write(settings.to_toml(), "resolved.toml")
+    assert load_settings(again, environ={}).plugins["critic"].options.timeout_s == math.inf
+    # nan and -inf are still refused there, by the bounds
+    for key, value, words in (("timeout_s", "nan", "greater than 0"), ("backoff_max_s", "-inf", "greater than or equal to 0"), ("max_cost_usd", "nan", "greater than or equal to 0")):
+        with pytest.raises(SettingsError, match=rf"--set critic.{key}: critic.{key} = {value}: Input should be {words}"):
+            load_settings(path, [f"critic.{key}={value}"], environ={})
 
 
 # -- file encoding ----------------------------------------------------------------------------
