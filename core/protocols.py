@@ -79,11 +79,94 @@ class PluginOptions(BaseModel):
     """Base class for every plugin's ``Options``: unknown keys are errors, values are checked
     on assignment, and the model is frozen so a plugin cannot change its settings at run time.
 
-    ``inf`` and ``nan`` are refused for every float of every subclass (inside lists, tuples,
-    tables and unions too). A field where infinity means "no limit" says so with
-    ``Field(allow_inf_nan=True)`` and keeps ``nan`` and ``-inf`` out with a bound (``gt=0``)."""
+    Numbers are checked strictly, in every field of every subclass (inside lists, tuples,
+    tables and unions too): ``inf`` and ``nan`` are refused for a float, and a boolean given
+    where a number is asked for (``epochs = true``) is refused instead of being read as 1. A
+    field where infinity means "no limit" says so with ``Field(allow_inf_nan=True)`` and keeps
+    ``nan`` and ``-inf`` out with a bound (``gt=0``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: type[BaseModel], handler: Any) -> Any:
+        # pydantic's lax mode reads True as 1 for an int, a float and a number literal, and
+        # pydantic has no switch against that alone (strict mode would refuse a list for a
+        # tuple too): each such check of this model's fields gets a bool check in front.
+        return cls._bools_refused(handler(source))
+
+    #: core schema keys that hold the schemas of parts of a value
+    _SCHEMA_PARTS: ClassVar[tuple[str, ...]] = (
+        "schema", "items_schema", "keys_schema", "values_schema", "choices", "fields", "steps",
+        "python_schema", "json_schema", "lax_schema", "strict_schema", "extras_schema",
+    )  # fmt: skip
+
+    @classmethod
+    def _bools_refused(cls, schema: Any) -> Any:
+        """Core schema ``schema`` with every int, float and number-literal check refusing a
+        bool first (a copy where something changed, ``schema`` itself where nothing did). Other
+        models' schemas are left to them: a nested PluginOptions does the same for its fields."""
+        from pydantic_core import SchemaError, SchemaValidator, core_schema
+
+        if isinstance(schema, (list, tuple)):
+            parts = [cls._bools_refused(part) for part in schema]
+            return schema if all(a is b for a, b in zip(parts, schema, strict=True)) else type(schema)(parts)
+        if not isinstance(schema, dict):
+            return schema
+        kind = schema.get("type")
+        if kind in ("int", "float") or (kind == "literal" and cls._number_literal(schema["expected"])):
+            return core_schema.no_info_before_validator_function(
+                cls._refuse_bool(cls._numbers_allowed(schema)), schema
+            )
+        if kind == "model" and schema.get("cls") is not cls:
+            return schema
+        out = dict(schema)
+        for key in cls._SCHEMA_PARTS:
+            part = schema.get(key)
+            if key in ("fields", "choices") and isinstance(part, dict):  # by name or tag
+                out[key] = {name: cls._bools_refused(sub) for name, sub in part.items()}
+            elif key == "choices" and isinstance(part, list):
+                # a union names its failing branch in an error's location: a wrapped branch keeps
+                # the name it had (``float``, not ``function-before[refuse_bool(), float]``)
+                choices = []
+                for choice in part:
+                    sub, label = choice if isinstance(choice, tuple) else (choice, None)
+                    new = cls._bools_refused(sub)
+                    if new is not sub and label is None:
+                        try:
+                            label = SchemaValidator(sub).title
+                        except SchemaError:  # it refers to definitions held elsewhere
+                            pass
+                    choices.append(new if label is None else (new, label))
+                out[key] = choices
+            elif part is not None:
+                out[key] = cls._bools_refused(part)
+        changed = any(out[key] != schema[key] for key in cls._SCHEMA_PARTS if key in schema)
+        return out if changed else schema
+
+    @staticmethod
+    def _number_literal(expected: Sequence[Any]) -> bool:
+        # Literal[1, 3] takes True as 1; Literal[True, 1] asks for the bool on purpose
+        return any(isinstance(v, (int, float)) for v in expected) and not any(isinstance(v, bool) for v in expected)
+
+    @staticmethod
+    def _numbers_allowed(schema: dict[str, Any]) -> str:
+        """What a number check takes, in words: ``an integer >= 0``, ``1 or 3``."""
+        if schema["type"] == "literal":
+            return " or ".join(repr(v) for v in schema["expected"])
+        words = "an integer" if schema["type"] == "int" else "a number"
+        bounds = [f"{sign} {schema[key]}" for key, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")) if key in schema]
+        return " ".join([words, " and ".join(bounds)]).strip()
+
+    @staticmethod
+    def _refuse_bool(allowed: str) -> Callable[[Any], Any]:
+        from pydantic_core import PydanticCustomError
+
+        def refuse_bool(value: Any) -> Any:
+            if isinstance(value, bool):
+                raise PydanticCustomError("bool_not_number", "a boolean is not a number", {"expected": allowed})
+            return value
+
+        return refuse_bool
 
 
 @dataclass

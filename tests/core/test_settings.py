@@ -507,7 +507,7 @@ def test_a_redacted_options_value_is_not_echoed(write, registry):
     assert "critic.api_key_env = <hidden>" in err and "sk-secret-value" not in err
 
 
-# -- numbers: finite ----------------------------------------------------
+# -- numbers: finite, and never a boolean ----------------------------------------------------
 
 
 class NumberCritic(FakeCritic):
@@ -561,6 +561,43 @@ def test_a_non_finite_float_in_a_plugin_section_is_refused(write, numbers):
     # finite values still load
     options = load(None, ["critic.plugin=numbers", "critic.lam=[1, 1e300]"], registry=numbers).plugins["critic"].options
     assert options.lam == (1.0, 1e300)
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ("epochs = true", "train.epochs = True: a boolean is not a number; allowed: an integer >= 0"),
+        ("batch_size = false", "train.batch_size = False: a boolean is not a number; allowed: an integer >= 1"),
+        ("lr = true", "train.lr = True: a boolean is not a number; allowed: a number > 0"),
+    ],
+)
+def test_a_boolean_for_a_number_in_a_file_is_refused(write, line, expected):
+    path = write(f"[train]\n{line}\n")
+    assert error_of(path) == f"{path}: {expected}"
+
+
+def test_a_boolean_for_a_number_from_set_or_the_environment_is_refused():
+    expected = "train.epochs = True: a boolean is not a number; allowed: an integer >= 0"
+    assert error_of(None, ["train.epochs=true"]) == f"--set train.epochs: {expected}"
+    assert error_of(None, environ={"LVLMVA_TRAIN__EPOCHS": "true"}) == f"environment LVLMVA_TRAIN__EPOCHS: {expected}"
+    # a list item names the list's source and its index
+    assert error_of(None, ["study.seeds=[0, true]"]) == (
+        "--set study.seeds: study.seeds.1 = True: a boolean is not a number; allowed: an integer"
+    )
+    assert error_of(None, environ={"LVLMVA_STUDY__SEEDS": "[false]"}).startswith("environment LVLMVA_STUDY__SEEDS: study.seeds.0 = False")
+
+
+def test_a_boolean_for_a_number_in_a_plugin_section_is_refused(write, numbers):
+    path = write('[critic]\nplugin = "numbers"\nlam = true\nchannels = true\nweights = {a = false}\n')
+    assert error_of(path, registry=numbers).splitlines() == [
+        f"{path}: critic.lam = True: a boolean is not a number (critic plugin 'numbers')",
+        f"{path}: critic.weights.a = False: a boolean is not a number (critic plugin 'numbers')",
+        f"{path}: critic.channels = True: a boolean is not a number (critic plugin 'numbers'); allowed: 1 or 3",
+    ]
+    assert "critic.sizes.1 = True: a boolean is not a number" in error_of(None, ["critic.plugin=fake", "critic.sizes=[1, true]"], registry=numbers)
+    # booleans still go where booleans are asked for, numbers where numbers are
+    options = load(write('[critic]\nplugin = "numbers"\nflag = true\nlam = 2\nchannels = 3\n'), registry=numbers).plugins["critic"].options
+    assert (options.flag, options.lam, options.channels) == (True, 2.0, 3)
 
 
 #: float options where infinity means "no limit": (section, plugin, key)
@@ -636,6 +673,20 @@ def test_every_float_option_refuses_non_finite_values_unless_it_means_no_limit()
     assert wrong == []
     assert INFINITY_MEANS_NO_LIMIT <= checked
     assert {("train", "", "lr"), ("train", "", "weight_decay"), ("aligner", "rrr", "lam")} <= checked
+
+
+def test_every_number_option_refuses_a_boolean():
+    checked, wrong = set(), []
+    for section, plugin, model in _every_options_model():
+        for key, field in model.model_fields.items():
+            value = _holding(field.annotation, (int, float), True)
+            if value is _NONE:
+                continue
+            checked.add((section, plugin, key))
+            if not _refused(model, key, value):
+                wrong.append(f"{section} {plugin} {key} = {value!r}: accepted")
+    assert wrong == []
+    assert {("train", "", "epochs"), ("study", "", "seeds"), ("dataset", "knee-folder", "channels")} <= checked
 
 
 def test_infinity_means_no_limit_where_an_option_says_so(write):
