@@ -10,8 +10,9 @@ cell and stage by stage: a cell whose stages are all stored is not run again.
 Cells run serially, in N local worker processes, or as Ray tasks. A worker gets the settings
 *text*, the overrides and the cell's path, never Python objects, and sets torch to the study's
 thread count, so a cell gives the same results.json whichever executor ran it. A failed cell
-is recorded with its reason and the others go on; the tables, statistics and plots of
-:mod:`lvlmva.study.outputs` are written from every cell that published results.
+is recorded with its reason and its traceback (``<study>/logs/<cell>.error.txt``), and the
+others go on; the tables, statistics and plots of :mod:`lvlmva.study.outputs` are written from
+every cell that published results.
 """
 
 from __future__ import annotations
@@ -20,18 +21,22 @@ import json
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ..atomic import write_atomic
+from ..secrets import redact
 from ..settings import Settings, SettingsError, load_settings
 
 __all__ = ["Cell", "StudyPlan", "plan_study", "run_study", "run_cell", "CELL_SETTINGS"]
 
 #: the settings text of a cell, kept in its run directory (what the worker loads)
 CELL_SETTINGS = "cell.settings.toml"
+#: the study's record of its cells: one JSON line per finished cell run, the last one counts
+CELL_LOG = "cells.jsonl"
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,11 @@ class Cell:
     @property
     def label(self) -> str:
         return f"{self.dataset} seed {self.seed}"
+
+    @property
+    def key(self) -> str:
+        """The cell's name in file names (``logs/<key>.error.txt``)."""
+        return f"{self.dataset}-seed{self.seed}"
 
 
 @dataclass(frozen=True)
@@ -159,7 +169,9 @@ def _run_cell(cell: Cell) -> dict[str, Any]:
             out.update(status="ok", reason="", published=True)
         except StageFailed as exc:  # raised after results.json was published with the failure
             reasons = "; ".join(f"{name}: {describe_failure(e)}" for name, e in exc.failures.items())
-            out.update(status="failed", reason=reasons, published=True)
+            out.update(status="failed", reason=redact(reasons), published=True, traceback=_format_traceback(exc))
+            # the run's own traceback files, one per failed stage (lvlmva.pipeline writes them)
+            out["stage_error_files"] = {str(k): str(v) for k, v in getattr(exc, "error_files", {}).items()}
         counts = {}
         for outcome in pipeline.outcomes.values():
             counts[outcome.status] = counts.get(outcome.status, 0) + 1
@@ -167,9 +179,24 @@ def _run_cell(cell: Cell) -> dict[str, Any]:
         stored = {s.name for s in pipeline.stages if s.persist}  # the data set is loaded, not stored
         out["computed"] = sorted(n for n, o in pipeline.outcomes.items() if o.status == "computed" and n in stored)
     except Exception as exc:  # a cell that cannot even start: recorded, the study goes on
-        out.update(status="failed", reason=f"{type(exc).__name__}: {exc}", published=False)
+        out.update(status="failed", reason=redact(f"{type(exc).__name__}: {exc}"), published=False,
+                   traceback=_format_traceback(exc))  # fmt: skip
     out["seconds"] = round(time.perf_counter() - started, 3)
     return out
+
+
+def _format_traceback(exc: BaseException) -> str:
+    """The full traceback of a cell's failure, formatted where it happened (in the worker: an
+    exception may not pickle), with registered secrets redacted there (a plugin registers its
+    key in the worker's process). A failed run's StageFailed is followed by each failed
+    stage's own traceback."""
+    from ..pipeline import StageFailed
+
+    parts = ["".join(traceback.format_exception(exc))]
+    if isinstance(exc, StageFailed):
+        for name, failure in exc.failures.items():
+            parts.append(f"\nstage {name!r} failed:\n" + "".join(traceback.format_exception(failure)))
+    return redact("".join(parts))
 
 
 Done = Callable[[Cell, dict[str, Any]], None]
@@ -251,16 +278,20 @@ def run_study(
     overrides: Sequence[str] = (),
     out: Path | None = None,
     echo: Callable[[str], None] = print,
+    debug: bool = False,
 ) -> dict[str, Any]:
     """Plan, run the cells that are not finished, and write the study's outputs; returns the
-    summary (paths, cell statuses). Raises :class:`SettingsError` before any work on bad input."""
+    summary (paths, cell statuses). Raises :class:`SettingsError` before any work on bad input.
+
+    A failed cell's traceback is written to ``<study>/logs/<cell>.error.txt`` (secrets
+    redacted); with ``debug`` it is echoed too."""
     from ..pipeline import RunDirectory
     from .outputs import CellResult, write_study_outputs
 
     plan = plan_study(settings_files, overrides, out)
     study = plan.settings.study
     RunDirectory.claim(plan.directory, kind="study")
-    log = plan.directory / "cells.jsonl"
+    log = plan.directory / CELL_LOG
     todo = [c for c, done in zip(plan.cells, plan.finished, strict=True) if not done]
     total = len(plan.cells)
     echo(f"study {plan.directory}: {total} cells ({len(plan.datasets)} data sets x {len(study.seeds)} seeds), "
@@ -272,13 +303,28 @@ def run_study(
     def done(cell: Cell, status: dict[str, Any]) -> None:
         nonlocal finished
         finished += 1
+        status = dict(status)
+        error_file = plan.directory / "logs" / f"{cell.key}.error.txt"
+        text = status.pop("traceback", None)
+        if text is not None:
+            write_atomic(error_file, redact(text))  # the worker redacted; so does this process
+            status["error_file"] = str(error_file)
+        else:  # the cell's last run decides: an earlier failure's traceback is not left behind
+            error_file.unlink(missing_ok=True)
+        status["reason"] = redact(status.get("reason", ""))
         statuses[(cell.dataset, cell.seed)] = status
         with open(log, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(status, sort_keys=True) + "\n")
         stages = status.get("stages", {})
         what = f"{stages.get('computed', 0)} stages computed, {stages.get('reused', 0)} reused"
         note = "" if status["status"] == "ok" else f": {status['reason']}"
+        files = [f"traceback: {status['error_file']}"] if "error_file" in status else []
+        files += [f"stage {stage}: {path}" for stage, path in status.get("stage_error_files", {}).items()]
+        if files:
+            note += f" ({'; '.join(files)})"
         echo(f"  [{finished}/{total}] {cell.label}: {status['status']} in {status['seconds']:.1f} s ({what}){note}")
+        if debug and text is not None:
+            echo(redact(text).rstrip("\n"))
 
     if study.executor == "ray":
         _run_ray(todo, done, study.address, study.threads)
@@ -308,6 +354,7 @@ def run_study(
                 run_dir=cell.run_dir,
             )
         )
+        statuses[(cell.dataset, cell.seed)] = status
     summary = write_study_outputs(
         cells, plan.directory, metrics=tuple(study.metrics), evaluator=study.evaluator,
         baseline=study.baseline, alpha=study.alpha, correction=study.correction,
@@ -315,7 +362,9 @@ def run_study(
     failed = [c for c in cells if c.status != "ok" or c.reason]
     write_atomic(plan.directory / "study.json", json.dumps({
         "settings_files": [str(p) for p in settings_files], "overrides": list(overrides),
-        "cells": [{"dataset": c.dataset, "seed": c.seed, "status": c.status, "reason": c.reason, "run_dir": c.run_dir} for c in cells],
+        "cells": [{"dataset": c.dataset, "seed": c.seed, "status": c.status, "reason": c.reason, "run_dir": c.run_dir,
+                   **{k: statuses[(c.dataset, c.seed)][k] for k in ("error_file", "stage_error_files")
+                      if k in statuses[(c.dataset, c.seed)]}} for c in cells],
     }, indent=2) + "\n")  # fmt: skip
     return {**summary, "directory": str(plan.directory), "failed": len(failed), "cells": len(cells)}
 
