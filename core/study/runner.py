@@ -13,10 +13,16 @@ thread count, so a cell gives the same results.json whichever executor ran it. A
 is recorded with its reason and its traceback (``<study>/logs/<cell>.error.txt``), and the
 others go on; the tables, statistics and plots of :mod:`lvlmva.study.outputs` are written from
 every cell that published results.
+
+A cell's results.json is trusted as its stages are: the SHA-256 of the file each cell's run
+published is recorded in the study's ``cells.jsonl``, and the file is checked against it before
+its numbers are used. A cell whose results.json was changed or cannot be read is computed again
+(its stages, intact, are reused), never read into the tables.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -70,7 +76,12 @@ class StudyPlan:
     cells: tuple[Cell, ...]
     datasets: tuple[str, ...]
     #: per cell: every stage stored and intact for the settings as they are now, results published
+    #: and equal to what the cell's last run published (its SHA-256 in cells.jsonl)
     finished: tuple[bool, ...] = ()
+    #: per cell: why its published results.json is not used and the cell runs again ("" if none)
+    unverified: tuple[str, ...] = ()
+    #: per cell: its last line in cells.jsonl (``None`` for a cell never run in this study)
+    records: tuple[dict[str, Any] | None, ...] = ()
 
 
 def _dataset_label(path: Path, settings: Settings, taken: set[str]) -> str:
@@ -80,6 +91,63 @@ def _dataset_label(path: Path, settings: Settings, taken: set[str]) -> str:
         label, n = f"{base}_{n}", n + 1
     taken.add(label)
     return label
+
+
+def read_cell_log(directory: Path) -> dict[tuple[str, int], dict[str, Any]]:
+    """(data set, seed) -> the last record of that cell in ``<study>/cells.jsonl``. A line cut by
+    a kill is skipped."""
+    try:
+        text = (Path(directory) / CELL_LOG).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    records: dict[tuple[str, int], dict[str, Any]] = {}
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("dataset"), str) and type(record.get("seed")) is int:
+            records[(record["dataset"], record["seed"])] = record
+    return records
+
+
+def _check_published(results_path: Path, record: dict[str, Any] | None) -> str:
+    """What is wrong with a cell's stored ``results_path``, naming the file; "" when it is the
+    file the cell's last run published (the SHA-256 in cells.jsonl)."""
+    from ..pipeline.rundir import sha256_file
+
+    if record is not None and record.get("published") is False:
+        return f"{results_path} is older than the cell's last run, which failed before publishing"
+    expected = (record or {}).get("results_sha256")
+    if not isinstance(expected, str):
+        return f"{results_path} has no SHA-256 in the study's {CELL_LOG}"
+    try:
+        actual = sha256_file(results_path)
+    except OSError as exc:
+        return f"{results_path} cannot be read ({exc.strerror or exc})"
+    if actual != expected:
+        return f"{results_path} was changed after the cell finished (SHA-256 differs)"
+    return ""
+
+
+def _read_verified(results_path: Path, expected: Any) -> tuple[dict[str, Any] | None, str]:
+    """The parsed results.json when its bytes have the SHA-256 ``expected``; else ``None`` and
+    what is wrong. The bytes hashed are the bytes parsed."""
+    if not isinstance(expected, str):
+        return None, f"{results_path} has no SHA-256 in the study's {CELL_LOG}"
+    try:
+        data = results_path.read_bytes()
+    except OSError as exc:
+        return None, f"{results_path} cannot be read ({exc.strerror or exc})"
+    if hashlib.sha256(data).hexdigest() != expected:
+        return None, f"{results_path} was changed after the cell finished (SHA-256 differs)"
+    try:
+        results = json.loads(data)
+    except ValueError as exc:
+        return None, f"{results_path} is not valid JSON ({exc})"
+    if not isinstance(results, dict):
+        return None, f"{results_path} holds no JSON object"
+    return results, ""
 
 
 def plan_study(settings_files: Sequence[Path], overrides: Sequence[str] = (), out: Path | None = None) -> StudyPlan:
@@ -94,8 +162,11 @@ def plan_study(settings_files: Sequence[Path], overrides: Sequence[str] = (), ou
     study = first.study
     directory = Path(out) if out is not None else Path(study.out_dir) / (study.name or f"{Path(settings_files[0]).stem}_study")
     RunDirectory.check(directory, kind="study")
+    log = read_cell_log(directory)
     cells: list[Cell] = []
     finished: list[bool] = []
+    unverified: list[str] = []
+    records: list[dict[str, Any] | None] = []
     datasets: list[str] = []
     taken: set[str] = set()
     for path in settings_files:
@@ -131,9 +202,15 @@ def plan_study(settings_files: Sequence[Path], overrides: Sequence[str] = (), ou
             # they are now (an edited file is not finished), says whether the cell is finished
             pipeline = Pipeline(settings, run_dir, echo=lambda _m: None)
             published = (run_dir / "results.json").is_file() and (run_dir / CELL_SETTINGS).is_file()
-            finished.append(published and all(o.status in ("reused", "skipped") for o in pipeline.plan()))
+            stored = published and all(o.status in ("reused", "skipped") for o in pipeline.plan())
+            # a stored cell is finished only with the results.json its last run published
+            record = log.get((label, seed))
+            problem = _check_published(run_dir / "results.json", record) if stored else ""
+            finished.append(stored and not problem)
+            unverified.append(problem)
+            records.append(record)
             cells.append(Cell(label, seed, text, path.name, cell_overrides, str(run_dir), study.threads))
-    return StudyPlan(directory, first, tuple(cells), tuple(datasets), tuple(finished))
+    return StudyPlan(directory, first, tuple(cells), tuple(datasets), tuple(finished), tuple(unverified), tuple(records))
 
 
 def run_cell(cell: Cell | dict[str, Any]) -> dict[str, Any]:
@@ -172,6 +249,7 @@ def _run_cell(cell: Cell) -> dict[str, Any]:
             out.update(status="failed", reason=redact(reasons), published=True, traceback=_format_traceback(exc))
             # the run's own traceback files, one per failed stage (lvlmva.pipeline writes them)
             out["stage_error_files"] = {str(k): str(v) for k, v in getattr(exc, "error_files", {}).items()}
+        out["results_sha256"] = _published_digest(run_dir / "results.json")
         counts = {}
         for outcome in pipeline.outcomes.values():
             counts[outcome.status] = counts.get(outcome.status, 0) + 1
@@ -181,8 +259,21 @@ def _run_cell(cell: Cell) -> dict[str, Any]:
     except Exception as exc:  # a cell that cannot even start: recorded, the study goes on
         out.update(status="failed", reason=redact(f"{type(exc).__name__}: {exc}"), published=False,
                    traceback=_format_traceback(exc))  # fmt: skip
+        out.pop("results_sha256", None)
     out["seconds"] = round(time.perf_counter() - started, 3)
     return out
+
+
+def _published_digest(results_path: Path) -> str:
+    """The SHA-256 of the results.json a cell's run just published, recorded so that the study
+    uses that file and no other; a file that is not a JSON object is a failure of the cell."""
+    data = results_path.read_bytes()
+    try:
+        if not isinstance(json.loads(data), dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        raise ValueError(f"the run published a results.json that cannot be read: {results_path}: {exc}") from None
+    return hashlib.sha256(data).hexdigest()
 
 
 def _format_traceback(exc: BaseException) -> str:
@@ -297,6 +388,9 @@ def run_study(
     echo(f"study {plan.directory}: {total} cells ({len(plan.datasets)} data sets x {len(study.seeds)} seeds), "
          f"{total - len(todo)} finished, {len(todo)} to run ({study.executor}"
          f"{f', {study.workers} workers' if study.executor == 'local' and study.workers > 1 else ''})")  # fmt: skip
+    for cell, problem in zip(plan.cells, plan.unverified, strict=True):
+        if problem:
+            echo(f"  {cell.label}: {problem}: computing the cell again")
     finished = total - len(todo)
     statuses: dict[tuple[str, int], dict[str, Any]] = {}
 
@@ -334,13 +428,19 @@ def run_study(
         _run_serial(todo, done, echo)
 
     cells = []
-    for cell in plan.cells:
-        status = statuses.get((cell.dataset, cell.seed)) or {"status": "ok", "reason": "", "seconds": None, "published": True}
+    for cell, record in zip(plan.cells, plan.records, strict=True):
+        key = (cell.dataset, cell.seed)
+        # a finished cell: the results.json its last run published, as cells.jsonl records it
+        status = statuses.get(key) or {"status": "ok", "reason": "", "published": True, "seconds": (record or {}).get("seconds"),
+                                       "results_sha256": (record or {}).get("results_sha256")}  # fmt: skip
         results_path = Path(cell.run_dir) / "results.json"
+        results, problem = None, ""
         # a cell that failed before publishing may still hold an earlier run's results.json:
         # those numbers are not this study's and are not counted
-        fresh = status.get("published", True) and results_path.is_file()
-        results = json.loads(results_path.read_text(encoding="utf-8")) if fresh else None
+        if status.get("published", True):
+            results, problem = _read_verified(results_path, status.get("results_sha256"))
+            if problem:  # changed while the study ran: not used, and said so
+                echo(f"  {cell.label}: {problem}: its numbers are not used")
         # A cell whose run published results counts, also when one of its methods failed:
         # results.json names that method's failure and the others' numbers are valid.
         cells.append(
@@ -349,12 +449,12 @@ def run_study(
                 seed=cell.seed,
                 status="ok" if results is not None else "failed",
                 results=results,
-                reason=status.get("reason") or ("" if results is not None else "no results.json"),
+                reason=status.get("reason") or problem or ("" if results is not None else "no results.json"),
                 seconds=status.get("seconds"),
                 run_dir=cell.run_dir,
             )
         )
-        statuses[(cell.dataset, cell.seed)] = status
+        statuses[key] = status
     summary = write_study_outputs(
         cells, plan.directory, metrics=tuple(study.metrics), evaluator=study.evaluator,
         baseline=study.baseline, alpha=study.alpha, correction=study.correction,
@@ -363,7 +463,7 @@ def run_study(
     write_atomic(plan.directory / "study.json", json.dumps({
         "settings_files": [str(p) for p in settings_files], "overrides": list(overrides),
         "cells": [{"dataset": c.dataset, "seed": c.seed, "status": c.status, "reason": c.reason, "run_dir": c.run_dir,
-                   **{k: statuses[(c.dataset, c.seed)][k] for k in ("error_file", "stage_error_files")
+                   **{k: statuses[(c.dataset, c.seed)][k] for k in ("results_sha256", "error_file", "stage_error_files")
                       if k in statuses[(c.dataset, c.seed)]}} for c in cells],
     }, indent=2) + "\n")  # fmt: skip
     return {**summary, "directory": str(plan.directory), "failed": len(failed), "cells": len(cells)}

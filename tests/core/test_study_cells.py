@@ -1,8 +1,10 @@
-"""Study cells on the toy pipeline (fast): a failed cell leaves its traceback (secrets redacted)
-in the study's logs/."""
+"""Study cells on the toy pipeline (fast): a cell's published results.json is used only as its
+run published it (SHA-256 in cells.jsonl), and a failed cell leaves its traceback (secrets
+redacted) in the study's logs/."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import sys
@@ -104,6 +106,97 @@ def _settings(tmp_path: Path, seeds: list[int], **cell: object) -> Path:
 
 def _log(study: Path) -> list[dict]:
     return [json.loads(line) for line in (study / "cells.jsonl").read_text().splitlines()]
+
+
+def _accuracy(study: Path) -> dict[tuple[int, str], float]:
+    rows = csv.DictReader((study / "results.csv").read_text().splitlines())
+    return {(int(r["seed"]), r["method"]): float(r["value"]) for r in rows if r["metric"] == "accuracy"}
+
+
+# -- results.json is verified before it is used --------------------------------------------------
+
+
+def test_a_hand_edited_results_json_is_computed_again_and_its_numbers_never_used(tmp_path, toys, capsys):
+    settings, study = _settings(tmp_path, [0, 1]), tmp_path / "study"
+    argv = ["study", str(settings), "--out", str(study)]
+    assert main(argv) == EXIT_OK
+    capsys.readouterr()
+    before = _accuracy(study)
+
+    results = study / "cells" / "tiny" / "seed0" / "results.json"
+    edited = json.loads(results.read_text())
+    edited["evaluations"]["toy"]["models"]["original"]["accuracy"] = 0.123456
+    results.write_text(json.dumps(edited, indent=2) + "\n")
+    assert main(argv) == EXIT_OK
+    err = capsys.readouterr().err
+    assert "2 cells (1 data sets x 2 seeds), 1 finished, 1 to run" in err
+    assert f"tiny seed 0: {results} was changed after the cell finished (SHA-256 differs): computing the cell again" in err
+    assert 0.123456 not in _accuracy(study).values()
+    assert _accuracy(study) == before  # the cell published again from its stages, all reused
+    last = _log(study)[-1]
+    assert (last["seed"], last["computed"]) == (0, [])
+    assert json.loads(results.read_text())["evaluations"]["toy"]["models"]["original"]["accuracy"] != 0.123456
+    assert all(isinstance(x.get("results_sha256"), str) and len(x["results_sha256"]) == 64 for x in _log(study))
+
+
+def test_a_truncated_results_json_is_computed_again_not_a_traceback(tmp_path, toys, capsys):
+    settings, study = _settings(tmp_path, [0]), tmp_path / "study"
+    argv = ["study", str(settings), "--out", str(study)]
+    assert main(argv) == EXIT_OK
+    capsys.readouterr()
+    before = _accuracy(study)
+    results = study / "cells" / "tiny" / "seed0" / "results.json"
+    results.write_bytes(results.read_bytes()[:40])
+    assert main(argv) == EXIT_OK
+    err = capsys.readouterr().err
+    assert f"{results} was changed after the cell finished (SHA-256 differs): computing the cell again" in err
+    assert _accuracy(study) == before
+    json.loads(results.read_text())  # whole again
+
+
+def test_a_cell_without_a_recorded_sha256_is_computed_again(tmp_path, toys, capsys):
+    """A study directory of a version that did not hash results.json: its cells are not trusted."""
+    settings, study = _settings(tmp_path, [0]), tmp_path / "study"
+    argv = ["study", str(settings), "--out", str(study)]
+    assert main(argv) == EXIT_OK
+    lines = [{k: v for k, v in x.items() if k != "results_sha256"} for x in _log(study)]
+    (study / "cells.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    capsys.readouterr()
+    assert main(argv) == EXIT_OK
+    err = capsys.readouterr().err
+    results = study / "cells" / "tiny" / "seed0" / "results.json"
+    assert f"tiny seed 0: {results} has no SHA-256 in the study's cells.jsonl: computing the cell again" in err
+    assert "0 finished, 1 to run" in err
+    assert isinstance(_log(study)[-1]["results_sha256"], str)
+    # now recorded: the next run finds the cell finished
+    assert main(argv) == EXIT_OK
+    assert "1 finished, 0 to run" in capsys.readouterr().err
+
+
+def test_a_results_json_changed_while_the_study_runs_is_not_used(tmp_path, toys, capsys, monkeypatch):
+    from lvlmva.study import runner
+
+    settings, study = _settings(tmp_path, [0]), tmp_path / "study"
+    assert main(["study", str(settings), "--out", str(study)]) == EXIT_OK
+    capsys.readouterr()
+    settings = _settings(tmp_path, [0, 1])
+    seed0 = study / "cells" / "tiny" / "seed0" / "results.json"
+    run_cell = runner.run_cell
+
+    def and_edit_seed0(cell):  # seed 0 is finished when the study starts; edited while seed 1 runs
+        status = run_cell(cell)
+        edited = json.loads(seed0.read_text())
+        edited["evaluations"]["toy"]["models"]["original"]["accuracy"] = 0.123456
+        seed0.write_text(json.dumps(edited, indent=2) + "\n")
+        return status
+
+    monkeypatch.setattr(runner, "run_cell", and_edit_seed0)
+    assert main(["study", str(settings), "--out", str(study)]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "1 finished, 1 to run" in err
+    assert f"tiny seed 0: {seed0} was changed after the cell finished (SHA-256 differs): its numbers are not used" in err
+    assert {seed for seed, _ in _accuracy(study)} == {1}
+    assert "was changed after the cell finished" in (study / "table.md").read_text()
 
 
 # -- a failed cell's traceback -----------------------------------------------------------------
