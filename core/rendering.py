@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .atomic import write_error
 from .records import RenderedSample
 from .settings import RenderOptions
 
@@ -214,7 +215,10 @@ def render_samples(
         files = []
         for kind, png in data.items():
             name = f"sample_{sid}_{kind}.png"
-            (out_dir / name).write_bytes(png)
+            try:
+                (out_dir / name).write_bytes(png)
+            except OSError as exc:
+                raise write_error(out_dir / name, exc) from exc
             files.append(f"{rel_dir}/{name}")
         rendered.append(
             RenderedSample(

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
-from ..atomic import write_atomic
+from ..atomic import write_atomic, write_error
 from ..records import AlignmentSet, Critique, RenderedSample, Segmentation, Verdicts
 
 __all__ = [
@@ -71,8 +71,13 @@ class Codec(Protocol):
 
 
 def _torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(obj, path)
+    """``torch.save`` with a failure that names the file (and a full disk: torch reports one
+    as ``[enforce fail at inline_container.cc]``)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(obj, path)
+    except (OSError, RuntimeError) as exc:
+        raise write_error(path, exc) from exc
 
 
 def _torch_load(path: Path) -> Any:

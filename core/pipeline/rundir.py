@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..atomic import write_atomic
+from ..atomic import SymlinkRefused, open_lock_file, refuse_symlink, write_atomic
 from .codecs import ArtifactError, DecodeContext, codec_named, json_default
 from .errors import NotARunDirectory, PublishError, RunDirectoryBusy
 
@@ -42,6 +42,8 @@ RECORD = "fingerprint.json"
 #: what a run publishes at the top of its directory
 PUBLISHED_FILES = ("results.json", "report.md")
 PUBLISHED_DIRS = ("figures",)
+#: where failed stages leave their tracebacks (``logs/<stage>.error.txt``)
+LOGS = "logs"
 
 
 def sha256_file(path: Path) -> str:
@@ -115,9 +117,10 @@ class StageRecord:
 
 
 def _made_by_an_earlier_version(path: Path) -> bool:
-    """A run directory lvlmva 0.1 made before the marker existed: its env.json names lvlmva's
-    version and settings.resolved.toml is beside it. It is marked and reused (its artifacts are
-    recomputed: their format changed); :meth:`RunDirectory.claim` marks it."""
+    """A folder that looks like a run directory of lvlmva 0.1 from before the marker existed
+    (env.json naming lvlmva, settings.resolved.toml beside it). It is not taken over: any
+    folder can hold files of those names, and a run deletes what it publishes. The refusal
+    says how to adopt it."""
     try:
         env = json.loads((path / "env.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -159,7 +162,13 @@ def _check_ours(path: Path, kind: str = "run") -> bool:
             raise NotARunDirectory(f"{path} is an lvlmva {found} directory, not a {kind} directory; pick another folder")
         return True
     if kind == "run" and _made_by_an_earlier_version(path):
-        return True
+        raise NotARunDirectory(
+            f"{path} looks like a run directory of an older lvlmva (env.json and settings.resolved.toml) "
+            f"but has no {MARKER} file, so nothing was touched: a run there would delete its report.md, "
+            f"figures/ and results.json. If it is one of lvlmva's, adopt it with: "
+            f"echo '{{\"kind\": \"run\"}}' > {path / MARKER}   (its stages are then checked and "
+            "recomputed where they differ); otherwise pick another --out"
+        )
     try:
         with os.scandir(path) as entries:
             # a claim killed while writing the marker leaves only the marker's temporary file:
@@ -221,7 +230,11 @@ class RunDirectory:
         """Hold the run directory for this process; :class:`RunDirectoryBusy` if another has it."""
         import fcntl
 
-        fh = open(self.path / ".lock", "w")  # noqa: SIM115 (held open for the whole run)
+        self.refuse_links()
+        try:
+            fh = open_lock_file(self.path / ".lock")
+        except SymlinkRefused as exc:
+            raise NotARunDirectory(str(exc.strerror)) from None
         try:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -233,6 +246,40 @@ class RunDirectory:
                 fcntl.flock(fh, fcntl.LOCK_UN)
         finally:
             fh.close()
+
+    def refuse_links(self) -> None:
+        """:class:`NotARunDirectory` (exit 2, before anything is written) when a symbolic link
+        stands where lvlmva writes: at the top of the run directory, or inside ``logs/`` and
+        ``review/``. A link there would let a run truncate, append to or delete a file
+        elsewhere (``.lock``, ``metrics.jsonl``, ``figures/``)."""
+        folders = [self.path, self.path / LOGS, self.path / "review"]
+        for folder in folders:
+            try:
+                refuse_symlink(folder)
+                if not folder.is_dir():
+                    continue
+                with os.scandir(folder) as entries:
+                    links = sorted(e.name for e in entries if e.is_symlink())
+            except SymlinkRefused as exc:
+                raise NotARunDirectory(str(exc.strerror)) from None
+            except OSError as exc:
+                raise NotARunDirectory(f"cannot read {folder}: {exc.strerror or exc}") from None
+            if links:
+                shown = ", ".join(str(folder / name) for name in links)
+                raise NotARunDirectory(
+                    f"{shown}: symbolic link{'s' if len(links) > 1 else ''} in a run directory; lvlmva does not "
+                    "write through links in the folders it owns, so nothing was touched (remove the link, or pick another --out)"
+                )
+
+    # -- logs --------------------------------------------------------------------------------
+    def write_log(self, name: str, text: str) -> Path:
+        """Write ``logs/<name>`` (a failed stage's traceback) and return its path."""
+        path = self.path / LOGS / name
+        write_atomic(path, text)
+        return path
+
+    def remove_log(self, name: str) -> None:
+        (self.path / LOGS / name).unlink(missing_ok=True)
 
     # -- stages ------------------------------------------------------------------------------
     def stage_dir(self, stage: str) -> Path:
@@ -263,6 +310,7 @@ class RunDirectory:
     def begin(self, stage: str) -> Path:
         """A fresh, empty ``.partial-<stage>/`` to compute the stage in."""
         partial = self.path / f".partial-{stage}"
+        refuse_symlink(partial)
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         return partial

@@ -39,7 +39,7 @@ class StageIncomplete(Exception):
 #: names a stage folder may not take: the files and folders at the top of a run directory
 RESERVED_NAMES = frozenset(
     {"figures", "results.json", "report.md", "env.json", "settings.resolved.toml", "metrics.jsonl",
-     "transcripts.jsonl", "timings.json", "review"}
+     "transcripts.jsonl", "timings.json", "review", "logs"}
 )  # fmt: skip
 
 _NAME = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z0-9_-]+)?$")
