@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .atomic import DiskFull, SymlinkRefused
 from .pipeline import ArtifactError, Pipeline, PublishError, RunDirectory, StageFailed
 from .pipeline.errors import describe_failure
 from .protocols import ROLES
@@ -50,8 +51,15 @@ def _parser() -> argparse.ArgumentParser:
     compose.add_argument("--quiet", action="store_true", help="no progress bars or stage lines")
     compose.add_argument(
         "--until", metavar="STAGE",
-        help="stop after this stage (e.g. judge: review the verdicts with `lvlmva review`, then compose again)",
+        help="stop after this stage (e.g. judge: review the verdicts with `lvlmva review`, then compose again; "
+        "data: load and check the data set)",
     )
+    compose.add_argument(
+        "--recompute", metavar="STAGE[,STAGE]", action="append", default=[],
+        help="recompute these stages and every stage that reads them, even when their fingerprints match "
+        "(LVLM answers still come from the response cache: add --refresh to ask again)",
+    )
+    compose.add_argument("--debug", action="store_true", help="print the traceback of every failed stage (always written to RUN/logs/STAGE.error.txt)")
 
     review = sub.add_parser("review", help="a local web page to check and correct a run's verdicts (review/overrides.json)")
     review.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory whose judge stage has finished")
@@ -61,8 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     review.add_argument("--reviewer", default="", help="name recorded with each override")
     review.add_argument("--no-browser", action="store_true", help="do not open a browser, only print the address")
 
-    validate = sub.add_parser("validate", help="check a settings file without running anything")
+    validate = sub.add_parser(
+        "validate", help="check a settings file, its plugins and their dependencies, and load and check the data set, without training",
+    )
     add_settings_args(validate)
+    validate.add_argument("--no-data", action="store_true", help="check the settings and plugins only; do not load the data set")
+    validate.add_argument("--debug", action="store_true", help="print the traceback when the data set fails to load")
 
     study = sub.add_parser("study", help="seeds x methods from settings files with a [study] section: table, statistics, plots")
     study.add_argument("settings", type=Path, nargs="+", metavar="SETTINGS", help="one settings file per data set (side by side in the table)")
@@ -71,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
         help="override one setting in every settings file (repeatable), e.g. study.seeds=[0,1,2]",
     )
     study.add_argument("--out", type=Path, metavar="DIR", help="study directory (default: study.out_dir/study.name)")
+    study.add_argument("--debug", action="store_true", help="print the traceback of every failed cell (always written to STUDY/logs/)")
 
     plugins = sub.add_parser("plugins", help="list every role's plugins and where they come from")
     plugins.add_argument("--role", choices=list(ROLES), help="only this role")
@@ -97,9 +110,11 @@ def _pipeline(args: argparse.Namespace, quiet: bool = True) -> Pipeline:
     out = getattr(args, "out", None) or Path(settings.run.out_dir) / settings.run_name
     RunDirectory.check(out)  # a folder that is not ours is refused before anything is built
     echo = (lambda _msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
+    recompute = [name.strip() for item in getattr(args, "recompute", []) for name in item.split(",")]
     return Pipeline(
         settings, out, refresh=getattr(args, "refresh", False),
         progress=not quiet and sys.stderr.isatty(), echo=echo, until=getattr(args, "until", None),
+        recompute=recompute, debug=getattr(args, "debug", False),
     )
 
 
@@ -117,7 +132,16 @@ def _print_plan(pipeline: Pipeline, words: dict[str, str]) -> None:
 
 def _validate(args: argparse.Namespace) -> int:
     pipeline = _pipeline(args)
-    print(f"{args.settings}: ok")
+    if not args.no_data:
+        try:
+            loaded = pipeline.check_data()
+        except StageFailed as exc:
+            for name, cause in exc.failures.items():
+                print(f"lvlmva: stage {name!r} failed: {describe_failure(cause)}", file=sys.stderr)
+            if not args.debug:
+                print("lvlmva: run again with --debug for the traceback", file=sys.stderr)
+            return EXIT_FAILED
+    print(f"{args.settings}: ok" + ("" if args.no_data else f" ({loaded})" if loaded else ""))
     _print_plan(pipeline, {})
     return EXIT_OK
 
@@ -134,15 +158,21 @@ def _compose(args: argparse.Namespace) -> int:
         results = pipeline.run()
     except StageFailed as exc:
         for name, cause in exc.failures.items():
-            print(f"lvlmva: stage {name!r} failed: {describe_failure(cause)}", file=sys.stderr)
+            where = exc.error_files.get(name)
+            print(f"lvlmva: stage {name!r} failed: {describe_failure(cause)}" + (f"\n        traceback: {where}" if where else ""), file=sys.stderr)
         print(f"lvlmva: the run directory keeps every finished stage; run again to resume: {exc.run_dir}", file=sys.stderr)
         return EXIT_FAILED
     except (PublishError, ArtifactError) as exc:
         print(f"lvlmva: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except OSError as exc:  # the run directory itself (a full disk, a folder in the way)
-        where = exc.filename or pipeline.run_dir
-        print(f"lvlmva: cannot write the run directory: {where}: {exc.strerror or exc}", file=sys.stderr)
+    except (DiskFull, SymlinkRefused) as exc:  # their message names the file and the cause
+        print(f"lvlmva: {exc.strerror}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:  # the run directory itself (a folder in the way, no permission)
+        if exc.filename and str(exc.strerror or "").startswith("cannot write"):
+            print(f"lvlmva: {exc.strerror}", file=sys.stderr)
+        else:
+            print(f"lvlmva: cannot write the run directory: {exc.filename or pipeline.run_dir}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print(f"lvlmva: interrupted; finished stages are kept, run again to resume: {pipeline.run_dir}", file=sys.stderr)
@@ -173,7 +203,7 @@ def _study(args: argparse.Namespace) -> int:
         print(message, file=sys.stderr, flush=True)
 
     try:
-        summary = run_study(args.settings, args.overrides, args.out, echo=echo)
+        summary = run_study(args.settings, args.overrides, args.out, echo=echo, debug=args.debug)
     except KeyboardInterrupt:
         print("lvlmva: study interrupted; finished cells and stages are kept, run again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED

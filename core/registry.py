@@ -250,8 +250,89 @@ class PluginRegistry:
                     f"{role} plugin {name!r} ({entry.factory!r} from {entry.distribution}): "
                     f"Options must subclass lvlmva.PluginOptions, got {options!r}"
                 )
+            problems = contract_problems(role, cls)
+            if problems:
+                raise PluginError(
+                    f"{role} plugin {name!r} ({entry.factory!r} from {entry.distribution} {entry.version}) does not "
+                    f"fit the {role} protocol:\n" + "\n".join(f"  - {p}" for p in problems)
+                )
             self._resolved[key] = cls
         return self._resolved[key]
+
+
+#: methods any plugin may define, with how the pipeline calls them
+_OPTIONAL_METHODS = {
+    "preflight": "preflight(self, samples)",
+    "check_data": "check_data(self, data)",
+    "check_model": "check_model(self, model)",
+    "finalize": "finalize(self, models)",
+}
+
+
+def _call_shape(proto_method: Any) -> tuple[list[str], list[str]]:
+    """How the pipeline calls a protocol method: its required parameters positionally, its
+    parameters with defaults by keyword (``evaluate(..., attribute=...)``)."""
+    positional, keywords = [], []
+    for param in list(inspect.signature(proto_method).parameters.values())[1:]:  # without self
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        (positional if param.default is param.empty else keywords).append(param.name)
+    return positional, keywords
+
+
+def _bind_problem(cls: type, name: str, positional: list[str], keywords: list[str]) -> str | None:
+    """Why ``cls.name`` cannot be called as the pipeline calls it, or ``None``."""
+    static = inspect.getattr_static(cls, name)
+    method = getattr(cls, name)
+    if not callable(method):
+        return f"{name} is a {type(method).__name__}, not a method"
+    try:
+        sig = inspect.signature(method)
+    except (TypeError, ValueError):
+        return None  # a builtin or C callable: nothing to read, nothing to refuse
+    placeholders = [object()] * len(positional)
+    leading = [] if isinstance(static, (staticmethod, classmethod)) else [object()]
+    try:
+        sig.bind(*leading, *placeholders, **{k: None for k in keywords})
+    except TypeError as exc:
+        shown = ", ".join(["self", *positional, *(f"{k}=..." for k in keywords)])
+        return f"{name}{sig} cannot be called as {name}({shown}): {exc}"
+    return None
+
+
+def contract_problems(role: str, cls: type) -> list[str]:
+    """What keeps ``cls`` from being called as the pipeline calls a ``role`` plugin: its
+    constructor (``cls(options)``), each protocol method's parameters, the optional methods it
+    defines, and its capability flags (booleans). Empty when it fits."""
+    proto = ROLES[role]
+    problems = []
+    try:
+        init = inspect.signature(cls)
+    except (TypeError, ValueError):
+        init = None
+    if init is not None:
+        try:
+            init.bind(object())
+        except TypeError as exc:
+            problems.append(f"__init__{init} cannot be called as {cls.__name__}(options): {exc}")
+    for name, member in vars(proto).items():
+        if name.startswith("_") or not inspect.isfunction(member) or not hasattr(cls, name):
+            continue
+        problem = _bind_problem(cls, name, *_call_shape(member))
+        if problem:
+            problems.append(problem)
+    for name, shown in _OPTIONAL_METHODS.items():
+        if hasattr(cls, name):
+            args = shown[shown.index("(") + 1 : -1].split(", ")[1:]
+            problem = _bind_problem(cls, name, args, [])
+            if problem:
+                problems.append(problem)
+    for name, annotation in getattr(proto, "__annotations__", {}).items():
+        if "bool" in str(annotation) and hasattr(cls, name):
+            value = getattr(cls, name)
+            if not isinstance(value, bool) and not isinstance(value, property):
+                problems.append(f"capability flag {name} must be True or False, got {value!r}")
+    return problems
 
 
 class _Loaded:

@@ -15,6 +15,7 @@ __all__ = [
     "StageInputError",
     "PublishError",
     "describe_failure",
+    "format_traceback",
 ]
 
 
@@ -41,9 +42,13 @@ class StageFailed(Exception):
     """One or more stages failed; every stage that finished is kept in the run directory, and
     stages that did not depend on a failed one were still computed."""
 
-    def __init__(self, failures: dict[str, BaseException], run_dir: Path) -> None:
+    def __init__(
+        self, failures: dict[str, BaseException], run_dir: Path, error_files: dict[str, Path] | None = None
+    ) -> None:
         self.failures = dict(failures)
         self.run_dir = run_dir
+        #: stage -> the file holding its full traceback (``<run>/logs/<stage>.error.txt``)
+        self.error_files = dict(error_files or {})
         self.stage, self.cause = next(iter(self.failures.items()))
         lines = [f"stage {name!r} failed: {describe_failure(exc)}" for name, exc in self.failures.items()]
         super().__init__("; ".join(lines) + f" (run directory kept: {run_dir})")
@@ -55,9 +60,19 @@ class PublishError(Exception):
 
 def describe_failure(exc: BaseException) -> str:
     """How a stage's failure is written: an unfinished stage's own sentence, else the
-    exception's type and message."""
+    exception's type and message; registered secrets redacted."""
+    from ..secrets import redact
     from .stage import StageIncomplete
 
     if isinstance(exc, StageIncomplete):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
+        return redact(str(exc))
+    return redact(f"{type(exc).__name__}: {exc}")
+
+
+def format_traceback(exc: BaseException) -> str:
+    """The full traceback of ``exc`` (with its causes), registered secrets redacted."""
+    import traceback
+
+    from ..secrets import redact
+
+    return redact("".join(traceback.format_exception(exc)))

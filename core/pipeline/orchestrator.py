@@ -15,7 +15,9 @@ recorded and the stages that do not depend on it still run; the run then ends wi
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import importlib
 import json
 import subprocess
 import sys
@@ -29,13 +31,23 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..atomic import write_error
 from ..protocols import DatasetError, RunContext
+from ..records import SpuriousDataset
 from ..registry import PluginRegistry, get_plugin_manager, get_registry
 from ..results import machine_info
+from ..secrets import redact
 from ..settings import Settings
 from .codecs import DecodeContext
-from .errors import ConfigurationError, StageFailed, StageInputError, describe_failure
+from .errors import (
+    ConfigurationError,
+    StageFailed,
+    StageInputError,
+    describe_failure,
+    format_traceback,
+)
 from .rundir import RunDirectory, StageRecord, sha256_file
+from .sources import CodeFingerprints
 from .stage import InputInfo, Stage, StageCall, StageView
 from .stages import build_stages, critic_samples
 
@@ -97,12 +109,15 @@ class Pipeline:
         registry: PluginRegistry | None = None,
         echo: Callable[[str], None] = print,
         until: str | None = None,
+        recompute: Iterable[str] = (),
+        debug: bool = False,
     ) -> None:
         from ..training import resolve_device
 
         self.settings = settings
         self.run_dir = Path(run_dir)
         self.refresh = refresh
+        self.debug = debug
         self.progress = progress
         self.registry = registry or get_registry()
         self.echo = echo
@@ -121,12 +136,17 @@ class Pipeline:
         self._providers = self._resolve_inputs()
         self._plugins: dict[str, Any] = {}
         self._values: dict[str, Any] = {}
+        self._rundir: RunDirectory | None = None
+        self._error_files: dict[str, Path] = {}
         self._nested = 0.0  # seconds of unstored stages computed inside the stage being computed
         self.outcomes: dict[str, StageOutcome] = {}
         self._check_combination()
         self.skipped = self._skip_reasons()
         if until is not None and self.skipped[until] is not None:
             raise ConfigurationError(f"--until {until}: that stage does not run with these settings ({self.skipped[until]})")
+        self.recompute = self._recompute_set(recompute)
+        self._build_plugins()
+        self._code = CodeFingerprints(self.settings, self.registry)
         self._static = {s.name: self._static_fingerprint(s) for s in self.stages}
         self._preflight()
 
@@ -239,6 +259,54 @@ class Pipeline:
             out[stage.name] = reason
         return out
 
+    def _recompute_set(self, names: Iterable[str]) -> frozenset[str]:
+        """The stages ``--recompute`` names and every stage that reads them, directly or not
+        (their inputs are recomputed, so are they, even when the new artifact comes out the
+        same)."""
+        names = [n for n in names if n]
+        unknown = [n for n in names if n not in self._by_name]
+        if unknown:
+            raise ConfigurationError(
+                f"--recompute {','.join(unknown)}: this run has no such stage; its stages: {', '.join(self._by_name)}"
+            )
+        idle = [n for n in names if self.skipped[n] is not None]
+        if idle:
+            raise ConfigurationError(
+                "--recompute " + "; ".join(f"{n}: that stage does not run with these settings ({self.skipped[n]})" for n in idle)
+            )
+        forced = set(names)
+        for stage in self.stages:
+            if any(provider in forced for provider in self._providers[stage.name].values()):
+                forced.add(stage.name)
+        return frozenset(forced)
+
+    def _build_plugins(self) -> None:
+        """Build every configured plugin from its options and import the optional modules it
+        declares, before any work: a plugin that cannot be built or lacks a dependency stops
+        the run with exit 2 naming it, its distribution and what was expected."""
+        problems: list[str] = []
+        for slot, choice in self.settings.plugins.items():
+            entry = self.registry.entry(choice.role, choice.name)
+            who = f"[{slot}] {choice.role} plugin {choice.name!r} ({entry.distribution} {entry.version})"
+            cls = self._plugin_class(slot)
+            for module, install in dict(getattr(cls, "optional_imports", None) or {}).items():
+                try:
+                    importlib.import_module(module)
+                except Exception as exc:  # an ImportError, or a library that fails as it loads
+                    problems.append(f"{who} needs the module {module!r}, which cannot be imported ({type(exc).__name__}: {exc}); install it with: {install}")
+            if problems and problems[-1].startswith(who):
+                continue
+            try:
+                self.plugin(slot)
+            except Exception as exc:  # the plugin's own constructor: name it and what it raised
+                self._plugins.pop(slot, None)
+                problems.append(
+                    f"{who} cannot be built from its options: {describe_failure(exc)} "
+                    f"(a plugin is built as {cls.__qualname__}(options), options being its validated {cls.__qualname__}.Options)"
+                )
+        if problems:
+            raise ConfigurationError("\n".join(problems))
+
     def _preflight(self) -> None:
         """Ask the plugins of every stage that cannot be reused whether they can do their work
         (an API key that is set, requests within a budget): a problem stops the run before any
@@ -299,11 +367,13 @@ class Pipeline:
             if choice is None:
                 plugins[slot] = None
                 continue
-            entry = self.registry.entry(choice.role, choice.name)
             value = self._section(slot, type(choice.options), choice.as_dict())
-            plugins[slot] = {**value, "__source__": f"{entry.distribution} {entry.version}"}
+            plugins[slot] = {**value, "__source__": self._code.release(choice.role, choice.name)}
+            code = self._code.plugin(slot)
+            if code is not None:  # code that can change under the same version: its source counts
+                plugins[slot]["__code__"] = code.sha256
         added = next((e for e in self.registry.stages() if e.stage is stage), None)
-        return {
+        out = {
             "stage": stage.name,
             # a stage a plugin added is the plugin's code: its version counts like a plugin's
             "source": None if added is None else f"{added.distribution} {added.version}",
@@ -313,6 +383,10 @@ class Pipeline:
             "settings": {key: self._fingerprint_setting(key) for key in stage.settings},
             "plugins": plugins,
         }
+        code = self._code.stage(stage)
+        if code is not None:
+            out["code"] = code.sha256
+        return out
 
     def _fingerprint(self, stage: Stage, tokens: dict[str, Any]) -> str | None:
         inputs = {}
@@ -349,6 +423,8 @@ class Pipeline:
             return _Decision("pending", fp)
         if self.refresh and stage.refreshable:
             return _Decision("pending", fp, reason="--refresh")
+        if stage.name in self.recompute:
+            return _Decision("pending", fp, reason="--recompute")
         record = rundir.record(stage.name) if rundir is not None else None
         if record is None or record.fingerprint != fp:
             return _Decision("pending", fp)
@@ -414,6 +490,7 @@ class Pipeline:
         saved = _GlobalTorchState.save()
         self._state, self._rundir, self._hooks = _State(), rundir, hooks
         self._failures: dict[str, BaseException] = {}
+        self._error_files: dict[str, Path] = {}
         try:
             with rundir.lock():
                 try:
@@ -424,7 +501,7 @@ class Pipeline:
                     computes = any(o.status == "pending" for o in plan if self._by_name[o.name].persist)
                     self._preload_data(plan, computes)
                     rundir.write("settings.resolved.toml", self.settings.to_toml())
-                    rundir.write("env.json", json.dumps(environment_info(self.device), indent=2, sort_keys=True))
+                    rundir.write("env.json", json.dumps(environment_info(self.device, self._code.record()), indent=2, sort_keys=True))
                     # A run that stops early (--until) publishes nothing: it keeps what was
                     # published before unless a stage before the stop is to be recomputed,
                     # which would make those results disagree with the artifacts
@@ -435,7 +512,7 @@ class Pipeline:
                     # failures beside what could be computed without them
                     results = self._publish(rundir)
                     if self._failures:
-                        raise StageFailed(self._failures, self.run_dir)
+                        raise StageFailed(self._failures, self.run_dir, self._error_files)
                     status = "ok"
                 finally:
                     self._write_timings(rundir)
@@ -449,11 +526,35 @@ class Pipeline:
         try:
             rundir.write("timings.json", json.dumps(timings, indent=2))
         except OSError as exc:  # said, not raised: an error already on its way must not be hidden
-            self.echo(f"  ! cannot write {rundir.path / 'timings.json'}: {exc.strerror or exc}")
+            self.echo(f"  ! {exc.strerror or exc}")  # names the file (write_atomic's errors do)
+
+    def check_data(self) -> str:
+        """Load the data set and run every data check (the stages' and plugins' ``check_data``
+        and ``check_model``) without a run directory: ``lvlmva validate``. Returns what was
+        loaded, in words; raises :class:`ConfigurationError` (exit 2) naming the problems, or
+        :class:`StageFailed` when the provider itself fails."""
+        self._state, self._hooks = _State(), _NoHooks()
+        self._failures, self._error_files = {}, {}
+        plan = self.plan()
+        unstored = [s for s in self.stages if not s.persist and self.skipped[s.name] is None]
+        self._preload_data(plan, True)
+        if self._failures:
+            raise StageFailed(self._failures, self.run_dir)
+        parts = []
+        for stage in unstored:
+            data = self._values.get(stage.name)
+            if isinstance(data, SpuriousDataset):
+                sizes = ", ".join(
+                    f"{name} {len(split.labels)}" for name, split in (("train", data.train), ("val", data.val), ("test", data.test)) if split is not None
+                )
+                c, h, w = data.input_shape
+                parts.append(f"{stage.name}: {sizes} images of {c} x {h} x {w}, {data.num_classes} classes; checked")
+        return "; ".join(parts)
 
     def _preload_data(self, plan: list[StageOutcome], computes: bool) -> None:
         unstored = [s for s in self.stages if not s.persist and self.skipped[s.name] is None]
-        if not unstored or not computes:
+        stops_at_data = self.until is not None and not self._by_name[self.until].persist
+        if not unstored or not (computes or stops_at_data):
             return
         for stage in unstored:
             self._state.tokens[stage.name] = next(o.fingerprint for o in plan if o.name == stage.name)
@@ -482,7 +583,7 @@ class Pipeline:
                 if stage.name not in self._values and state.status.get(stage.name) != "failed":
                     state.status[stage.name] = "deferred"
             else:
-                if d.reason and d.reason != "--refresh":
+                if d.reason and d.reason not in ("--refresh", "--recompute"):
                     self.echo(f"  ! {stage.name:<{self._width}} {d.reason}: computing it again")
                 self._compute(stage, d.fingerprint, rundir, hooks)  # type: ignore[arg-type]
 
@@ -532,6 +633,8 @@ class Pipeline:
             return
         except Exception as exc:  # recorded with the stage's name; the stages that need it are blocked
             rundir.abandon(stage.name)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                exc = write_error(Path(exc.filename) if exc.filename else partial, exc)  # a plugin's own write: name the place
             self._fail(stage, fp, time.perf_counter() - started - self._nested, exc)
             return
         self._values[stage.name] = value
@@ -539,6 +642,7 @@ class Pipeline:
         self._state.tokens[stage.name] = record.content
         try:
             rundir.forget_logs(stage.name, keep_attempt=attempt)
+            rundir.remove_log(f"{stage.name}.error.txt")  # an earlier failure's, now answered
         except OSError as exc:  # the artifact is committed; only old log lines stay behind
             self.echo(f"  ! {stage.name}: cannot rewrite the logs: {exc.strerror or exc}")
         self._finish(stage, "computed", fp, seconds)
@@ -547,9 +651,30 @@ class Pipeline:
         self._failures[stage.name] = exc
         self._state.status[stage.name] = "failed"
         self._state.tokens[stage.name] = "failed"
-        self.outcomes[stage.name] = StageOutcome(stage.name, "failed", fp, seconds, reason=str(exc))
-        self.echo(f"  ! {stage.name:<{self._width}} failed after {seconds:.1f}s: {describe_failure(exc)}")
+        self.outcomes[stage.name] = StageOutcome(stage.name, "failed", fp, seconds, reason=redact(str(exc)))
+        where = self._write_error(stage, fp, exc)
+        self.echo(f"  ! {stage.name:<{self._width}} failed after {seconds:.1f}s: {describe_failure(exc)}" + (f" (traceback: {where})" if where else ""))
+        if self.debug:
+            print(format_traceback(exc), file=sys.stderr, end="", flush=True)
         self._hooks.lvlmva_stage_finished(stage=stage.name, run_dir=self.run_dir, status="failed", seconds=seconds)
+
+    def _write_error(self, stage: Stage, fp: str | None, exc: BaseException) -> Path | None:
+        """The failure's full traceback in ``logs/<stage>.error.txt``: the file a developer
+        opens (the CLI names it); ``None`` when it could not be written (said, not raised: the
+        failure itself must reach the user)."""
+        if self._rundir is None:
+            return None
+        text = (
+            f"stage: {stage.name}\nfingerprint: {fp}\nlvlmva: {__version__}\n"
+            f"time: {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n\n{format_traceback(exc)}"
+        )
+        try:
+            path = self._rundir.write_log(f"{stage.name}.error.txt", text)
+        except OSError as exc2:
+            self.echo(f"  ! cannot write the traceback of {stage.name}: {exc2.strerror or exc2}")
+            return None
+        self._error_files[stage.name] = path
+        return path
 
     def _call(self, stage: Stage, ctx: RunContext) -> StageCall:
         info, failed = {}, {}
@@ -696,6 +821,13 @@ class Pipeline:
         return copied
 
 
+class _NoHooks:
+    """Stage events of a check that is not a run (``lvlmva validate``): told to no one."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda **_kwargs: None
+
+
 class _DataProblems(ConfigurationError):
     """The loaded data set does not fit the settings: the run stops with exit 2 (a
     ConfigurationError raised by a stage's own code is an ordinary stage failure)."""
@@ -781,8 +913,9 @@ def _stage_seed(seed: int, stage: str) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def environment_info(device: torch.device) -> dict[str, Any]:
-    """Versions, git revision and device, for env.json."""
+def environment_info(device: torch.device, code: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Versions, git revision and device, for env.json; ``code``: which plugins and stages
+    were fingerprinted by their source (:meth:`CodeFingerprints.record`)."""
     from importlib import metadata
 
     versions = {}
@@ -799,6 +932,8 @@ def environment_info(device: torch.device) -> dict[str, Any]:
         "git_revision": None,
         "argv": sys.argv,
     }
+    if code is not None:
+        info["code_fingerprints"] = code
     try:
         rev = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False,
@@ -806,6 +941,12 @@ def environment_info(device: torch.device) -> dict[str, Any]:
         )
         if rev.returncode == 0:
             info["git_revision"] = rev.stdout.strip()
+            status = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                timeout=5, check=False, cwd=Path(__file__).resolve().parent,
+            )
+            if status.returncode == 0:
+                info["git_local_changes"] = bool(status.stdout.strip())
     except (OSError, subprocess.TimeoutExpired):
         pass  # no git: the revision stays None
     return info

@@ -41,6 +41,8 @@ __all__ = ["MedmnistCEvaluator", "MedmnistCOptions", "resolve_corruptions", "DEF
 DEFAULT_FAMILY = {"skin": "dermamnist", "knee": "chestmnist"}
 SEVERITIES = 5
 ORIGINAL = "original"
+#: how to get medmnistc and the ImageMagick library its Wand dependency loads (as the guide says)
+INSTALL = 'apt-get install libmagickwand-6.q16-6 && pip install -e ".[medmnistc]" (or pip install medmnistc)'
 
 
 def _registry() -> Mapping[str, Mapping[str, Any]]:
@@ -48,8 +50,7 @@ def _registry() -> Mapping[str, Mapping[str, Any]]:
         from medmnistc.corruptions.registry import CORRUPTIONS_DS
     except ImportError as exc:
         raise RuntimeError(
-            "the medmnist-c evaluator needs the medmnistc package and ImageMagick's Wand: "
-            "apt-get install libmagickwand-6.q16-6 && pip install medmnistc "
+            f"the medmnist-c evaluator needs the medmnistc package and ImageMagick's Wand: {INSTALL} "
             f"(import failed: {exc})"
         ) from None
     return CORRUPTIONS_DS
@@ -155,6 +156,8 @@ class MedmnistCEvaluator:
     needs_groups: ClassVar[bool] = False
     needs_true_masks: ClassVar[bool] = False
     split: ClassVar[str] = "test"
+    #: imported before any work (``lvlmva validate`` too): module -> how to install it
+    optional_imports: ClassVar[dict[str, str]] = {"medmnistc.corruptions.registry": INSTALL}
     metrics: tuple[Metric, ...] = ()
 
     def __init__(self, options: MedmnistCOptions) -> None:

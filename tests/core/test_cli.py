@@ -69,7 +69,8 @@ def test_validate_exit_code_in_a_real_process(misspelled, tmp_path):
 def test_validate_ok_prints_the_plan(toy_registered, capsys):
     assert main(["validate", str(toy_registered)]) == EXIT_OK
     out = capsys.readouterr().out
-    assert out.splitlines()[0] == f"{toy_registered}: ok"
+    # the data set was loaded and checked, and says what it holds
+    assert re.fullmatch(rf"{re.escape(str(toy_registered))}: ok \(data: train \d+, (val \d+, )?test \d+ images of .*; checked\)", out.splitlines()[0])
     assert re.search(r"\n  train +pending \[mlp\]", out)
     assert re.search(r"\n  evaluate\.accuracy +pending \[toy-eval\]", out)
     assert re.search(r"\n  critic +skipped: no \[critic\] plugin configured", out)
@@ -229,3 +230,198 @@ def test_plugins_with_an_unknown_role_exits_2(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["plugins", "--role", "critics"])
     assert exit_.value.code == EXIT_BAD_INPUT
+
+
+# -- failures a developer can debug, plugin contracts, what a run directory refuses ------------
+
+
+def _register_evaluator(name: str, cls: type) -> None:
+    """Register ``cls`` as evaluator ``name`` from a distribution called ``bad-dist`` 9.9."""
+    import types
+
+    from lvlmva import hookimpl
+    from lvlmva.registry import register_module
+
+    module = types.ModuleType(f"plugin_{name.replace('-', '_')}")
+
+    @hookimpl
+    def lvlmva_register(registry):
+        registry.add("evaluator", name, cls)
+
+    module.lvlmva_register = lvlmva_register
+    register_module(module, name, distribution="bad-dist", version="9.9")
+
+
+def _toy_evaluator_base():
+    from lvlmva_toy.evaluate import AccuracyEvaluator
+
+    return AccuracyEvaluator
+
+
+def _compose_args(settings: Path, run_dir: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return ["compose", str(settings), "--out", str(run_dir), "--set", f"run.cache_dir={(tmp_path / 'cache').as_posix()!r}", *extra]
+
+
+def test_a_plugin_that_raises_leaves_its_traceback_in_a_file_the_cli_names(toy_registered, tmp_path, capsys):
+    base = _toy_evaluator_base()
+
+    class Raising(base):
+        def evaluate(self, model, data, ctx, attribute=None):
+            return self._inner(model)
+
+        def _inner(self, model):
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    _register_evaluator("raising", Raising)
+    run_dir = tmp_path / "run"
+    args = _compose_args(toy_registered, run_dir, tmp_path, "--set", "evaluators.accuracy.plugin=raising")
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    error_file = run_dir / "logs" / "evaluate.accuracy.error.txt"
+    assert f"traceback: {error_file}" in err  # on the stage line and in the final message
+    assert err.count(str(error_file)) == 2 and "Traceback (most recent call last)" not in err
+    text = error_file.read_text()
+    assert "in _inner" in text and "RuntimeError: mat1 and mat2 shapes cannot be multiplied" in text
+    # --debug prints it as well, and the run goes on as before
+    assert main([*args, "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "in _inner" in err
+    assert "= train" in err  # kept and reused
+
+
+def test_a_plugin_that_cannot_be_built_or_called_exits_2_before_any_work(toy_registered, tmp_path, capsys):
+    base = _toy_evaluator_base()
+
+    class NoOptions(base):
+        def __init__(self):  # not __init__(self, options)
+            pass
+
+    class WrongEvaluate(base):
+        def evaluate(self, model, data):  # the pipeline passes ctx and attribute= too
+            return {}
+
+    class Refusing(base):
+        def __init__(self, options):
+            raise ValueError("needs a licence file")
+
+    for name, cls in (("no-options", NoOptions), ("wrong-evaluate", WrongEvaluate), ("refusing", Refusing)):
+        _register_evaluator(name, cls)
+    run_dir = tmp_path / "run"
+    cases = {
+        "no-options": ["does not fit the evaluator protocol", "cannot be called as NoOptions(options)"],
+        "wrong-evaluate": ["does not fit the evaluator protocol", "evaluate(self, model, data) cannot be called as evaluate(self, model, data, ctx, attribute=...)"],
+        "refusing": ["cannot be built from its options: ValueError: needs a licence file", "Refusing(options)"],
+    }
+    for name, expected in cases.items():
+        code = main(_compose_args(toy_registered, run_dir, tmp_path, "--set", f"evaluators.accuracy.plugin={name}"))
+        err = capsys.readouterr().err
+        assert code == EXIT_BAD_INPUT, err
+        assert f"evaluator plugin {name!r}" in err and "bad-dist 9.9" in err
+        for text in expected:
+            assert text in err
+        assert "Traceback" not in err
+        assert not (run_dir / "train").exists()  # nothing trained
+
+
+def test_a_symbolic_link_in_the_run_directory_is_refused_and_its_target_untouched(toy_registered, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = _compose_args(toy_registered, run_dir, tmp_path)
+    assert main(args) == EXIT_OK
+    capsys.readouterr()
+    precious = tmp_path / "precious.txt"
+    for name in (".lock", "metrics.jsonl"):
+        precious.write_text("the user's text\n")
+        (run_dir / name).unlink(missing_ok=True)
+        (run_dir / name).symlink_to(precious)
+        assert main([*args, "--recompute", "train"]) == EXIT_BAD_INPUT
+        err = capsys.readouterr().err
+        assert str(run_dir / name) in err and "symbolic link" in err
+        assert precious.read_text() == "the user's text\n"  # neither truncated nor appended to
+        (run_dir / name).unlink()
+    # the lower layer refuses too, should a link appear during a run
+    from lvlmva.atomic import SymlinkRefused, append_line, open_lock_file
+
+    (run_dir / "metrics.jsonl").symlink_to(precious)
+    with pytest.raises(SymlinkRefused, match="symbolic link"):
+        append_line(run_dir / "metrics.jsonl", "{}")
+    (run_dir / ".lock").symlink_to(precious)
+    with pytest.raises(SymlinkRefused):
+        open_lock_file(run_dir / ".lock")
+    assert precious.read_text() == "the user's text\n"
+
+
+def test_a_full_disk_names_the_file_and_leaves_the_stage_unfinished(toy_registered, tmp_path, capsys, monkeypatch):
+    """torch.save reports a full disk as ``[enforce fail at inline_container.cc:672]``, Python
+    as a bare ``[Errno 28]``: the message names the file and says the disk is full."""
+    import errno
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    import torch
+
+    run_dir = tmp_path / "run"
+    args = _compose_args(toy_registered, run_dir, tmp_path)
+    usage = namedtuple("usage", "total used free")
+    real_save = torch.save
+
+    def full_save(obj, path, *a, **kw):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(torch, "save", full_save)
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda _p: usage(10**9, 10**9 - 4096, 4096))
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert re.search(rf"cannot write {re.escape(str(run_dir))}/\.partial-train/\S+: the disk is full \(4096 bytes left", err)
+    assert "enforce fail" not in err
+    assert not (run_dir / "train" / "fingerprint.json").exists()
+    # Python's bare ENOSPC, without a file name, gets one
+    monkeypatch.setattr(torch, "save", real_save)
+    from lvlmva.atomic import write_error
+
+    message = str(write_error(run_dir / "x.json", OSError(errno.ENOSPC, "No space left on device")))
+    assert "cannot write" in message and "x.json" in message and "the disk is full" in message
+    # with room again, the stage is computed as if nothing happened
+    monkeypatch.undo()
+    assert main(args) == EXIT_OK
+    assert "+ train" in capsys.readouterr().err
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs (root only; skipped where mounting is not allowed)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_really_full_disk_is_named(toy_registered, tmp_path, tiny_disk, capsys):
+    run_dir = tiny_disk / "run"
+    args = _compose_args(toy_registered, run_dir, tmp_path)
+    assert main([*args, "--until", "train"]) == EXIT_OK
+    capsys.readouterr()
+    # fill the disk, then ask for work that writes
+    filler = tiny_disk / "filler"
+    with open(filler, "wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 4096)
+        except OSError:
+            pass
+    assert main([*args, "--recompute", "train"]) == 1
+    err = capsys.readouterr().err
+    assert "the disk is full" in err and str(run_dir) in err and "[Errno 28]" not in err
+    filler.unlink()
+    assert main(args) == EXIT_OK
+
+
+def test_validate_imports_each_plugins_optional_dependency(tmp_path, capsys, monkeypatch):
+    settings = Path(__file__).resolve().parents[2] / "examples" / "synthetic_skin.toml"
+    monkeypatch.setitem(sys.modules, "medmnistc", None)  # as if it were not installed
+    assert main(["validate", str(settings), "--no-data"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "evaluator plugin 'medmnist-c'" in err and "'medmnistc.corruptions.registry'" in err
+    assert 'pip install -e ".[medmnistc]"' in err and "apt-get install libmagickwand-6.q16-6" in err

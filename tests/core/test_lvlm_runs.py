@@ -176,7 +176,11 @@ def test_spending_limits_and_missing_keys_stop_before_any_work(tmp_path, capsys,
     assert "LVLMVA_TEST_KEY" in err and "critic.api_key_env" in err
     assert not run_dir.exists()  # found before anything was trained or written
 
-    assert main(["validate", str(settings), "--set", "selection.n=20000"]) == EXIT_OK  # the split is not loaded by validate
+    # validate loads the data set and runs its checks: a selection larger than the split is found
+    assert main(["validate", str(settings), "--set", "selection.n=20000"]) == EXIT_BAD_INPUT
+    assert "selection.n = 20000" in capsys.readouterr().err
+    # --no-data checks the settings and plugins only
+    assert main(["validate", str(settings), "--no-data", "--set", "selection.n=20000"]) == EXIT_OK
     capsys.readouterr()
 
 

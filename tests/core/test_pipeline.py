@@ -199,6 +199,12 @@ def test_a_failing_stage_keeps_the_rest_of_the_run_going(tmp_path, settings_file
     assert list(published["models"]) == ["original", "true_mask", "m"]
     assert published["failed"]["critic"] == "failed: toy critic was told to fail"
     assert published["failed"]["align"] == "could not run: needs masks, which could not run"
+    # the full traceback is in the run directory, named by the failure
+    error_file = run_dir / "logs" / "critic.error.txt"
+    assert info.value.error_files == {"critic": error_file}
+    text = error_file.read_text()
+    assert "stage: critic" in text and "Traceback (most recent call last)" in text
+    assert "pipeline_toys.py" in text and "RuntimeError: toy critic was told to fail" in text
 
     monkeypatch.delenv("LVLMVA_TOY_FAIL")
     calls.unlink()
@@ -207,6 +213,7 @@ def test_a_failing_stage_keeps_the_rest_of_the_run_going(tmp_path, settings_file
     assert status["attribute"] == status["reference"] == status["mitigate.m"] == "reused"
     assert status["critic"] == status["align"] == "computed"
     assert "attribute" not in _roles(calls) and "mitigate" not in _roles(calls)
+    assert not error_file.exists()  # answered by the stage that now finished
 
 
 def test_partial_stage_directory_is_never_loaded(tmp_path, settings_file, registry):
@@ -661,20 +668,35 @@ def test_reserved_and_malformed_stage_names_are_refused():
             Stage(name, lambda call: None, codec=codecs.JSON)
 
 
-def test_a_run_directory_of_the_version_before_the_marker_is_taken_over(tmp_path, settings_file, registry):
+def test_a_folder_that_looks_like_an_old_run_is_not_taken_over(tmp_path, settings_file, registry):
+    # a folder of the user's that happens to hold env.json (naming lvlmva) and
+    # settings.resolved.toml beside their own report, figures and train/ folder
     old = tmp_path / "old"
     (old / "train").mkdir(parents=True)
+    (old / "figures").mkdir()
+    (old / "figures" / "plot.png").write_bytes(b"png")
+    (old / "report.md").write_text("my notes")
     (old / "train" / "fingerprint.json").write_text('{"stage": "train", "fingerprint": "x"}')
     (old / "settings.resolved.toml").write_text("[run]\n")
     (old / "env.json").write_text(json.dumps({"packages": {"lvlmva": "0.1.0"}}))
+    before = sorted(str(p.relative_to(old)) for p in old.rglob("*"))
+    with pytest.raises(NotARunDirectory) as info:
+        _run(settings_file, old, registry)
+    message = str(info.value)
+    assert "older lvlmva" in message and ".lvlmva-run" in message and "adopt" in message
+    assert sorted(str(p.relative_to(old)) for p in old.rglob("*")) == before  # nothing touched
+    assert (old / "report.md").read_text() == "my notes"
+    # adopted as the message says: the run goes on there
+    command = message.split("adopt it with: ")[1].split("   ")[0]
+    subprocess.run(["bash", "-c", command], check=True)
     pipe, _ = _run(settings_file, old, registry)
-    assert (old / ".lvlmva-run").is_file() and _status(pipe)["train"] == "computed"
-    # an env.json that is not lvlmva's is not enough
+    assert _status(pipe)["train"] == "computed"
+    # an env.json that is not lvlmva's is simply a folder that is not ours
     other = tmp_path / "other"
     other.mkdir()
     (other / "env.json").write_text(json.dumps({"packages": {"numpy": "2"}}))
     (other / "settings.resolved.toml").write_text("")
-    with pytest.raises(NotARunDirectory):
+    with pytest.raises(NotARunDirectory, match="not an lvlmva run directory"):
         _run(settings_file, other, registry)
 
 

@@ -497,3 +497,34 @@ enabled = false
     err = capsys.readouterr().err
     assert "dermamnist.npz:val_images: the val split's images are 64 x 64" in err and "Traceback" not in err
     assert not (tmp_path / "run" / "train").exists()
+
+
+def test_validate_and_until_data_load_and_check_the_users_folder(tmp_path, capsys):
+    from lvlmva.cli import EXIT_BAD_INPUT, EXIT_OK, main
+
+    root = tmp_path / "kneeKL"
+    markers = make_knee(root)
+    settings = knee_settings(tmp_path, root, markers)
+    assert main(["validate", str(settings)]) == EXIT_OK
+    assert "data: train 10, val 10, test 10 images of 1 x 16 x 16, 2 classes; checked" in capsys.readouterr().out
+    # a stray image the CSV does not list, and a CSV row for an image that is gone
+    _png(root / "train/1/stray.png")
+    (root / "test/4/test4_1.png").unlink()
+    assert main(["validate", str(settings)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "train/1/stray.png" in err and "test/4/test4_1.png" in err and "Traceback" not in err
+    run_dir = tmp_path / "run"
+    assert main(["compose", str(settings), "--out", str(run_dir), "--until", "data"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "train/1/stray.png" in err and "test/4/test4_1.png" in err
+    assert not (run_dir / "train").exists()
+    # --no-data: the settings alone
+    assert main(["validate", str(settings), "--no-data"]) == EXIT_OK
+    assert capsys.readouterr().out.startswith(f"{settings}: ok\n")
+    # a folder that loads: --until data loads it and stops
+    (root / "train/1/stray.png").unlink()
+    _png(root / "test/4/test4_1.png")
+    assert main(["compose", str(settings), "--out", str(run_dir), "--until", "data"]) == EXIT_OK
+    captured = capsys.readouterr()
+    assert "+ data" in captured.err and "stopped after data" in captured.out
+    assert not (run_dir / "train").exists()
