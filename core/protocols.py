@@ -208,12 +208,16 @@ class RunContext:
 
     def log_jsonl(self, name: str, record: dict[str, Any]) -> None:
         """Append one JSON line to ``run_dir/name`` (``metrics.jsonl``, ``transcripts.jsonl``).
-        Thread-safe; flushed per line so a killed run keeps what it logged."""
+        Thread-safe; flushed per line so a killed run keeps what it logged; registered secrets
+        are redacted from every string; never written through a symbolic link."""
+        from .atomic import append_line
+        from .secrets import redact_json
+
         if self.stage:
             record = {"run_stage": self.stage, "run_attempt": self.attempt, **record}
-        line = json.dumps(record, default=str, sort_keys=True)
-        with self._lock, open(self.run_dir / name, "a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
+        line = json.dumps(redact_json(record), default=str, sort_keys=True)
+        with self._lock:
+            append_line(self.run_dir / name, line)
 
 
 @runtime_checkable

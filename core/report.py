@@ -31,6 +31,7 @@ from PIL import Image
 from .atomic import write_atomic
 from .records import Critique, RenderedSample, Verdicts
 from .results import ORACLE_NOTE, metric_columns, model_labels, verdict_results
+from .secrets import redact
 from .settings import ReportOptions
 
 if TYPE_CHECKING:
@@ -599,7 +600,7 @@ def write_report(
 
     lines += _critiques_section(critiques, verdicts)
     text = "\n".join(lines).rstrip() + "\n"
-    write_atomic(report_path, text.encode("utf-8"))
+    write_atomic(report_path, redact(text).encode("utf-8"))  # failure texts may quote a secret
     return report_path
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from .. import __version__
 from ..atomic import SymlinkRefused, open_lock_file, refuse_symlink, write_atomic
+from ..secrets import redact_json
 from .codecs import ArtifactError, DecodeContext, codec_named, json_default
 from .errors import NotARunDirectory, PublishError, RunDirectoryBusy
 
@@ -383,7 +384,9 @@ class RunDirectory:
     def publish(self, results: dict[str, Any], report_dir: Path | None) -> None:
         """Write results.json and copy report.md and figures/ out of ``report_dir``."""
         try:
-            self.write("results.json", json.dumps(results, indent=2, default=json_default) + "\n")
+            # a failure text that quotes a secret was redacted where it was made; this is the
+            # last gate before the file a user shares
+            self.write("results.json", json.dumps(redact_json(results), indent=2, default=json_default) + "\n")
             if report_dir is not None and (report_dir / "report.md").is_file():
                 for name in PUBLISHED_DIRS:
                     if (report_dir / name).is_dir():

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import open_lock_file, refuse_symlink
 from ..overrides import (
     OVERRIDES_FILE,
     Override,
@@ -474,8 +475,9 @@ def _hold_review_lock(run_dir: Path) -> Any:
         return None  # ReviewRun says what is wrong with the folder
     folder = run_dir / OVERRIDES_FILE.parent
     try:
+        refuse_symlink(folder)
         folder.mkdir(exist_ok=True)
-        fh = open(folder / ".lock", "w")  # noqa: SIM115 - held for the server's life
+        fh = open_lock_file(folder / ".lock")  # held for the server's life; never through a link
     except OSError as exc:
         raise ReviewError(f"cannot write into {folder}: {exc.strerror or exc}") from None
     try:
