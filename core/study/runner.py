@@ -11,8 +11,9 @@ Cells run serially, in N local worker processes, or as Ray tasks. A worker gets 
 *text*, the overrides and the cell's path, never Python objects, and sets torch to the study's
 thread count, so a cell gives the same results.json whichever executor ran it. A failed cell
 is recorded with its reason and its traceback (``<study>/logs/<cell>.error.txt``), and the
-others go on; the tables, statistics and plots of :mod:`lvlmva.study.outputs` are written from
-every cell that published results.
+others go on; a local worker process that dies (killed for memory, a crash) fails the cell it was
+running, and new workers run the cells left. The tables, statistics and plots of
+:mod:`lvlmva.study.outputs` are written from every cell that published results.
 
 A cell's results.json is trusted as its stages are: the SHA-256 of the file each cell's run
 published is recorded in the study's ``cells.jsonl``, and the file is checked against it before
@@ -25,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -299,35 +301,152 @@ def _run_serial(cells: Sequence[Cell], done: Done, echo: Callable[[str], None]) 
         done(cell, run_cell(cell))
 
 
-def _run_processes(cells: Sequence[Cell], done: Done, workers: int) -> None:
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+def _failed_status(cell: Cell, reason: str) -> dict[str, Any]:
+    return {"dataset": cell.dataset, "seed": cell.seed, "run_dir": cell.run_dir, "status": "failed",
+            "reason": reason, "seconds": 0.0, "published": False}  # fmt: skip
 
+
+#: in a local worker process: where it announces the cell it starts (pid, data set, seed)
+_STARTED: Any = None
+
+
+def _worker_init(started: Any) -> None:
+    global _STARTED
+    _STARTED = started
+
+
+def _worker_cell(cell: dict[str, Any]) -> dict[str, Any]:
+    """A local worker's task: says which cell this process runs (so that a worker that dies
+    fails its own cell only), then runs it."""
+    _STARTED.put((os.getpid(), cell["dataset"], cell["seed"]))
+    return run_cell(cell)
+
+
+def _how_it_ended(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "its exit status is not known"
+    if exitcode < 0:
+        try:
+            return f"killed by signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
+def _read_started(started: Any, running: dict[int, tuple[str, int]]) -> None:
+    """Worker pid -> the (data set, seed) it started last, from the workers' announcements."""
+    while not started.empty():
+        pid, dataset, seed = started.get()
+        running[pid] = (dataset, seed)
+
+
+class _FirstToEnd:
+    """Waits on a pool's worker processes and keeps the one(s) that ended first. When a worker
+    dies, the pool stops all the others (SIGTERM) at once: only the first to end is the worker
+    that died, whatever its exit status."""
+
+    def __init__(self, processes: dict[int, Any]) -> None:
+        import multiprocessing
+        import threading
+
+        self.sentinels = {p.sentinel: pid for pid, p in processes.items()}
+        self.first: list[int] = []
+        self._stop_reader, self._stop_writer = multiprocessing.Pipe(duplex=False)
+        self._thread = threading.Thread(target=self._wait, name="lvlmva-study-workers", daemon=True)
+        self._thread.start()
+
+    def _wait(self) -> None:
+        from multiprocessing.connection import wait
+
+        ready = wait([*self.sentinels, self._stop_reader])
+        self.first = [self.sentinels[s] for s in ready if s in self.sentinels]
+
+    def stop(self) -> list[int]:
+        self._stop_writer.send(None)
+        self._thread.join()
+        self._stop_reader.close()
+        self._stop_writer.close()
+        return self.first
+
+
+def _run_processes(cells: Sequence[Cell], done: Done, workers: int, echo: Callable[[str], None]) -> None:
+    import multiprocessing
+    import threading
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    # The pool writes to its workers' pipes while it stops them (after a worker died, or Ctrl-C)
+    # and expects EPIPE there; the command line restores SIGPIPE's default (a quiet `| head`),
+    # which would make such a write end the study. Ignored while the pool may write; after
+    # Ctrl-C it stays ignored, since the pool's threads run until the process exits.
+    ignore_sigpipe = hasattr(signal, "SIGPIPE") and threading.current_thread() is threading.main_thread()
+    if ignore_sigpipe:
+        sigpipe = signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     # spawn: a fresh interpreter per worker, as on a cluster (no state inherited by fork)
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-    try:
-        futures = {pool.submit(run_cell, asdict(c)): c for c in cells}
-        for future in as_completed(futures):
-            cell = futures[future]
-            try:
-                status = future.result()
-            except Exception as exc:  # a worker that died (killed for memory, a crash): recorded
-                status = {"dataset": cell.dataset, "seed": cell.seed, "run_dir": cell.run_dir,
-                          "status": "failed", "reason": f"worker process failed: {type(exc).__name__}: {exc}",
-                          "seconds": 0.0, "published": False}  # fmt: skip
-            done(cell, status)
-    except BaseException:
-        # Ctrl-C (or an error here): stop now instead of waiting for every queued cell. The
-        # cells running are stopped too; each keeps its finished stages, and the stage it was
-        # computing is discarded (never committed half-written), so a re-run resumes there.
-        workers_now = list((getattr(pool, "_processes", None) or {}).values())
-        pool.shutdown(wait=False, cancel_futures=True)
-        for process in workers_now:
-            process.terminate()
-        for process in workers_now:
-            process.join(timeout=10)
-        raise
-    pool.shutdown()
+    context = multiprocessing.get_context("spawn")
+    todo = list(cells)
+    fruitless = 0  # pools in a row that broke before any cell ended in them
+    while todo:
+        started = context.SimpleQueue()
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init, initargs=(started,))
+        running: dict[int, tuple[str, int]] = {}  # worker pid -> the cell it started last
+        try:
+            futures = {pool.submit(_worker_cell, asdict(c)): c for c in todo}
+            # every worker is started by now (spawned on submit); their Process objects stay
+            # readable after the pool forgets them
+            processes = dict(pool._processes or {})
+            watch = _FirstToEnd(processes)
+            left: list[Cell] = []
+            ended = 0
+            for future in as_completed(futures):
+                cell = futures[future]
+                _read_started(started, running)
+                try:
+                    status = future.result()
+                except BrokenProcessPool:
+                    left.append(cell)  # sorted out below, once every worker has stopped
+                    continue
+                except Exception as exc:  # the result could not be returned (it did not pickle)
+                    status = _failed_status(cell, redact(f"worker process failed: {type(exc).__name__}: {exc}"))
+                ended += 1
+                done(cell, status)
+        except BaseException:
+            # Ctrl-C (or an error here): stop now instead of waiting for every queued cell. The
+            # cells running are stopped too; each keeps its finished stages, and the stage it was
+            # computing is discarded (never committed half-written), so a re-run resumes there.
+            workers_now = list((getattr(pool, "_processes", None) or {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in workers_now:
+                process.terminate()
+            for process in workers_now:
+                process.join(timeout=10)
+            raise
+        pool.shutdown()  # after a break: waits for the workers the pool stopped
+        first = watch.stop()
+        _read_started(started, running)
+        started.close()
+        if not left:
+            break
+        # The worker that died is the first to end; the others were stopped by the pool
+        # (SIGTERM), and should two have ended together, one that did not end by SIGTERM died.
+        codes = {pid: processes[pid].exitcode for pid in first}
+        died = [pid for pid in first if codes[pid] != -signal.SIGTERM] or first
+        by_key = {(c.dataset, c.seed): c for c in left}
+        lost = {by_key[running[pid]]: codes[pid] for pid in died if running.get(pid) in by_key}
+        for cell, code in lost.items():
+            ended += 1
+            done(cell, _failed_status(cell, f"the worker process running the cell died ({_how_it_ended(code)})"))
+        todo = [c for c in left if c not in lost]
+        fruitless = 0 if ended else fruitless + 1
+        how = ", ".join(_how_it_ended(processes[pid].exitcode) for pid in died) or "its exit status is not known"
+        if fruitless >= 2:  # workers that die before running anything: do not start them forever
+            for cell in todo:
+                done(cell, _failed_status(cell, f"the study's worker processes died before they ran the cell ({how})"))
+            break
+        if todo:
+            echo(f"  a worker process died ({how}); new worker processes run the {len(todo)} cells left")
+    if ignore_sigpipe and sigpipe is not None:  # None: set outside Python, cannot be restored
+        signal.signal(signal.SIGPIPE, sigpipe)
 
 
 def _run_ray(cells: Sequence[Cell], done: Done, address: str | None, threads: int) -> None:
@@ -423,7 +542,7 @@ def run_study(
     if study.executor == "ray":
         _run_ray(todo, done, study.address, study.threads)
     elif study.workers > 1:
-        _run_processes(todo, done, study.workers)
+        _run_processes(todo, done, study.workers, echo)
     else:
         _run_serial(todo, done, echo)
 

@@ -1,6 +1,6 @@
 """Study cells on the toy pipeline (fast): a cell's published results.json is used only as its
-run published it (SHA-256 in cells.jsonl), and a failed cell leaves its traceback (secrets
-redacted) in the study's logs/."""
+run published it (SHA-256 in cells.jsonl), a local worker that dies fails its own cell only, and
+a failed cell leaves its traceback (secrets redacted) in the study's logs/."""
 
 from __future__ import annotations
 
@@ -197,6 +197,26 @@ def test_a_results_json_changed_while_the_study_runs_is_not_used(tmp_path, toys,
     assert f"tiny seed 0: {seed0} was changed after the cell finished (SHA-256 differs): its numbers are not used" in err
     assert {seed for seed, _ in _accuracy(study)} == {1}
     assert "was changed after the cell finished" in (study / "table.md").read_text()
+
+
+# -- a worker that dies ------------------------------------------------------------------------
+
+
+def test_a_killed_worker_fails_its_own_cell_and_the_others_are_run(tmp_path, toys, capsys):
+    flag = tmp_path / "seed1-dies"
+    settings = _settings(tmp_path, [0, 1, 2], kill_on_seeds=[1], flag=str(flag))
+    study = tmp_path / "study"
+    assert main(["study", str(settings), "--out", str(study), "--set", "study.workers=2"]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    # seed 0 was running in the other worker (it waits for the flag), seed 2 was queued
+    assert "a worker process died (killed by signal SIGKILL); new worker processes run the 2 cells left" in err
+    assert "tiny seed 1: failed in 0.0 s (0 stages computed, 0 reused): the worker process running the cell died (killed by signal SIGKILL)" in err
+    assert "BrokenProcessPool" not in err
+    log = _log(study)
+    assert sorted((x["seed"], x["status"]) for x in log) == [(0, "ok"), (1, "failed"), (2, "ok")]
+    accuracy = _accuracy(study)
+    assert {s for s, m in accuracy if m == "cell"} == {0, 2}
+    assert "the worker process running the cell died (killed by signal SIGKILL)" in (study / "table.md").read_text()
 
 
 # -- a failed cell's traceback -----------------------------------------------------------------
