@@ -47,18 +47,25 @@ def _free_bytes(path: Path) -> int | None:
 
 
 def write_error(path: Path, exc: BaseException) -> OSError:
-    """An OSError that names ``path`` and, when the device is full (ENOSPC, or a writer that
-    reports its failure otherwise, as torch.save does, while almost no space is left), says so;
-    raise it ``from exc``."""
+    """An OSError that names ``path`` and says when the device is full: ENOSPC, a quota
+    (EDQUOT), or a writer that reports a failed write otherwise (torch.save's
+    ``RuntimeError``) while almost no space is left. It keeps ``exc`` as its cause and
+    traceback, so the traceback file still shows where the write failed."""
     if isinstance(exc, (DiskFull, SymlinkRefused)):
         return exc
-    free = _free_bytes(Path(path).parent)
-    full = getattr(exc, "errno", None) in _NO_SPACE or (free is not None and free < (1 << 20))
-    if full:
+    code = getattr(exc, "errno", None) if isinstance(exc, OSError) else None
+    free = _free_bytes(Path(path).parent) if code in _NO_SPACE or isinstance(exc, RuntimeError) else None
+    if code == errno.EDQUOT:
+        new: OSError = DiskFull(errno.EDQUOT, f"cannot write {path}: your disk quota is exceeded; free some space and run again", str(path))
+    elif code == errno.ENOSPC or (isinstance(exc, RuntimeError) and free is not None and free < (1 << 20)):
         left = f"{free} bytes left" if free is not None else "no space left"
-        return DiskFull(errno.ENOSPC, f"cannot write {path}: the disk is full ({left} on its device); free some space and run again", str(path))
-    what = getattr(exc, "strerror", None) or f"{type(exc).__name__}: {exc}"
-    return OSError(getattr(exc, "errno", None) or errno.EIO, f"cannot write {path}: {what}", str(path))
+        new = DiskFull(errno.ENOSPC, f"cannot write {path}: the disk is full ({left} on its device); free some space and run again", str(path))
+    else:
+        what = getattr(exc, "strerror", None) or f"{type(exc).__name__}: {exc}"
+        new = OSError(code or errno.EIO, f"cannot write {path}: {what}", str(path))
+    new.__cause__ = exc
+    new.__traceback__ = exc.__traceback__
+    return new
 
 
 def _create_temporary(folder: Path, name: str) -> tuple[int, Path]:
@@ -79,7 +86,6 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     link at ``path`` is replaced, never written through). A failed write raises an OSError
     naming ``path`` (:class:`DiskFull` when the disk is full) and leaves no temporary file."""
     path = Path(path)
-    refuse_symlink(path.parent)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = _create_temporary(path.parent, path.name)

@@ -132,6 +132,10 @@ def _print_plan(pipeline: Pipeline, words: dict[str, str]) -> None:
 
 def _validate(args: argparse.Namespace) -> int:
     pipeline = _pipeline(args)
+    problems = pipeline.import_problems()  # every plugin's, also those a finished run would reuse
+    if problems:
+        print("lvlmva: error: " + "\n".join(problems), file=sys.stderr)
+        return EXIT_BAD_INPUT
     if not args.no_data:
         try:
             loaded = pipeline.check_data()

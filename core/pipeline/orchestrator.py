@@ -280,22 +280,34 @@ class Pipeline:
                 forced.add(stage.name)
         return frozenset(forced)
 
-    def _build_plugins(self) -> None:
-        """Build every configured plugin from its options and import the optional modules it
-        declares, before any work: a plugin that cannot be built or lacks a dependency stops
-        the run with exit 2 naming it, its distribution and what was expected."""
-        problems: list[str] = []
-        for slot, choice in self.settings.plugins.items():
-            entry = self.registry.entry(choice.role, choice.name)
-            who = f"[{slot}] {choice.role} plugin {choice.name!r} ({entry.distribution} {entry.version})"
+    def _who(self, slot: str) -> str:
+        choice = self.settings.plugins[slot]
+        entry = self.registry.entry(choice.role, choice.name)
+        return f"[{slot}] {choice.role} plugin {choice.name!r} ({entry.distribution} {entry.version})"
+
+    def import_problems(self, slots: Iterable[str] | None = None) -> list[str]:
+        """Import the optional modules the plugins of ``slots`` (default: every configured
+        one) declare in ``optional_imports``; what cannot be imported, with the install line."""
+        problems = []
+        for slot in self.settings.plugins if slots is None else slots:
             cls = self._plugin_class(slot)
             for module, install in dict(getattr(cls, "optional_imports", None) or {}).items():
                 try:
                     importlib.import_module(module)
                 except Exception as exc:  # an ImportError, or a library that fails as it loads
-                    problems.append(f"{who} needs the module {module!r}, which cannot be imported ({type(exc).__name__}: {exc}); install it with: {install}")
-            if problems and problems[-1].startswith(who):
-                continue
+                    problems.append(
+                        f"{self._who(slot)} needs the module {module!r}, which cannot be imported "
+                        f"({type(exc).__name__}: {exc}); install it with: {install}"
+                    )
+        return problems
+
+    def _build_plugins(self) -> None:
+        """Build every configured plugin from its options before any work: one that cannot be
+        built stops the run with exit 2 naming it, its distribution and what was expected."""
+        problems: list[str] = []
+        for slot in self.settings.plugins:
+            cls = self._plugin_class(slot)
+            who = self._who(slot)
             try:
                 self.plugin(slot)
             except Exception as exc:  # the plugin's own constructor: name it and what it raised
@@ -323,6 +335,7 @@ class Pipeline:
                 if slot in asked or slot not in self.settings.plugins:
                     continue
                 asked.add(slot)
+                problems += self.import_problems([slot])
                 check = getattr(self.plugin(slot), "preflight", None)
                 if callable(check):
                     # the judge reads each of the critic's answers (critic.samples of them)
@@ -942,7 +955,7 @@ def environment_info(device: torch.device, code: dict[str, Any] | None = None) -
         if rev.returncode == 0:
             info["git_revision"] = rev.stdout.strip()
             status = subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
                 timeout=5, check=False, cwd=Path(__file__).resolve().parent,
             )
             if status.returncode == 0:

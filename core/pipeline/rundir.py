@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import time
 from collections.abc import Iterator
@@ -167,7 +168,7 @@ def _check_ours(path: Path, kind: str = "run") -> bool:
             f"{path} looks like a run directory of an older lvlmva (env.json and settings.resolved.toml) "
             f"but has no {MARKER} file, so nothing was touched: a run there would delete its report.md, "
             f"figures/ and results.json. If it is one of lvlmva's, adopt it with: "
-            f"echo '{{\"kind\": \"run\"}}' > {path / MARKER}   (its stages are then checked and "
+            f"echo '{{\"kind\": \"run\"}}' > {shlex.quote(str(path / MARKER))}   (its stages are then checked and "
             "recomputed where they differ); otherwise pick another --out"
         )
     try:

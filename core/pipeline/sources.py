@@ -4,19 +4,26 @@ A stage's fingerprint names each plugin's distribution and version. That is enou
 released wheel, whose code cannot change under the same version, but not for code a researcher
 edits: an editable or path install (``pip install -e .``, ``pip install ./my-plugin``), a module
 loaded through ``LVLMVA_PLUGINS`` or registered in-process, and lvlmva itself in a checkout. For
-those, the fingerprint also takes a hash of the source files the plugin's code comes from, so
-that an edit recomputes the stages that use it and what reads them, and nothing else.
+those, the fingerprint also takes a hash of the code the plugin or stage runs, so that an edit
+recomputes the stages that use it and what reads them, and nothing else.
 
-What "the files it comes from" means:
+What is hashed:
 
-- for a plugin class: the modules that define it and its base classes, and every module those
-  import (statically, anywhere in the file, local imports included), followed as long as the
-  imported module is itself source-tracked. ``from package import name`` follows ``name`` to the
-  module that defines it rather than taking the package's whole ``__init__`` (a facade that
-  re-exports everything would otherwise tie every plugin to every module).
-- for a stage's run function: the function's own source, the functions of its module it calls
-  (recursively), and the modules of the names it uses and imports. Built-in stages share one
-  module; editing the report stage must not retrain the model.
+- for a plugin class: the source files of the modules that define it and its base classes, and
+  of every module those import (statically, anywhere in the file, function-local imports
+  included; ``if TYPE_CHECKING:`` blocks left out, they run nothing), followed as long as the
+  imported module is itself source-tracked. ``from package import name`` follows ``name`` to
+  the module that defines it rather than taking a package ``__init__`` that only re-exports; an
+  ``__init__`` that runs code of its own is part of every module under it.
+- for a stage's run function: the compiled code of the function (not its text: a comment or a
+  blank line changes nothing), of the functions and classes of its module it uses, the values of
+  the module's constants it reads, and the files of the modules it uses and imports. Built-in
+  stages share one module; editing the report stage must not retrain the model. A global it
+  reads that is neither code nor a plain constant (a table of functions) takes the whole file
+  of its module.
+- the code this process runs: a module's file is read once it is imported and then kept, so an
+  edit made while a study runs is not stored under the new code's fingerprint by cells that
+  still run the old one (a new process, or ``importlib.reload``, reads the edit).
 
 Code from a released install (a wheel from an index, a VCS checkout at a recorded commit, an
 archive) is not read: its version (and commit) stands for it, as before.
@@ -26,9 +33,9 @@ from __future__ import annotations
 
 import ast
 import dis
+import functools
 import hashlib
 import importlib.machinery
-import inspect
 import json
 import sys
 import sysconfig
@@ -41,7 +48,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-__all__ = ["CodeHash", "SourceTracker", "install_description"]
+__all__ = ["CodeHash", "CodeFingerprints", "SourceTracker", "install_description", "tracker", "reset_tracker"]
 
 
 @dataclass(frozen=True)
@@ -146,8 +153,43 @@ def _is_library_path(path: Path, libraries: Iterable[Path]) -> bool:
     return any(path.is_relative_to(lib) for lib in libraries)
 
 
+def _is_type_checking(node: ast.AST) -> bool:
+    test = node.test if isinstance(node, ast.If) else None
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _walk_imports(nodes: Iterable[ast.AST]) -> Iterable[ast.Import | ast.ImportFrom]:
+    """Every import statement under ``nodes``, except those in ``if TYPE_CHECKING:`` blocks."""
+    for node in nodes:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+            continue
+        if _is_type_checking(node):
+            yield from _walk_imports(node.orelse)  # type: ignore[attr-defined]
+            continue
+        yield from _walk_imports(ast.iter_child_nodes(node))
+
+
+def _runs_code(body: list[ast.stmt]) -> bool:
+    """Whether a package ``__init__`` runs code of its own when a module under it is imported:
+    more than imports, re-exports, definitions (a function it defines runs only when called, and
+    whoever calls it imports it) and names of itself."""
+    for node in body:
+        if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) or _is_type_checking(node):
+            continue
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # the docstring
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else None
+        if targets is not None and all(isinstance(t, ast.Name) and t.id.startswith("__") and t.id.endswith("__") for t in targets):
+            continue  # __all__, __version__
+        return True
+    return False
+
+
 class _ModuleInfo:
-    """A parsed source module: its file's hash, and the imports it names."""
+    """A source module as the tracker sees it: its file's hash and the imports it names."""
 
     def __init__(self, name: str, path: Path, text: bytes) -> None:
         self.name = name
@@ -155,36 +197,38 @@ class _ModuleInfo:
         self.sha256 = hashlib.sha256(text).hexdigest()
         self.is_package = path.name == "__init__.py"
         self.package = name if self.is_package else name.rpartition(".")[0]
-        try:
-            self.tree: ast.Module | None = ast.parse(text, filename=str(path))
-        except SyntaxError:
-            self.tree = None  # hashed all the same; an import of it fails loudly elsewhere
         #: (module, names) pairs: ``import a.b`` -> ("a.b", ()), ``from .x import y`` -> ("pkg.x", ("y",))
         self.imports: list[tuple[str, tuple[str, ...]]] = []
         #: name -> (module, attribute) for names a package re-exports (``from .t import Trainer``)
         self.reexports: dict[str, tuple[str, str]] = {}
         #: names defined in the module itself (functions, classes, assignments)
         self.own_names: set[str] = set()
-        if self.tree is None:
-            return
-        for node in ast.walk(self.tree):
+        #: a package ``__init__`` that runs code of its own (not only imports)
+        self.runs_code = False
+        try:
+            tree = ast.parse(text, filename=str(path))
+        except SyntaxError:
+            return  # hashed all the same; importing it fails loudly elsewhere
+        top = set(map(id, tree.body))
+        for node in _walk_imports(tree.body):
             if isinstance(node, ast.Import):
                 self.imports += [(alias.name, ()) for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = _absolute(node.module or "", node.level, self.package)
-                if base is None:
-                    continue
-                self.imports.append((base, tuple(alias.name for alias in node.names)))
-                if node in self.tree.body:
-                    for alias in node.names:
-                        self.reexports[alias.asname or alias.name] = (base, alias.name)
-        for node in self.tree.body:
+                continue
+            base = _absolute(node.module or "", node.level, self.package)
+            if base is None or base == "__future__":
+                continue
+            self.imports.append((base, tuple(alias.name for alias in node.names)))
+            if id(node) in top:
+                for alias in node.names:
+                    self.reexports[alias.asname or alias.name] = (base, alias.name)
+        for node in tree.body:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 self.own_names.add(node.name)
             elif isinstance(node, (ast.Assign, ast.AnnAssign)):
                 for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
                     if isinstance(target, ast.Name):
                         self.own_names.add(target.id)
+        self.runs_code = self.is_package and _runs_code(tree.body)
 
 
 def _absolute(module: str, level: int, package: str) -> str | None:
@@ -197,10 +241,90 @@ def _absolute(module: str, level: int, package: str) -> str | None:
     return ".".join([*base, module] if module else base)
 
 
+# -- compiled code, hashed without its line numbers ---------------------------------------------
+
+_LITERALS = (int, float, complex, str, bytes, bool, type(None), type(Ellipsis))
+
+
+def _literal(value: Any) -> str | None:
+    """A deterministic text of a plain constant (frozensets sorted: their order follows the
+    hash seed), or ``None`` for anything else."""
+    if isinstance(value, _LITERALS):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        parts = [_literal(v) for v in value]
+        return None if None in parts else f"{type(value).__name__}({', '.join(parts)})"  # type: ignore[arg-type]
+    if isinstance(value, (frozenset, set)):
+        parts = [_literal(v) for v in value]
+        return None if None in parts else f"{type(value).__name__}({', '.join(sorted(parts))})"  # type: ignore[arg-type]
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _code_digest(code: types.CodeType) -> str:
+    """SHA-256 of what a code object does: its bytecode, names, constants (nested code by its own
+    digest), arguments and flags; not its file name or line numbers."""
+    consts = []
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            consts.append("code:" + _code_digest(const))
+        else:
+            consts.append(_literal(const) or f"{type(const).__name__}:{const!r}")
+    blob = json.dumps(
+        [code.co_name, code.co_code.hex(), consts, code.co_names, code.co_varnames, code.co_freevars,
+         code.co_cellvars, code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount, code.co_flags]
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _code_objects(code: types.CodeType) -> Iterable[types.CodeType]:
+    yield code
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _code_objects(const)
+
+
+def _global_names(code: types.CodeType) -> list[str]:
+    return sorted({ins.argval for ins in dis.get_instructions(code) if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME")})
+
+
+def _imports_in(code: types.CodeType, package: str) -> list[tuple[str, tuple[str, ...]]]:
+    """The import statements inside a function's body, as (absolute module, names): each
+    ``IMPORT_NAME`` follows the loads of its level and its from-list."""
+    out = []
+    instructions = list(dis.get_instructions(code))
+    for i, ins in enumerate(instructions):
+        if ins.opname != "IMPORT_NAME" or i < 2:
+            continue
+        level, fromlist = instructions[i - 2].argval, instructions[i - 1].argval
+        if not isinstance(level, int) or not (fromlist is None or isinstance(fromlist, tuple)):
+            continue
+        absolute = _absolute(ins.argval, level, package)
+        if absolute is not None:
+            out.append((absolute, tuple(fromlist or ())))
+    return out
+
+
+def _unwrap(fn: Any) -> Any:
+    """The function behind a bound method, a static or class method, a ``functools.partial``, a
+    ``functools.wraps`` wrapper (``cache``, ``lru_cache``) or a property's getter."""
+    for _ in range(20):
+        if isinstance(fn, (staticmethod, classmethod, types.MethodType)):
+            fn = fn.__func__
+        elif isinstance(fn, functools.partial):
+            fn = fn.func
+        elif isinstance(fn, property) and fn.fget is not None:
+            fn = fn.fget
+        elif hasattr(fn, "__wrapped__"):
+            fn = fn.__wrapped__
+        else:
+            return fn
+    return fn
+
+
 class SourceTracker:
-    """Hashes the source that plugins and stages depend on, for code that can change without
-    a version bump. One per process is enough (:func:`tracker`); files are re-read only when
-    their size or modification time changes."""
+    """Hashes the code that plugins and stages depend on, for code that can change without a
+    version bump. One per process (:func:`tracker`)."""
 
     def __init__(self) -> None:
         self._libraries = _library_folders()
@@ -208,13 +332,16 @@ class SourceTracker:
         self._roots: tuple[Path, ...] | None = None
         self._files: frozenset[Path] = frozenset()
         self._parsed: dict[Path, tuple[tuple[int, int], _ModuleInfo]] = {}
+        #: module name -> (its spec object, the info read once it was imported)
+        self._loaded: dict[str, tuple[Any, _ModuleInfo]] = {}
         self._spec_cache: dict[str, importlib.machinery.ModuleSpec | None] = {}
         self._session: dict[str, _ModuleInfo | None] = {}
 
     def begin(self) -> None:
-        """Start a new look at the files: each module's file is checked for changes once per
-        look (a run's fingerprints are one look), not once per import that names it."""
+        """Start a new look (a run's fingerprints are one): modules are found again and files
+        not imported yet are checked for changes once per look, not once per import naming them."""
         self._session = {}
+        self._spec_cache = {}
 
     # -- what is tracked ---------------------------------------------------------------------
     def _tracked_areas(self) -> tuple[tuple[Path, ...], frozenset[Path]]:
@@ -236,12 +363,13 @@ class SourceTracker:
         return self._roots, self._files
 
     def add(self, path: Path) -> None:
-        """Track the module file or package folder ``path`` too, wherever it lies: a module
-        loaded through ``LVLMVA_PLUGINS`` or registered in-process is a plugin under
-        development, even when it sits in site-packages."""
+        """Track the module file or folder ``path`` too, wherever it lies: a module loaded
+        through ``LVLMVA_PLUGINS`` or registered in-process is a plugin under development, even
+        when it sits in site-packages."""
         path = Path(path).resolve()
         if path not in self._added:
             self._added = (*self._added, path)
+            self._session = {}
 
     def is_tracked(self, path: Path) -> bool:
         roots, files = self._tracked_areas()
@@ -296,19 +424,27 @@ class SourceTracker:
         return self._session[name]
 
     def _read(self, name: str) -> _ModuleInfo | None:
+        module = sys.modules.get(name)
+        spec = getattr(module, "__spec__", None) if module is not None else None
+        loaded = self._loaded.get(name)
+        if loaded is not None and spec is not None and loaded[0] is spec:
+            return loaded[1]  # the code this process runs, as it was read once imported
         path = self._module_file(name)
         if path is None or not self.is_tracked(path):
             return None
         try:
             st = path.stat()
+            key = (st.st_size, st.st_mtime_ns)
+            cached = self._parsed.get(path)
+            if cached is not None and cached[0] == key:
+                info = cached[1]
+            else:
+                info = _ModuleInfo(name, path, path.read_bytes())
+                self._parsed[path] = (key, info)
         except OSError:
             return None
-        key = (st.st_size, st.st_mtime_ns)
-        cached = self._parsed.get(path)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        info = _ModuleInfo(name, path, path.read_bytes())
-        self._parsed[path] = (key, info)
+        if spec is not None:
+            self._loaded[name] = (spec, info)
         return info
 
     def _is_module(self, name: str) -> bool:
@@ -349,6 +485,18 @@ class SourceTracker:
             return f"{base}.{attr}"
         return self._defining_module(base, attr, depth + 1)
 
+    def _parents(self, name: str) -> list[str]:
+        """The packages above ``name`` whose ``__init__`` runs code of its own (importing
+        ``name`` runs it)."""
+        parts = name.split(".")
+        out = []
+        for i in range(1, len(parts)):
+            parent = ".".join(parts[:i])
+            info = self._info(parent)
+            if info is not None and info.runs_code:
+                out.append(parent)
+        return out
+
     def module_closure(self, names: Iterable[str]) -> dict[str, str]:
         """Module name -> SHA-256 of its file, for the source-tracked modules ``names`` and every
         source-tracked module they import, transitively."""
@@ -362,83 +510,139 @@ class SourceTracker:
             if info is None:
                 continue
             out[name] = info.sha256
+            todo += self._parents(name)
             for module, imported in info.imports:
                 for target in self._targets(module, imported):
-                    if target not in out and (not info.is_package or target != name):
+                    if target not in out and target != name:
                         todo.append(target)
         return out
 
     # -- what the pipeline asks -------------------------------------------------------------
-    def for_class(self, cls: type) -> CodeHash | None:
-        """The source a plugin class depends on, or ``None`` when its code comes from a
-        released install (its version stands for it)."""
-        modules = [c.__module__ for c in cls.__mro__ if c.__module__ not in ("builtins", "typing")]
-        return _code_hash(self.module_closure(modules))
+    def _in_process(self, module: str) -> bool:
+        """Code with no file to read (``__main__`` of a notebook, a module made in memory): it
+        is hashed by its compiled code."""
+        if module in sys.builtin_module_names:
+            return False  # builtins, sys: part of Python
+        mod = sys.modules.get(module)
+        return mod is not None and (module == "__main__" or not getattr(mod, "__file__", None))
 
-    def for_function(self, fn: Callable[..., Any]) -> CodeHash | None:
-        """The source a stage's run function depends on (see the module docstring), or
-        ``None`` when it comes from a released install."""
-        found: dict[str, str] = {}
-        self._function(fn, found, set())
+    def for_class(self, cls: type) -> CodeHash | None:
+        """The code a plugin class depends on, or ``None`` when it comes from a released
+        install (its version stands for it)."""
+        found = self.for_class_modules(cls)
+        if any(self._in_process(c.__module__) for c in cls.__mro__):
+            hashes: dict[str, set[str]] = {}
+            self._class(cls, hashes, [], set(), walk=True)
+            found.update({k: "+".join(sorted(v)) for k, v in hashes.items()})
         return _code_hash(found)
 
-    def _function(self, fn: Any, found: dict[str, str], seen: set[int]) -> None:
-        fn = getattr(fn, "__func__", fn)  # bound methods
-        while hasattr(fn, "func") and not isinstance(fn, types.FunctionType):  # functools.partial
-            fn = fn.func
-        if isinstance(fn, type):
-            found.update(self.for_class_modules(fn))
-            return
-        if not isinstance(fn, types.FunctionType):
-            found.update(self.for_class_modules(type(fn)))  # a callable object: its class
+    def for_class_modules(self, cls: type) -> dict[str, str]:
+        modules = [c.__module__ for c in cls.__mro__ if c.__module__ not in ("builtins", "typing")]
+        return self.module_closure(modules)
+
+    def for_function(self, fn: Callable[..., Any]) -> CodeHash | None:
+        """The code a stage's run function depends on (see the module docstring), or ``None``
+        when it comes from a released install."""
+        return _code_hash(self.function_parts(fn))
+
+    def function_parts(self, fn: Callable[..., Any]) -> dict[str, str]:
+        hashes: dict[str, set[str]] = {}
+        modules: list[str] = []
+        self._function(fn, hashes, modules, set())
+        found = self.module_closure(modules)
+        found.update({k: "+".join(sorted(v)) for k, v in hashes.items()})
+        return found
+
+    def _tracked_code(self, module: str) -> bool:
+        return self._in_process(module) or self._info(module) is not None
+
+    def _function(self, fn: Any, hashes: dict[str, set[str]], modules: list[str], seen: set[int]) -> None:
+        fn = _unwrap(fn)
+        if isinstance(fn, type) or not isinstance(fn, types.FunctionType):
+            cls = fn if isinstance(fn, type) else type(fn)  # a callable object: its class
+            self._class(cls, hashes, modules, seen, walk=self._in_process(cls.__module__))
             return
         if id(fn) in seen:
             return
         seen.add(id(fn))
         module = fn.__module__
-        if self._info(module) is None:
+        if not self._tracked_code(module):
             return  # released code: its distribution's version counts
-        try:
-            text = inspect.getsource(fn)
-        except (OSError, TypeError):
-            text = fn.__code__.co_code.hex()
-        found[f"{module}:{fn.__qualname__}"] = hashlib.sha256(text.encode()).hexdigest()
+        hashes.setdefault(f"{module}:{fn.__qualname__}", set()).add(_code_digest(fn.__code__))
+        for default in [*(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values()]:
+            self._value(default, module, f"{fn.__qualname__}(default)", hashes, modules, seen)
         package = fn.__globals__.get("__package__") or module.rpartition(".")[0]
-        modules: list[str] = []
         for code in _code_objects(fn.__code__):
             for name in _global_names(code):
-                value = fn.__globals__.get(name)
-                self._value(value, module, modules, found, seen)
+                if name in fn.__globals__:
+                    self._value(fn.__globals__[name], module, name, hashes, modules, seen)
             for absolute, names in _imports_in(code, package):
                 modules += self._targets(absolute, names)
-        for cell in fn.__closure__ or ():
+        for var, cell in sorted(zip(fn.__code__.co_freevars, fn.__closure__ or (), strict=False), key=lambda x: x[0]):
             try:
                 value = cell.cell_contents
             except ValueError:  # an empty cell
                 continue
-            self._value(value, module, modules, found, seen)
-        found.update(self.module_closure(modules))
+            self._value(value, module, f"{fn.__qualname__}.{var}", hashes, modules, seen)
 
-    def _value(self, value: Any, module: str, modules: list[str], found: dict[str, str], seen: set[int]) -> None:
+    def _value(self, value: Any, module: str, name: str, hashes: dict[str, set[str]], modules: list[str], seen: set[int]) -> None:
+        """What a name a function reads adds: code is followed, a plain constant of a tracked
+        module is hashed by its value, anything else of one by its module's file."""
         if isinstance(value, types.ModuleType):
             modules.append(value.__name__)
-        elif isinstance(value, types.FunctionType):
-            if value.__module__ == module:
-                self._function(value, found, seen)
+            return
+        unwrapped = _unwrap(value)
+        if isinstance(unwrapped, (types.FunctionType, type)):
+            owner = unwrapped.__module__
+            if isinstance(unwrapped, type):
+                self._class(unwrapped, hashes, modules, seen, walk=owner == module or self._in_process(owner))
+            elif owner == module or self._in_process(owner):
+                self._function(unwrapped, hashes, modules, seen)
             else:
-                modules.append(value.__module__)
-        elif isinstance(value, type):
-            if value.__module__ == module:
-                # a class of the stage's own module: its methods, as functions
-                for attr in vars(value).values():
-                    if isinstance(attr, (types.FunctionType, staticmethod, classmethod)):
-                        self._function(getattr(attr, "__func__", attr), found, seen)
-            else:
-                modules.append(value.__module__)
+                modules.append(owner)
+            return
+        literal = _literal(value)
+        if literal is not None:
+            hashes.setdefault(f"{module}:{name}=", set()).add(literal)
+            return
+        if isinstance(value, (list, tuple, set, frozenset, dict)) and len(value) <= 1000 and id(value) not in seen:
+            seen.add(id(value))  # a container: what it holds (a table of functions: those functions)
+            items = list(value.items()) if isinstance(value, dict) else [(None, v) for v in value]
+            for key, item in items:
+                if key is not None:
+                    self._value(key, module, f"{name}[key]", hashes, modules, seen)
+                self._value(item, module, f"{name}[]", hashes, modules, seen)
+            return
+        owner = getattr(type(value), "__module__", "")
+        if self._tracked_code(owner):
+            modules.append(owner)  # data of a tracked class (a Stage, a settings section): its class's code
+            return
+        info = self._info(module)
+        if info is not None:  # a table of functions, a compiled pattern: the module's own file
+            hashes.setdefault(module, set()).add(info.sha256)
+        elif self._in_process(module):  # no file to fall back on: the value as it prints
+            text = repr(value)
+            if " at 0x" not in text:  # an address would make every process differ
+                hashes.setdefault(f"{module}:{name}=", set()).add(text)
 
-    def for_class_modules(self, cls: type) -> dict[str, str]:
-        modules = [c.__module__ for c in cls.__mro__ if c.__module__ not in ("builtins", "typing")]
-        return self.module_closure(modules)
+    def _class(self, cls: type, hashes: dict[str, set[str]], modules: list[str], seen: set[int], walk: bool) -> None:
+        """A class a function uses: walked member by member when it belongs to the function's
+        own module (or has no file), else its module's file and imports."""
+        if id(cls) in seen:
+            return
+        seen.add(id(cls))
+        module = cls.__module__
+        if not walk:
+            modules.append(module)
+            return
+        for base in cls.__mro__[1:]:
+            if base.__module__ not in ("builtins", "typing"):
+                self._value(base, module, f"{cls.__qualname__}(base)", hashes, modules, seen)
+        for attr, value in sorted(vars(cls).items()):
+            code_like = isinstance(_unwrap(value), (types.FunctionType, type))
+            if attr.startswith("__") and attr.endswith("__") and not code_like:
+                continue  # __dict__, __module__, __doc__, __qualname__, __annotations__, ...
+            self._value(value, module, f"{cls.__qualname__}.{attr}", hashes, modules, seen)
 
 
 def _code_hash(found: dict[str, str]) -> CodeHash | None:
@@ -446,34 +650,6 @@ def _code_hash(found: dict[str, str]) -> CodeHash | None:
         return None
     blob = json.dumps(found, sort_keys=True)
     return CodeHash(hashlib.sha256(blob.encode()).hexdigest(), tuple(sorted(found)))
-
-
-def _code_objects(code: types.CodeType) -> Iterable[types.CodeType]:
-    yield code
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            yield from _code_objects(const)
-
-
-def _global_names(code: types.CodeType) -> set[str]:
-    return {ins.argval for ins in dis.get_instructions(code) if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
-
-
-def _imports_in(code: types.CodeType, package: str) -> list[tuple[str, tuple[str, ...]]]:
-    """The import statements inside a function's body, as (absolute module, names): each
-    ``IMPORT_NAME`` follows the two constants of its level and its from-list."""
-    out = []
-    instructions = list(dis.get_instructions(code))
-    for i, ins in enumerate(instructions):
-        if ins.opname != "IMPORT_NAME" or i < 2:
-            continue
-        level, fromlist = instructions[i - 2], instructions[i - 1]
-        if level.opname != "LOAD_CONST" or fromlist.opname != "LOAD_CONST":
-            continue
-        absolute = _absolute(ins.argval, int(level.argval or 0), package)
-        if absolute is not None:
-            out.append((absolute, tuple(fromlist.argval or ())))
-    return out
 
 
 _TRACKER: SourceTracker | None = None
@@ -504,6 +680,14 @@ class CodeFingerprints:
         self._tracker.begin()
         self._plugins: dict[str, CodeHash | None] = {}
         self._stages: dict[str, CodeHash | None] = {}
+        # every in-process module's folder is known before anything is hashed, so that the
+        # first run of a process hashes what later ones do
+        for choice in settings.plugins.values():
+            entry = registry.entry(choice.role, choice.name)
+            self._track_local(entry.distribution, registry.get(choice.role, choice.name).__module__)
+        for added in registry.stages():
+            run = _unwrap(added.stage.run)
+            self._track_local(added.distribution, getattr(run, "__module__", None) or type(run).__module__)
 
     def release(self, role: str, name: str) -> str:
         """What stands for a plugin's code when it is released: its distribution and version,
@@ -530,19 +714,12 @@ class CodeFingerprints:
     def plugin(self, slot: str) -> CodeHash | None:
         if slot not in self._plugins:
             choice = self._settings.plugins[slot]
-            entry = self._registry.entry(choice.role, choice.name)
-            cls = self._registry.get(choice.role, choice.name)
-            self._track_local(entry.distribution, cls.__module__)
-            self._plugins[slot] = self._tracker.for_class(cls)
+            self._plugins[slot] = self._tracker.for_class(self._registry.get(choice.role, choice.name))
         return self._plugins[slot]
 
     def stage(self, stage: Any) -> CodeHash | None:
         if stage.name not in self._stages:
-            added = next((e for e in self._registry.stages() if e.stage is stage), None)
-            if added is not None:
-                self._track_local(added.distribution, getattr(stage.run, "__module__", None) or type(stage.run).__module__)
-            found: dict[str, str] = {}
-            self._tracker._function(stage.run, found, set())
+            found = self._tracker.function_parts(stage.run)
             if stage.codec is not None:
                 found.update(self._tracker.for_class_modules(type(stage.codec)))
             self._stages[stage.name] = _code_hash(found)

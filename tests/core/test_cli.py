@@ -420,7 +420,8 @@ def test_a_really_full_disk_is_named(toy_registered, tmp_path, tiny_disk, capsys
 
 def test_validate_imports_each_plugins_optional_dependency(tmp_path, capsys, monkeypatch):
     settings = Path(__file__).resolve().parents[2] / "examples" / "synthetic_skin.toml"
-    monkeypatch.setitem(sys.modules, "medmnistc", None)  # as if it were not installed
+    for name in ("medmnistc", "medmnistc.corruptions", "medmnistc.corruptions.registry"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
     assert main(["validate", str(settings), "--no-data"]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert "evaluator plugin 'medmnist-c'" in err and "'medmnistc.corruptions.registry'" in err

@@ -4,6 +4,7 @@ a released install keeps its version as the fingerprint; ``--recompute`` forces 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -137,6 +138,7 @@ def test_a_module_loaded_through_lvlmva_plugins_is_fingerprinted_by_its_source(l
     overrides = ["evaluators.accuracy.plugin=dev-eval", f"run.cache_dir={(tmp_path / 'cache').as_posix()!r}"]
 
     def pipeline() -> Pipeline:
+        registry = get_registry()
         settings = load_settings(settings_file, overrides, environ={}, registry=registry)
         return Pipeline(settings, tmp_path / "run", registry=registry, echo=lambda _m: None)
 
@@ -148,6 +150,12 @@ def test_a_module_loaded_through_lvlmva_plugins_is_fingerprinted_by_its_source(l
     helpers = lvlmva_plugins_module / "dev_eval_helpers.py"
     helpers.write_text("SCALE = 2\n")
     os.utime(helpers, ns=(time.time_ns(), time.time_ns() + 10**9))
+    # this process still runs the code it imported: its fingerprint is that code's
+    assert {o.status for o in pipeline().plan()} <= {"reused", "skipped"}
+    # a new process (here: the modules imported again) runs the edit, and recomputes for it
+    for name in ("dev_eval_plugin", "dev_eval_helpers"):
+        sys.modules.pop(name, None)
+    reset_plugins()
     plan = {o.name: o.status for o in pipeline().plan()}
     assert plan["evaluate.accuracy"] == "pending" and plan["train"] == "reused"
 
@@ -172,37 +180,100 @@ def test_built_in_plugins_and_stages_hash_their_own_modules_not_the_whole_tree()
     assert "torch" not in " ".join(rrr.modules)
 
 
-def test_a_function_edit_changes_the_hash_of_the_stages_that_call_it(tmp_path, monkeypatch):
-    """Function-level hashing of a module that is tracked through an added root."""
-    (tmp_path / "stagemod.py").write_text(
-        "def helper():\n    return 1\n\n"
-        "def other():\n    return 2\n\n"
-        "def run(call):\n    return helper()\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    import stagemod
+STAGE_MODULE = """\
+import functools
 
+LIMIT = 7
+
+
+def helper():
+    return 1
+
+
+def other():
+    return 2
+
+
+@functools.cache
+def cached():
+    return 5
+
+
+_TABLE = {"a": helper}
+
+
+class Local:
+    SCALE = 3
+
+    def go(self):
+        return 4
+
+
+square = lambda x: x * x  # noqa: E731
+cube = lambda x: x * x * x  # noqa: E731
+
+
+def run(call):
+    # a comment
+    return helper() + LIMIT + cached() + _TABLE["a"]() + Local().go() + Local.SCALE + square(2) + cube(2)
+"""
+
+
+def _stage_hash(folder: Path, text: str) -> str:
+    """The hash of ``run`` in a module of ``text``, imported fresh, as a new process would."""
+    name = "stagemod_case"
+    folder.mkdir()
+    (folder / f"{name}.py").write_text(text)
+    sys.path.insert(0, str(folder))
     try:
+        module = importlib.import_module(name)
         track = SourceTracker()
-        track.add(tmp_path / "stagemod.py")
-        first = track.for_function(stagemod.run)
-        assert first is not None and set(first.modules) == {"stagemod:run", "stagemod:helper"}
-        # other() is not called by run: editing it changes nothing; helper() is
-        text = (tmp_path / "stagemod.py").read_text()
-        (tmp_path / "stagemod.py").write_text(text.replace("return 2", "return 3"))
-        del sys.modules["stagemod"]
-        import stagemod as edited
-
-        track.begin()
-        assert track.for_function(edited.run).sha256 == first.sha256
-        (tmp_path / "stagemod.py").write_text(text.replace("return 1", "return 10"))
-        del sys.modules["stagemod"]
-        import stagemod as edited_again
-
-        track.begin()
-        assert track.for_function(edited_again.run).sha256 != first.sha256
+        track.add(folder / f"{name}.py")
+        code = track.for_function(module.run)
+        assert code is not None
+        return code.sha256
     finally:
-        sys.modules.pop("stagemod", None)
+        sys.path.remove(str(folder))
+        sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize(
+    "old, new, changes",
+    [
+        ("    return 2\n", "    return 3\n", False),  # a function run does not call
+        ("# a comment", "# another comment", False),  # text that compiles to the same code
+        ("LIMIT = 7", "LIMIT = 8", True),  # a module constant it reads
+        ("    return 1\n", "    return 10\n", True),  # a function it calls, directly and through a table
+        ("    return 5\n", "    return 6\n", True),  # a cached helper (functools.cache wraps it)
+        ("    SCALE = 3", "    SCALE = 4", True),  # a class attribute
+        ("        return 4\n", "        return 5\n", True),  # a method of a class of the module
+        ("lambda x: x * x  #", "lambda x: x * x + 0  #", True),  # one of two lambdas
+        ("lambda x: x * x * x", "lambda x: x * x * x + 0", True),  # the other
+    ],
+)
+def test_what_a_stage_function_edit_changes(tmp_path, old, new, changes):
+    assert old in STAGE_MODULE
+    before = _stage_hash(tmp_path / "a", STAGE_MODULE)
+    after = _stage_hash(tmp_path / "b", STAGE_MODULE.replace(old, new))
+    assert (before != after) == changes
+
+
+def test_stage_hashes_do_not_depend_on_the_hash_seed(tmp_path):
+    """Module-level lambdas share one name and sets iterate in hash order: neither may make a
+    fingerprint differ between two processes."""
+    (tmp_path / "seeded_stage.py").write_text(STAGE_MODULE + "\nNAMES = frozenset({'a', 'b', 'c', 'd'})\n\ndef run2(call):\n    return NAMES, {'x', 'y', 'z'}\n")
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import seeded_stage\n"
+        "from pathlib import Path\nfrom lvlmva.pipeline.sources import SourceTracker\n"
+        "t = SourceTracker(); t.add(Path(sys.argv[1]) / 'seeded_stage.py')\n"
+        "print(t.for_function(seeded_stage.run).sha256, t.for_function(seeded_stage.run2).sha256)\n"
+    )
+    outputs = set()
+    for seed in ("0", "1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True, check=True)
+        outputs.add(done.stdout)
+    assert len(outputs) == 1
 
 
 def test_recompute_forces_named_stages_and_what_reads_them(toy_registered, tmp_path, capsys):
@@ -224,3 +295,19 @@ def test_recompute_forces_named_stages_and_what_reads_them(toy_registered, tmp_p
     assert "--recompute nosuch" in err and "its stages: data, train" in err
     assert main([*base, "--recompute", "critic"]) == EXIT_BAD_INPUT
     assert "does not run with these settings" in capsys.readouterr().err
+
+
+def test_a_class_without_a_file_is_hashed_by_its_code(monkeypatch):
+    """A plugin defined in a notebook (a module without a file) still changes its fingerprint
+    when its code changes."""
+    import types
+
+    def define(body: str) -> type:
+        module = types.ModuleType("notebook_cell")
+        monkeypatch.setitem(sys.modules, "notebook_cell", module)
+        exec(compile(f"class Cell:\n    FLAG = True\n    def evaluate(self):\n        return {body}\n", "<cell>", "exec"), module.__dict__)
+        return module.Cell
+
+    track = SourceTracker()
+    first, same, other = track.for_class(define("1")), track.for_class(define("1")), track.for_class(define("2"))
+    assert first is not None and first.sha256 == same.sha256 != other.sha256
