@@ -359,14 +359,21 @@ def _toggle_of_size(sid: int, colour: str, size: int) -> bytes:
     return body
 
 
-def test_a_body_over_the_size_limit_is_refused(run_dir: Path):
+def _raw_toggle(run_dir: Path):
+    """After one toggle: a function that posts raw bytes to the toggle endpoint with the
+    page's token, overrides.json's path, and the sample and colour toggled."""
     client, token, sid, colour = _toggled_once(run_dir)
-    path = run_dir / "review" / "overrides.json"
-    saved = path.read_bytes()
     headers = {"X-Review-Token": token}
 
     def post(data: bytes):
         return client.post("/api/toggle", data=data, content_type="application/json", headers=headers)
+
+    return post, run_dir / "review" / "overrides.json", sid, colour
+
+
+def test_a_body_over_the_size_limit_is_refused(run_dir: Path):
+    post, path, sid, colour = _raw_toggle(run_dir)
+    saved = path.read_bytes()
 
     for size in (8 << 20, MAX_BODY_BYTES + 1):
         response = post(_toggle_of_size(sid, colour, size))
@@ -405,13 +412,8 @@ def test_a_chunked_body_over_the_size_limit_is_refused_by_the_real_server(run_di
 
 
 def test_a_deeply_nested_or_malformed_body_is_refused_without_writing(run_dir: Path):
-    client, token, sid, colour = _toggled_once(run_dir)
-    path = run_dir / "review" / "overrides.json"
+    post, path, sid, colour = _raw_toggle(run_dir)
     saved = path.read_bytes()
-    headers = {"X-Review-Token": token}
-
-    def post(data: bytes):
-        return client.post("/api/toggle", data=data, content_type="application/json", headers=headers)
 
     head = json.dumps({"sample": sid, "colour": colour})[:-1]
     deep = post(f'{head}, "comment": {"[" * 100_000}{"]" * 100_000}}}'.encode())

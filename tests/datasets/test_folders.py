@@ -38,17 +38,14 @@ def make_knee(root, per_grade=2):
     return root / "markers.csv"
 
 
-def knee_settings(tmp_path, root, markers):
-    """A small compose over a knee folder: a one-epoch CNN, the standard evaluator."""
-    settings = tmp_path / "knee.toml"
-    settings.write_text(f"""
+def small_compose(path, dataset: str):
+    """Settings of a small compose over ``dataset`` (the lines of its [dataset] section): a
+    one-epoch CNN and the standard evaluator."""
+    path.write_text(f"""
 [run]
 device = "cpu"
 [dataset]
-plugin = "knee-folder"
-root = "{root.as_posix()}"
-markers = "{markers.as_posix()}"
-size = 16
+{dataset}
 [model]
 plugin = "cnn"
 channels = [4]
@@ -60,7 +57,15 @@ alignment_score_samples = 0
 [report]
 enabled = false
 """)
-    return settings
+    return path
+
+
+def knee_settings(tmp_path, root, markers):
+    """A small compose over a knee folder."""
+    return small_compose(
+        tmp_path / "knee.toml",
+        f'plugin = "knee-folder"\nroot = "{root.as_posix()}"\nmarkers = "{markers.as_posix()}"\nsize = 16',
+    )
 
 
 def knee(root, markers, **kw):
@@ -475,24 +480,7 @@ def test_compose_on_a_medmnist_file_with_a_validation_split_of_another_size_exit
     from lvlmva.cli import EXIT_BAD_INPUT, main
 
     npz = npz_of(tmp_path / "dermamnist.npz", {"train": (10, 28, 28, 3), "val": (4, 64, 64, 3), "test": (5, 28, 28, 3)})
-    settings = tmp_path / "derma.toml"
-    settings.write_text(f"""
-[run]
-device = "cpu"
-[dataset]
-plugin = "medmnist"
-npz = "{npz.as_posix()}"
-[model]
-plugin = "cnn"
-channels = [4]
-[train]
-epochs = 1
-[evaluators.standard]
-plugin = "standard"
-alignment_score_samples = 0
-[report]
-enabled = false
-""")
+    settings = small_compose(tmp_path / "derma.toml", f'plugin = "medmnist"\nnpz = "{npz.as_posix()}"')
     assert main(["compose", str(settings), "--out", str(tmp_path / "run")]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert "dermamnist.npz:val_images: the val split's images are 64 x 64" in err and "Traceback" not in err
