@@ -31,7 +31,7 @@ def test_example_validates(path, monkeypatch, capsys):
         monkeypatch.setenv("LVLMVA_PLUGINS", "lvlmva.testing.toy_plugins")
     reset_plugins()
     try:
-        code = main(["validate", str(path)])
+        code = main(["validate", str(path), "--no-data"])  # the user-data examples name folders of the user's
     finally:
         monkeypatch.delenv("LVLMVA_PLUGINS", raising=False)
         reset_plugins()

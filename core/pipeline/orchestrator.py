@@ -550,7 +550,11 @@ class Pipeline:
         self._failures, self._error_files = {}, {}
         plan = self.plan()
         unstored = [s for s in self.stages if not s.persist and self.skipped[s.name] is None]
-        self._preload_data(plan, True)
+        saved = _GlobalTorchState.save()  # seeding the data set switches determinism on
+        try:
+            self._preload_data(plan, True)
+        finally:
+            saved.restore()
         if self._failures:
             raise StageFailed(self._failures, self.run_dir)
         parts = []

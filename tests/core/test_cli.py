@@ -67,7 +67,11 @@ def test_validate_exit_code_in_a_real_process(misspelled, tmp_path):
 
 
 def test_validate_ok_prints_the_plan(toy_registered, capsys):
+    import torch
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
     assert main(["validate", str(toy_registered)]) == EXIT_OK
+    assert torch.are_deterministic_algorithms_enabled() == deterministic  # loading the data set left no trace
     out = capsys.readouterr().out
     # the data set was loaded and checked, and says what it holds
     assert re.fullmatch(rf"{re.escape(str(toy_registered))}: ok \(data: train \d+, (val \d+, )?test \d+ images of .*; checked\)", out.splitlines()[0])
