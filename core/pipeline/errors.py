@@ -59,12 +59,12 @@ class PublishError(Exception):
 
 
 def describe_failure(exc: BaseException) -> str:
-    """How a stage's failure is written: an unfinished stage's own sentence, else the
-    exception's type and message; registered secrets redacted."""
+    """How a stage's failure is written: an unfinished stage's or a settings or data problem's
+    own sentence, else the exception's type and message; registered secrets redacted."""
     from ..secrets import redact
     from .stage import StageIncomplete
 
-    if isinstance(exc, StageIncomplete):
+    if isinstance(exc, (StageIncomplete, SettingsError)):  # sentences of their own (a data problem)
         return redact(str(exc))
     return redact(f"{type(exc).__name__}: {exc}")
 

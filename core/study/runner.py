@@ -29,7 +29,6 @@ import os
 import signal
 import sys
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -259,7 +258,7 @@ def _run_cell(cell: Cell) -> dict[str, Any]:
         stored = {s.name for s in pipeline.stages if s.persist}  # the data set is loaded, not stored
         out["computed"] = sorted(n for n, o in pipeline.outcomes.items() if o.status == "computed" and n in stored)
     except Exception as exc:  # a cell that cannot even start: recorded, the study goes on
-        out.update(status="failed", reason=redact(f"{type(exc).__name__}: {exc}"), published=False,
+        out.update(status="failed", reason=describe_failure(exc), published=False,
                    traceback=_format_traceback(exc))  # fmt: skip
         out.pop("results_sha256", None)
     out["seconds"] = round(time.perf_counter() - started, 3)
@@ -284,12 +283,13 @@ def _format_traceback(exc: BaseException) -> str:
     key in the worker's process). A failed run's StageFailed is followed by each failed
     stage's own traceback."""
     from ..pipeline import StageFailed
+    from ..pipeline.errors import format_traceback
 
-    parts = ["".join(traceback.format_exception(exc))]
+    parts = [format_traceback(exc)]
     if isinstance(exc, StageFailed):
         for name, failure in exc.failures.items():
-            parts.append(f"\nstage {name!r} failed:\n" + "".join(traceback.format_exception(failure)))
-    return redact("".join(parts))
+            parts.append(f"\nstage {name!r} failed:\n" + format_traceback(failure))
+    return "".join(parts)
 
 
 Done = Callable[[Cell, dict[str, Any]], None]

@@ -307,5 +307,5 @@ def test_a_cell_that_cannot_start_writes_its_traceback(tmp_path, toys, capsys):
         assert main([*argv, "--set", "aligner.shift=0.02"]) == EXIT_FAILED
     err = capsys.readouterr().err
     error_file = study / "logs" / "tiny-seed0.error.txt"
-    assert "RunDirectoryBusy" in err and f"(traceback: {error_file})" in err
+    assert "is in use by another lvlmva run" in err and f"(traceback: {error_file})" in err
     assert "RunDirectoryBusy" in error_file.read_text() and "Traceback (most recent call last):" in error_file.read_text()
