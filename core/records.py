@@ -8,7 +8,7 @@ load it back with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ __all__ = [
     "Normalization",
     "Inputs",
     "Split",
+    "SplitWithheld",
     "SpuriousDataset",
     "AlignmentSet",
     "EFFECTS",
@@ -218,6 +219,40 @@ class Split:
         return cls(**state, normalization=None if norm is None else Normalization.from_dict(norm))
 
 
+class SplitWithheld(RuntimeError):
+    """A role read a split it is not given: training roles (aligners, mitigators) get the
+    training and validation splits, an evaluator the splits it declares. The test split never
+    reaches a training role."""
+
+
+class _Withheld:
+    """What stands for a split a role may not read: any use of it raises :class:`SplitWithheld`
+    naming the split and the role."""
+
+    def __init__(self, split: str, reader: str) -> None:
+        self._message = f"the {split} split is not given to {reader}"
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)  # copy, pickle and introspection look for these
+        raise SplitWithheld(self._message)
+
+    def __len__(self) -> int:
+        raise SplitWithheld(self._message)
+
+    def __bool__(self) -> bool:
+        raise SplitWithheld(self._message)
+
+    def __getitem__(self, item: Any) -> Any:
+        raise SplitWithheld(self._message)
+
+    def __iter__(self) -> Any:
+        raise SplitWithheld(self._message)
+
+    def __repr__(self) -> str:
+        return f"<{self._message}>"
+
+
 @dataclass(frozen=True)
 class SpuriousDataset:
     """What a DatasetProvider returns: splits plus the expert's knowledge about the classes.
@@ -248,9 +283,24 @@ class SpuriousDataset:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def for_reader(self, splits: Sequence[str], reader: str) -> SpuriousDataset:
+        """This data set as ``reader`` (``"aligner 'rrr'"``) may see it: the splits named in
+        ``splits`` (``"train"``, ``"val"``, ``"test"``) as they are, the others withheld (reading
+        one raises :class:`SplitWithheld`). A validation split that is ``None`` stays ``None``."""
+        unknown = set(splits) - {"train", "val", "test"}
+        if unknown:
+            raise ValueError(f"SpuriousDataset.for_reader: unknown split(s) {sorted(unknown)}")
+        changes: dict[str, Any] = {}
+        for name in ("train", "val", "test"):
+            if name not in splits and getattr(self, name) is not None:
+                changes[name] = _Withheld(name, reader)
+        return replace(self, **changes) if changes else self
+
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        c, h, w = self.train.images.shape[1:]
+        """``(C, H, W)`` of the images (every split has the same; read from one this view has)."""
+        split = next(s for s in (self.train, self.val, self.test) if s is not None and not isinstance(s, _Withheld))
+        c, h, w = split.images.shape[1:]
         return (int(c), int(h), int(w))
 
     def to_state(self) -> dict[str, Any]:

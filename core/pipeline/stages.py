@@ -102,6 +102,15 @@ def _attribute_fn(call: StageCall, data: SpuriousDataset) -> Callable[[nn.Module
     return lambda model, x, y: attributor.attribute(model, x, y, data.train.inputs, call.ctx)
 
 
+#: the splits a training role (an aligner, a mitigator) is given: never the test split
+TRAINING_SPLITS = ("train", "val")
+
+
+def _for_training(data: SpuriousDataset, who: str) -> SpuriousDataset:
+    """The data set as a training role sees it: train and val; reading test raises."""
+    return data.for_reader(TRAINING_SPLITS, f"{who}: a training role reads the training and validation splits only")
+
+
 def _no_critic(view: StageView) -> str | None:
     return None if view.configured("critic") else "no critic configured: nothing to explain to"
 
@@ -293,14 +302,16 @@ def _align(call: StageCall) -> ModelArtifact:
     if not bool(keep.any()):
         raise RuntimeError("no alignment sample has valid verdicts; see transcripts.jsonl and the judge's failures")
     subset = AlignmentSet(chosen.indices[keep], chosen.scores[keep], chosen.strategy)
-    return _artifact("aligner", call.plugin("aligner").align(call["train"], data, subset, m["masks"][keep], call.ctx), data)
+    seen = _for_training(data, "the aligner")
+    return _artifact("aligner", call.plugin("aligner").align(call["train"], seen, subset, m["masks"][keep], call.ctx), data)
 
 
 def _reference(call: StageCall) -> ModelArtifact:
     data: SpuriousDataset = call["data"]
     chosen: AlignmentSet = call["select"]
     masks = data.train.spurious_masks[chosen.indices]
-    return _artifact("aligner", call.plugin("aligner").align(call["train"], data, chosen, masks, call.ctx), data)
+    seen = _for_training(data, "the aligner")
+    return _artifact("aligner", call.plugin("aligner").align(call["train"], seen, chosen, masks, call.ctx), data)
 
 
 def _needs_train_masks(what: str) -> Callable[[StageView, SpuriousDataset], list[str]]:
@@ -346,7 +357,8 @@ def _mitigate_stage(instance: str, choice: PluginChoice) -> Stage:
         data: SpuriousDataset = call["data"]
         # A copy: the original model is evaluated as "original" in the same run.
         original = copy.deepcopy(call["train"])
-        result = call.plugin(slot).mitigate(original, _trainer(call, data), data, call.ctx)
+        seen = _for_training(data, f"mitigator {instance!r}")
+        result = call.plugin(slot).mitigate(original, _trainer(call, data), seen, call.ctx)
         return _artifact(f"mitigator {choice.name!r}", result, data)
 
     def check(view: StageView, data: SpuriousDataset) -> list[str]:
@@ -385,9 +397,12 @@ def _evaluate_stage(instance: str, choice: PluginChoice, model_stages: Sequence[
         data: SpuriousDataset = call["data"]
         evaluator = call.plugin(slot)
         attribute = _attribute_fn(call, data)
+        split = str(getattr(evaluator, "split", "test"))
+        reads = (split, *getattr(evaluator, "also_reads", ()))
+        seen = data.for_reader(reads, f"evaluator {instance!r}, which declares split = {split!r}" + (f" and also_reads = {tuple(reads[1:])}" if reads[1:] else ""))
         models = {}
         for key, model in call.models().items():
-            models[key] = evaluator.evaluate(model, data, call.ctx, attribute=attribute)
+            models[key] = evaluator.evaluate(model, seen, call.ctx, attribute=attribute)
         finalize = getattr(evaluator, "finalize", None)
         if callable(finalize):  # values across models (a difference to the original)
             models = finalize(models)
@@ -396,7 +411,6 @@ def _evaluate_stage(instance: str, choice: PluginChoice, model_stages: Sequence[
         declared = tuple(evaluator.metrics)
         for key, values in models.items():
             check_evaluation(choice.name, key, values, declared)
-        split = str(getattr(evaluator, "split", "test"))
         return {"plugin": choice.name, "split": split, "metrics": [m.to_dict() for m in declared], "models": models}
 
     def check(view: StageView, data: SpuriousDataset) -> list[str]:

@@ -83,6 +83,8 @@ class StandardEvaluator:
     )
     #: the split its metrics are computed on (tables say so)
     split: ClassVar[str] = "test"
+    #: the training split's group labels weight the proportion-weighted accuracy
+    also_reads: ClassVar[tuple[str, ...]] = ("train",)
     needs_groups: ClassVar[bool] = False
     needs_true_masks: ClassVar[bool] = False
 

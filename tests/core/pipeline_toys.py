@@ -41,6 +41,7 @@ class ToyDataset:
     class Options(PluginOptions):
         n: int = Field(96, description="training samples")
         groups: bool = Field(True, description="provide group labels")
+        val: int = Field(0, ge=0, description="validation samples (0: no validation split)")
 
     has_groups = True
     has_true_masks = True
@@ -66,6 +67,7 @@ class ToyDataset:
             family="toy",
             train=make(self.options.n),
             test=make(48),
+            val=make(self.options.val) if self.options.val else None,
             class_names=("plain", "square"),
             class_descriptions=("no square", "a square in the middle"),
             group_names=("plain/a", "plain/b", "square/a", "square/b"),

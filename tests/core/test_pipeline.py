@@ -718,3 +718,48 @@ def test_a_claim_killed_while_writing_the_marker_leaves_a_folder_that_can_be_cla
     with pytest.raises(NotARunDirectory, match="is not empty"):
         RunDirectory.claim(other)
     assert sorted(p.name for p in other.iterdir()) == ["..lvlmva-run.0123456789ab.tmp", "notes.txt"]
+
+
+def test_a_training_role_that_reads_the_test_split_fails(tmp_path, settings_file):
+    """Aligners and mitigators get the training and validation splits only; an evaluator the
+    splits it declares. A plugin that reaches for the test split fails with a message that says
+    which split and which role, and the stages that do not need it still run."""
+    from lvlmva.records import SplitWithheld
+
+    seen: dict[str, object] = {}
+
+    class PeekingAligner(pipeline_toys.ToyAligner):
+        def align(self, model, data, alignment, masks, ctx):
+            seen["aligner val"] = len(data.val) if data.val is not None else None
+            seen["aligner train"] = len(data.train)
+            return data.test.images  # a shortcut to the test set
+
+    class PeekingMitigator(pipeline_toys.ToyMitigator):
+        def mitigate(self, original, trainer, data, ctx):
+            seen["mitigator train"] = len(data.train)
+            len(data.test)
+            return original
+
+    class ValEvaluator(pipeline_toys.ToyEvaluator):
+        split = "val"
+
+        def evaluate(self, model, data, ctx, attribute=None):
+            seen["evaluator val"] = len(data.val)
+            return {"accuracy": float(data.test.labels.float().mean())}
+
+    registry = _registry()
+    registry.add("aligner", "peek", PeekingAligner)
+    registry.add("mitigator", "peek", PeekingMitigator)
+    registry.add("evaluator", "val-peek", ValEvaluator)
+    overrides = ["aligner.plugin=peek", "mitigators.m.plugin=peek", "evaluators.toy.plugin=val-peek", "dataset.val=8"]
+    with pytest.raises(StageFailed) as info:
+        _run(settings_file, tmp_path / "run", registry, overrides=overrides)
+    failures = info.value.failures
+    assert set(failures) >= {"align", "reference", "mitigate.m", "evaluate.toy"}
+    for stage in ("align", "reference", "mitigate.m", "evaluate.toy"):
+        assert isinstance(failures[stage], SplitWithheld), stage
+    assert "the test split is not given to the aligner: a training role reads the training and validation splits only" in str(failures["align"])
+    assert "mitigator 'm'" in str(failures["mitigate.m"])
+    assert "evaluator 'toy', which declares split = 'val'" in str(failures["evaluate.toy"])
+    # what they may read, they got
+    assert seen["aligner train"] > 0 and seen["mitigator train"] > 0 and seen["evaluator val"] == 8
