@@ -16,7 +16,7 @@ from pydantic_core import PydanticUndefined
 
 from .protocols import ROLES
 from .registry import PluginError, PluginRegistry, get_registry
-from .settings import CORE_SECTIONS, INSTANCE_SECTIONS
+from .options import CORE_SECTIONS, INSTANCE_SECTIONS
 
 HEADER = """# Settings reference
 

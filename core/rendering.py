@@ -19,7 +19,7 @@ from PIL import Image
 
 from .atomic import write_error
 from .records import RenderedSample
-from .settings import RenderOptions
+from .options import RenderOptions
 
 __all__ = [
     "PALETTE",

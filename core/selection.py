@@ -7,7 +7,7 @@ from torch import nn
 
 from .protocols import RunContext
 from .records import AlignmentSet, Split
-from .settings import SelectionOptions
+from .options import SelectionOptions
 from .training import predict_logits
 
 __all__ = ["predictive_entropy", "select_alignment_set"]

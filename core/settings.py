@@ -10,8 +10,10 @@ the TOML file > defaults.
   ``[mitigators.dfr] plugin = "dfr"``, ``[evaluators.groups] plugin = "standard"``; override one
   with ``--set mitigators.dfr.key=value`` or ``LVLMVA_MITIGATORS__DFR__KEY``. The old singular
   sections ``[mitigator]`` and ``[evaluator]`` are refused with the tables to write instead.
-- The core sections (``run``, ``train``, ``selection``, ``render``, ``masks``, ``report``) have
-  fixed models below; a stage added by a plugin may bring a section of its own.
+- The core sections (``run``, ``train``, ``selection``, ``render``, ``masks``, ``report``,
+  ``study``) have fixed models, in :mod:`lvlmva.options` with :class:`Settings` and
+  :class:`PluginChoice` (re-exported here); a stage added by a plugin may bring a section of its
+  own.
 
 Unknown keys are errors; secrets never come from a file.
 """
@@ -25,11 +27,10 @@ import re
 import textwrap
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, ValidationError, create_model, field_validator
+from pydantic import Field, ValidationError, create_model
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -37,6 +38,21 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from .options import (
+    CORE_SECTIONS,
+    INSTANCE_SECTIONS,
+    RESERVED_MODEL_NAMES,
+    SINGLE_ROLES,
+    MaskOptions,
+    PluginChoice,
+    RenderOptions,
+    ReportOptions,
+    RunOptions,
+    SelectionOptions,
+    Settings,
+    StudyOptions,
+    TrainOptions,
+)
 from .protocols import ROLES, PluginOptions
 from .registry import PluginError, PluginRegistry, get_registry
 
@@ -56,19 +72,11 @@ __all__ = [
     "CORE_SECTIONS",
     "SINGLE_ROLES",
     "INSTANCE_SECTIONS",
+    "RESERVED_MODEL_NAMES",
 ]
 
 ENV_PREFIX = "LVLMVA_"
 SECRET_KEYS = {"api_key", "apikey", "token", "password", "secret", "access_token"}
-
-#: roles with one plugin per run, each picked by a section of the role's name
-SINGLE_ROLES: tuple[str, ...] = tuple(r for r in ROLES if r not in ("mitigator", "evaluator"))
-
-#: sections of named instances -> their role (``[mitigators.dfr] plugin = "dfr"``)
-INSTANCE_SECTIONS: dict[str, str] = {"mitigators": "mitigator", "evaluators": "evaluator"}
-
-#: model names the pipeline gives its own models; a mitigator instance may not take them
-RESERVED_MODEL_NAMES = ("original", "aligned", "true_mask")
 
 #: instance names become folder names and environment variables (LVLMVA_MITIGATORS__JTT__LR)
 _INSTANCE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -82,264 +90,6 @@ RENAMED_KEYS: dict[tuple[str, str], str] = {
 class SettingsError(Exception):
     """Bad settings; the message names where the value came from, the dotted key, the value and
     what is allowed."""
-
-
-# -- core sections --------------------------------------------------------------------------
-
-
-class RunOptions(PluginOptions):
-    """Where and how a run happens."""
-
-    name: str | None = Field(None, description="Run name; the run directory is out_dir/name. Default: the settings file's stem.")
-    out_dir: Path = Field(Path("runs"), description="Folder that holds run directories.")
-    seed: int = Field(0, description="Seed for torch, numpy, random, data order, backgrounds, GMM init.")
-    device: str = Field("auto", description='"auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...')
-    cache_dir: Path | None = Field(None, description="User cache (downloaded data, LVLM responses). Default: $XDG_CACHE_HOME/lvlmva or ~/.cache/lvlmva.")
-    deterministic: bool = Field(True, description="Ask torch for deterministic kernels (same settings + seed + device = same numbers).")
-
-    @field_validator("name")
-    @classmethod
-    def _one_path_component(cls, value: str | None) -> str | None:
-        # The run directory is out_dir/name: a name must not lead out of out_dir or into a
-        # folder of someone else's.
-        if value is None:
-            return value
-        if not value.strip() or value in (".", "..") or "/" in value or "\\" in value or "\0" in value:
-            raise ValueError("must be one folder name: not empty, no '/' or '\\', not '.' or '..'")
-        return value
-
-    @field_validator("device")
-    @classmethod
-    def _device_parses(cls, value: str) -> str:
-        # Only the spelling is checked here: whether CUDA is present is known where the run starts.
-        if value != "auto":
-            import torch
-
-            try:
-                torch.device(value)
-            except RuntimeError:
-                raise ValueError(f"{value!r} is not a torch device (auto, cpu, cuda, cuda:1, mps, ...)") from None
-        return value
-
-
-class TrainOptions(PluginOptions):
-    """Training of the original model f (Adam)."""
-
-    epochs: int = Field(3, ge=0, description="Passes over the training split.")
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
-    batch_size: int = Field(64, ge=1, description="Samples per step.")
-    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay.")
-    resident: Literal["auto", "always", "never"] = Field(
-        "auto",
-        description='Slice tensors held in memory instead of a DataLoader: "auto" when the split fits in memory.',
-        json_schema_extra={"fingerprint": False},
-    )
-
-
-class SelectionOptions(PluginOptions):
-    """Choice of the alignment samples."""
-
-    strategy: Literal["lowest-entropy", "random", "highest-entropy"] = Field(
-        "lowest-entropy", description="Which training samples become alignment samples (predictive entropy of f)."
-    )
-    n: int = Field(64, ge=1, description="Number of alignment samples.")
-
-
-class RenderOptions(PluginOptions):
-    """Images shown to the Critic."""
-
-    size: int = Field(224, ge=28, description="Minimum side in pixels after nearest-neighbour upscaling.")
-    palette: list[str] = Field(
-        default_factory=lambda: ["red", "blue", "green", "yellow", "pink", "brown", "grey", "orange", "purple"],
-        description="Ordered colour names for clusters 0..J-1 (from lvlmva.rendering.PALETTE).",
-    )
-    overlay_alpha: float = Field(0.45, ge=0, le=1, description="Opacity of the cluster map in the overlay image.")
-
-    @field_validator("palette")
-    @classmethod
-    def _known_colours(cls, names: list[str]) -> list[str]:
-        from .rendering import palette_for
-
-        palette_for(names)  # raises ValueError naming the unknown or repeated colour
-        return names
-
-
-class MaskOptions(PluginOptions):
-    """Correction masks for alignment."""
-
-    source: Literal["verdicts", "true"] = Field(
-        "verdicts",
-        description='"verdicts": clusters judged "no" (the method); "true": the data set\'s true spurious masks (RRR with true masks, needs no critic or judge).',
-    )
-    true_mask_reference: bool = Field(
-        True,
-        description="Also align with the true masks of the same alignment samples, where the data set has them: the true-mask reference to compare against (a reference, not an upper bound: an LVLM-masked model can score above it).",
-    )
-
-
-class ReportOptions(PluginOptions):
-    """The report written at the end of a run."""
-
-    enabled: bool = Field(True, description="Write report.md and figures.")
-    samples: int = Field(16, ge=0, description="Alignment samples shown in the figure grid.")
-    test_images: int = Field(8, ge=0, description="Test images whose attributions are shown before/after alignment.")
-
-
-class StudyOptions(PluginOptions):
-    """A study: seeds x methods from this settings file (``lvlmva study``, ``nox -s compare``).
-    Every method the file configures (the original model, the aligned one, the true-mask
-    reference, each ``[mitigators.<name>]``) is compared over the seeds; ``lvlmva compose``
-    ignores this section."""
-
-    name: str | None = Field(None, description="Study name; the study directory is out_dir/name. Default: the first settings file's stem + '_study'.")
-    out_dir: Path = Field(Path("studies"), description="Folder that holds study directories.")
-    seeds: list[int] = Field(default_factory=lambda: list(range(7)), min_length=1, description="Seeds, one run directory (cell) each; 0..6 as in the paper.")
-    executor: Literal["local", "ray"] = Field("local", description='"local": cells in this machine\'s processes; "ray": cells as Ray tasks (pip install "lvlmva[ray]").')
-    workers: int = Field(1, ge=1, description="Cells run at once by the local executor (1: one after another in this process).")
-    address: str | None = Field(None, description='Ray cluster to join ("ray://head:10001", "auto"); None: a local Ray started for the study.')
-    threads: int = Field(
-        1,
-        ge=1,
-        description="torch threads per cell. Fixed by the study, not by the executor or the worker count, because torch's results depend on its thread count: the same cell gives the same numbers locally and on Ray.",
-    )
-    metrics: list[str] = Field(default_factory=lambda: ["aga", "wga", "accuracy"], min_length=1, description="Metric keys in the table, statistics and plots (declared by the evaluator).")
-    evaluator: str | None = Field(None, description="The [evaluators.<name>] instance whose metrics are compared; None: the first.")
-    baseline: str = Field("original", description="The model every method is tested against (Wilcoxon signed-rank, paired by seed).")
-    alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of the tests.")
-    correction: Literal["holm", "none"] = Field(
-        "holm",
-        description='Correction for testing several methods against the baseline: "holm" (step-down, per data set and metric) or "none" (each test on its own, as the paper reports them). With 7 seeds the smallest p is 2/128, so Holm over m methods cannot fall below m x 0.0156: stats.md says when that floor lies above alpha.',
-    )
-
-    @field_validator("name")
-    @classmethod
-    def _one_folder(cls, value: str | None) -> str | None:
-        return RunOptions._one_path_component(value)
-
-
-CORE_SECTIONS: dict[str, type[PluginOptions]] = {
-    "run": RunOptions,
-    "train": TrainOptions,
-    "selection": SelectionOptions,
-    "render": RenderOptions,
-    "masks": MaskOptions,
-    "report": ReportOptions,
-    "study": StudyOptions,
-}
-
-
-@dataclass(frozen=True)
-class PluginChoice:
-    """The plugin a settings slot picked and its validated options. ``slot`` is where it was
-    picked: a role's section (``"critic"``) or a named instance (``"mitigators.dfr"``)."""
-
-    role: str
-    name: str
-    options: PluginOptions
-    slot: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.slot:
-            object.__setattr__(self, "slot", self.role)
-
-    @property
-    def instance(self) -> str | None:
-        """The instance name of a named instance (``"dfr"``), else ``None``."""
-        _, sep, name = self.slot.partition(".")
-        return name if sep else None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"plugin": self.name, **self.options.model_dump(mode="json")}
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Validated, composed settings of one run.
-
-    - ``core``: the core sections and the sections of plugin stages, by name.
-    - ``plugins``: every plugin picked, by slot (``"critic"``, ``"mitigators.dfr"``), in the
-      order of the roles and, within an instance section, of the file.
-    """
-
-    source: Path | None
-    core: dict[str, PluginOptions]
-    plugins: dict[str, PluginChoice]
-
-    @property
-    def run(self) -> RunOptions:
-        return self.core["run"]  # type: ignore[return-value]
-
-    @property
-    def train(self) -> TrainOptions:
-        return self.core["train"]  # type: ignore[return-value]
-
-    @property
-    def selection(self) -> SelectionOptions:
-        return self.core["selection"]  # type: ignore[return-value]
-
-    @property
-    def render(self) -> RenderOptions:
-        return self.core["render"]  # type: ignore[return-value]
-
-    @property
-    def masks(self) -> MaskOptions:
-        return self.core["masks"]  # type: ignore[return-value]
-
-    @property
-    def report(self) -> ReportOptions:
-        return self.core["report"]  # type: ignore[return-value]
-
-    @property
-    def study(self) -> StudyOptions:
-        return self.core["study"]  # type: ignore[return-value]
-
-    def instances(self, role: str) -> dict[str, PluginChoice]:
-        """The named instances of ``role`` (``"mitigator"``, ``"evaluator"``): name -> choice."""
-        return {c.instance: c for c in self.plugins.values() if c.role == role and c.instance}  # type: ignore[misc]
-
-    def section(self, name: str) -> dict[str, Any] | None:
-        """A core section or a plugin slot as plain JSON-able data (``None`` when unset)."""
-        if name in self.core:
-            return self.core[name].model_dump(mode="json")
-        choice = self.plugins.get(name)
-        return None if choice is None else choice.as_dict()
-
-    def options_model(self, name: str) -> type[PluginOptions]:
-        """The Options model behind a core section or a plugin slot."""
-        if name in self.core:
-            return type(self.core[name])
-        return type(self.plugins[name].options)
-
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name, options in self.core.items():
-            out[name] = options.model_dump(mode="json")
-        for slot, choice in self.plugins.items():
-            section, _, instance = slot.partition(".")
-            if instance:
-                out.setdefault(section, {})[instance] = choice.as_dict()
-            else:
-                out[section] = choice.as_dict()
-        return out
-
-    def to_toml(self) -> str:
-        import tomli_w
-
-        return tomli_w.dumps(_drop_none(self.as_dict()))
-
-    @property
-    def run_name(self) -> str:
-        if self.run.name:
-            return self.run.name
-        return self.source.stem if self.source is not None else "run"
-
-
-def _drop_none(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _drop_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_drop_none(v) for v in value]
-    return value
 
 
 # -- sources --------------------------------------------------------------------------------

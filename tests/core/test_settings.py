@@ -14,15 +14,20 @@ from typing import Any, Literal
 import pytest
 from pydantic import BaseModel, Field, ValidationError
 
+import lvlmva.options
+import lvlmva.settings
+from lvlmva.options import CORE_SECTIONS, TrainOptions
 from lvlmva.protocols import ROLES, PluginOptions
 from lvlmva.registry import PluginRegistry, get_registry
-from lvlmva.settings import (
-    CORE_SECTIONS,
-    SettingsError,
-    TrainOptions,
-    load_settings,
-    parse_overrides,
-)
+from lvlmva.settings import SettingsError, load_settings, parse_overrides
+
+
+@pytest.mark.parametrize("name", lvlmva.options.__all__)
+def test_the_loader_re_exports_the_schemas(name):
+    """``from lvlmva.settings import TrainOptions`` (and the rest) keeps working for code written
+    before the schemas had a module of their own: the same objects, not copies."""
+    assert getattr(lvlmva.settings, name) is getattr(lvlmva.options, name)
+    assert name in lvlmva.settings.__all__
 
 
 class FakeCritic:
