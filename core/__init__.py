@@ -5,11 +5,15 @@ The names here are the public surface for plugin authors; everything else may ch
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+# First: lvlmva.pipeline.orchestrator still reads __version__ from this package while it is
+# being imported (a cycle that tests/test_imports.py names); everything else imports
+# lvlmva.version.
+from .version import __version__
 
-from .hookspecs import hookimpl, hookspec  # noqa: E402
-from .pipeline import Stage, StageCall  # noqa: E402
-from .protocols import (  # noqa: E402
+# isort: split
+from .hookspecs import hookimpl, hookspec
+from .pipeline import Stage, StageCall
+from .protocols import (
     ROLES,
     Aligner,
     Attributor,
@@ -24,7 +28,7 @@ from .protocols import (  # noqa: E402
     RunContext,
     Segmenter,
 )
-from .records import (  # noqa: E402
+from .records import (
     AlignmentSet,
     Critique,
     CritiqueRequest,
@@ -35,8 +39,8 @@ from .records import (  # noqa: E402
     Usage,
     Verdicts,
 )
-from .registry import PluginError, PluginRegistry, get_registry  # noqa: E402
-from .training import EpochEnd, Trainer  # noqa: E402
+from .registry import PluginError, PluginRegistry, get_registry
+from .training import EpochEnd, Trainer
 
 __all__ = [
     "__version__",

@@ -13,7 +13,6 @@ import signal
 import sys
 from pathlib import Path
 
-from . import __version__
 from .atomic import DiskFull, SymlinkRefused
 from .pipeline import ArtifactError, Pipeline, PublishError, RunDirectory, StageFailed
 from .pipeline.errors import describe_failure
@@ -21,6 +20,7 @@ from .protocols import ROLES
 from .registry import PluginError, get_registry
 from .results import summary_lines
 from .settings import SettingsError, load_settings
+from .version import __version__
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 

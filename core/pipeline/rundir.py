@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
 from ..atomic import SymlinkRefused, open_lock_file, refuse_symlink, write_atomic
 from ..secrets import redact_json
+from ..version import __version__
 from .codecs import ArtifactError, DecodeContext, codec_named, json_default
 from .errors import NotARunDirectory, PublishError, RunDirectoryBusy
 
