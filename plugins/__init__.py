@@ -34,7 +34,7 @@ BUILTINS: dict[str, dict[str, str]] = {
         "openai": "lvlmva.plugins.lvlm.openai_backend:OpenAICritic",
         "transformers": "lvlmva.plugins.lvlm.transformers_backend:TransformersCritic",
         # simulated mistakes on the true verdicts, for offline runs of sampling and review: not an LVLM
-        "scripted": "lvlmva.testing.critics:ScriptedCritic",
+        "scripted": "lvlmva.plugins.critics.scripted:ScriptedCritic",
     },
     "judge": {
         "rules": "lvlmva.plugins.judges.rules:RulesJudge",

@@ -1,6 +1,6 @@
-"""Several critic answers per sample: the majority and uncertainty of ``combine_draws``, the
-scripted critic's per-cluster errors, and the OpenAI critic's ``samples`` (one request and one
-cache entry per answer, odd counts above a zero temperature only)."""
+"""Several critic answers per sample: the majority and uncertainty of ``combine_draws`` and the
+OpenAI critic's ``samples`` (one request and one cache entry per answer, odd counts above a zero
+temperature only). The scripted critic's draws are tested in tests/plugins/test_scripted_critic.py."""
 
 from __future__ import annotations
 
@@ -8,14 +8,11 @@ import dataclasses
 import json
 
 import pytest
-import torch
 from pydantic import ValidationError
 
-from lvlmva.plugins.judges.rules import RulesJudge
 from lvlmva.plugins.lvlm.cache import ResponseCache
 from lvlmva.plugins.lvlm.openai_backend import OpenAICritic, estimate_spending
 from lvlmva.records import Usage, Verdicts
-from lvlmva.testing.critics import ScriptedCritic
 from lvlmva.testing.openai_server import ScriptedOpenAIServer, synthetic_requests
 from lvlmva.verdicts import combine_draws, uncertainty_of
 
@@ -86,49 +83,6 @@ def test_uncertainty_of_matches_a_direct_count(rng):
     votes = rng.random((7, 4)) < 0.5
     majority = votes.sum(axis=0) > 3
     assert uncertainty_of(votes.tolist(), majority.tolist()) == pytest.approx(float((votes != majority).mean()))
-
-
-# -- scripted critic ------------------------------------------------------------------------------
-
-
-def _scripted_request():
-    """A 6 x 6 image in three clusters (rows 0-1 red, 2-3 blue, 4-5 green); the true spurious
-    mask covers one pixel of green: the truth is red yes, blue yes, green no."""
-    (base,) = synthetic_requests(1, COLORS, size=6)
-    labels = torch.arange(6).repeat_interleave(6).reshape(6, 6) // 2
-    truth = torch.zeros(6, 6, dtype=torch.bool)
-    truth[5, 5] = True
-    return dataclasses.replace(base, cluster_map=labels, true_mask=truth)
-
-
-def _verdicts(critic: ScriptedCritic, requests, ctx) -> list[tuple[bool, ...] | None]:
-    return [v.relevant for v in RulesJudge(RulesJudge.Options()).judge(critic.critique(requests, ctx), ctx)]
-
-
-def test_the_scripted_critic_without_errors_gives_the_truth_on_every_draw(ctx):
-    request = _scripted_request()
-    critic = ScriptedCritic(ScriptedCritic.Options(error_rate=0.0, samples=3))
-    requests = [dataclasses.replace(request, draw=d) for d in range(3)]
-    out = critic.critique(requests, ctx)
-    assert [c.draw for c in out] == [0, 1, 2] and all(c.failure is None for c in out)
-    assert _verdicts(critic, requests, ctx) == [(True, True, False)] * 3
-    assert "green: covers 12 pixels, 1 on the true spurious feature. Verdict: no" in out[0].text
-
-
-def test_the_scripted_critic_errs_per_draw_reproducibly(ctx):
-    request = _scripted_request()
-    critic = ScriptedCritic(ScriptedCritic.Options(error_rate=0.5, spread=0.0, samples=15))
-    requests = [dataclasses.replace(request, draw=d) for d in range(15)]
-    first = _verdicts(critic, requests, ctx)
-    assert first == _verdicts(critic, requests, ctx)  # seeded: the same answers again
-    assert len(set(first)) > 1  # coin tosses: the draws differ
-    salted = ScriptedCritic(ScriptedCritic.Options(error_rate=0.5, spread=0.0, samples=15, seed=1))
-    assert _verdicts(salted, requests, ctx) != first
-
-
-def test_the_scripted_critic_wants_an_odd_number_of_answers():
-    with pytest.raises(ValidationError, match="use an odd number"):
-        ScriptedCritic.Options(samples=2)
 
 
 # -- the OpenAI critic ---------------------------------------------------------------------------

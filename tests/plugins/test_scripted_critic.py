@@ -1,0 +1,79 @@
+"""The scripted critic (``plugin = "scripted"``): a built-in critic like the oracle it extends,
+the true verdicts with seeded per-cluster mistakes; still importable from lvlmva.testing for
+plugin authors' tests."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+import lvlmva.plugins
+import lvlmva.testing.critics
+from lvlmva.plugins.critics.oracle import OracleCritic
+from lvlmva.plugins.critics.scripted import ScriptedCritic
+from lvlmva.plugins.judges.rules import RulesJudge
+from lvlmva.registry import OWN_DISTRIBUTION, get_registry
+from lvlmva.testing.openai_server import synthetic_requests
+
+COLORS = ("red", "blue", "green")
+PLUGINS = Path(lvlmva.plugins.__file__).parent
+
+
+def test_it_is_a_built_in_critic_registered_from_the_plugins_folder():
+    entry = get_registry().entry("critic", "scripted")
+    assert entry.factory == "lvlmva.plugins.critics.scripted:ScriptedCritic"
+    assert entry.distribution == OWN_DISTRIBUTION
+    assert get_registry().get("critic", "scripted") is ScriptedCritic
+    assert issubclass(ScriptedCritic, OracleCritic)
+    # beside the other built-in critics, not among the test helpers
+    assert ScriptedCritic.__module__ == "lvlmva.plugins.critics.scripted"
+    assert Path(inspect.getfile(ScriptedCritic)) == PLUGINS / "critics" / "scripted.py"
+
+
+def test_lvlmva_testing_re_exports_it():
+    assert lvlmva.testing.critics.ScriptedCritic is ScriptedCritic
+
+
+def _scripted_request():
+    """A 6 x 6 image in three clusters (rows 0-1 red, 2-3 blue, 4-5 green); the true spurious
+    mask covers one pixel of green: the truth is red yes, blue yes, green no."""
+    (base,) = synthetic_requests(1, COLORS, size=6)
+    labels = torch.arange(6).repeat_interleave(6).reshape(6, 6) // 2
+    truth = torch.zeros(6, 6, dtype=torch.bool)
+    truth[5, 5] = True
+    return dataclasses.replace(base, cluster_map=labels, true_mask=truth)
+
+
+def _verdicts(critic: ScriptedCritic, requests, ctx) -> list[tuple[bool, ...] | None]:
+    return [v.relevant for v in RulesJudge(RulesJudge.Options()).judge(critic.critique(requests, ctx), ctx)]
+
+
+def test_the_scripted_critic_without_errors_gives_the_truth_on_every_draw(ctx):
+    request = _scripted_request()
+    critic = ScriptedCritic(ScriptedCritic.Options(error_rate=0.0, samples=3))
+    requests = [dataclasses.replace(request, draw=d) for d in range(3)]
+    out = critic.critique(requests, ctx)
+    assert [c.draw for c in out] == [0, 1, 2] and all(c.failure is None for c in out)
+    assert _verdicts(critic, requests, ctx) == [(True, True, False)] * 3
+    assert "green: covers 12 pixels, 1 on the true spurious feature. Verdict: no" in out[0].text
+
+
+def test_the_scripted_critic_errs_per_draw_reproducibly(ctx):
+    request = _scripted_request()
+    critic = ScriptedCritic(ScriptedCritic.Options(error_rate=0.5, spread=0.0, samples=15))
+    requests = [dataclasses.replace(request, draw=d) for d in range(15)]
+    first = _verdicts(critic, requests, ctx)
+    assert first == _verdicts(critic, requests, ctx)  # seeded: the same answers again
+    assert len(set(first)) > 1  # coin tosses: the draws differ
+    salted = ScriptedCritic(ScriptedCritic.Options(error_rate=0.5, spread=0.0, samples=15, seed=1))
+    assert _verdicts(salted, requests, ctx) != first
+
+
+def test_the_scripted_critic_wants_an_odd_number_of_answers():
+    with pytest.raises(ValidationError, match="use an odd number"):
+        ScriptedCritic.Options(samples=2)
