@@ -49,7 +49,7 @@ from .errors import (
 from .rundir import RunDirectory, StageRecord, sha256_file
 from .sources import CodeFingerprints
 from .stage import InputInfo, Stage, StageCall, StageView
-from .stages import build_stages, critic_samples
+from .stages import build_stages
 
 __all__ = ["Pipeline", "StageOutcome", "ARTIFACT_VERSION", "default_cache_dir", "environment_info"]
 
@@ -164,10 +164,11 @@ class Pipeline:
             names.add(stage.name)
             out[stage.name] = {}
             for name in stage.input_names:
-                if name in seen:
-                    out[stage.name][name] = seen[name]
+                provided = stage.input_provider(name)
+                if provided in seen:
+                    out[stage.name][name] = seen[provided]
                 else:
-                    problems.append(f"stage {stage.name!r} reads {name!r}, which no stage before it provides")
+                    problems.append(f"stage {stage.name!r} reads {provided!r}, which no stage before it provides")
             seen[stage.provides] = stage.name
         if problems:
             raise ConfigurationError("\n".join(problems))
@@ -192,48 +193,25 @@ class Pipeline:
         return getattr(options, sub) if sub else options
 
     def _view(self, stage: Stage) -> StageView:
-        return StageView(stage, self._option, self._plugin_class)
+        return StageView(stage, self._option, self._plugin_class, self._plugin_options)
+
+    def _settings_view(self, stage: Stage) -> StageView:
+        """The view of ``validate`` and ``preflight_samples``: any setting, any slot (they decide
+        whether and how much work can be done, not what a stage computes)."""
+        return StageView(stage, self._option, self._plugin_class, self._plugin_options, declared_only=False)
+
+    def _plugin_options(self, slot: str) -> Any:
+        choice = self.settings.plugins.get(slot)
+        return None if choice is None else choice.options
 
     # -- checks before any work -----------------------------------------------------------------
     def _check_combination(self) -> None:
-        """Roles that must come together, capability flags, and the palette, before any work."""
+        """Each stage's ``validate``: the settings that cannot work (roles that must come
+        together, capability flags the data set cannot satisfy), before any work."""
         problems: list[str] = []
-        plugins = self.settings.plugins
-        for role in ("dataset", "model"):
-            if role not in plugins:
-                problems.append(f"[{role}] is required: set plugin = \"...\" ({', '.join(self.registry.names(role))})")
-        if "critic" in plugins and "judge" not in plugins:
-            problems.append("[critic] is set but [judge] is not: a critic's text needs a judge to become verdicts")
-        if "judge" in plugins and "critic" not in plugins:
-            problems.append("[judge] is set but [critic] is not")
-        if "critic" in plugins and ("attributor" not in plugins or "segmenter" not in plugins):
-            problems.append("[critic] needs an [attributor] and a [segmenter] to produce the clusters it discusses")
-        dataset = self._plugin_class("dataset")
-        has_true = bool(getattr(dataset, "has_true_masks", False))
-        has_groups = bool(getattr(dataset, "has_groups", False))
-        critic = self._plugin_class("critic")
-        if critic is not None and getattr(critic, "needs_true_masks", False) and not has_true:
-            problems.append(f"critic {plugins['critic'].name!r} needs true spurious masks, which dataset {plugins['dataset'].name!r} does not provide")
-        if self.settings.masks.source == "true" and "aligner" in plugins and not has_true:
-            problems.append("masks.source = 'true' needs a data set with true spurious masks")
-        if "aligner" in plugins and self.settings.masks.source == "verdicts" and "judge" not in plugins:
-            problems.append("[aligner] needs masks: configure [critic] and [judge], or set masks.source = 'true'")
-        for slot, choice in plugins.items():
-            if choice.role not in ("mitigator", "evaluator"):
-                continue
-            cls = self._plugin_class(slot)
-            if getattr(cls, "needs_groups", False) and not has_groups:
-                problems.append(f"[{slot}] {choice.name!r} needs group labels, which the data set does not provide")
-            if getattr(cls, "needs_true_masks", False) and not has_true:
-                problems.append(f"[{slot}] {choice.name!r} needs true spurious masks, which the data set does not provide")
-            val_size = getattr(plugins["dataset"].options, "val_size", None) if "dataset" in plugins else None
-            if getattr(cls, "needs_validation", False) and val_size == 0:
-                problems.append(f"[{slot}] {choice.name!r} needs a validation split: set dataset.val_size")
-        segmenter = plugins.get("segmenter")
-        if segmenter is not None:
-            j = getattr(segmenter.options, "num_clusters", None)
-            if j is not None and j > len(self.settings.render.palette):
-                problems.append(f"segmenter.num_clusters = {j} but render.palette names only {len(self.settings.render.palette)} colours")
+        for stage in self.stages:
+            if stage.validate is not None:
+                problems += [p for p in stage.validate(self._settings_view(stage)) if p not in problems]
         if problems:
             raise ConfigurationError("\n".join(problems))
 
@@ -338,9 +316,8 @@ class Pipeline:
                 problems += self.import_problems([slot])
                 check = getattr(self.plugin(slot), "preflight", None)
                 if callable(check):
-                    # the judge reads each of the critic's answers (critic.samples of them)
-                    draws = critic_samples(self.plugin("critic")) if slot == "judge" else 1
-                    problems += list(check(samples * draws))
+                    asks = samples if stage.preflight_samples is None else stage.preflight_samples(self._settings_view(stage), samples)
+                    problems += list(check(asks))
         if problems:
             raise ConfigurationError("\n".join(problems))
 
@@ -718,6 +695,7 @@ class Pipeline:
             lambda name: self._value(self._providers[stage.name][name]),
             info,
             failed,
+            self._plugin_options,
         )
 
     def _value(self, name: str) -> Any:

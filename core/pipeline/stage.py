@@ -42,13 +42,24 @@ RESERVED_NAMES = frozenset(
      "transcripts.jsonl", "timings.json", "review", "logs"}
 )  # fmt: skip
 
-_NAME = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z0-9_-]+)?$")
+_NAME = re.compile(r"^[a-z][a-z0-9_-]*(\.[a-z0-9_-]+)*$")
 
 
 def _split_optional(names: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    required = tuple(n for n in names if not n.endswith("?"))
-    optional = tuple(n[:-1] for n in names if n.endswith("?"))
+    """(required, optional) local names; ``"segment=segment.j5"`` is local name ``segment``."""
+    required = tuple(n.partition("=")[0] for n in names if not n.endswith("?"))
+    optional = tuple(n[:-1].partition("=")[0] for n in names if n.endswith("?"))
     return required, optional
+
+
+def _aliases(names: tuple[str, ...]) -> dict[str, str]:
+    """Local name -> what it refers to: ``"segment=segment.j5"`` -> ``{"segment": "segment.j5"}``;
+    a plain name refers to itself."""
+    out = {}
+    for entry in names:
+        local, _, target = entry.removesuffix("?").partition("=")
+        out[local] = target or local
+    return out
 
 
 @dataclass(frozen=True)
@@ -59,12 +70,14 @@ class Stage:
     - ``run(call) -> value``: computes the artifact from a :class:`StageCall`.
     - ``inputs``: artifacts it reads, by the name a stage provides them under; ``"align?"``
       marks an optional input (``None`` when that stage is skipped); a required input that is
-      skipped skips this stage too.
+      skipped skips this stage too. ``"segment=segment.j5"`` reads what ``segment.j5`` provides
+      under the local name ``segment`` (one run function serves every branch of a fan-out).
     - ``settings``: settings it reads: a core section (``"selection"``), one key
       (``"masks.source"``), or ``"device"`` (the resolved device).
     - ``plugins``: plugin slots it uses (``"aligner"``, ``"mitigators.jtt"``; ``"critic?"``
-      optional); a required slot that is not configured skips the stage. The slot's whole
-      section and the plugin's distribution and version enter the fingerprint.
+      optional; ``"critic=critics.gpt4o"`` the slot ``critics.gpt4o`` under the local name
+      ``critic``); a required slot that is not configured skips the stage. The slot's whole
+      section and the plugin's distribution and version (or code) enter the fingerprint.
     - ``codec``: how the artifact is stored (:mod:`lvlmva.pipeline.codecs`).
     - ``provides``: the name later stages read the artifact under (default: ``name``). A stage
       that refines another's artifact provides it under the same name: a review stage placed
@@ -80,6 +93,11 @@ class Stage:
     - ``watch``: files in the run directory, relative to it, that a person edits and the stage
       reads (``review/overrides.json``); their content enters the fingerprint (a missing file
       counts as missing), so an edit recomputes the stage and what reads it.
+    - ``validate(view) -> problems``: settings that cannot work for this stage (a critic
+      without a judge, a flag the data set cannot satisfy), checked when the pipeline is built,
+      before any work (exit 2); also for a stage that is skipped, since a skip may be the problem.
+    - ``preflight_samples(view, n) -> int``: how many requests per plugin preflight this stage
+      makes for ``n`` alignment samples (a judge reads each of the critic's answers); default n.
     """
 
     name: str
@@ -97,6 +115,8 @@ class Stage:
     persist: bool = True
     refreshable: bool = False
     watch: tuple[str, ...] = ()
+    validate: Callable[[StageView], list[str]] | None = None
+    preflight_samples: Callable[[StageView, int], int] | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name) or self.name in RESERVED_NAMES:
@@ -122,29 +142,47 @@ class Stage:
         req, opt = _split_optional(self.inputs)
         return (*req, *opt)
 
+    def input_provider(self, local: str) -> str:
+        """The provided name a local input name refers to."""
+        return _aliases(self.inputs).get(local, local)
+
+    def slot(self, local: str) -> str:
+        """The settings slot a local plugin name refers to (``critic`` -> ``critics.gpt4o``)."""
+        return _aliases(self.plugins).get(local, local)
+
     @property
     def required_plugins(self) -> tuple[str, ...]:
-        return _split_optional(self.plugins)[0]
+        """The settings slots of the required plugins."""
+        return tuple(self.slot(n) for n in _split_optional(self.plugins)[0])
 
     @property
     def plugin_slots(self) -> tuple[str, ...]:
+        """The settings slots of every plugin it uses."""
         req, opt = _split_optional(self.plugins)
-        return (*req, *opt)
+        return tuple(self.slot(n) for n in (*req, *opt))
 
 
 class StageView:
     """What a stage's ``skip`` and ``check`` functions may read: its declared settings and
-    plugin slots (whether configured, their classes' capability flags)."""
+    plugin slots (whether configured, their classes' capability flags, their options).
+
+    The view a ``validate`` function gets (``declared_only=False``) may read any setting and
+    any slot's options: it decides whether the settings can work, not what the stage computes,
+    so what it reads need not enter the fingerprint."""
 
     def __init__(
         self,
         stage: Stage,
         settings: Callable[[str], Any],
         plugin_class: Callable[[str], type | None],
+        plugin_options: Callable[[str], Any] | None = None,
+        declared_only: bool = True,
     ) -> None:
         self._stage = stage
         self._settings = settings
         self._plugin_class = plugin_class
+        self._plugin_options = plugin_options or (lambda _slot: None)
+        self._declared_only = declared_only
 
     @property
     def stage(self) -> Stage:
@@ -154,34 +192,40 @@ class StageView:
         """A declared setting: a section's Options (``"selection"``) or one value
         (``"masks.source"``); a key inside a declared section may be read too."""
         section = key.partition(".")[0]
-        if key not in self._stage.settings and section not in self._stage.settings:
+        if self._declared_only and key not in self._stage.settings and section not in self._stage.settings:
             raise UndeclaredAccess(
                 f"stage {self._stage.name!r} reads setting {key!r} but declares only "
                 f"{', '.join(self._stage.settings) or '(none)'}"
             )
         return self._settings(key)
 
-    def _slot(self, slot: str) -> None:
-        if slot not in self._stage.plugin_slots:
+    def _slot(self, slot: str) -> str:
+        """The settings slot of a declared plugin, asked by its local name or its slot."""
+        actual = self._stage.slot(slot)
+        if self._declared_only and actual not in self._stage.plugin_slots:
             raise UndeclaredAccess(
                 f"stage {self._stage.name!r} uses plugin slot {slot!r} but declares only "
                 f"{', '.join(self._stage.plugin_slots) or '(none)'}"
             )
+        return actual
 
     def configured(self, slot: str) -> bool:
         """Whether a plugin slot has a plugin. Any slot may be asked: which roles a run has is
         the shape of the run, not a setting a stage's result depends on (a stage that skips
         without a critic need not recompute when the critic's options change)."""
-        return self._plugin_class(slot) is not None
+        return self._plugin_class(self._stage.slot(slot)) is not None
 
     def plugin_class(self, slot: str) -> type | None:
-        self._slot(slot)
-        return self._plugin_class(slot)
+        return self._plugin_class(self._slot(slot))
+
+    def plugin_options(self, slot: str) -> Any:
+        """The validated options of the plugin in a declared slot (``None`` when unset)."""
+        return self._plugin_options(self._slot(slot))
 
     def flag(self, slot: str, name: str, default: bool = False) -> bool:
         """A capability flag of the plugin class in ``slot``. Flags are static facts about a
         plugin, not settings, so any slot may be asked (the data set's ``has_true_masks``)."""
-        cls = self._plugin_class(slot)
+        cls = self._plugin_class(self._stage.slot(slot))
         return bool(getattr(cls, name, default)) if cls is not None else default
 
 
@@ -210,8 +254,9 @@ class StageCall(StageView):
         load: Callable[[str], Any],
         info: Mapping[str, InputInfo],
         failed: Mapping[str, str] | None = None,
+        plugin_options: Callable[[str], Any] | None = None,
     ) -> None:
-        super().__init__(stage, settings, plugin_class)
+        super().__init__(stage, settings, plugin_class, plugin_options)
         self.ctx = ctx
         self._plugin = plugin
         self._load = load
@@ -220,8 +265,7 @@ class StageCall(StageView):
 
     def plugin(self, slot: str) -> Any:
         """The plugin instance in a declared slot (``None`` for an unconfigured optional one)."""
-        self._slot(slot)
-        return self._plugin(slot)
+        return self._plugin(self._slot(slot))
 
     def _input(self, name: str) -> None:
         if name not in self._stage.input_names:

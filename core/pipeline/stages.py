@@ -382,6 +382,7 @@ def _mitigate_stage(instance: str, choice: PluginChoice) -> Stage:
         label=label,
         summary=f"baseline {choice.name}",
         check=check,
+        validate=_flags_validate(slot, repr(choice.name)),
     )
 
 
@@ -430,6 +431,7 @@ def _evaluate_stage(instance: str, choice: PluginChoice, model_stages: Sequence[
         codec=codecs.JSON,
         summary=f"{choice.name} metrics of every model",
         check=check,
+        validate=_flags_validate(slot, repr(choice.name)),
     )
 
 
@@ -475,16 +477,106 @@ def _report_stage(before: Sequence[Stage]) -> Stage:
     )
 
 
+# -- settings that cannot work: each stage says what it needs ------------------------------------------
+
+
+def _needs_role(slot: str) -> Callable[[StageView], list[str]]:
+    """A role every run needs (a data set, a model)."""
+
+    def validate(view: StageView) -> list[str]:
+        return [] if view.configured(slot) else [f"[{slot}] is required: set plugin = \"...\" (`lvlmva plugins --role {slot}` lists them)"]
+
+    return validate
+
+
+def _critic_validate(critic: str, judge: str, attributor: str = "attributor", segmenter: str = "segmenter") -> Callable[[StageView], list[str]]:
+    """A critic needs a judge to turn its text into verdicts, and an attributor and a segmenter
+    to make the clusters it discusses; a critic that reads true masks needs a data set with
+    them."""
+
+    def validate(view: StageView) -> list[str]:
+        if not view.configured(critic):
+            return []
+        problems = []
+        if not view.configured(judge):
+            problems.append(f"[{critic}] is set but [{judge}] is not: a critic's text needs a judge to become verdicts")
+        if not view.configured(attributor) or not view.configured(segmenter):
+            problems.append(f"[{critic}] needs an [{attributor}] and a [{segmenter}] to produce the clusters it discusses")
+        if view.flag(critic, "needs_true_masks") and not view.flag("dataset", "has_true_masks"):
+            problems.append(f"[{critic}] needs true spurious masks, which the data set plugin does not provide")
+        return problems
+
+    return validate
+
+
+def _judge_validate(judge: str, critic: str) -> Callable[[StageView], list[str]]:
+    def validate(view: StageView) -> list[str]:
+        return [f"[{judge}] is set but [{critic}] is not"] if view.configured(judge) and not view.configured(critic) else []
+
+    return validate
+
+
+def _judge_requests(critic: str) -> Callable[[StageView, int], int]:
+    """The judge reads each of its critic's answers: ``critic.samples`` per alignment sample."""
+
+    def count(view: StageView, n: int) -> int:
+        return n * int(getattr(view.plugin_options(critic), "samples", 1) or 1)
+
+    return count
+
+
+def _render_validate(segmenter: str) -> Callable[[StageView], list[str]]:
+    def validate(view: StageView) -> list[str]:
+        j = getattr(view.plugin_options(segmenter), "num_clusters", None)
+        palette = view.option("render.palette")
+        if j is not None and j > len(palette):
+            return [f"{segmenter}.num_clusters = {j} but render.palette names only {len(palette)} colours"]
+        return []
+
+    return validate
+
+
+def _masks_validate(aligner: str, judge: str) -> Callable[[StageView], list[str]]:
+    def validate(view: StageView) -> list[str]:
+        if not view.configured(aligner):
+            return []
+        if view.option("masks.source") == "true":
+            return [] if view.flag("dataset", "has_true_masks") else ["masks.source = 'true' needs a data set with true spurious masks"]
+        if not view.configured(judge):
+            return [f"[{aligner}] needs masks: configure [critic] and [judge], or set masks.source = 'true'"]
+        return []
+
+    return validate
+
+
+def _flags_validate(slot: str, who: str) -> Callable[[StageView], list[str]]:
+    """A mitigator's or evaluator's capability flags against the data set plugin's."""
+
+    def validate(view: StageView) -> list[str]:
+        problems = []
+        if view.flag(slot, "needs_groups") and not view.flag("dataset", "has_groups"):
+            problems.append(f"[{slot}] {who} needs group labels, which the data set does not provide")
+        if view.flag(slot, "needs_true_masks") and not view.flag("dataset", "has_true_masks"):
+            problems.append(f"[{slot}] {who} needs true spurious masks, which the data set does not provide")
+        return problems
+
+    return validate
+
+
 # -- the list -------------------------------------------------------------------------------------------
 
 
 def _core_stages(settings: Settings) -> list[Stage]:
     aligned = "aligned (true masks)" if settings.masks.source == "true" else f"aligned ({critic_label(settings.plugins.get('critic'))})"
     return [
-        Stage("data", _data, settings=("run.seed",), plugins=("dataset",), persist=False, summary="load the data set"),
+        Stage(
+            "data", _data, settings=("run.seed",), plugins=("dataset",), persist=False, summary="load the data set",
+            validate=_needs_role("dataset"),
+        ),
         Stage(
             "train", _train, inputs=("data",), settings=("train", "run.seed", "device"), plugins=("model",),
             codec=codecs.MODEL, model="original", label="original", summary="train the original model f",
+            validate=_needs_role("model"),
         ),
         Stage(
             "select", _select, inputs=("data", "train"), settings=("selection",), codec=codecs.ALIGNMENT_SET,
@@ -500,15 +592,17 @@ def _core_stages(settings: Settings) -> list[Stage]:
         ),
         Stage(
             "render", _render, inputs=("data", "select", "segment"), settings=("render",), codec=codecs.RENDERED,
-            skip=_no_critic, summary="draw cluster images",
+            skip=_no_critic, summary="draw cluster images", validate=_render_validate("segmenter"),
         ),
         Stage(
             "critic", _critic, inputs=("data", "select", "segment", "render"), plugins=("critic",),
             codec=codecs.CRITIQUES, refreshable=True, summary="discuss clusters", check=_critic_check,
+            validate=_critic_validate("critic", "judge"),
         ),
         Stage(
             "judge", _judge, inputs=("critic",), plugins=("judge",), codec=codecs.VERDICTS, refreshable=True,
-            summary="turn critiques into verdicts",
+            summary="turn critiques into verdicts", validate=_judge_validate("judge", "critic"),
+            preflight_samples=_judge_requests("critic"),
         ),
         Stage(
             # a person's corrections (review/overrides.json, written by `lvlmva review`) on the
@@ -521,7 +615,7 @@ def _core_stages(settings: Settings) -> list[Stage]:
             # block them, and new answers must not recompute them
             "masks", _masks, inputs=("data", "select") if settings.masks.source == "true" else ("data", "select", "segment", "verdicts"),
             settings=("masks.source",), codec=codecs.TENSORS, skip=_masks_skip, summary="correction masks",
-            check=_masks_check,
+            check=_masks_check, validate=_masks_validate("aligner", "judge"),
         ),
         Stage(
             "align", _align, inputs=("data", "train", "select", "masks"), plugins=("aligner",),
