@@ -19,23 +19,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE_DIR: dict[str, str] = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
     "package-dir"
 ]
-
-#: module-level imports that close a cycle and can only be removed in a file owned elsewhere:
-#: (importer, imported) -> what to change. Each must still be in the source (a test checks),
-#: so that an entry goes when its import does.
-KNOWN_CYCLE_EDGES: dict[tuple[str, str], str] = {
-    ("lvlmva.pipeline.orchestrator", "lvlmva"): (
-        "core/pipeline/orchestrator.py reads __version__ from the package that imports it: "
-        "write `from ..version import __version__` (as rundir.py does)"
-    ),
-}
-
 
 @dataclass(frozen=True)
 class Module:
@@ -187,27 +174,13 @@ def describe(cycle: list[str], graph: dict[str, dict[str, int]], modules: dict[s
     return " -> ".join([*steps, cycle[-1]])
 
 
-def _without(graph: dict[str, dict[str, int]], edges) -> dict[str, dict[str, int]]:
-    return {a: {b: line for b, line in targets.items() if (a, b) not in edges} for a, targets in graph.items()}
-
-
 MODULES = source_modules()
 GRAPH = import_graph(MODULES)
 
 
 def test_no_import_cycles():
-    found = cycles(_without(GRAPH, KNOWN_CYCLE_EDGES))
+    found = cycles(GRAPH)
     assert not found, "import cycles at module level:\n" + "\n".join(describe(c, GRAPH, MODULES) for c in found)
-
-
-@pytest.mark.parametrize("edge", sorted(KNOWN_CYCLE_EDGES), ids="->".join)
-def test_known_cycle_edges_are_still_there_and_still_close_a_cycle(edge):
-    """A known edge that is gone (or no longer closes a cycle) is taken off the list."""
-    importer, imported = edge
-    assert imported in GRAPH[importer], f"{importer} no longer imports {imported}: remove it from KNOWN_CYCLE_EDGES"
-    assert any(
-        importer in c and imported in c for c in cycles(_without(GRAPH, set(KNOWN_CYCLE_EDGES) - {edge}))
-    ), f"{importer} -> {imported} closes no cycle now: remove it from KNOWN_CYCLE_EDGES"
 
 
 def test_the_graph_is_read_from_the_source():

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .. import __version__
+from ..version import __version__
 from ..atomic import write_error
 from ..protocols import DatasetError, RunContext
 from ..records import SpuriousDataset
