@@ -5,12 +5,6 @@ The names here are the public surface for plugin authors; everything else may ch
 
 from __future__ import annotations
 
-# First: lvlmva.pipeline.orchestrator still reads __version__ from this package while it is
-# being imported (a cycle that tests/test_imports.py names); everything else imports
-# lvlmva.version.
-from .version import __version__
-
-# isort: split
 from .hookspecs import hookimpl, hookspec
 from .pipeline import Stage, StageCall
 from .protocols import (
@@ -41,6 +35,7 @@ from .records import (
 )
 from .registry import PluginError, PluginRegistry, get_registry
 from .training import EpochEnd, Trainer
+from .version import __version__
 
 __all__ = [
     "__version__",
