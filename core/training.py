@@ -7,6 +7,13 @@
   callback per epoch (:class:`EpochEnd`). Mitigators receive one, so that baselines train
   exactly as the original model is trained. :func:`train_classifier` is a thin wrapper of it.
 - :func:`predict_logits` runs a model over a tensor of images in batches.
+- :class:`AlignmentTrainer` is what aligners train with: alignment samples with masks mixed
+  with ordinary training samples, Adam, clipping, per-epoch records of the loss terms an
+  aligner names, and a grid of loss parameters chosen on the validation split.
+  :class:`LossAligner` is an aligner made of a loss function alone (``AlignmentLoss``);
+  :class:`AlignmentOptions` are the options every such aligner has.
+- :func:`first_best` is the rule of every grid choice on the validation split: the highest
+  score, ties to the first point (mitigators and aligners share it).
 
 Data order is drawn per epoch from ``ctx.generator(f"{tag}-epoch-{e}")``, so the resident-tensor
 loop and the DataLoader loop see the same batches in the same order and give the same weights.
@@ -14,21 +21,28 @@ loop and the DataLoader loop see the same batches in the same order and give the
 
 from __future__ import annotations
 
+import abc
 import contextlib
+import copy
+import itertools
+import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .protocols import RunContext
-from .records import Split
+from .metrics import accuracy, average_group_accuracy, worst_group_accuracy
+from .protocols import PluginOptions, RunContext
+from .records import AlignmentSet, Split, SpuriousDataset, TrainedModel
 from .settings import TrainOptions
 
 __all__ = [
@@ -39,6 +53,13 @@ __all__ = [
     "train_classifier",
     "predict_logits",
     "fits_on_device",
+    "first_best",
+    "AlignmentLoss",
+    "AlignmentOptions",
+    "AlignmentTrainer",
+    "LossAligner",
+    "alignment_grid_problems",
+    "TOTAL",
 ]
 
 # Share of free device memory a resident split may take on an accelerator: the rest is left for
@@ -444,3 +465,447 @@ def predict_logits(
     finally:
         model.train(was_training)
     return torch.cat(chunks)
+
+
+def first_best(values: Sequence[float]) -> int:
+    """Index of the highest of ``values``, ties to the first: the rule of every grid choice on
+    the validation split. A NaN never wins over an earlier value (it compares as not higher)."""
+    if not values:
+        raise ValueError("first_best: no values to choose from")
+    best = 0
+    for index, value in enumerate(values):
+        if value > values[best]:
+            best = index
+    return best
+
+
+# -- alignment --------------------------------------------------------------------------------
+
+#: The name of the total among the terms an alignment loss returns: what the optimiser minimises.
+TOTAL = "loss"
+
+#: Record keys that a loss term or a loss parameter may not be named (they mean something else in
+#: ``metrics.jsonl``).
+_RESERVED_KEYS = frozenset(
+    {"stage", "epoch", "steps", "seconds", "train_accuracy", "run_stage", "run_attempt"}
+)
+
+#: The validation score each ``select_by`` choice compares.
+_SELECTION_SCORES = {"val-accuracy": "val_accuracy", "val-wga": "val_wga"}
+
+AlignmentLoss = Callable[..., Mapping[str, torch.Tensor]]
+"""An aligner's loss: ``loss(model, inputs, targets, masks, **params)`` returns its terms by
+name, scalar tensors, with the total under ``"loss"`` (:data:`TOTAL`): e.g. RRR's
+``{"loss": ce + lam * penalty, "ce": ce, "penalty": penalty}``. ``inputs`` float ``[B, C, H, W]``
+on the device, ``targets`` int64 ``[B]``, ``masks`` bool ``[B, H, W]`` (all False for the
+ordinary samples); ``params`` are the aligner's loss parameters (one grid point's values)."""
+
+
+class AlignmentOptions(PluginOptions):
+    """The options every aligner trained by :class:`AlignmentTrainer` has (an aligner's own loss
+    options come beside them)."""
+
+    select_by: Literal["val-accuracy", "val-wga"] = Field(
+        "val-accuracy",
+        description="How a grid of loss parameters is decided: 'val-accuracy' (validation "
+        "accuracy; needs no group labels) or 'val-wga' (worst-group validation accuracy; needs "
+        "group labels on the validation split). Unused without a grid. The test split is never "
+        "read.",
+    )
+    epochs: int = Field(3, ge=0, description="Passes over the ordinary training samples.")
+    lr: float = Field(
+        1e-3, gt=0, description="Adam learning rate (the paper used 1e-5 with 1000 epochs)."
+    )
+    weight_decay: float = Field(
+        0.0, ge=0, description="Adam weight decay (gamma; 0 in the method)."
+    )
+    alignment_batch: int = Field(
+        8, ge=1, description="Alignment samples per step (cycled through a seeded permutation)."
+    )
+    ordinary_batch: int = Field(
+        64, ge=0, description="Ordinary training samples per step (mask A = 0)."
+    )
+    max_steps_per_epoch: int | None = Field(
+        None,
+        ge=1,
+        description="Stop an epoch after this many steps (quick runs); None = full pass.",
+    )
+    max_grad_norm: float | None = Field(
+        None,
+        gt=0,
+        description="Clip the parameter gradient's norm to this value before each Adam step "
+        "(torch.nn.utils.clip_grad_norm_); None = no clipping, as in the method.",
+    )
+
+
+def _grid(params: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+    """``params`` split into the fixed values and the grid points: a tuple or list value is a
+    grid axis, the points are the product of the axes in the order given (the last axis varies
+    fastest). ``None`` when no value is a grid."""
+    fixed = {k: v for k, v in params.items() if not isinstance(v, (tuple, list))}
+    axes = {k: tuple(v) for k, v in params.items() if isinstance(v, (tuple, list))}
+    if not axes:
+        return fixed, None
+    points = [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
+    return fixed, points
+
+
+def alignment_grid_problems(
+    data: SpuriousDataset, params: Mapping[str, Any], select_by: str
+) -> list[str]:
+    """What would stop a grid of loss parameters (``params`` with a tuple value) from being
+    chosen on ``data``: no (or an empty) validation split, or ``select_by = 'val-wga'`` without
+    validation group labels. Parameters without a grid need neither."""
+    _fixed, points = _grid(params)
+    if points is None:
+        return []
+    names = " x ".join(k for k, v in params.items() if isinstance(v, (tuple, list)))
+    grid = f"{names} is a grid of {len(points)} values"
+    if data.val is None or len(data.val) == 0:
+        return [
+            f"{grid}, chosen on the validation split, but the data set has "
+            f"{'no' if data.val is None else 'an empty'} validation split: add one or give "
+            f"{names} a single value"
+        ]
+    if select_by == "val-wga" and data.val.groups is None:
+        return [
+            f"select_by = 'val-wga' (for the {grid}) needs group labels on the validation "
+            "split, which has none: use select_by = 'val-accuracy' or a data set with groups"
+        ]
+    return []
+
+
+class _CyclingPermutation:
+    """An endless stream of indices ``0..n-1``: seeded permutations, one after another."""
+
+    def __init__(self, n: int, generator: torch.Generator) -> None:
+        self.n = n
+        self.generator = generator
+        self.buffer = torch.empty(0, dtype=torch.int64)
+
+    def take(self, k: int) -> torch.Tensor:
+        while self.buffer.numel() < k:
+            self.buffer = torch.cat([self.buffer, torch.randperm(self.n, generator=self.generator)])
+        out, self.buffer = self.buffer[:k], self.buffer[k:]
+        return out
+
+
+class AlignmentTrainer:
+    """What an aligner trains with: give it a loss (:data:`AlignmentLoss`), get an aligned copy.
+
+    Each step takes ``alignment_batch`` alignment samples with their masks and
+    ``ordinary_batch`` training samples with empty masks, and takes one Adam step (``lr``,
+    ``weight_decay``) on the loss's total, the parameter gradient clipped to ``max_grad_norm``
+    when set. An epoch is one pass over the training split in ``ordinary_batch`` steps (over the
+    alignment set in ``alignment_batch`` steps when ``ordinary_batch`` is 0), at most
+    ``max_steps_per_epoch`` steps. Tensors stay where the data set keeps them; each step's batch
+    moves to ``ctx.device``.
+
+    Seeds, all from ``ctx.generator`` with the aligner's ``seed_name`` (RRR: ``"rrr"``):
+
+    - the alignment samples: seeded permutations of the alignment set one after another
+      (``f"{seed_name}-alignment-order"``), cycled across steps and epochs;
+    - the ordinary samples: a permutation of the training split per epoch
+      (``f"{seed_name}-epoch-{e}"``, ``e`` counted from 0);
+    - stochastic layers (dropout) draw from torch's global generator, seeded from
+      ``f"{seed_name}-stochastic-layers"`` inside a fork that restores it afterwards, so that
+      aligning does not shift other stages' numbers.
+
+    After each epoch one line goes to ``metrics.jsonl``: ``stage`` (``tag``), ``epoch`` (from
+    1), a grid point's parameters when aligning over a grid, the mean of every loss term over
+    the epoch's steps under the loss's names, ``steps`` and ``seconds``. A total that is not
+    finite stops the alignment with a ``FloatingPointError`` naming the terms.
+
+    ``who`` names the aligner in messages and progress bars. Whether kernels are deterministic
+    is the run's setting (``run.deterministic``), applied by the pipeline around every stage.
+    """
+
+    def __init__(
+        self,
+        options: AlignmentOptions,
+        ctx: RunContext,
+        *,
+        seed_name: str,
+        who: str,
+        tag: str = "align",
+    ) -> None:
+        self.options = options
+        self.ctx = ctx
+        self.seed_name = seed_name
+        self.who = who
+        self.tag = tag
+
+    def align(
+        self,
+        model: nn.Module,
+        data: SpuriousDataset,
+        alignment: AlignmentSet,
+        masks: torch.Tensor,
+        loss: AlignmentLoss,
+        params: Mapping[str, Any] | None = None,
+    ) -> nn.Module | TrainedModel:
+        """An aligned copy of ``model`` (in eval mode; ``model`` is left unchanged).
+
+        ``params`` are keyword arguments of ``loss``; a tuple (or list) value is a grid. Without
+        a grid, one alignment, returned as a module. With one, one alignment per grid point
+        (the product of the tuples), each from ``model`` with the same seeded batches, each
+        scored on the validation split; the first best by ``select_by`` is returned as a
+        ``TrainedModel`` whose details hold the criterion, every point's scores (``grid``) and
+        the point ``chosen``. One ``f"{tag}-select"`` line per point goes to ``metrics.jsonl``.
+        Only the best model so far is kept, so the points never need to fit in memory at once.
+        """
+        params = dict(params or {})
+        problems = alignment_grid_problems(data, params, self.options.select_by)
+        if problems:
+            raise ValueError(f"{self.who}: " + "; ".join(problems))
+        self._check_inputs(data.train, alignment, masks)
+        fixed, points = _grid(params)
+        if points is None:
+            return self.fit(model, data.train, alignment, masks, loss, fixed)
+
+        key = _SELECTION_SCORES[self.options.select_by]
+        rows: list[dict[str, Any]] = []
+        values: list[float] = []
+        best: tuple[nn.Module, dict[str, Any]] | None = None
+        for point in points:
+            aligned = self.fit(
+                model, data.train, alignment, masks, loss, {**fixed, **point}, tags=point
+            )
+            scores = self.validation_scores(aligned, data)
+            rows.append({**point, **scores})
+            self.ctx.log_jsonl("metrics.jsonl", {"stage": f"{self.tag}-select", **point, **scores})
+            values.append(scores[key])
+            if first_best(values) == len(values) - 1:
+                best = (aligned, point)
+        assert best is not None  # the first point is the best of one
+        details = {"criterion": self.options.select_by, "grid": rows, "chosen": dict(best[1])}
+        return TrainedModel(best[0], details)
+
+    def validation_scores(self, model: nn.Module, data: SpuriousDataset) -> dict[str, Any]:
+        """``val_accuracy``, ``val_wga`` and ``val_aga`` of ``model`` on the validation split (the
+        group scores None without group labels)."""
+        val = data.val
+        if val is None:
+            raise ValueError(f"{self.who}: there is no validation split to score on")
+        logits = predict_logits(model, val.inputs, self.ctx.device)
+        scores: dict[str, Any] = {
+            "val_accuracy": accuracy(logits, val.labels),
+            "val_wga": None,
+            "val_aga": None,
+        }
+        if val.groups is not None:
+            num_groups = len(data.group_names) or int(val.groups.max()) + 1
+            scores["val_wga"] = worst_group_accuracy(logits, val.labels, val.groups, num_groups)
+            scores["val_aga"] = average_group_accuracy(logits, val.labels, val.groups, num_groups)
+        return scores
+
+    def _check_inputs(self, train: Split, alignment: AlignmentSet, masks: torch.Tensor) -> None:
+        n_align = len(alignment)
+        if n_align == 0:
+            raise ValueError(f"{self.who}: the alignment set is empty (no sample has a valid mask)")
+        spatial = tuple(train.images.shape[2:])
+        if masks.dim() != 3 or masks.shape[0] != n_align or tuple(masks.shape[1:]) != spatial:
+            raise ValueError(
+                f"{self.who}: masks must be [{n_align},{spatial[0]},{spatial[1]}] for the "
+                f"alignment set, got {tuple(masks.shape)}"
+            )
+        if self.options.ordinary_batch > 0 and len(train) == 0:
+            raise ValueError(f"{self.who}: the training split is empty")
+
+    def fit(
+        self,
+        model: nn.Module,
+        train: Split,
+        alignment: AlignmentSet,
+        masks: torch.Tensor,
+        loss: AlignmentLoss,
+        params: Mapping[str, Any] | None = None,
+        *,
+        tags: Mapping[str, Any] | None = None,
+    ) -> nn.Module:
+        """One alignment of a copy of ``model`` with ``loss(model, inputs, targets, masks,
+        **params)``; returns the copy in eval mode. ``tags`` (a grid point) are added to every
+        epoch record and the progress label. Every call draws the same seeded batches (no seed
+        depends on ``params``), so fits with different parameters differ by the loss alone."""
+        self._check_inputs(train, alignment, masks)
+        opts, ctx = self.options, self.ctx
+        params = dict(params or {})
+        tags = dict(tags or {})
+        clash = sorted((set(params) | set(tags)) & (_RESERVED_KEYS | {TOTAL}))
+        if clash:
+            raise ValueError(f"{self.who}: loss parameters may not be named {clash}")
+        n_align = len(alignment)
+        spatial = tuple(train.images.shape[2:])
+        n_train = len(train)
+
+        device = ctx.device
+        aligned = copy.deepcopy(model).to(device)
+        aligned.train()
+        optimiser = torch.optim.Adam(
+            aligned.parameters(), lr=opts.lr, weight_decay=opts.weight_decay
+        )
+
+        align_images = train.inputs[alignment.indices]
+        align_labels = train.labels[alignment.indices]
+        align_masks = masks.to(torch.bool)
+        ordinary_masks = torch.zeros(
+            (min(opts.ordinary_batch, n_train), *spatial), dtype=torch.bool
+        )
+        align_stream = _CyclingPermutation(
+            n_align, ctx.generator(f"{self.seed_name}-alignment-order")
+        )
+
+        if opts.ordinary_batch > 0:
+            steps = math.ceil(n_train / opts.ordinary_batch)
+        else:
+            steps = math.ceil(n_align / opts.alignment_batch)
+        if opts.max_steps_per_epoch is not None:
+            steps = min(steps, opts.max_steps_per_epoch)
+        shown = ", ".join([self.who, *(f"{k} {v:g}" for k, v in tags.items())])
+        names: list[str] | None = None
+
+        cuda_devices = [device] if device.type == "cuda" else []
+        with (
+            torch.random.fork_rng(devices=cuda_devices),
+            _progress_bar(ctx.progress, f"{self.tag} ({shown})", opts.epochs * steps) as advance,
+        ):
+            torch.manual_seed(ctx.generator(f"{self.seed_name}-stochastic-layers").initial_seed())
+            for epoch in range(opts.epochs):
+                start = time.perf_counter()
+                order = torch.randperm(
+                    n_train, generator=ctx.generator(f"{self.seed_name}-epoch-{epoch}")
+                )
+                totals: torch.Tensor | None = None
+                for step in range(steps):
+                    a_idx = align_stream.take(opts.alignment_batch)
+                    o_idx = order[step * opts.ordinary_batch : (step + 1) * opts.ordinary_batch]
+                    inputs = torch.cat([align_images[a_idx], train.inputs[o_idx]]).to(device)
+                    targets = torch.cat([align_labels[a_idx], train.labels[o_idx]]).to(device)
+                    batch_masks = torch.cat(
+                        [align_masks[a_idx], ordinary_masks[: o_idx.numel()]]
+                    ).to(device)
+                    terms = loss(aligned, inputs, targets, batch_masks, **params)
+                    names = self._check_terms(terms, names, {**params, **tags})
+                    total = terms[TOTAL]
+                    if not torch.isfinite(total):
+                        told = ", ".join(
+                            [
+                                *(f"{k} {v.item()}" for k, v in terms.items() if k != TOTAL),
+                                *(f"{k} {v:g}" for k, v in params.items()),
+                            ]
+                        )
+                        lower = " or ".join([*params, "lr"])
+                        raise FloatingPointError(
+                            f"{self.who}: loss became {total.item()} at epoch {epoch + 1} step "
+                            f"{step + 1} ({told}); lower {lower}"
+                        )
+                    optimiser.zero_grad(set_to_none=True)
+                    total.backward()
+                    if opts.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(aligned.parameters(), opts.max_grad_norm)
+                    optimiser.step()
+                    # float64 sums on the CPU, in the loss's order of terms
+                    sums = torch.stack(
+                        [terms[k].detach().reshape(()).double() for k in names]
+                    ).cpu()
+                    totals = sums if totals is None else totals + sums
+                    advance()
+                assert totals is not None and names is not None  # an epoch has at least one step
+                means = (totals / max(steps, 1)).tolist()
+                ctx.log_jsonl(
+                    "metrics.jsonl",
+                    {
+                        "stage": self.tag,
+                        "epoch": epoch + 1,  # counted from 1, as the trainer counts
+                        **tags,
+                        **dict(zip(names, means, strict=True)),
+                        "steps": steps,
+                        "seconds": time.perf_counter() - start,
+                    },
+                )
+        aligned.eval()
+        return aligned
+
+    def _check_terms(
+        self, terms: Any, names: list[str] | None, params: Mapping[str, Any]
+    ) -> list[str]:
+        """The names of ``terms`` (the loss's return value), checked: a mapping with the total,
+        each term one number, the same names at every step, none that means something else in
+        the epoch record (a record key or a loss parameter)."""
+        if not isinstance(terms, Mapping) or TOTAL not in terms:
+            raise TypeError(
+                f"{self.who}: the loss must return a mapping of named terms with the total under "
+                f"{TOTAL!r}, got {type(terms).__name__}"
+                + (f" with keys {sorted(terms)}" if isinstance(terms, Mapping) else "")
+            )
+        found = list(terms)
+        if names is not None:
+            if found != names:
+                raise ValueError(
+                    f"{self.who}: the loss returned terms {found} after {names} at the step before"
+                )
+            return names
+        bad = [k for k in found if not isinstance(k, str) or k in _RESERVED_KEYS or k in params]
+        if bad:
+            raise ValueError(
+                f"{self.who}: loss terms may not be named {bad} (names of the epoch record)"
+            )
+        for k in found:
+            v = terms[k]
+            if not isinstance(v, torch.Tensor) or v.numel() != 1:
+                shape = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise TypeError(
+                    f"{self.who}: loss term {k!r} must be a one-number tensor, got {shape}"
+                )
+        return found
+
+
+class LossAligner(abc.ABC):
+    """An aligner made of its loss: a subclass sets ``Options`` (an :class:`AlignmentOptions`
+    subclass), ``seed_name`` and ``needs_masks``, and defines :meth:`loss`; :meth:`loss_params`
+    gives the loss's parameters (a tuple value is a grid chosen on the validation split).
+    ``align`` and ``check_data`` are :class:`AlignmentTrainer`'s."""
+
+    Options: ClassVar[type[PluginOptions]] = AlignmentOptions
+    needs_masks: ClassVar[bool] = True
+    #: the name the aligner's seeds are drawn under (``ctx.generator(f"{seed_name}-...")``)
+    seed_name: ClassVar[str]
+
+    def __init__(self, options: AlignmentOptions) -> None:
+        self.options = options
+
+    @abc.abstractmethod
+    def loss(
+        self,
+        model: nn.Module,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        masks: torch.Tensor,
+        **params: Any,
+    ) -> Mapping[str, torch.Tensor]:
+        """The loss terms of one batch (:data:`AlignmentLoss`)."""
+
+    def loss_params(self) -> Mapping[str, Any]:
+        """Keyword arguments of :meth:`loss` from the options; a tuple value is a grid."""
+        return {}
+
+    def trainer(self, ctx: RunContext) -> AlignmentTrainer:
+        return AlignmentTrainer(
+            self.options, ctx, seed_name=self.seed_name, who=type(self).__name__
+        )
+
+    def check_data(self, data: SpuriousDataset) -> list[str]:
+        """What would stop a grid of loss parameters (:func:`alignment_grid_problems`)."""
+        return alignment_grid_problems(data, self.loss_params(), self.options.select_by)
+
+    def align(
+        self,
+        model: nn.Module,
+        data: SpuriousDataset,
+        alignment: AlignmentSet,
+        masks: torch.Tensor,
+        ctx: RunContext,
+    ) -> nn.Module | TrainedModel:
+        """An aligned copy of ``model``; for a grid of loss parameters, the best on the
+        validation split as a ``TrainedModel`` (:meth:`AlignmentTrainer.align`)."""
+        return self.trainer(ctx).align(model, data, alignment, masks, self.loss, self.loss_params())

@@ -15,6 +15,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from lvlmva import training
 from lvlmva.metrics import accuracy, average_group_accuracy, worst_group_accuracy
 from lvlmva.protocols import PluginOptions, RunContext
 from lvlmva.records import Split, SpuriousDataset
@@ -114,12 +115,9 @@ def require(problems: Sequence[str]) -> None:
 
 
 def first_best(points: Sequence[dict[str, Any]]) -> int:
-    """Index of the grid point whose ``points[i]["val"][WGA]`` is highest, ties to the first."""
-    best = 0
-    for index, point in enumerate(points):
-        if point["val"][WGA] > points[best]["val"][WGA]:
-            best = index
-    return best
+    """Index of the grid point whose ``points[i]["val"][WGA]`` is highest, ties to the first
+    (:func:`lvlmva.training.first_best`, the rule the aligners' grids follow too)."""
+    return training.first_best([point["val"][WGA] for point in points])
 
 
 def fresh_model(trainer: Trainer, ctx: RunContext, salt: str) -> nn.Module:

@@ -1,8 +1,10 @@
-"""Tests of lvlmva.training: devices, seeding, the Trainer's loop and batched prediction."""
+"""Tests of lvlmva.training: devices, seeding, the Trainer's loop, batched prediction, and the
+alignment machinery (AlignmentTrainer, LossAligner) on an aligner written as a loss alone."""
 
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import numpy as np
@@ -11,12 +13,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lvlmva.records import Split
-from lvlmva.settings import TrainOptions
+from lvlmva.protocols import Aligner, check_capabilities
+from lvlmva.records import AlignmentSet, Split, SpuriousDataset, TrainedModel
+from lvlmva.report import read_training_curves, write_report
+from lvlmva.settings import ReportOptions, TrainOptions
 from lvlmva.training import (
+    AlignmentOptions,
+    AlignmentTrainer,
     EpochEnd,
+    LossAligner,
     Trainer,
     _can_fuse,
+    first_best,
     predict_logits,
     resolve_device,
     seed_everything,
@@ -432,3 +440,261 @@ def test_trainer_predict_is_predict_logits(ctx):
     x = _blobs(20).images
     expected = predict_logits(model, x, "cpu", batch_size=3)
     assert torch.equal(_trainer(ctx).predict(model, x, batch_size=3), expected)
+
+
+# -- the rule of grid choices ---------------------------------------------------------------
+
+
+def test_first_best_takes_the_highest_value_and_ties_to_the_first():
+    assert first_best([0.2, 0.5, 0.1]) == 1
+    assert first_best([0.5, 0.2, 0.5]) == 0
+    assert first_best([0.1, 0.7, 0.7]) == 1
+    assert first_best([0.3]) == 0
+    assert first_best([math.nan, 0.9]) == 0  # NaN compares as not lower: never overtaken
+    assert first_best([0.4, math.nan, 0.6]) == 2
+    with pytest.raises(ValueError, match="no values"):
+        first_best([])
+
+
+# -- alignment machinery ----------------------------------------------------------------------
+
+
+class ToyLossAligner(LossAligner):
+    """Plain cross-entropy, with the masked share of the batch's pixels as a named dummy term:
+    an aligner written only as a loss."""
+
+    seed_name = "toy"
+
+    def loss(self, model, inputs, targets, masks):
+        ce = F.cross_entropy(model(inputs), targets)
+        return {"loss": ce, "ce": ce, "masked_share": masks.float().mean()}
+
+
+class ScaledLossAligner(LossAligner):
+    """``loss = a * ce + b``, with ``c`` passed through: a loss with parameters on a grid."""
+
+    seed_name = "scaled"
+
+    def __init__(self, options, params):
+        super().__init__(options)
+        self.params = params
+        self.seen: list[dict] = []
+
+    def loss_params(self):
+        return self.params
+
+    def loss(self, model, inputs, targets, masks, *, a, b, c):
+        self.seen.append({"a": a, "b": b, "c": c})
+        ce = F.cross_entropy(model(inputs), targets)
+        return {"loss": a * ce + b, "ce": ce}
+
+
+def _alignment_data(n_val: int = 30) -> SpuriousDataset:
+    train, val = _blobs(60), _blobs(n_val, seed=1)
+    return SpuriousDataset("test", train, train, ("a", "b", "c"), ("a", "b", "c"), val=val)
+
+
+def _alignment_set(n: int = 5) -> tuple[AlignmentSet, torch.Tensor]:
+    masks = torch.zeros(n, 2, 2, dtype=torch.bool)
+    masks[:, 0] = True  # the top row of each 2 x 2 image: half its pixels
+    return AlignmentSet(torch.arange(3, 3 + n), torch.zeros(n), "random"), masks
+
+
+ALIGN_OPTS = {"epochs": 2, "lr": 1e-2, "alignment_batch": 4, "ordinary_batch": 16}
+
+
+def test_an_aligner_written_as_a_loss_runs_and_its_terms_reach_metrics_and_report(ctx):
+    data = _alignment_data()
+    alignment, masks = _alignment_set()
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    aligner = ToyLossAligner(AlignmentOptions(**ALIGN_OPTS))
+    assert isinstance(aligner, Aligner) and check_capabilities("aligner", ToyLossAligner) == []
+    assert aligner.check_data(data) == []
+
+    aligned = aligner.align(model, data, alignment, masks, ctx)
+
+    assert isinstance(aligned, nn.Module) and aligned is not model and not aligned.training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not _equal(aligned, model)
+    lines = _metrics(ctx)
+    assert [(x["stage"], x["epoch"]) for x in lines] == [("align", 1), ("align", 2)]
+    # 60 training samples in steps of 16: 16, 16, 16, 12 ordinary samples beside 4 alignment
+    # samples, whose masks cover half of their pixels.
+    expected_share = sum(0.5 * 4 / (4 + o) for o in (16, 16, 16, 12)) / 4
+    for line in lines:
+        assert set(line) == {"stage", "epoch", "loss", "ce", "masked_share", "steps", "seconds"}
+        assert line["steps"] == 4
+        assert line["loss"] == line["ce"]
+        assert line["masked_share"] == pytest.approx(expected_share, rel=1e-6)
+    assert lines[1]["ce"] < lines[0]["ce"]
+
+    curves, notes = read_training_curves(ctx.run_dir)
+    assert notes == []
+    (curve,) = curves
+    assert (curve.stage, curve.tag, curve.point, curve.label) == ("align", "align", {}, "align")
+    assert curve.terms == ("ce", "masked_share")
+    assert curve.epochs == [1, 2]
+    assert curve.series["masked_share"] == [line["masked_share"] for line in lines]
+    assert curve.series["loss"] == [line["loss"] for line in lines]
+    report = write_report(
+        ctx.run_dir, {}, options=ReportOptions(), rendered=[], verdicts=[], critiques=[],
+        test_images=None, test_labels=None, attributions={}, class_names=[],
+    )  # fmt: skip
+    text = report.read_text(encoding="utf-8")
+    assert "The loss terms the aligners name, per epoch (third panel): align: ce, masked_share." in text
+    assert (ctx.run_dir / "figures" / "training_curves.png").stat().st_size > 0
+
+
+def test_alignment_batches_follow_the_documented_seeds(ctx):
+    """Each step: the next alignment samples of the cycled seeded permutation, then the next
+    ordinary samples of the epoch's permutation, masks beside them."""
+    data = _alignment_data()
+    alignment, masks = _alignment_set(3)
+    masks[1, 1, 1] = True  # a mask of its own, so a mix-up shows
+    batches = []
+
+    def spy(model, inputs, targets, batch_masks):
+        batches.append((inputs.clone(), targets.clone(), batch_masks.clone()))
+        return {"loss": F.cross_entropy(model(inputs), targets)}
+
+    opts = AlignmentOptions(**{**ALIGN_OPTS, "alignment_batch": 2, "max_steps_per_epoch": 3})
+    AlignmentTrainer(opts, ctx, seed_name="spy", who="Spy").align(
+        _model(), data, alignment, masks, spy
+    )
+    gen = ctx.generator("spy-alignment-order")
+    stream = torch.cat([torch.randperm(3, generator=gen) for _ in range(4)])
+    assert len(batches) == 6
+    for n, (inputs, targets, batch_masks) in enumerate(batches):
+        epoch, step = divmod(n, 3)
+        order = torch.randperm(60, generator=ctx.generator(f"spy-epoch-{epoch}"))
+        a = stream[2 * n : 2 * n + 2]
+        o = order[16 * step : 16 * step + 16]
+        rows = torch.cat([alignment.indices[a], o])
+        assert torch.equal(inputs, data.train.images[rows])
+        assert torch.equal(targets, data.train.labels[rows])
+        assert torch.equal(batch_masks[:2], masks[a]) and not batch_masks[2:].any()
+
+
+def test_alignment_with_dropout_is_seeded_and_leaves_the_global_generator_alone(ctx):
+    data = _alignment_data()
+    alignment, masks = _alignment_set()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+    aligner = ToyLossAligner(AlignmentOptions(**ALIGN_OPTS))
+
+    def run():
+        torch.manual_seed(7)
+        aligned = aligner.align(model, data, alignment, masks, ctx)
+        return aligned, torch.rand(4)
+
+    (a, after_a), (b, after_b) = run(), run()
+    torch.manual_seed(7)
+    assert torch.equal(after_a, torch.rand(4))  # restored: as if nothing had drawn from it
+    assert torch.equal(after_a, after_b) and _equal(a, b)
+    ctx.seed = 1  # another run seed: other dropout draws and another data order
+    c, _ = run()
+    assert not _equal(a, c)
+
+
+def test_a_grid_of_loss_parameters_is_a_product_chosen_on_validation(ctx):
+    data = _alignment_data()
+    alignment, masks = _alignment_set()
+    model = _model()
+    opts = AlignmentOptions(**{**ALIGN_OPTS, "epochs": 1})
+    params = {"a": (0.0, 1.0), "b": (2.0, 3.0), "c": 5.0}
+    aligner = ScaledLossAligner(opts, params)
+    result = aligner.align(model, data, alignment, masks, ctx)
+
+    points = [{"a": 0.0, "b": 2.0}, {"a": 0.0, "b": 3.0}, {"a": 1.0, "b": 2.0}, {"a": 1.0, "b": 3.0}]
+    assert isinstance(result, TrainedModel)
+    assert [{k: row[k] for k in ("a", "b")} for row in result.details["grid"]] == points
+    assert {tuple(sorted(p.items())) for p in aligner.seen} == {
+        tuple(sorted({**p, "c": 5.0}.items())) for p in points
+    }
+    # a = 0 trains nothing (the gradient of a constant is zero): the model's own accuracy; a = 1
+    # trains, the same steps with either b. The first of the best is chosen.
+    accs = [row["val_accuracy"] for row in result.details["grid"]]
+    assert accs[0] == accs[1] < accs[2] == accs[3]
+    assert result.details["criterion"] == "val-accuracy"
+    assert result.details["chosen"] == points[2]  # the first of the tie
+    # the chosen model is the one a single fit with its parameters gives, to the bit
+    single = ScaledLossAligner(opts, {"a": 1.0, "b": 2.0, "c": 5.0})
+    assert _equal(result.model, single.align(model, data, alignment, masks, ctx))
+    lines = _metrics(ctx)[:8]  # the grid's lines, not the single fit's
+    align_lines = [x for x in lines if x["stage"] == "align"]
+    assert [{k: x[k] for k in ("a", "b")} for x in align_lines] == points
+    assert all("c" not in x for x in lines)  # only what varies tags a line
+    selected = [x for x in lines if x["stage"] == "align-select"]
+    assert [{k: x[k] for k in ("a", "b")} for x in selected] == points
+    curves, _ = read_training_curves(ctx.run_dir)
+    # the single fit's line has no a and b: a curve of its own after the grid's four
+    assert [c.point for c in curves] == [*points, {}]
+    labels = ["align, a 0, b 2", "align, a 0, b 3", "align, a 1, b 2", "align, a 1, b 3", "align"]
+    assert [c.label for c in curves] == labels
+    assert all(c.terms == ("ce",) for c in curves)
+
+
+@pytest.mark.parametrize(
+    ("terms", "error", "match"),
+    [
+        (lambda ce: ce, TypeError, "must return a mapping of named terms"),
+        (lambda ce: {"ce": ce}, TypeError, r"with the total under 'loss'.*keys \['ce'\]"),
+        (lambda ce: {"loss": ce, "epoch": ce}, ValueError, r"may not be named \['epoch'\]"),
+        (lambda ce: {"loss": ce, "per_sample": ce.expand(3)}, TypeError, "'per_sample' must be a one-number tensor"),
+        (lambda ce: {"loss": ce, "note": 1.0}, TypeError, "'note' must be a one-number tensor"),
+        (lambda ce: {"loss": ce * math.inf, "ce": ce}, FloatingPointError, r"loss became inf at epoch 1 step 1 \(ce [0-9.]+\); lower lr"),
+    ],
+)
+def test_alignment_loss_returns_are_checked(ctx, terms, error, match):
+    data = _alignment_data()
+    alignment, masks = _alignment_set()
+
+    def loss(model, inputs, targets, masks):
+        return terms(F.cross_entropy(model(inputs), targets))
+
+    trainer = AlignmentTrainer(AlignmentOptions(**ALIGN_OPTS), ctx, seed_name="t", who="Toy")
+    with pytest.raises(error, match=match):
+        trainer.align(_model(), data, alignment, masks, loss)
+    assert not (ctx.run_dir / "metrics.jsonl").exists()
+
+
+def test_alignment_loss_terms_may_not_change_between_steps(ctx):
+    data = _alignment_data()
+    alignment, masks = _alignment_set()
+    calls = []
+
+    def loss(model, inputs, targets, masks):
+        calls.append(1)
+        ce = F.cross_entropy(model(inputs), targets)
+        return {"loss": ce, "ce": ce} if len(calls) == 1 else {"loss": ce, "ce2": ce}
+
+    trainer = AlignmentTrainer(AlignmentOptions(**ALIGN_OPTS), ctx, seed_name="t", who="Toy")
+    with pytest.raises(ValueError, match=r"returned terms \['loss', 'ce2'\] after \['loss', 'ce'\]"):
+        trainer.align(_model(), data, alignment, masks, loss)
+
+
+def test_alignment_grid_and_input_refusals(ctx):
+    data = _alignment_data()
+    alignment, masks = _alignment_set()
+    no_val = SpuriousDataset("test", data.train, data.test, data.class_names, data.class_descriptions)
+    opts = AlignmentOptions(**ALIGN_OPTS)
+    grid = ScaledLossAligner(opts, {"a": (1.0, 2.0), "b": (0.0, 1.0, 2.0), "c": 0.0})
+    (problem,) = grid.check_data(no_val)
+    assert problem.startswith("a x b is a grid of 6 values, chosen on the validation split")
+    assert "give a x b a single value" in problem
+    with pytest.raises(ValueError, match="ScaledLossAligner: a x b is a grid of 6 values"):
+        grid.align(_model(), no_val, alignment, masks, ctx)
+    by_wga = ScaledLossAligner(AlignmentOptions(**ALIGN_OPTS, select_by="val-wga"), grid.params)
+    assert "select_by = 'val-wga' (for the a x b is a grid" in by_wga.check_data(data)[0]
+    single = ScaledLossAligner(opts, {"a": 1.0, "b": 0.0, "c": 0.0})
+    assert single.check_data(no_val) == []
+    with pytest.raises(ValueError, match=r"masks must be \[5,2,2\]"):
+        single.align(_model(), data, alignment, masks[:4], ctx)
+    empty = AlignmentSet(torch.zeros(0, dtype=torch.int64), torch.zeros(0), "random")
+    with pytest.raises(ValueError, match="the alignment set is empty"):
+        single.align(_model(), data, empty, masks[:0], ctx)
+    reserved = ScaledLossAligner(opts, {"a": 1.0, "b": 0.0, "c": 0.0, "steps": 1.0})
+    with pytest.raises(ValueError, match=r"loss parameters may not be named \['steps'\]"):
+        reserved.align(_model(), data, alignment, masks, ctx)
+    assert not (ctx.run_dir / "metrics.jsonl").exists()
