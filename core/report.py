@@ -18,6 +18,7 @@ import json
 import math
 import textwrap
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +38,7 @@ from .settings import ReportOptions
 if TYPE_CHECKING:
     from .pipeline.stage import StageCall
 
-__all__ = ["write_report", "report_stage", "FIGURES_DIR"]
+__all__ = ["write_report", "report_stage", "read_training_curves", "TrainingCurve", "FIGURES_DIR"]
 
 #: Folder in the run directory that holds the report's figures.
 FIGURES_DIR = "figures"
@@ -444,16 +445,51 @@ def _attributions_figure(
     return n
 
 
-def _read_curves(run_dir: Path) -> tuple[dict[str, list[dict[str, float]]], list[str]]:
-    """Per curve, the epoch records of ``metrics.jsonl``; plus notes on unreadable lines. A
-    curve is the pipeline stage that logged it (``run_stage``: "train", "align", "bound") where
-    known, else the record's own ``stage`` tag: the aligner logs as "align" in both the align
-    and the bound stage, which are different curves."""
-    path = run_dir / "metrics.jsonl"
-    curves: dict[str, list[dict[str, float]]] = {}
+#: Keys of a per-epoch record that are neither the loss, the training accuracy nor a loss term.
+_RECORD_KEYS = frozenset({"stage", "epoch", "steps", "seconds", "run_stage", "run_attempt"})
+#: The series every training loop logs; the other numbers of a record are named loss terms.
+_LOSS, _ACCURACY = "loss", "train_accuracy"
+
+
+@dataclass(frozen=True)
+class TrainingCurve:
+    """One fit's per-epoch records of ``metrics.jsonl``.
+
+    - ``stage``: the pipeline stage that logged it (``run_stage``: "train", "align", "reference",
+      "mitigate.jtt") where known, else the record's own ``stage`` tag; ``tag``: that tag (an
+      aligner logs as "align" in both the align and the reference stage; a mitigator's fits
+      have tags of their own).
+    - ``point``: the loss parameters of a grid point (an aligner's grid logs them in every
+      epoch record; they are the keys its records share with its ``<tag>-select`` lines);
+      empty for a fit without a grid.
+    - ``epochs`` and ``series``: per epoch, ``"loss"``, ``"train_accuracy"`` (where logged) and
+      every named loss term (NaN where a record lacks one); ``terms``: the names of the loss
+      terms besides the total, as the aligner named them (RRR: ``ce``, ``penalty``).
+    """
+
+    stage: str
+    tag: str
+    point: dict[str, Any]
+    epochs: list[int]
+    series: dict[str, list[float]]
+    terms: tuple[str, ...]
+    label: str
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_training_curves(run_dir: Path) -> tuple[list[TrainingCurve], list[str]]:
+    """The training curves of ``run_dir/metrics.jsonl`` (one per fit, in the order first
+    logged), and notes on unreadable lines. Lines without ``epoch`` and ``stage`` (evaluations,
+    a grid's selection lines) are not curves."""
+    path = Path(run_dir) / "metrics.jsonl"
     notes: list[str] = []
     if not path.exists():
-        return curves, notes
+        return [], notes
+    records: list[dict[str, Any]] = []
+    select_keys: dict[tuple[str, str], set[str]] = {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -462,28 +498,91 @@ def _read_curves(run_dir: Path) -> tuple[dict[str, list[dict[str, float]]], list
         except json.JSONDecodeError as exc:
             notes.append(f"metrics.jsonl line {number} is not JSON ({exc.msg}); skipped.")
             continue
-        if not isinstance(record, dict) or "epoch" not in record or "stage" not in record:
-            continue  # other metric lines (evaluations, timings) are not curves
-        curves.setdefault(str(record.get("run_stage") or record["stage"]), []).append(record)
+        if not isinstance(record, dict) or "stage" not in record:
+            continue
+        tag = str(record["stage"])
+        if "epoch" in record:
+            records.append(record)
+        elif tag.endswith("-select"):
+            curve = str(record.get("run_stage") or tag.removesuffix("-select"))
+            select_keys.setdefault((curve, tag.removesuffix("-select")), set()).update(record)
+
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    points: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for record in records:
+        curve, tag = str(record.get("run_stage") or record["stage"]), str(record["stage"])
+        shared = select_keys.get((curve, tag), set()) & set(record)
+        point = {k: record[k] for k in record if k in shared and k not in _RECORD_KEYS}
+        key = (curve, tag, json.dumps(point, sort_keys=True, default=str))
+        groups.setdefault(key, []).append(record)
+        points[key] = point
+    tags_per_curve: dict[str, set[str]] = {}
+    for curve, tag, _point in groups:
+        tags_per_curve.setdefault(curve, set()).add(tag)
+
+    curves = []
+    for key, group in groups.items():
+        curve, tag, _ = key
+        point = points[key]
+        group = sorted(group, key=lambda r: r["epoch"])
+        names: list[str] = []
+        for record in group:
+            for k, v in record.items():
+                if k not in _RECORD_KEYS and k not in point and k not in names and _is_number(v):
+                    names.append(k)
+        series = {
+            name: [float(r[name]) if _is_number(r.get(name)) else math.nan for r in group]
+            for name in names
+        }
+        label = curve if len(tags_per_curve[curve]) == 1 else f"{curve} ({tag})"
+        label = ", ".join([label, *(f"{k} {_point_value(v)}" for k, v in point.items())])
+        terms = tuple(n for n in names if n not in (_LOSS, _ACCURACY))
+        curves.append(
+            TrainingCurve(curve, tag, point, [r["epoch"] for r in group], series, terms, label)
+        )
     return curves, notes
 
 
-def _curves_figure(curves: Mapping[str, list[dict[str, Any]]], path: Path) -> bool:
+def _point_value(value: Any) -> str:
+    return f"{value:g}" if _is_number(value) else str(value)
+
+
+def _curves_figure(curves: Sequence[TrainingCurve], path: Path) -> bool:
+    """Loss and training accuracy per epoch, and a third panel with the named loss terms of
+    the curves that have them (an aligner's: RRR's ce and penalty); log scale where every term
+    value drawn is positive, since the terms' scales differ by orders of magnitude."""
     if not curves:
         return False
-    fig = Figure(figsize=(9, 3.2), layout="constrained")
-    ax_loss, ax_acc = fig.subplots(1, 2)
-    for tag, records in curves.items():
-        records = sorted(records, key=lambda r: r["epoch"])
-        epochs = [r["epoch"] for r in records]
-        for ax, key in ((ax_loss, "loss"), (ax_acc, "train_accuracy")):
-            values = [r.get(key) for r in records]
-            if any(v is not None for v in values):
-                ys = [math.nan if v is None else float(v) for v in values]
-                ax.plot(epochs, ys, marker="o", markersize=3, label=tag)
+    with_terms = [c for c in curves if c.terms]
+    fig = Figure(figsize=(13.5 if with_terms else 9, 3.2), layout="constrained")
+    axes = fig.subplots(1, 3 if with_terms else 2)
+    ax_loss, ax_acc = axes[0], axes[1]
+    # One colour per curve in every panel; in the terms panel one line style per term.
+    colours = {curve.label: f"C{index % 10}" for index, curve in enumerate(curves)}
+    for curve in curves:
+        for ax, key in ((ax_loss, _LOSS), (ax_acc, _ACCURACY)):
+            ys = curve.series.get(key)
+            if ys is not None and any(not math.isnan(v) for v in ys):
+                style = {"color": colours[curve.label], "marker": "o", "markersize": 3}
+                ax.plot(curve.epochs, ys, label=curve.label, **style)
     ax_loss.set_title("training loss", fontsize=9)
     ax_acc.set_title("training accuracy", fontsize=9)
-    for ax in (ax_loss, ax_acc):
+    if with_terms:
+        ax_terms = axes[2]
+        drawn: list[float] = []
+        for curve in with_terms:
+            for index, term in enumerate(curve.terms):
+                ys = curve.series[term]
+                style = {"color": colours[curve.label], "marker": "o", "markersize": 3}
+                linestyle = ("-", "--", ":", "-.")[index % 4]
+                ax_terms.plot(
+                    curve.epochs, ys, linestyle=linestyle, label=f"{curve.label}: {term}", **style
+                )
+                drawn += [v for v in ys if not math.isnan(v)]
+        if drawn and all(v > 0 and math.isfinite(v) for v in drawn):
+            ax_terms.set_yscale("log")
+        ax_terms.set_title("loss terms", fontsize=9)
+    for ax in axes:
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -491,6 +590,19 @@ def _curves_figure(curves: Mapping[str, list[dict[str, Any]]], path: Path) -> bo
             ax.legend(fontsize=7)
     _save_figure(fig, path)
     return True
+
+
+def _curves_text(curves: Sequence[TrainingCurve]) -> str:
+    stages = ", ".join(dict.fromkeys(c.stage for c in curves))
+    text = f"Loss and training accuracy per epoch ({stages})."
+    terms: dict[str, list[str]] = {}
+    for curve in curves:
+        names = terms.setdefault(curve.stage, [])
+        names += [t for t in curve.terms if t not in names]
+    named = "; ".join(f"{stage}: {', '.join(names)}" for stage, names in terms.items() if names)
+    if named:
+        text += f" The loss terms the aligners name, per epoch (third panel): {named}."
+    return text
 
 
 # -- entry point -------------------------------------------------------------------------------
@@ -585,11 +697,10 @@ def write_report(
         ]
 
     lines += ["## Training curves", ""]
-    curves, notes = _read_curves(run_dir)
+    curves, notes = read_training_curves(run_dir)
     if _curves_figure(curves, figures / "training_curves.png"):
-        tags = ", ".join(curves)
         lines += [
-            f"Loss and training accuracy per epoch ({tags}).",
+            _curves_text(curves),
             "",
             f"![training curves]({FIGURES_DIR}/training_curves.png)",
             "",

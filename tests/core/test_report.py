@@ -11,7 +11,7 @@ from PIL import Image
 from lvlmva.protocols import Metric
 from lvlmva.records import Critique, Verdicts
 from lvlmva.rendering import render_samples
-from lvlmva.report import write_report
+from lvlmva.report import read_training_curves, write_report
 from lvlmva.settings import RenderOptions, ReportOptions
 
 METRICS = [
@@ -269,3 +269,69 @@ def test_the_truths_pixel_count_is_named_for_what_it_is(tmp_path, key):
     assert "truly spurious (its right verdict is \"no\") when at least 1 of its pixels lie on the true mask" in text
     # the critic option min_overlap (a share) is another setting: the table does not use its name
     assert "| min_overlap |" not in text
+
+
+def _write_lines(path, records):
+    path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records), encoding="utf-8")
+
+
+def _empty_report(run_dir):
+    return write_report(
+        run_dir, {}, options=ReportOptions(), rendered=[], verdicts=[], critiques=[],
+        test_images=None, test_labels=None, attributions={}, class_names=[],
+    ).read_text(encoding="utf-8")  # fmt: skip
+
+
+def test_training_curves_show_the_aligners_named_loss_terms_per_grid_point(tmp_path):
+    """A run's metrics.jsonl as the trainer, a mitigator with two fits and an RRR lam grid (in
+    the align and the reference stage) write it: one curve per fit, the grid's points told
+    apart by the keys they share with the select lines, the loss terms as the aligner named
+    them."""
+    records = [{"run_stage": "train", "stage": "train", "epoch": e, "loss": 1.0 / e, "train_accuracy": 0.5, "seconds": 1.0} for e in (1, 2)]
+    for stage in ("align", "reference"):
+        for lam in (1.0, 10.0):
+            for e in (1, 2):
+                ce, penalty = 0.5 / e, 0.01 * lam / e
+                records.append({"run_stage": stage, "stage": "align", "epoch": e, "lam": lam, "loss": ce + lam * penalty, "ce": ce, "penalty": penalty, "steps": 3, "seconds": 0.1})
+            records.append({"run_stage": stage, "stage": "align-select", "lam": lam, "val_accuracy": 0.9, "val_wga": None, "val_aga": None})
+    for tag in ("jtt-stage1", "jtt-T1-up20"):
+        records.append({"run_stage": "mitigate.jtt", "stage": tag, "epoch": 1, "loss": 0.3, "train_accuracy": 0.9, "seconds": 1.0})
+    records.append({"run_stage": "evaluate.standard", "stage": "evaluate", "accuracy": 0.5})
+    _write_lines(tmp_path / "metrics.jsonl", records)
+
+    curves, notes = read_training_curves(tmp_path)
+    assert notes == []
+    assert [c.label for c in curves] == [
+        "train", "align, lam 1", "align, lam 10", "reference, lam 1", "reference, lam 10",
+        "mitigate.jtt (jtt-stage1)", "mitigate.jtt (jtt-T1-up20)",
+    ]  # fmt: skip
+    by_label = {c.label: c for c in curves}
+    assert by_label["train"].terms == () and by_label["train"].series["train_accuracy"] == [0.5, 0.5]
+    grid_point = by_label["reference, lam 10"]
+    assert (grid_point.stage, grid_point.tag, grid_point.point) == ("reference", "align", {"lam": 10.0})
+    assert grid_point.terms == ("ce", "penalty")
+    assert grid_point.epochs == [1, 2]
+    assert grid_point.series["penalty"] == pytest.approx([0.1, 0.05])
+    assert grid_point.series["loss"] == pytest.approx([0.5 + 1.0, 0.25 + 0.5])
+    assert "lam" not in grid_point.series and "steps" not in grid_point.series
+    text = _empty_report(tmp_path)
+    assert "Loss and training accuracy per epoch (train, align, reference, mitigate.jtt)." in text
+    assert "per epoch (third panel): align: ce, penalty; reference: ce, penalty." in text
+    _open_png(tmp_path / "figures" / "training_curves.png")
+
+
+def test_a_single_fit_aligner_and_a_run_without_loss_terms(tmp_path):
+    """Without a grid an aligner's records carry no parameters (a single RRR lam): its terms
+    are still its terms. A run whose loops log only loss and accuracy names no terms."""
+    records = [{"run_stage": "align", "stage": "align", "epoch": e, "loss": 2.0, "ce": 1.0, "penalty": 0.1, "steps": 2, "seconds": 0.1} for e in (2, 1)]
+    _write_lines(tmp_path / "metrics.jsonl", records)
+    (curve,) = read_training_curves(tmp_path)[0]
+    assert (curve.label, curve.point, curve.terms, curve.epochs) == ("align", {}, ("ce", "penalty"), [1, 2])
+    assert "third panel): align: ce, penalty." in _empty_report(tmp_path)
+
+    records = [{"stage": "train", "epoch": 1, "loss": 1.0, "train_accuracy": 0.5, "seconds": 1.0}]
+    _write_lines(tmp_path / "metrics.jsonl", records)
+    (curve,) = read_training_curves(tmp_path)[0]
+    assert curve.terms == ()
+    text = _empty_report(tmp_path)
+    assert "Loss and training accuracy per epoch (train)." in text and "loss terms" not in text
