@@ -18,6 +18,8 @@ from lvlmva.plugins.aligners import rrr as rrr_module
 from lvlmva.plugins.aligners.rrr import RrrAligner, RrrOptions, rrr_loss
 from lvlmva.protocols import Aligner, check_capabilities
 from lvlmva.records import AlignmentSet, Split, SpuriousDataset, TrainedModel
+from lvlmva.report import read_training_curves
+from lvlmva.training import AlignmentOptions, LossAligner
 
 
 class Linear(nn.Module):
@@ -208,6 +210,10 @@ OPTS = dict(lam=10.0, epochs=2, lr=1e-2, alignment_batch=8, ordinary_batch=32)
 
 def test_aligner_is_a_plugin():
     assert check_capabilities("aligner", RrrAligner) == []
+    assert issubclass(RrrAligner, LossAligner) and issubclass(RrrOptions, AlignmentOptions)
+    # lam first in the settings reference, then the options every aligner has
+    assert list(RrrOptions.model_fields)[:2] == ["lam", "select_by"]
+    assert set(RrrOptions.model_fields) == {"lam", *AlignmentOptions.model_fields}
     assert RrrAligner.needs_masks is True
     assert isinstance(RrrAligner(RrrOptions()), Aligner)
     assert RrrAligner.__doc__.splitlines()[0].strip()
@@ -239,7 +245,7 @@ def test_aligner_reduces_penalty_and_leaves_input_unchanged(ctx):
     assert [line["epoch"] for line in lines] == [1, 2]
     assert all(line["stage"] == "align" for line in lines)
     for line in lines:
-        assert {"loss", "ce", "penalty", "seconds"} <= set(line)
+        assert set(line) == {"stage", "epoch", "loss", "ce", "penalty", "steps", "seconds"}
         assert line["loss"] == pytest.approx(line["ce"] + OPTS["lam"] * line["penalty"], rel=1e-6)
         assert line["steps"] == 6  # ceil(192 / 32)
 
@@ -431,6 +437,19 @@ def test_one_aligner_step_equals_the_hand_computed_step(ctx):
     assert line["penalty"] == pytest.approx(penalty, rel=1e-5)
 
 
+def test_loss_names_rrr_terms():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x = torch.randn(4, 1, 4, 4)
+    y = torch.tensor([0, 1, 2, 0])
+    masks = torch.rand(4, 4, 4) < 0.5
+    aligner = RrrAligner(RrrOptions(lam=[1.0, 2.0]))
+    assert aligner.loss_params() == {"lam": (1.0, 2.0)}
+    terms = aligner.loss(model, x, y, masks, lam=2.0)
+    assert list(terms) == ["loss", "ce", "penalty"]
+    for got, want in zip(terms.values(), rrr_loss(model, x, y, masks, 2.0), strict=True):
+        assert torch.equal(got, want)
+
+
 def test_aligner_reports_bad_inputs(ctx):
     data = shortcut_data(n_train=32)
     model = trained_model(data)
@@ -442,7 +461,7 @@ def test_aligner_reports_bad_inputs(ctx):
     with pytest.raises(ValueError, match="masks must be"):
         aligner.align(model, data, al, masks[:3], ctx)
     diverging = RrrAligner(RrrOptions(**{**OPTS, "lam": 1e300}))  # finite, and still too large to train
-    with pytest.raises(FloatingPointError, match="lower lam"):
+    with pytest.raises(FloatingPointError, match=r"RrrAligner: .* at epoch 1 step 1 \(ce .*, penalty .*, lam 1e\+300\); lower lam or lr"):
         diverging.align(model, data, al, masks, ctx)
 
 
@@ -531,9 +550,13 @@ def test_grid_picks_the_lambda_a_hand_computation_picks(ctx):
         assert row["val_aga"] == pytest.approx(aga, abs=1e-12)
     # The winner is the model a single-value run with the chosen lambda gives, to the bit.
     assert_same_weights(result.model, singles[best])
-    # Every grid point trains and logs under its own lambda.
+    # Every grid point trains and logs under its own lambda, and is a curve of its own in the
+    # report with RRR's terms.
     assert [line["lam"] for line in lines if line["stage"] == "align"] == grid
     assert [line["lam"] for line in lines if line["stage"] == "align-select"] == grid
+    curves, _ = read_training_curves(ctx.run_dir)
+    assert [c.point for c in curves[: len(grid)]] == [{"lam": lam} for lam in grid]
+    assert all(c.terms == ("ce", "penalty") for c in curves)
 
 
 def test_grid_ties_go_to_the_first_value(ctx):
