@@ -21,6 +21,10 @@ backprop), never captum: the penalty must stay differentiable with respect to th
 same seeded batches, and the one with the best validation score (``select_by``) is returned as
 a :class:`~lvlmva.records.TrainedModel` whose details list every point's scores. The test split
 is never read.
+
+The training itself (batches, seeds, Adam, clipping, the per-epoch ``metrics.jsonl`` lines, the
+grid) is :class:`lvlmva.training.AlignmentTrainer`'s: :class:`RrrAligner` is a
+:class:`~lvlmva.training.LossAligner` that supplies :func:`rrr_loss` and ``lam``.
 """
 
 from __future__ import annotations
