@@ -89,6 +89,11 @@ class StageEntry:
         return str(self.stage.name)
 
 
+def _origin(entry: StageEntry) -> str:
+    """``my_plugin (my-dist 1.0)``: the module that added a stage and its distribution."""
+    return f"{entry.source} ({' '.join(filter(None, (entry.distribution, entry.version)))})"
+
+
 def _split_lazy(factory: str) -> tuple[str, str]:
     """``"package.module:Class"`` -> ``("package.module", "Class")``, or a PluginError."""
     module_name, sep, attr = factory.partition(":")
@@ -129,6 +134,7 @@ class PluginRegistry:
         self._source: tuple[str, str, str] = ("unknown", "", "")
         self._resolved: dict[tuple[str, str], type] = {}
         self._stages: dict[str, StageEntry] = {}
+        self._codecs: dict[str, StageEntry] = {}  # codec name -> the stage that brought it
 
     # -- used by hooks ---------------------------------------------------------------------
     def add(self, role: str, name: str, factory: type | str) -> None:
@@ -171,7 +177,12 @@ class PluginRegistry:
         """Add a pipeline stage (a :class:`lvlmva.pipeline.Stage`) right after or right before
         the stage named ``after`` / ``before`` (exactly one). ``options``, when given, is the
         model of a settings section named like the stage (``[review]`` for a stage "review"),
-        validated like a core section; the stage reads it by declaring the section."""
+        validated like a core section; the stage reads it by declaring the section.
+
+        The stage's codec, when it is the plugin's own, is registered under its name
+        (:meth:`codec`), so that ``open_run(path).load(stage)`` reads the artifact in a process
+        that never imported the plugin; a name that lvlmva's own codecs or another stage's
+        different codec already has is refused, naming both."""
         who = self._source[2] or self._source[0]
         name = getattr(stage, "name", None)
         if not isinstance(name, str) or not callable(getattr(stage, "run", None)):
@@ -180,6 +191,16 @@ class PluginRegistry:
             raise PluginError(f"{who} adds stage {name!r}: give exactly one of after= or before=")
         if options is not None and not (isinstance(options, type) and issubclass(options, PluginOptions)):
             raise PluginError(f"{who} adds stage {name!r}: options must subclass lvlmva.PluginOptions")
+        codec = getattr(stage, "codec", None)
+        codec_name = getattr(codec, "name", None)
+        if codec is not None and not (
+            isinstance(codec_name, str) and codec_name
+            and callable(getattr(codec, "encode", None)) and callable(getattr(codec, "decode", None))
+        ):  # fmt: skip
+            raise PluginError(
+                f"{who} adds stage {name!r} with a codec that has no name, encode(value, folder) "
+                f"and decode(folder, ctx): {codec!r}"
+            )
         if f"stage:{name}" in self._blocked:
             return
         existing = self._stages.get(name)
@@ -189,7 +210,45 @@ class PluginRegistry:
                 f"and again by {who} ({self._source[0]})"
             )
         dist, version, module = self._source
-        self._stages[name] = StageEntry(stage, after, before, options, dist, version, module)
+        entry = StageEntry(stage, after, before, options, dist, version, module)
+        plugin_codec = codec is not None and self._check_codec(codec, entry)
+        self._stages[name] = entry
+        if plugin_codec:
+            self._codecs.setdefault(codec.name, entry)
+
+    def _check_codec(self, codec: Any, entry: StageEntry) -> bool:
+        """Whether ``codec`` is a plugin's own (not one of lvlmva's); refuses one named like
+        lvlmva's own codecs or like another stage's different codec: a finished run records
+        only the codec's name, and reading it back must find the codec that wrote it."""
+        # not at import time: the pipeline imports this module
+        from .pipeline.codecs import BUILTIN_CODECS, same_codec
+
+        builtin = BUILTIN_CODECS.get(codec.name)
+        if builtin is not None:
+            if same_codec(builtin, codec):
+                return False
+            raise PluginError(
+                f"{_origin(entry)} adds stage {entry.name!r} with a codec named {codec.name!r}, the "
+                f"name of one of lvlmva's own codecs ({', '.join(BUILTIN_CODECS)}); give it another name"
+            )
+        first = self._codecs.get(codec.name)
+        if first is not None and not same_codec(first.stage.codec, codec):
+            raise PluginError(
+                f"two different codecs named {codec.name!r}: {type(first.stage.codec).__qualname__} of "
+                f"{_origin(first)} for stage {first.name!r}, and {type(codec).__qualname__} of "
+                f"{_origin(entry)} for stage {entry.name!r}; one of them must rename its codec"
+            )
+        return True
+
+    def codec(self, name: str) -> Any | None:
+        """The codec named ``name`` that a plugin stage brought (``None`` when none did); lvlmva's
+        own codecs are in :data:`lvlmva.pipeline.codecs.BUILTIN_CODECS`."""
+        entry = self._codecs.get(name)
+        return None if entry is None else entry.stage.codec
+
+    def codec_sources(self) -> dict[str, StageEntry]:
+        """Codec name -> the first stage that brought it (its plugin and distribution)."""
+        return dict(self._codecs)
 
     def stages(self) -> list[StageEntry]:
         """Stages added by plugins, in the order they were added."""
@@ -461,6 +520,7 @@ def register_module(module: ModuleType | object, name: str, distribution: str = 
         registry._source = (distribution, version, _module_name(module, name))
         before = {role: dict(entries) for role, entries in registry._entries.items()}
         stages_before = dict(registry._stages)
+        codecs_before = dict(registry._codecs)
         try:
             impl(registry=registry)
         except PluginError:
@@ -469,6 +529,7 @@ def register_module(module: ModuleType | object, name: str, distribution: str = 
             loaded.pm.unregister(module)
             registry._entries = before
             registry._stages = stages_before
+            registry._codecs = codecs_before
             raise
         finally:
             registry._source = ("unknown", "", "")

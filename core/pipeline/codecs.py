@@ -36,6 +36,9 @@ __all__ = [
     "VERDICTS",
     "RENDERED",
     "codec_named",
+    "find_codec",
+    "same_codec",
+    "BUILTIN_CODECS",
     "json_default",
 ]
 
@@ -272,19 +275,43 @@ SEGMENTATION = _Record(Segmentation, "segmentation")
 CRITIQUES = _RecordList(Critique, "critiques")
 VERDICTS = _RecordList(Verdicts, "verdicts")
 
-_BY_NAME: dict[str, Codec] = {c.name: c for c in (TENSORS, JSON, MODEL, RENDERED, ALIGNMENT_SET, SEGMENTATION, CRITIQUES, VERDICTS)}
+#: lvlmva's own codecs, by name: a plugin's codec may not take one of these names
+BUILTIN_CODECS: dict[str, Codec] = {
+    c.name: c for c in (TENSORS, JSON, MODEL, RENDERED, ALIGNMENT_SET, SEGMENTATION, CRITIQUES, VERDICTS)
+}
+
+_BY_NAME: dict[str, Codec] = dict(BUILTIN_CODECS)
+
+
+def same_codec(a: Any, b: Any) -> bool:
+    """Whether two codec objects store alike: the same object, or two instances of one class
+    with equal attributes (a plugin module imported twice, a record codec made twice)."""
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    try:
+        return bool(vars(a) == vars(b))
+    except (TypeError, RuntimeError, ValueError):  # attributes without equality (tensors)
+        return False
+
+
+def find_codec(name: str) -> Codec | None:
+    """A built-in codec, or one registered in this process with :func:`register_codec`."""
+    return _BY_NAME.get(name)
 
 
 def codec_named(name: str) -> Codec:
-    """The codec a stage record names (how a finished run is read without a pipeline)."""
-    try:
-        return _BY_NAME[name]
-    except KeyError:
-        raise ArtifactError(f"unknown artifact format {name!r}; known: {', '.join(_BY_NAME)}") from None
+    """The codec a stage record names, among :func:`find_codec`'s. A plugin stage's codec is
+    found through the plugin registry (``open_run(...).load`` does that)."""
+    codec = find_codec(name)
+    if codec is None:
+        raise ArtifactError(f"unknown artifact format {name!r}; known: {', '.join(_BY_NAME)}")
+    return codec
 
 
 def register_codec(codec: Codec) -> None:
-    """Make a plugin stage's own codec readable by name (``open_run``)."""
-    if codec.name in _BY_NAME and _BY_NAME[codec.name] is not codec:
+    """Make a plugin stage's own codec readable by name in this process."""
+    if codec.name in _BY_NAME and not same_codec(_BY_NAME[codec.name], codec):
         raise ValueError(f"a different codec is already named {codec.name!r}")
-    _BY_NAME[codec.name] = codec
+    _BY_NAME.setdefault(codec.name, codec)

@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import SymlinkRefused, open_lock_file, refuse_symlink, write_atomic
+from ..registry import PluginError, PluginRegistry, get_registry
 from ..secrets import redact_json
 from ..version import __version__
-from .codecs import ArtifactError, DecodeContext, codec_named, json_default
+from .codecs import ArtifactError, Codec, DecodeContext, find_codec, json_default
 from .errors import NotARunDirectory, PublishError, RunDirectoryBusy
 
 __all__ = ["RunDirectory", "StageRecord", "FinishedRun", "open_run", "MARKER", "RECORD"]
@@ -430,8 +431,13 @@ class FinishedRun:
                     out[child.name] = record
         return out
 
-    def load(self, stage: str, build_model: Any = None) -> Any:
-        """A finished stage's artifact. Models need ``build_model(input_shape, num_classes)``."""
+    def load(self, stage: str, build_model: Any = None, registry: PluginRegistry | None = None) -> Any:
+        """A finished stage's artifact. Models need ``build_model(input_shape, num_classes)``.
+
+        A stage a plugin added may be stored with the plugin's own codec: when the record names
+        a codec that is not lvlmva's (nor registered in this process), the installed plugins are
+        loaded (``registry``, default :func:`lvlmva.registry.get_registry`) and the codec their
+        stages brought is used."""
         rundir = RunDirectory(self.path)
         record = rundir.record(stage)
         if record is None:
@@ -439,7 +445,28 @@ class FinishedRun:
         problem = rundir.verify(record)
         if problem is not None:
             raise ArtifactError(f"{self.path}: {problem}")
-        return codec_named(record.codec).decode(rundir.stage_dir(stage), DecodeContext(build_model))
+        codec = self._codec(stage, record.codec, registry)
+        return codec.decode(rundir.stage_dir(stage), DecodeContext(build_model))
+
+    def _codec(self, stage: str, name: str, registry: PluginRegistry | None) -> Codec:
+        codec = find_codec(name)
+        if codec is not None:
+            return codec
+        where = f"{self.path / stage}: stage {stage!r} is stored with codec {name!r}"
+        if registry is None:
+            try:
+                registry = get_registry()
+            except PluginError as exc:
+                raise ArtifactError(f"{where}, which is not lvlmva's own, and loading the installed plugins failed: {exc}") from exc
+        codec = registry.codec(name)
+        if codec is None:
+            known = ", ".join(f"{n} ({e.distribution}, stage {e.name!r})" for n, e in registry.codec_sources().items())
+            raise ArtifactError(
+                f"{where}, which neither lvlmva nor an installed plugin provides "
+                f"(codecs of installed plugins' stages: {known or 'none'}); "
+                f"install the plugin that added stage {stage!r}"
+            )
+        return codec
 
 
 def open_run(path: str | Path) -> FinishedRun:
