@@ -34,7 +34,7 @@ from .records import (
     Verdicts,
 )
 from .registry import PluginError, PluginRegistry, get_registry
-from .training import EpochEnd, Trainer
+from .training import AlignmentOptions, AlignmentTrainer, EpochEnd, LossAligner, Trainer
 from .version import __version__
 
 __all__ = [
@@ -68,6 +68,9 @@ __all__ = [
     "get_registry",
     "Trainer",
     "EpochEnd",
+    "AlignmentTrainer",
+    "AlignmentOptions",
+    "LossAligner",
     "Stage",
     "StageCall",
 ]

@@ -35,14 +35,27 @@ __all__ = [
     "CORE_SECTIONS",
     "SINGLE_ROLES",
     "INSTANCE_SECTIONS",
+    "PAIRING_KEYS",
     "RESERVED_MODEL_NAMES",
 ]
 
-#: roles with one plugin per run, each picked by a section of the role's name
+#: sections of named instances -> their role (``[mitigators.dfr] plugin = "dfr"``): the roles
+#: a run compares. Segmenters, critics, judges and aligners may also be given by a section of
+#: the role's name (``[critic]``), the one-instance form; mitigators and evaluators only by name.
+INSTANCE_SECTIONS: dict[str, str] = {
+    "segmenters": "segmenter",
+    "critics": "critic",
+    "judges": "judge",
+    "aligners": "aligner",
+    "mitigators": "mitigator",
+    "evaluators": "evaluator",
+}
+
+#: roles picked by a section of the role's name (``[critic] plugin = "oracle"``)
 SINGLE_ROLES: tuple[str, ...] = tuple(r for r in ROLES if r not in ("mitigator", "evaluator"))
 
-#: sections of named instances -> their role (``[mitigators.dfr] plugin = "dfr"``)
-INSTANCE_SECTIONS: dict[str, str] = {"mitigators": "mitigator", "evaluators": "evaluator"}
+#: keys of a ``[critics.<name>]`` table that are not the plugin's options: which judge reads it
+PAIRING_KEYS: dict[str, str] = {"critic": "judge"}
 
 #: model names the pipeline gives its own models; a mitigator instance may not take them
 RESERVED_MODEL_NAMES = ("original", "aligned", "true_mask")
@@ -201,6 +214,8 @@ class PluginChoice:
     name: str
     options: PluginOptions
     slot: str = ""
+    #: for a critic: the slot of the judge that reads it (``"judge"``, ``"judges.rules"``)
+    judge: str | None = None
 
     def __post_init__(self) -> None:
         if not self.slot:
@@ -213,7 +228,10 @@ class PluginChoice:
         return name if sep else None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"plugin": self.name, **self.options.model_dump(mode="json")}
+        out = {"plugin": self.name, **self.options.model_dump(mode="json")}
+        if self.judge is not None and "." in self.judge:  # the pairing as it was written
+            out["judge"] = self.judge.partition(".")[2]
+        return out
 
 
 @dataclass(frozen=True)
@@ -260,6 +278,10 @@ class Settings:
     def instances(self, role: str) -> dict[str, PluginChoice]:
         """The named instances of ``role`` (``"mitigator"``, ``"evaluator"``): name -> choice."""
         return {c.instance: c for c in self.plugins.values() if c.role == role and c.instance}  # type: ignore[misc]
+
+    def choices(self, role: str) -> list[PluginChoice]:
+        """Every plugin of ``role``, the one-instance section or the named instances, in order."""
+        return [c for c in self.plugins.values() if c.role == role]
 
     def section(self, name: str) -> dict[str, Any] | None:
         """A core section or a plugin slot as plain JSON-able data (``None`` when unset)."""

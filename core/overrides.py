@@ -29,6 +29,7 @@ from .records import Verdicts
 
 __all__ = [
     "OVERRIDES_FILE",
+    "overrides_file",
     "Override",
     "OverridesError",
     "read_overrides",
@@ -40,6 +41,13 @@ __all__ = [
 
 #: where overrides live, relative to the run directory
 OVERRIDES_FILE = Path("review") / "overrides.json"
+
+
+def overrides_file(branch: str = "") -> Path:
+    """Where a person's overrides of one branch's verdicts live, relative to the run directory:
+    ``review/overrides.json`` for a run with one segmenter and one critic, else
+    ``review/<branch>/overrides.json`` (``review/j5.gpt4o/overrides.json``)."""
+    return OVERRIDES_FILE if not branch else Path("review") / branch / "overrides.json"
 
 _FORMAT = "lvlmva-overrides"
 _VERSION = 1

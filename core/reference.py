@@ -14,9 +14,9 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from .options import CORE_SECTIONS, INSTANCE_SECTIONS, SINGLE_ROLES
 from .protocols import ROLES
 from .registry import PluginError, PluginRegistry, get_registry
-from .options import CORE_SECTIONS, INSTANCE_SECTIONS
 
 HEADER = """# Settings reference
 
@@ -74,8 +74,16 @@ def render_settings_reference(registry: PluginRegistry | None = None) -> str:
     plural = {role: section for section, role in INSTANCE_SECTIONS.items()}
     for role, proto in ROLES.items():
         first = (inspect.getdoc(proto) or "").split("\n\n")[0]
-        heading = f"`[{plural[role]}.<name>]`" if role in plural else f"`[{role}]`"
-        parts.append(f"### {heading}\n\n{first}\n")
+        if role in plural and role in SINGLE_ROLES:
+            heading = f"`[{role}]` or `[{plural[role]}.<name>]`"
+            extra = (
+                f"\nOne {role} per run in `[{role}]`, or several compared in one run as named instances "
+                f"`[{plural[role]}.<name>]`" + (" (each names its judge: `judge = \"<name>\"` of a `[judges.<name>]`, unless the run has one judge)" if role == "critic" else "")
+                + ": the stages fan out over them.\n"
+            )
+        else:
+            heading, extra = (f"`[{plural[role]}.<name>]`" if role in plural else f"`[{role}]`"), ""
+        parts.append(f"### {heading}\n\n{first}\n{extra}")
         for entry in registry.entries(role):
             if entry.distribution != "lvlmva":
                 continue  # third-party plugins document themselves

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from .atomic import write_error
-from .records import RenderedSample
 from .options import RenderOptions
+from .records import RenderedSample
 
 __all__ = [
     "PALETTE",

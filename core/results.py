@@ -86,10 +86,13 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 
 def assemble_results(
-    call: StageCall, critic: str, model_stages: Sequence[Stage], evaluate_stages: Sequence[Stage]
+    call: StageCall, branches: Sequence[Mapping[str, Any]], model_stages: Sequence[Stage], evaluate_stages: Sequence[Stage]
 ) -> dict[str, Any]:
     """The results stage: labels of the models, every evaluation, verdict quality, alignment
-    failures and LVLM usage, from the artifacts the stage declared."""
+    failures and LVLM usage, from the artifacts the stage declared. A run with one segmenter and
+    one critic writes its verdicts at the top (``verdicts``, ``review``, ``alignment``, ...);
+    a run with several writes one block per branch under ``branches`` (same keys, plus the
+    branch's segmenter, critic and judge) and the total ``usage``."""
     data: SpuriousDataset = call["data"]
     norm = data.train.normalization
     out: dict[str, Any] = {
@@ -115,17 +118,40 @@ def assemble_results(
         evaluation = call[stage.provides]
         if evaluation is not None:
             out["evaluations"][stage.name.partition(".")[2]] = evaluation
-    oracle = call.flag("critic", "needs_true_masks")
+    blocks = {b["key"]: _branch_results(call, b, data) for b in branches}
+    if len(branches) == 1 and branches[0]["key"] == "":
+        block = blocks[""]
+        out.update({k: v for k, v in block.items() if k not in ("usage_records", "segmenter", "judge")})
+        out["usage"] = total_usage(block["usage_records"]).to_state()
+    else:
+        everything = []
+        out["branches"] = {}
+        for key, block in blocks.items():
+            everything += block.pop("usage_records")
+            out["branches"][key] = block
+        out["usage"] = total_usage(everything).to_state()
+    out["machine"] = machine_info(call.ctx.device)
+    return out
+
+
+def _branch_results(call: StageCall, branch: Mapping[str, Any], data: SpuriousDataset) -> dict[str, Any]:
+    """One segmenter x critic pair's block: its critic, the review of its verdicts, their
+    quality against the true masks, the critic's uncertainty, alignment failures, usage."""
+    names = branch["names"]
+    slot = branch["critic_slot"]
+    out: dict[str, Any] = {"segmenter": branch["segmenter"], "judge": branch["judge"]}
+    critic = branch["critic"]
+    oracle = call.flag(slot, "needs_true_masks")
     # what a critic that reads the true masks is (the oracle: an upper bound; the scripted
     # critic: a simulation with chosen mistakes); never an LVLM
-    note = str(getattr(call.plugin_class("critic"), "truth_note", ORACLE_NOTE)) if oracle else ""
-    if call.configured("critic"):
+    note = str(getattr(call.plugin_class(slot), "truth_note", ORACLE_NOTE)) if oracle else ""
+    if call.configured(slot):
         out["critic"] = {"label": critic, "reads_true_masks": oracle, **({"note": note} if note else {})}
 
-    critiques: list[Critique] = call["critic"] or []
-    judged: list[Verdicts] | None = call["judge"]
+    critiques: list[Critique] = call[names["critic"]] or []
+    judged: list[Verdicts] | None = call[names["judge"]]
     # what masks were made from: the judge's verdicts with a person's overrides applied
-    verdicts: list[Verdicts] | None = call["verdicts"] if call["verdicts"] is not None else judged
+    verdicts: list[Verdicts] | None = call[names["verdicts"]] if call[names["verdicts"]] is not None else judged
     reviewed = [v for v in verdicts or [] if v.sources]
     if verdicts is not None:
         out["review"] = review_summary(verdicts)
@@ -136,7 +162,7 @@ def assemble_results(
 
         chosen = call["select"]
         truth = data.train.spurious_masks[chosen.indices]
-        labels = call["segment"].labels
+        labels = call[names["segment"]].labels
         out["verdicts"] = {
             **verdict_metrics(labels, verdicts, truth),
             "critic": critic + (" + person's review" if reviewed else ""),
@@ -152,7 +178,7 @@ def assemble_results(
         uncertain = uncertainty_summary(labels, judged if judged is not None else verdicts, truth)
         if uncertain is not None:
             out["uncertainty"] = uncertain
-    masks = call["masks"]
+    masks = call[names["masks"]]
     if masks is not None:
         # One failure per sample: a critique that failed is reported with the critic's reason,
         # not the judge's "no critique to judge".
@@ -177,8 +203,9 @@ def assemble_results(
         ignored = {v.sample_id: list(v.ignored_colors) for v in verdicts or [] if v.ignored_colors}
         if ignored:
             out["alignment"]["ignored_colors"] = ignored
-    out["usage"] = total_usage([*critiques, *(verdicts or [])]).to_state()
-    out["machine"] = machine_info(call.ctx.device)
+    records = [*critiques, *(verdicts or [])]
+    out["usage"] = total_usage(records).to_state()
+    out["usage_records"] = records
     return out
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .options import SelectionOptions
 from .protocols import RunContext
 from .records import AlignmentSet, Split
-from .options import SelectionOptions
 from .training import predict_logits
 
 __all__ = ["predictive_entropy", "select_alignment_set"]

@@ -41,6 +41,7 @@ from pydantic_settings import (
 from .options import (
     CORE_SECTIONS,
     INSTANCE_SECTIONS,
+    PAIRING_KEYS,
     RESERVED_MODEL_NAMES,
     SINGLE_ROLES,
     MaskOptions,
@@ -72,6 +73,7 @@ __all__ = [
     "CORE_SECTIONS",
     "SINGLE_ROLES",
     "INSTANCE_SECTIONS",
+    "PAIRING_KEYS",
     "RESERVED_MODEL_NAMES",
 ]
 
@@ -439,6 +441,7 @@ def _drop_keys_of_replaced_plugins(registry: PluginRegistry, *layers: dict[str, 
                 continue
             try:
                 accepted = set(registry.get(role, str(chosen)).Options.model_fields)
+                accepted |= {PAIRING_KEYS[role]} if role in PAIRING_KEYS else set()
             except PluginError:
                 break  # the unknown plugin name is reported when the section is validated
             parent = _at(layer, path[:-1]) if len(path) > 1 else layer
@@ -561,7 +564,11 @@ def load_settings(
                 slots.append((f"{section}.{instance}", role, (section, instance), dict(values)))
 
     plugins: dict[str, PluginChoice] = {}
+    pairing: dict[str, tuple[Any, str]] = {}  # critic slot -> (judge = value, where it was written)
     for slot, role, path_, values in slots:
+        if role in PAIRING_KEYS and PAIRING_KEYS[role] in values:
+            key = PAIRING_KEYS[role]
+            pairing[slot] = (values.pop(key), prov.origin([*path_, key]))
         name = values.pop("plugin", None)
         if name is None:
             problems.append(
@@ -582,6 +589,64 @@ def load_settings(
             problems.append(str(exc))
             continue
         plugins[slot] = PluginChoice(role, str(name), options, slot)
+    problems += _one_form_per_role(plugins, prov)
+    if not problems:
+        problems += _pair_critics_with_judges(plugins, pairing, prov)
     if problems:
         raise SettingsError("\n".join(problems))
     return Settings(source=path, core=core, plugins=plugins)
+
+
+def _one_form_per_role(plugins: dict[str, PluginChoice], prov: _Provenance) -> list[str]:
+    """A role is given by its one-instance section or by named instances, not both (which
+    one would a stage's name and a model's label belong to?)."""
+    problems = []
+    for section, role in INSTANCE_SECTIONS.items():
+        named = [slot for slot in plugins if slot.startswith(f"{section}.")]
+        if role in plugins and named:
+            problems.append(
+                f"{prov.origin([role])}: [{role}] and [{named[0]}] are both set: write every {role} "
+                f"as a named instance ([{section}.<name>]) when there are several"
+            )
+    return problems
+
+
+def _pair_critics_with_judges(
+    plugins: dict[str, PluginChoice], pairing: Mapping[str, tuple[Any, str]], prov: _Provenance
+) -> list[str]:
+    """Give each critic its judge: the one a ``judge = "<name>"`` key names (a
+    ``[judges.<name>]`` instance), or the run's only judge. Every named judge must be read by a
+    critic."""
+    from dataclasses import replace
+
+    judges = [c.slot for c in plugins.values() if c.role == "judge"]
+    problems: list[str] = []
+    used: set[str] = set()
+    for slot, critic in list(plugins.items()):
+        if critic.role != "critic":
+            continue
+        if slot in pairing:
+            value, where = pairing[slot]
+            chosen = f"judges.{value}" if isinstance(value, str) else None
+            if chosen not in plugins:
+                named = ", ".join(j.partition(".")[2] for j in judges if "." in j) or "none"
+                problems.append(
+                    f"{where}: {slot}.judge = {value!r} names no [judges.{value}] table (named judges: {named})"
+                )
+                continue
+        elif len(judges) == 1:
+            chosen = judges[0]
+        elif not judges:
+            continue  # the critic stage says it needs a judge
+        else:
+            problems.append(
+                f"{prov.origin(slot.split('.'))}: [{slot}] needs judge = \"<name>\": the run has several judges "
+                f"({', '.join(judges)})"
+            )
+            continue
+        used.add(chosen)
+        plugins[slot] = replace(critic, judge=chosen)
+    for judge in judges:
+        if "." in judge and judge not in used and any(c.role == "critic" for c in plugins.values()) and not problems:
+            problems.append(f"{prov.origin(judge.split('.'))}: [{judge}] is the judge of no critic: name it in a critic's judge = \"...\"")
+    return problems

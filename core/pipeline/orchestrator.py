@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 
-from ..version import __version__
 from ..atomic import write_error
 from ..protocols import DatasetError, RunContext
 from ..records import SpuriousDataset
@@ -38,6 +37,7 @@ from ..registry import PluginRegistry, get_plugin_manager, get_registry
 from ..results import machine_info
 from ..secrets import redact
 from ..settings import Settings
+from ..version import __version__
 from .codecs import DecodeContext
 from .errors import (
     ConfigurationError,

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..protocols import PluginOptions
 from ..records import (
     AlignmentSet,
     Critique,
@@ -36,7 +37,7 @@ from . import codecs
 from .codecs import ModelArtifact
 from .stage import Stage, StageCall, StageIncomplete, StageView
 
-__all__ = ["build_stages", "critic_label", "critic_samples", "MODEL_ORDER"]
+__all__ = ["build_stages", "branches", "branch_inputs", "Branch", "aligned_label", "critic_label", "critic_samples", "MODEL_ORDER"]
 
 #: the run's own models, in the order tables list them (mitigators follow in settings order)
 MODEL_ORDER = ("original", "aligned", "true_mask")
@@ -111,8 +112,11 @@ def _for_training(data: SpuriousDataset, who: str) -> SpuriousDataset:
     return data.for_reader(TRAINING_SPLITS, f"{who}: a training role reads the training and validation splits only")
 
 
-def _no_critic(view: StageView) -> str | None:
-    return None if view.configured("critic") else "no critic configured: nothing to explain to"
+def _no_critic(critics: Sequence[str]) -> Callable[[StageView], str | None]:
+    def skip(view: StageView) -> str | None:
+        return None if any(view.configured(s) for s in critics) else "no critic configured: nothing to explain to"
+
+    return skip
 
 
 # -- data and the original model ----------------------------------------------------------------
@@ -141,10 +145,13 @@ def _select(call: StageCall) -> AlignmentSet:
     return select_alignment_set(call["train"], data.train, call.option("selection"), call.ctx)
 
 
-def _select_skip(view: StageView) -> str | None:
-    if view.configured("critic") or view.configured("aligner"):
-        return None
-    return "no critic and no aligner: nothing uses alignment samples"
+def _select_skip(critics: Sequence[str], aligners: Sequence[str]) -> Callable[[StageView], str | None]:
+    def skip(view: StageView) -> str | None:
+        if any(view.configured(s) for s in (*critics, *aligners)):
+            return None
+        return "no critic and no aligner: nothing uses alignment samples"
+
+    return skip
 
 
 def _selection_fits(view: StageView, data: SpuriousDataset) -> list[str]:
@@ -244,16 +251,10 @@ def _judge(call: StageCall) -> list[Verdicts]:
 
 
 def _overrides(call: StageCall) -> list[Verdicts]:
-    from ..overrides import (
-        OVERRIDES_FILE,
-        OverridesError,
-        apply_overrides,
-        cluster_hash,
-        read_overrides,
-    )
+    from ..overrides import OverridesError, apply_overrides, cluster_hash, read_overrides
     from .errors import StageInputError
 
-    path = call.ctx.run_dir / OVERRIDES_FILE
+    path = call.ctx.run_dir / call.stage.watch[0]  # this branch's file
     seg: Segmentation = call["segment"]
     clusters = {int(i): cluster_hash(seg.labels[row]) for row, i in enumerate(call["select"].indices.tolist())}
     try:
@@ -276,10 +277,13 @@ def _masks(call: StageCall) -> dict[str, Any]:
     return {"masks": masks, "ok": ok, "failures": failures}
 
 
-def _masks_skip(view: StageView) -> str | None:
-    if view.option("masks.source") == "verdicts" and not view.configured("judge"):
-        return "no critic/judge configured and masks.source = 'verdicts'"
-    return None
+def _masks_skip(judge: str) -> Callable[[StageView], str | None]:
+    def skip(view: StageView) -> str | None:
+        if view.option("masks.source") == "verdicts" and not view.configured(judge):
+            return "no critic/judge configured and masks.source = 'verdicts'"
+        return None
+
+    return skip
 
 
 # -- models made from the original ------------------------------------------------------------------
@@ -337,10 +341,10 @@ def _masks_check(view: StageView, data: SpuriousDataset) -> list[str]:
 def _critic_check(view: StageView, data: SpuriousDataset) -> list[str]:
     if not view.flag("critic", "needs_true_masks"):
         return []
-    return _needs_train_masks("the critic (it reads the true masks)")(view, data)
+    return _needs_train_masks(f"the critic{'' if view.stage.slot('critic') == 'critic' else ' ' + repr(view.stage.slot('critic'))} (it reads the true masks)")(view, data)
 
 
-def _reference_skip(view: StageView) -> str | None:
+def _reference_skip(view: StageView) -> str | None:  # noqa: D103
     if not view.option("masks.true_mask_reference"):
         return "masks.true_mask_reference = false"
     if view.option("masks.source") == "true":
@@ -435,25 +439,51 @@ def _evaluate_stage(instance: str, choice: PluginChoice, model_stages: Sequence[
     )
 
 
+def branch_inputs(settings: Settings) -> list[dict[str, Any]]:
+    """What the results and report stages read of each branch: its key, the slots of its
+    critic and judge, how tables name them, and the names its artifacts are provided under."""
+    out = []
+    segmenters = settings.choices("segmenter")
+    for branch in branches(settings) or [Branch(PluginChoice("segmenter", "", _NO_OPTIONS), PluginChoice("critic", "", _NO_OPTIONS), None)]:
+        true_masks = settings.masks.source == "true"
+        out.append({
+            "key": branch.key,
+            "critic_slot": branch.critic.slot,
+            "critic": critic_label(branch.critic) if branch.critic.name else "no critic",
+            "judge": branch.judge.name if branch.judge is not None else None,
+            "segmenter": {
+                "instance": branch.segmenter.instance, "plugin": branch.segmenter.name,
+                "label": _segmenter_label(branch.segmenter, segmenters) if branch.segmenter.instance else branch.segmenter.name,
+                "num_clusters": getattr(branch.segmenter.options, "num_clusters", None),
+            },
+            "names": {
+                "segment": _suffixed("segment", branch.segmenter.instance), "render": _suffixed("render", branch.segmenter.instance),
+                "critic": branch.name("critic"), "judge": branch.name("judge"), "verdicts": branch.name("verdicts"),
+                "masks": "masks" if true_masks else branch.name("masks"),
+            },
+        })  # fmt: skip
+    return out
+
+
 def _results_stage(settings: Settings, model_stages: Sequence[Stage], evaluate_stages: Sequence[Stage]) -> Stage:
-    describe = critic_label(settings.plugins.get("critic"))
+    parts = branch_inputs(settings)
 
     def run(call: StageCall) -> dict[str, Any]:
         from ..results import assemble_results
 
-        return assemble_results(call, describe, model_stages, evaluate_stages)
+        return assemble_results(call, parts, model_stages, evaluate_stages)
 
+    names = list(dict.fromkeys(n for b in parts for n in b["names"].values() if n not in ("render",) and not n.startswith("render")))
     return Stage(
         "results",
         run,
         inputs=(
-            "data",
-            "select?", "segment?", "critic?", "judge?", "verdicts?", "masks?",
+            "data", "select?", *(f"{n}?" for n in names),
             *(f"{s.provides}?" for s in model_stages),
             *(f"{s.provides}?" for s in evaluate_stages),
         ),  # fmt: skip
         settings=("masks.source",),
-        plugins=("critic?",),
+        plugins=tuple(dict.fromkeys(f"{b['critic_slot']}?" for b in parts)),
         codec=codecs.JSON,
         summary="results.json",
     )
@@ -566,9 +596,110 @@ def _flags_validate(slot: str, who: str) -> Callable[[StageView], list[str]]:
 # -- the list -------------------------------------------------------------------------------------------
 
 
-def _core_stages(settings: Settings) -> list[Stage]:
-    aligned = "aligned (true masks)" if settings.masks.source == "true" else f"aligned ({critic_label(settings.plugins.get('critic'))})"
+@dataclasses.dataclass(frozen=True)
+class Branch:
+    """One segmenter x critic/judge pair: the verdicts and masks it makes. ``key`` names it in
+    stage names, model keys and review folders (``"j5.gpt4o"``); it is empty for a run with one
+    segmenter and one critic given by their singular sections, whose stages keep their plain
+    names (``critic``, ``judge``)."""
+
+    segmenter: PluginChoice
+    critic: PluginChoice
+    judge: PluginChoice | None
+
+    @property
+    def key(self) -> str:
+        return ".".join(p for p in (self.segmenter.instance, self.critic.instance) if p)
+
+    def name(self, base: str) -> str:
+        return f"{base}.{self.key}" if self.key else base
+
+
+def _suffixed(base: str, *parts: str | None) -> str:
+    rest = ".".join(p for p in parts if p)
+    return f"{base}.{rest}" if rest else base
+
+
+def branches(settings: Settings) -> list[Branch]:
+    """Every segmenter x critic pair of a run, segmenters first, in the order of the file."""
+    judges = {c.slot: c for c in settings.choices("judge")}
     return [
+        Branch(seg, critic, judges.get(critic.judge) if critic.judge else None)
+        for seg in settings.choices("segmenter")
+        for critic in settings.choices("critic")
+    ]
+
+
+def _segmenter_label(seg: PluginChoice, all_segmenters: Sequence[PluginChoice]) -> str:
+    """How a label names a segmenter among several: ``J=5`` when the cluster counts tell them
+    apart, else the instance name."""
+    counts = [getattr(c.options, "num_clusters", None) for c in all_segmenters]
+    j = getattr(seg.options, "num_clusters", None)
+    if j is not None and counts.count(j) == 1:
+        return f"J={j}"
+    return f"{seg.instance} segmenter"
+
+
+def aligned_label(settings: Settings, aligner: PluginChoice, branch: Branch | None) -> str:
+    """The label of an aligned model: ``aligned (oracle critic)`` in a run with one of each;
+    with several, the branch it comes from (``aligned: rrr, gpt4o critic, J=7``)."""
+    segmenters = settings.choices("segmenter")
+    if branch is None:  # masks.source = "true"
+        return "aligned (true masks)" if aligner.instance is None else f"aligned: {aligner.instance}, true masks"
+    if aligner.instance is None and branch.key == "":
+        return f"aligned ({critic_label(branch.critic)})"
+    parts = [aligner.instance or aligner.name]
+    parts.append(f"{branch.critic.instance} critic" if branch.critic.instance else critic_label(branch.critic))
+    if branch.segmenter.instance:
+        parts.append(_segmenter_label(branch.segmenter, segmenters))
+    return "aligned: " + ", ".join(parts)
+
+
+def _branch_stages(settings: Settings, branch: Branch) -> list[Stage]:
+    """critic, judge, overrides and masks of one branch; inputs and plugins aliased so that the
+    run functions read ``segment``, ``critic``, ``judge`` whatever the branch."""
+    from ..overrides import overrides_file
+
+    seg_key = branch.segmenter.instance
+    segment, render = _suffixed("segment", seg_key), _suffixed("render", seg_key)
+    critic, judge = branch.name("critic"), branch.name("judge")
+    verdicts = branch.name("verdicts")
+    critic_slot = branch.critic.slot
+    judge_slot = branch.judge.slot if branch.judge is not None else "judge"
+    stages = [
+        Stage(
+            critic, _critic, inputs=("data", "select", f"segment={segment}", f"render={render}"),
+            plugins=(f"critic={critic_slot}",), codec=codecs.CRITIQUES, refreshable=True, summary="discuss clusters",
+            check=_critic_check, validate=_critic_validate(critic_slot, judge_slot, segmenter=branch.segmenter.slot),
+        ),
+        Stage(
+            judge, _judge, inputs=(f"critic={critic}",), plugins=(f"judge={judge_slot}",), codec=codecs.VERDICTS,
+            refreshable=True, summary="turn critiques into verdicts",
+            validate=_judge_validate(judge_slot, critic_slot), preflight_samples=_judge_requests(critic_slot),
+        ),
+        Stage(
+            # a person's corrections (review/overrides.json, written by `lvlmva review`) on the
+            # judge's verdicts: what masks read; without the file, the judge's verdicts as they are
+            branch.name("overrides"), _overrides, inputs=("select", f"segment={segment}", f"judge={judge}"),
+            provides=verdicts, codec=codecs.VERDICTS, watch=(overrides_file(branch.key).as_posix(),),
+            summary="apply a person's review of the verdicts",
+        ),
+    ]  # fmt: skip
+    if settings.masks.source == "verdicts":  # with true masks, one masks stage serves every aligner
+        stages.append(
+            Stage(
+                branch.name("masks"), _masks, inputs=("data", "select", f"segment={segment}", f"verdicts={verdicts}"),
+                settings=("masks.source",), codec=codecs.TENSORS, skip=_masks_skip(judge_slot), summary="correction masks",
+            )
+        )
+    return stages
+
+
+def _core_stages(settings: Settings) -> list[Stage]:
+    critics = [c.slot for c in settings.choices("critic")] or ["critic"]
+    aligners = settings.choices("aligner")
+    aligner_slots = [a.slot for a in aligners] or ["aligner"]
+    stages = [
         Stage(
             "data", _data, settings=("run.seed",), plugins=("dataset",), persist=False, summary="load the data set",
             validate=_needs_role("dataset"),
@@ -580,55 +711,74 @@ def _core_stages(settings: Settings) -> list[Stage]:
         ),
         Stage(
             "select", _select, inputs=("data", "train"), settings=("selection",), codec=codecs.ALIGNMENT_SET,
-            skip=_select_skip, check=_selection_fits, summary="choose alignment samples",
+            skip=_select_skip(critics, aligner_slots), check=_selection_fits, summary="choose alignment samples",
         ),
         Stage(
             "attribute", _attribute, inputs=("data", "train", "select"), plugins=("attributor",),
-            codec=codecs.TENSORS, skip=_no_critic, summary="explain f on them",
+            codec=codecs.TENSORS, skip=_no_critic(critics), summary="explain f on them",
         ),
-        Stage(
-            "segment", _segment, inputs=("attribute",), plugins=("segmenter",), codec=codecs.SEGMENTATION,
-            skip=_no_critic, summary="split explanations into clusters",
-        ),
-        Stage(
-            "render", _render, inputs=("data", "select", "segment"), settings=("render",), codec=codecs.RENDERED,
-            skip=_no_critic, summary="draw cluster images", validate=_render_validate("segmenter"),
-        ),
-        Stage(
-            "critic", _critic, inputs=("data", "select", "segment", "render"), plugins=("critic",),
-            codec=codecs.CRITIQUES, refreshable=True, summary="discuss clusters", check=_critic_check,
-            validate=_critic_validate("critic", "judge"),
-        ),
-        Stage(
-            "judge", _judge, inputs=("critic",), plugins=("judge",), codec=codecs.VERDICTS, refreshable=True,
-            summary="turn critiques into verdicts", validate=_judge_validate("judge", "critic"),
-            preflight_samples=_judge_requests("critic"),
-        ),
-        Stage(
-            # a person's corrections (review/overrides.json, written by `lvlmva review`) on the
-            # judge's verdicts: what masks read; without the file, the judge's verdicts as they are
-            "overrides", _overrides, inputs=("select", "segment", "judge"), provides="verdicts", codec=codecs.VERDICTS,
-            watch=("review/overrides.json",), summary="apply a person's review of the verdicts",
-        ),
-        Stage(
-            # masks from the true masks do not read the verdicts: a failed critic must not
-            # block them, and new answers must not recompute them
-            "masks", _masks, inputs=("data", "select") if settings.masks.source == "true" else ("data", "select", "segment", "verdicts"),
-            settings=("masks.source",), codec=codecs.TENSORS, skip=_masks_skip, summary="correction masks",
-            check=_masks_check, validate=_masks_validate("aligner", "judge"),
-        ),
-        Stage(
-            "align", _align, inputs=("data", "train", "select", "masks"), plugins=("aligner",),
-            codec=codecs.MODEL, model="aligned", label=aligned, summary="fine-tune with the masks",
-        ),
-        Stage(
-            "reference", _reference, inputs=("data", "train", "select"), plugins=("aligner",),
-            settings=("masks.true_mask_reference", "masks.source"), codec=codecs.MODEL, model="true_mask",
-            label="true-mask reference", skip=_reference_skip,
-            check=_needs_train_masks("the true-mask reference (set masks.true_mask_reference = false to run without it)"),
-            summary="align with the true masks of the same samples",
-        ),
-    ]  # fmt: skip
+    ]
+    segmenters = settings.choices("segmenter") or [PluginChoice("segmenter", "", _NO_OPTIONS)]
+    for seg in segmenters:
+        segment = _suffixed("segment", seg.instance)
+        stages += [
+            Stage(
+                segment, _segment, inputs=("attribute",), plugins=(f"segmenter={seg.slot}",), codec=codecs.SEGMENTATION,
+                skip=_no_critic(critics), summary="split explanations into clusters",
+            ),
+            Stage(
+                _suffixed("render", seg.instance), _render, inputs=("data", "select", f"segment={segment}"),
+                settings=("render",), codec=codecs.RENDERED, skip=_no_critic(critics), summary="draw cluster images",
+                validate=_render_validate(seg.slot),
+            ),
+        ]
+    run_branches = branches(settings)
+    if not run_branches:  # no critic: the singular stages, skipped, say why (and check what is set)
+        stages += _branch_stages(settings, Branch(segmenters[0], PluginChoice("critic", "", _NO_OPTIONS), None))
+    for branch in run_branches:
+        stages += _branch_stages(settings, branch)
+    true_masks = settings.masks.source == "true"
+    if true_masks:
+        stages.append(
+            Stage(
+                # masks from the true masks do not read the verdicts: a failed critic must not
+                # block them, and new answers must not recompute them
+                "masks", _masks, inputs=("data", "select"), settings=("masks.source",), codec=codecs.TENSORS,
+                summary="correction masks", check=_masks_check,
+            )
+        )
+    for aligner in aligners or [PluginChoice("aligner", "", _NO_OPTIONS)]:
+        targets: list[Branch | None] = [None] if true_masks or not run_branches else list(run_branches)
+        for branch in targets:
+            masks = "masks" if branch is None else branch.name("masks")
+            name = _suffixed("align", aligner.instance, branch.key if branch is not None else None)
+            model = _suffixed("aligned", aligner.instance, branch.key if branch is not None else None)
+            judge = branch.judge.slot if branch is not None and branch.judge is not None else "judge"
+            stages.append(
+                Stage(
+                    name, _align, inputs=("data", "train", "select", f"masks={masks}"), plugins=(f"aligner={aligner.slot}",),
+                    codec=codecs.MODEL, model=model, label=aligned_label(settings, aligner, branch) if aligner.name else "",
+                    summary="fine-tune with the masks", validate=_masks_validate(aligner.slot, judge),
+                )
+            )
+        stages.append(
+            Stage(
+                _suffixed("reference", aligner.instance), _reference, inputs=("data", "train", "select"),
+                plugins=(f"aligner={aligner.slot}",), settings=("masks.true_mask_reference", "masks.source"),
+                codec=codecs.MODEL, model=_suffixed("true_mask", aligner.instance),
+                label="true-mask reference" + (f": {aligner.instance}" if aligner.instance else ""), skip=_reference_skip,
+                check=_needs_train_masks("the true-mask reference (set masks.true_mask_reference = false to run without it)"),
+                summary="align with the true masks of the same samples",
+            )
+        )
+    return stages  # fmt: skip
+
+
+class _Unset(PluginOptions):
+    """The options of a role no section picked (its stages are skipped and say why)."""
+
+
+_NO_OPTIONS = _Unset()
 
 
 def _place(stages: list[Stage], registry: PluginRegistry, placed: set[str]) -> None:
