@@ -198,6 +198,47 @@ def _verdicts_section(results: Mapping[str, Any], verdicts: Sequence[Verdicts]) 
     return out + [""]
 
 
+def _branches_table(results: Mapping[str, Any]) -> list[str]:
+    """The verdicts of every segmenter x critic pair side by side, one column each (the
+    layout of the paper's tables comparing critics and cluster counts)."""
+    branches = results.get("branches") or {}
+    if not branches:
+        return []
+    keys = list(branches)
+
+    def row(name: str, get: Any) -> list[Any]:
+        return [name, *(get(branches[k]) for k in keys)]
+
+    def metric(block: Mapping[str, Any], key: str) -> Any:
+        return verdict_results(block).get(key)
+
+    def cost(block: Mapping[str, Any]) -> Any:
+        value = (block.get("usage") or {}).get("cost_usd")
+        return None if value is None else f"{float(value):.4f}"
+
+    rows = [
+        row("segmenter", lambda b: (b.get("segmenter") or {}).get("label")),
+        row("critic", lambda b: (b.get("critic") or {}).get("label", "no critic")),
+        row("judge", lambda b: b.get("judge")),
+        row("verdict accuracy", lambda b: metric(b, "verdict_accuracy")),
+        row("cluster accuracy", lambda b: metric(b, "cluster_accuracy")),
+        row("samples with verdicts", lambda b: metric(b, "judged_samples")),
+        row("samples failed", lambda b: (b.get("alignment") or {}).get("failed")),
+        row("LVLM requests", lambda b: (b.get("usage") or {}).get("requests")),
+        row("cost (USD)", cost),
+    ]
+    out = ["## Verdicts per branch", ""]
+    out.append(
+        "Each segmenter x critic/judge pair of this run on the same alignment samples; its "
+        "verdicts made its own masks, and every aligner was aligned with each branch's masks."
+    )
+    notes = {(b.get("critic") or {}).get("label"): (b.get("critic") or {}).get("note") for b in branches.values()}
+    for label, note in notes.items():
+        if note:
+            out.append(f"The {label} {note}.")
+    return [*out, "", *_table(["", *(f"`{k}`" for k in keys)], rows), ""]
+
+
 def _review_section(results: Mapping[str, Any]) -> list[str]:
     review = results.get("review")
     if not review:
@@ -622,6 +663,7 @@ def write_report(
     class_names: Sequence[str],
     out_dir: Path | None = None,
     title: str | None = None,
+    branches: Sequence[Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write ``report.md`` and its figures (``figures/*.png``) into ``out_dir`` (default
     ``run_dir``); return the report's path.
@@ -634,6 +676,9 @@ def write_report(
       model key (``"original"``, ``"aligned"``, ``"true_mask"``, a mitigator's name) to
       attributions of those images ``[B, C, H, W]``; rows are labelled with ``results["models"]``.
     - Training curves come from ``run_dir/metrics.jsonl`` (one line per epoch and stage tag).
+    - ``branches``: for a run with several segmenters or critics, one mapping per branch
+      (``key``, ``rendered``, ``verdicts``, ``critiques``): a table compares them and each gets
+      its verdicts, review, alignment, samples and critiques.
 
     With ``options.enabled`` False nothing is written and the path is returned all the same.
     """
@@ -651,27 +696,41 @@ def write_report(
         lines += [f"- `{stage}`: {_truncate(str(reason), 300)}" for stage, reason in failed.items()]
         lines += [""]
     lines += _models_section(results)
-    lines += _verdicts_section(results, verdicts)
-    lines += _review_section(results)
-    lines += _uncertainty_section(results, figures / "uncertainty.png")
-    lines += _alignment_section(results)
+    per_branch = [(b["key"], (results.get("branches") or {}).get(b["key"]) or {}, b) for b in branches or []]
+    if not per_branch:
+        per_branch = [("", results, {"rendered": rendered, "verdicts": verdicts, "critiques": critiques})]
+    lines += _branches_table(results)
+    for key, block, parts in per_branch:
+        suffix = f"_{key.replace('.', '_')}" if key else ""
+        branch_lines = [
+            *_verdicts_section(block, parts["verdicts"]),
+            *_review_section(block),
+            *_uncertainty_section(block, figures / f"uncertainty{suffix}.png"),
+            *_alignment_section(block),
+        ]
+        if key:  # one level down, under the branch's own heading
+            branch_lines = [f"## Branch `{key}`", "", *(f"#{line}" if line.startswith("## ") else line for line in branch_lines)]
+        lines += branch_lines
     lines += _usage_section(results)
     lines += _timings_section(results)
 
-    lines += ["## Alignment samples", ""]
-    if options.samples == 0:
-        lines += ["Not shown (report.samples = 0).", ""]
-    elif not rendered:
-        lines += ["No rendered alignment samples in this run.", ""]
-    else:
-        n = _samples_figure(rendered, verdicts, options.samples, figures / "alignment_samples.png")
-        lines += [
-            f"The first {n} of {len(rendered)} alignment samples: original, cluster map and "
-            "overlay, with the colours judged spurious (no) and relevant (yes).",
-            "",
-            f"![alignment samples]({FIGURES_DIR}/alignment_samples.png)",
-            "",
-        ]
+    for key, _block, parts in per_branch:
+        shown = parts["rendered"]
+        lines += ["## Alignment samples" + (f" (branch `{key}`)" if key else ""), ""]
+        if options.samples == 0:
+            lines += ["Not shown (report.samples = 0).", ""]
+        elif not shown:
+            lines += ["No rendered alignment samples in this run.", ""]
+        else:
+            name = f"alignment_samples{'_' + key.replace('.', '_') if key else ''}.png"
+            n = _samples_figure(shown, parts["verdicts"], options.samples, figures / name)
+            lines += [
+                f"The first {n} of {len(shown)} alignment samples: original, cluster map and "
+                "overlay, with the colours judged spurious (no) and relevant (yes).",
+                "",
+                f"![alignment samples]({FIGURES_DIR}/{name})",
+                "",
+            ]
 
     lines += ["## Attributions on test images", ""]
     if options.test_images == 0:
@@ -709,16 +768,21 @@ def write_report(
         lines += ["No per-epoch training records in metrics.jsonl.", ""]
     lines += [*notes, ""] if notes else []
 
-    lines += _critiques_section(critiques, verdicts)
+    for key, _block, parts in per_branch:
+        section = _critiques_section(parts["critiques"], parts["verdicts"])
+        if key and section:
+            section[0] = f"{section[0]} (branch `{key}`)"
+        lines += section
     text = "\n".join(lines).rstrip() + "\n"
     write_atomic(report_path, redact(text).encode("utf-8"))  # failure texts may quote a secret
     return report_path
 
 
-def report_stage(call: StageCall, inputs: Sequence[str]) -> dict[str, Any]:
+def report_stage(call: StageCall, inputs: Sequence[str], branches: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
     """The report stage: attributions of a few test images per model, then :func:`write_report`
     into the stage's folder (published at the top of the run directory when the run ends).
-    ``inputs`` are the stages whose computing times the timings table shows."""
+    ``inputs`` are the stages whose computing times the timings table shows; ``branches`` what
+    it reads of each segmenter x critic pair (:func:`lvlmva.pipeline.stages.branch_inputs`)."""
     options: ReportOptions = call.option("report")
     if not options.enabled:
         return {"written": False}
@@ -736,13 +800,24 @@ def report_stage(call: StageCall, inputs: Sequence[str]) -> dict[str, Any]:
         info = call.info(name)
         if info is not None and info.seconds is not None:
             timings[info.stage] = info.seconds
+    parts = []
+    for branch in branches:
+        names = branch["names"]
+        parts.append({
+            "key": branch["key"],
+            "rendered": call[names["render"]] or [],
+            "verdicts": call[names["verdicts"]] or call[names["judge"]] or [],
+            "critiques": call[names["critic"]] or [],
+        })  # fmt: skip
+    single = parts[0] if len(parts) == 1 and parts[0]["key"] == "" else None
     path = write_report(
         call.ctx.run_dir,
         {**call["results"], "timings": timings},
         options=options,
-        rendered=call["render"] or [],
-        verdicts=call["verdicts"] or call["judge"] or [],
-        critiques=call["critic"] or [],
+        rendered=single["rendered"] if single else [],
+        verdicts=single["verdicts"] if single else [],
+        critiques=single["critiques"] if single else [],
+        branches=None if single or not parts else parts,
         test_images=data.test.display(pick),
         test_labels=labels,
         attributions=attributions,

@@ -342,15 +342,18 @@ def summary_lines(results: Mapping[str, Any]) -> list[str]:
     columns_split = {c.split for c in columns}
     if lines and columns_split:
         lines.append(f"  (on the {', '.join(sorted(columns_split))} split)")
-    verdicts = results.get("verdicts") or {}
-    if _is_number(verdicts.get("verdict_accuracy")):
-        note = f"; the critic {verdicts['note']}" if verdicts.get("note") else ""
-        lines.append(f"  verdict accuracy {verdicts['verdict_accuracy']:.4f} ({verdicts.get('critic', 'critic')}{note})")
-    review = results.get("review") or {}
-    if review.get("overrides"):
-        before = (review.get("before") or {}).get("verdict_accuracy")
-        was = f"; the judge alone: {before:.4f}" if _is_number(before) else ""
-        lines.append(f"  review: {review['overrides']} verdicts decided by a person in {review.get('samples')} samples, {review.get('changed')} changed{was}")
+    blocks = results.get("branches") or {"": results}
+    for key, block in blocks.items():
+        lead = f"  branch {key}: " if key else "  "
+        verdicts = block.get("verdicts") or {}
+        if _is_number(verdicts.get("verdict_accuracy")):
+            note = f"; the critic {verdicts['note']}" if verdicts.get("note") else ""
+            lines.append(f"{lead}verdict accuracy {verdicts['verdict_accuracy']:.4f} ({verdicts.get('critic', 'critic')}{note})")
+        review = block.get("review") or {}
+        if review.get("overrides"):
+            before = (review.get("before") or {}).get("verdict_accuracy")
+            was = f"; the judge alone: {before:.4f}" if _is_number(before) else ""
+            lines.append(f"{lead}review: {review['overrides']} verdicts decided by a person in {review.get('samples')} samples, {review.get('changed')} changed{was}")
     return lines
 
 

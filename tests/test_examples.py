@@ -27,7 +27,7 @@ def test_example_validates(path, monkeypatch, capsys):
     from lvlmva.registry import reset_plugins
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-placeholder-for-validation")
-    if path.name == "toy_mitigators.toml":  # its header: run with the test helpers' plugins
+    if "LVLMVA_PLUGINS=lvlmva.testing.toy_plugins" in path.read_text():  # its header: run with the test helpers' plugins
         monkeypatch.setenv("LVLMVA_PLUGINS", "lvlmva.testing.toy_plugins")
     reset_plugins()
     try:

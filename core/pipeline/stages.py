@@ -489,11 +489,13 @@ def _results_stage(settings: Settings, model_stages: Sequence[Stage], evaluate_s
     )
 
 
-def _report_stage(before: Sequence[Stage]) -> Stage:
+def _report_stage(settings: Settings, before: Sequence[Stage]) -> Stage:
+    parts = branch_inputs(settings)
+
     def run(call: StageCall) -> dict[str, Any]:
         from ..report import report_stage
 
-        return report_stage(call, [s.provides for s in before if s.persist])
+        return report_stage(call, [s.provides for s in before if s.persist], parts)
 
     return Stage(
         "report",
@@ -808,7 +810,7 @@ def build_stages(settings: Settings, registry: PluginRegistry) -> list[Stage]:
     evaluate = [_evaluate_stage(i, c, model_stages) for i, c in settings.instances("evaluator").items()]
     stages += evaluate
     stages.append(_results_stage(settings, model_stages, evaluate))
-    stages.append(_report_stage(list(stages)))
+    stages.append(_report_stage(settings, list(stages)))
     _place(stages, registry, placed)
     unplaced = [e for e in registry.stages() if e.name not in placed]
     if unplaced:

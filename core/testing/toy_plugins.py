@@ -1,12 +1,14 @@
-"""Two toy mitigators for tests and examples: test helpers, not baselines.
+"""Toy mitigators and a toy aligner for tests and examples: test helpers, not baselines.
 
-They exercise the :class:`lvlmva.protocols.Mitigator` role and the :class:`lvlmva.training.Trainer`
-(index lists, sample weights) until real DFR, JTT and SUBG exist; their numbers mean nothing
-about shortcut mitigation. Load them with ``LVLMVA_PLUGINS=lvlmva.testing.toy_plugins`` or
-``lvlmva.registry.register_module``:
+They exercise the :class:`lvlmva.protocols.Mitigator` role, the :class:`lvlmva.training.Trainer`
+(index lists, sample weights) and the alignment trainer, so that runs can compare methods
+before more real ones exist; their numbers mean nothing about shortcut mitigation. Load them
+with ``LVLMVA_PLUGINS=lvlmva.testing.toy_plugins`` or ``lvlmva.registry.register_module``:
 
 - ``toy-retrain``: a fresh model trained on a seeded random share of the training split.
 - ``toy-upweight``: a fresh model trained with the samples of the smaller groups upweighted.
+- ``toy-masked-input`` (aligner): cross-entropy on the alignment samples with their masked
+  pixels set to zero, mixed with ordinary samples as RRR mixes them (a loss, no penalty).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 from lvlmva.hookspecs import hookimpl
 from lvlmva.protocols import PluginOptions, RunContext
 from lvlmva.records import SpuriousDataset
+from lvlmva.training import AlignmentOptions, LossAligner
 
 if TYPE_CHECKING:
     from lvlmva.registry import PluginRegistry
@@ -32,6 +35,7 @@ __all__ = [
     "ToyRetrainOptions",
     "ToyUpweight",
     "ToyUpweightOptions",
+    "ToyMaskedInput",
     "lvlmva_register",
 ]
 
@@ -123,7 +127,21 @@ class ToyUpweight:
         return weights
 
 
+class ToyMaskedInput(LossAligner):
+    """Test helper, not a method: fine-tunes with the masked pixels of the alignment samples set
+    to zero (plain cross-entropy), on the alignment trainer."""
+
+    Options: ClassVar[type[PluginOptions]] = AlignmentOptions
+    seed_name: ClassVar[str] = "toy-masked-input"
+
+    def loss(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        kept = inputs * (~masks).unsqueeze(1).to(inputs.dtype)
+        ce = nn.functional.cross_entropy(model(kept), targets)
+        return {"loss": ce, "masked_share": masks.float().mean()}
+
+
 @hookimpl
 def lvlmva_register(registry: PluginRegistry) -> None:
     registry.add("mitigator", "toy-retrain", ToyRetrain)
     registry.add("mitigator", "toy-upweight", ToyUpweight)
+    registry.add("aligner", "toy-masked-input", ToyMaskedInput)

@@ -187,3 +187,22 @@ def test_a_critic_without_a_judge_in_a_fan_out_is_refused(tmp_path, registry):
     settings = load_settings(path, environ={}, registry=registry)
     with pytest.raises(ConfigurationError, match=r"\[critics.x\] is set but \[judge\] is not"):
         Pipeline(settings, tmp_path / "run", registry=registry, echo=lambda _m: None)
+
+
+def test_the_report_compares_the_branches_and_the_summary_names_them(tmp_path, registry):
+    from lvlmva.results import summary_lines
+
+    run_dir = tmp_path / "run"
+    path = _settings_file(tmp_path)
+    path.write_text(path.read_text().replace("[report]\nenabled = false", "[report]\nsamples = 2\ntest_images = 2"))
+    _pipe, results = _run(path, run_dir, registry)
+    report = (run_dir / "report.md").read_text()
+    assert "## Verdicts per branch" in report
+    table = report.split("## Verdicts per branch")[1].split("## Branch")[0]
+    assert "| `a.x` | `a.y` | `b.x` | `b.y` |" in table and "| verdict accuracy |" in table
+    for key in ("a.x", "b.y"):
+        assert f"## Branch `{key}`" in report and f"## Alignment samples (branch `{key}`)" in report
+        assert (run_dir / "figures" / f"alignment_samples_{key.replace('.', '_')}.png").is_file()
+    lines = summary_lines(results)
+    assert any(line.startswith("  branch b.y: verdict accuracy") for line in lines)
+    assert any("aligned: two, y critic, b segmenter" in line for line in lines)
