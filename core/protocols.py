@@ -286,12 +286,11 @@ class Critic(Protocol):
     Returns one ``Critique`` per request, in order; a request that could not be answered gets a
     ``Critique`` with ``failure`` set (never an exception that loses the other answers).
 
-    Flags: ``accepts_images`` (reads the rendered images), ``needs_true_masks`` (reads
-    ``CritiqueRequest.true_mask``: an upper bound, not a real critic).
+    Flags: ``needs_true_masks`` (reads ``CritiqueRequest.true_mask``: an upper bound, not a
+    real critic; the pipeline gives the true masks only to such a critic and tables say so).
     """
 
     Options: ClassVar[type[PluginOptions]]
-    accepts_images: ClassVar[bool]
     needs_true_masks: ClassVar[bool]
 
     def critique(self, requests: Sequence[CritiqueRequest], ctx: RunContext) -> list[Critique]: ...
@@ -316,12 +315,9 @@ class Aligner(Protocol):
 
     ``masks`` is bool ``[N, H, W]`` for the samples of ``alignment`` (same order); the returned
     module is a new, aligned model (the input model is left unchanged).
-
-    Flags: ``needs_masks``.
     """
 
     Options: ClassVar[type[PluginOptions]]
-    needs_masks: ClassVar[bool]
 
     def align(
         self,

@@ -793,8 +793,11 @@ def report_stage(call: StageCall, inputs: Sequence[str], branches: Sequence[Mapp
     attributions: dict[str, torch.Tensor] = {}
     attributor = call.plugin("attributor")
     if attributor is not None and n > 0:
+        from .pipeline.stages import reference_pool
+
+        pool = reference_pool(attributor, data)
         for key, model in call.models().items():
-            attributions[key] = attributor.attribute(model, images, labels, data.train.inputs, call.ctx).detach().cpu()
+            attributions[key] = attributor.attribute(model, images, labels, pool, call.ctx).detach().cpu()
     timings = {}
     for name in inputs:
         info = call.info(name)

@@ -862,12 +862,11 @@ class AlignmentTrainer:
 
 class LossAligner(abc.ABC):
     """An aligner made of its loss: a subclass sets ``Options`` (an :class:`AlignmentOptions`
-    subclass), ``seed_name`` and ``needs_masks``, and defines :meth:`loss`; :meth:`loss_params`
+    subclass) and ``seed_name``, and defines :meth:`loss`; :meth:`loss_params`
     gives the loss's parameters (a tuple value is a grid chosen on the validation split).
     ``align`` and ``check_data`` are :class:`AlignmentTrainer`'s."""
 
     Options: ClassVar[type[PluginOptions]] = AlignmentOptions
-    needs_masks: ClassVar[bool] = True
     #: the name the aligner's seeds are drawn under (``ctx.generator(f"{seed_name}-...")``)
     seed_name: ClassVar[str]
 

@@ -96,11 +96,20 @@ def _trainer(call: StageCall, data: SpuriousDataset) -> Any:
     return Trainer(lambda: factory.build(data.input_shape, data.num_classes), call.option("train"), call.ctx)
 
 
+def reference_pool(attributor: Any, data: SpuriousDataset) -> Any:
+    """The training images an attributor may draw a background from: all of them for one that
+    ``needs_background``, none (an empty ``[0, C, H, W]``) for one that does not, so that such
+    an attributor cannot come to depend on a pool it declared it does not use."""
+    pool = data.train.inputs
+    return pool if bool(attributor.needs_background) else pool[:0]
+
+
 def _attribute_fn(call: StageCall, data: SpuriousDataset) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None:
     attributor = call.plugin("attributor")
     if attributor is None:
         return None
-    return lambda model, x, y: attributor.attribute(model, x, y, data.train.inputs, call.ctx)
+    pool = reference_pool(attributor, data)
+    return lambda model, x, y: attributor.attribute(model, x, y, pool, call.ctx)
 
 
 #: the splits a training role (an aligner, a mitigator) is given: never the test split
@@ -165,7 +174,8 @@ def _attribute(call: StageCall) -> dict[str, torch.Tensor]:
     data: SpuriousDataset = call["data"]
     idx = call["select"].indices
     images = data.train.inputs[idx]
-    attributions = call.plugin("attributor").attribute(call["train"], images, data.train.labels[idx], data.train.inputs, call.ctx)
+    attributor = call.plugin("attributor")
+    attributions = attributor.attribute(call["train"], images, data.train.labels[idx], reference_pool(attributor, data), call.ctx)
     _check_shape("attributor", attributions, tuple(images.shape))
     return {"attributions": attributions.detach().float().cpu()}
 

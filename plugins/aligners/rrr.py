@@ -168,7 +168,6 @@ class RrrAligner(LossAligner):
     """
 
     Options: ClassVar[type[PluginOptions]] = RrrOptions
-    needs_masks: ClassVar[bool] = True
     seed_name: ClassVar[str] = "rrr"
 
     def __init__(self, options: RrrOptions) -> None:

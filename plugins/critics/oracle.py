@@ -48,7 +48,6 @@ class OracleCritic:
             ),
         )
 
-    accepts_images: ClassVar[bool] = False
     needs_true_masks: ClassVar[bool] = True
 
     def __init__(self, options: OracleCritic.Options | None = None) -> None:

@@ -804,7 +804,6 @@ class OpenAICritic(_OpenAIBackend):
                 raise ValueError(f"samples = {samples} needs temperature > 0: at temperature 0 the answers would all be the same")
             return samples
 
-    accepts_images: ClassVar[bool] = True
     needs_true_masks: ClassVar[bool] = False
     role: ClassVar[str] = "critic"
 

@@ -408,7 +408,6 @@ class TransformersCritic(_TransformersBackend):
     """Critic on a local Hugging Face image-text-to-text model (batched greedy generation)."""
 
     Options: ClassVar[type[PluginOptions]] = TransformersCriticOptions
-    accepts_images: ClassVar[bool] = True
     needs_true_masks: ClassVar[bool] = False
     role: ClassVar[str] = "critic"
 

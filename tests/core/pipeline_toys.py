@@ -150,7 +150,6 @@ class ToyCritic:
     class Options(PluginOptions):
         pass
 
-    accepts_images = True
     needs_true_masks = False
 
     def __init__(self, options) -> None:
@@ -199,7 +198,6 @@ class ToyAligner:
     class Options(PluginOptions):
         shift: float = Field(0.01, description="added to the head bias")
 
-    needs_masks = True
 
     def __init__(self, options) -> None:
         self.options = options

@@ -763,3 +763,31 @@ def test_a_training_role_that_reads_the_test_split_fails(tmp_path, settings_file
     assert "evaluator 'toy', which declares split = 'val'" in str(failures["evaluate.toy"])
     # what they may read, they got
     assert seen["aligner train"] > 0 and seen["mitigator train"] > 0 and seen["evaluator val"] == 8
+
+
+@pytest.mark.parametrize("needs_background", [True, False])
+def test_an_attributor_gets_a_background_pool_only_when_it_declares_it_needs_one(tmp_path, settings_file, needs_background):
+    pools: list[int] = []
+
+    class Recording(pipeline_toys.ToyAttributor):
+        def attribute(self, model, inputs, targets, reference_pool, ctx):
+            pools.append(int(reference_pool.shape[0]))
+            return super().attribute(model, inputs, targets, reference_pool, ctx)
+
+    Recording.needs_background = needs_background
+    registry = _registry()
+    registry.add("attributor", "recording", Recording)
+    _run(settings_file, tmp_path / "run", registry, overrides=["attributor.plugin=recording"])
+    assert pools and set(pools) == ({96} if needs_background else {0})
+
+
+def test_every_capability_flag_of_a_role_is_read_by_the_pipeline():
+    """A flag a plugin declares and nothing reads would promise what does not happen."""
+    from lvlmva.protocols import ROLES
+
+    pipeline_dir = Path(__import__("lvlmva.pipeline", fromlist=["x"]).__file__).parent
+    source = "\n".join(p.read_text() for p in pipeline_dir.glob("*.py"))
+    for role, proto in ROLES.items():
+        for name, annotation in proto.__annotations__.items():
+            if "bool" in str(annotation):
+                assert f'"{name}"' in source or f".{name}" in source, f"{role} flag {name} is read nowhere in lvlmva.pipeline"

@@ -30,7 +30,6 @@ class GoodCritic:
     class Options(PluginOptions):
         pass
 
-    accepts_images = False
     needs_true_masks = False
 
     def __init__(self, options) -> None:
@@ -46,7 +45,6 @@ class HalfCritic:
     class Options(PluginOptions):
         pass
 
-    accepts_images = False
 
 
 class PlainOptionsCritic(GoodCritic):
@@ -95,7 +93,6 @@ class LazyCritic:
     class Options(PluginOptions):
         pass
 
-    accepts_images = True
     needs_true_masks = False
 
     def __init__(self, options):

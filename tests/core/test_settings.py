@@ -39,7 +39,6 @@ class FakeCritic:
         api_key_env: str = Field("FAKE_API_KEY", description="Variable holding the key.")
         sizes: list[int] = Field(default_factory=lambda: [1, 2], description="Some sizes.")
 
-    accepts_images = True
     needs_true_masks = False
 
     def __init__(self, options) -> None:

@@ -100,7 +100,7 @@ def test_registered_with_documented_options(role, cls):
         assert field.description, f"{cls.__name__}.Options.{name} lacks a description"
     with pytest.raises(ValueError):
         cls.Options(no_such_option=1)
-    assert OpenAICritic.accepts_images and not OpenAICritic.needs_true_masks
+    assert not OpenAICritic.needs_true_masks
     assert OpenAIJudge.Options().model == "gpt-4o-mini" and OpenAICritic.Options().model == "gpt-4o"
 
 

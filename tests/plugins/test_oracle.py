@@ -44,7 +44,7 @@ def _layout() -> tuple[torch.Tensor, torch.Tensor]:
 def test_oracle_fills_the_critic_role():
     assert check_capabilities("critic", OracleCritic) == []
     assert isinstance(OracleCritic(OracleCritic.Options()), Critic)
-    assert OracleCritic.needs_true_masks and not OracleCritic.accepts_images
+    assert OracleCritic.needs_true_masks
     for field in OracleCritic.Options.model_fields.values():
         assert field.description
 

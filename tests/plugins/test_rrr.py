@@ -214,7 +214,6 @@ def test_aligner_is_a_plugin():
     # lam first in the settings reference, then the options every aligner has
     assert list(RrrOptions.model_fields)[:2] == ["lam", "select_by"]
     assert set(RrrOptions.model_fields) == {"lam", *AlignmentOptions.model_fields}
-    assert RrrAligner.needs_masks is True
     assert isinstance(RrrAligner(RrrOptions()), Aligner)
     assert RrrAligner.__doc__.splitlines()[0].strip()
     for name, field in RrrOptions.model_fields.items():

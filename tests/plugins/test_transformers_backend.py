@@ -146,7 +146,7 @@ def test_registered_under_lazy_paths_with_flags() -> None:
     registry = get_registry()
     assert registry.get("critic", "transformers") is TransformersCritic
     assert registry.get("judge", "transformers") is TransformersJudge
-    assert TransformersCritic.accepts_images and not TransformersCritic.needs_true_masks
+    assert not TransformersCritic.needs_true_masks
     assert TransformersCritic.__doc__.splitlines()[0]
     for cls in (TransformersCritic, TransformersJudge):
         for name, info in cls.Options.model_fields.items():
