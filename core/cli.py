@@ -61,13 +61,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     compose.add_argument("--debug", action="store_true", help="print the traceback of every failed stage (always written to RUN/logs/STAGE.error.txt)")
 
-    review = sub.add_parser("review", help="a local web page to check and correct a run's verdicts (review/overrides.json)")
+    review = sub.add_parser(
+        "review", help="a local web page to check and correct a run's verdicts (review/overrides.json; with several "
+        "segmenters or critics, review/BRANCH/overrides.json per segmenter x critic pair)",
+    )
     review.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory whose judge stage has finished")
     review.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     review.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free port)")
     review.add_argument("--read-only", action="store_true", help="show the verdicts without allowing changes")
     review.add_argument("--reviewer", default="", help="name recorded with each override")
     review.add_argument("--no-browser", action="store_true", help="do not open a browser, only print the address")
+    review.add_argument(
+        "--branch", metavar="KEY",
+        help="in a run with several segmenters or critics, open on this segmenter x critic pair (e.g. j5.gpt4o; "
+        "default: the first judged); the page switches between them, each with its own review/KEY/overrides.json",
+    )
 
     validate = sub.add_parser(
         "validate", help="check a settings file, its plugins and their dependencies, and load and check the data set, without training",
@@ -226,7 +234,7 @@ def _review(args: argparse.Namespace) -> int:
 
     try:
         return serve(
-            args.run_dir, host=args.host, port=args.port, read_only=args.read_only,
+            args.run_dir, branch=args.branch, host=args.host, port=args.port, read_only=args.read_only,
             reviewer=args.reviewer, open_browser=not args.no_browser,
         )
     except (ReviewError, ConfigurationError) as exc:

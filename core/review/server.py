@@ -1,10 +1,18 @@
 """The review page: a Flask application over one run directory.
 
+A run with several segmenters or critics has several branches (segmenter x critic/judge pair,
+:func:`run_branches`), each with its own verdicts and its own overrides file; the page reviews
+one at a time, named by ``branch`` (a query parameter of every ``GET``, a key of every ``POST``
+body; a run with one segmenter and one critic in singular sections has the one branch ``""``
+and needs neither). A ``GET`` without it shows the branch the server opened on.
+
 - ``GET /``: the page (a Jinja template), one card per alignment sample, the most uncertain
-  first when the critic answered several times.
+  first when the critic answered several times, and a selector of the run's branches.
 - ``GET /image/<sample>/<original|clusters|overlay>.png``: the rendered images the critic saw.
 - ``GET /mask/<sample>.png``: the correction mask the current verdicts give (white: forbidden).
 - ``GET /api/samples``: the state of every sample as JSON.
+- ``GET /api/branches``: the run's branches: key, label, segmenter, critic, judge, overrides
+  file, and whether its judge has finished.
 - ``POST /api/toggle`` ``{"sample", "colour", "reviewer"?, "comment"?}``: flip one colour's
   verdict; ``POST /api/reset`` ``{"sample"}``: back to the judge's verdicts for a sample.
 
@@ -27,10 +35,13 @@ import re
 import secrets
 import sys
 import threading
+import tomllib
 import webbrowser
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import numpy as np
 
@@ -42,12 +53,16 @@ from ..overrides import (
     apply_overrides,
     cluster_hash,
     now_iso,
+    overrides_file,
     read_overrides,
     write_overrides,
 )
 from ..records import AlignmentSet, Critique, RenderedSample, Segmentation, Verdicts
 
-__all__ = ["ReviewError", "ReviewRun", "create_app", "serve", "make_server"]
+if TYPE_CHECKING:
+    from ..options import Settings
+
+__all__ = ["ReviewBranch", "ReviewError", "ReviewRun", "run_branches", "create_app", "serve", "make_server"]
 
 _KINDS = ("original", "clusters", "overlay")
 
@@ -98,10 +113,127 @@ class _Sample:
     judged: Verdicts
 
 
-class ReviewRun:
-    """What the page shows of a run directory, and the overrides made on it."""
+@dataclass(frozen=True)
+class ReviewBranch:
+    """One segmenter x critic/judge pair of a run, as the review page offers it."""
 
-    def __init__(self, run_dir: Path) -> None:
+    #: ``"j5.oracle"`` (``<segmenter instance>.<critic instance>``, either part absent when its
+    #: role has a singular section); ``""`` for a run with one segmenter and one critic
+    key: str
+    #: how the report names the segmenter (``"J=5"``), the critic (``"oracle critic"``) and
+    #: the judge's plugin
+    segmenter: str
+    critic: str
+    judge: str | None
+    #: the stages the page reads: ``segment``, ``render``, ``critic`` and ``judge`` -> the
+    #: branch's names for them (``segment.j5``, ``judge.j5.oracle``)
+    stages: Mapping[str, str]
+
+    @property
+    def label(self) -> str:
+        """``"J=5 x oracle critic (j5.oracle)"``."""
+        return f"{self.segmenter} x {self.critic}" + (f" ({self.key})" if self.key else "")
+
+    @property
+    def overrides(self) -> Path:
+        """Where its overrides live, relative to the run directory."""
+        return overrides_file(self.key)
+
+    def missing(self, finished: Sequence[str] | Mapping[str, Any]) -> list[str]:
+        """The stages the page reads that are not among ``finished`` (stage names)."""
+        return [name for name in ("select", *self.stages.values()) if name not in finished]
+
+
+def run_branches(run_dir: Path) -> list[ReviewBranch]:
+    """The branches of a run directory, in the order its stages run, as its
+    ``settings.resolved.toml`` records them (the settings of its last compose). Read without
+    the run's plugins and without building a pipeline: the recorded options are taken as they
+    are, for the names and labels :func:`lvlmva.pipeline.stages.branch_inputs` gives them."""
+    from ..pipeline.stages import branch_inputs
+
+    path = Path(run_dir) / "settings.resolved.toml"
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ReviewError(f"{run_dir} has no settings.resolved.toml: run `lvlmva compose SETTINGS --until judge` first") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ReviewError(f"cannot read {path}: {exc}") from None
+    out = []
+    for b in branch_inputs(_recorded_settings(raw)):
+        names = b["names"]
+        out.append(ReviewBranch(
+            key=b["key"], segmenter=b["segmenter"]["label"], critic=b["critic"], judge=b["judge"],
+            stages={role: names[role] for role in ("segment", "render", "critic", "judge")},
+        ))  # fmt: skip
+    return out
+
+
+def _recorded_settings(raw: Mapping[str, Any]) -> Settings:
+    """The segmenters, critics and judges of a resolved settings file as :class:`Settings`,
+    their options recorded but not validated (their plugins need not be installed here)."""
+    from pydantic import ConfigDict
+
+    from ..options import INSTANCE_SECTIONS, PAIRING_KEYS, MaskOptions, PluginChoice
+    from ..options import Settings as RecordedSettings
+    from ..protocols import PluginOptions
+
+    class Recorded(PluginOptions):
+        model_config = ConfigDict(extra="allow", frozen=True)
+
+    plugins: dict[str, PluginChoice] = {}
+    pairing: dict[str, Any] = {}
+    for section, role in INSTANCE_SECTIONS.items():
+        if role not in ("segmenter", "critic", "judge"):
+            continue
+        tables = [(role, raw[role])] if isinstance(raw.get(role), dict) else []
+        tables += [(f"{section}.{name}", table) for name, table in (raw.get(section) or {}).items() if isinstance(table, dict)]
+        for slot, table in tables:
+            values = dict(table)
+            name = values.pop("plugin", "")
+            if role in PAIRING_KEYS and PAIRING_KEYS[role] in values:
+                pairing[slot] = values.pop(PAIRING_KEYS[role])
+            plugins[slot] = PluginChoice(role, str(name), Recorded.model_construct(**values), slot)
+    judges = [slot for slot, c in plugins.items() if c.role == "judge"]
+    for slot, critic in list(plugins.items()):
+        if critic.role == "critic":  # as the settings paired them: the judge named, or the only one
+            judge = f"judges.{pairing[slot]}" if slot in pairing else judges[0] if len(judges) == 1 else None
+            plugins[slot] = PluginChoice("critic", critic.name, critic.options, slot, judge=judge)
+    masks = raw.get("masks") if isinstance(raw.get("masks"), dict) else {}
+    core = {"masks": MaskOptions.model_construct(**{k: v for k, v in masks.items() if k in MaskOptions.model_fields})}
+    return RecordedSettings(source=None, core=core, plugins=plugins)
+
+
+def _choose_branch(run_dir: Path, branches: Sequence[ReviewBranch], key: str | None, finished: Mapping[str, Any]) -> ReviewBranch:
+    """The branch named ``key`` (``None``: the first whose judge has finished), or a
+    :class:`ReviewError` naming the branches or the stages to run."""
+    if key is None:
+        ready = [b for b in branches if not b.missing(finished)]
+        branch = ready[0] if ready else branches[0]
+    else:
+        by_key = {b.key: b for b in branches}
+        if key not in by_key:
+            raise ReviewError(f"{run_dir} has no branch {key!r}; {_branch_list(branches)}")
+        branch = by_key[key]
+    missing = branch.missing(finished)
+    if missing:
+        raise ReviewError(
+            f"{run_dir} has no finished {', '.join(missing)} stage(s): run "
+            f"`lvlmva compose SETTINGS --until {branch.stages['judge']}` (with a critic and a judge) first"
+        )
+    return branch
+
+
+def _branch_list(branches: Sequence[ReviewBranch]) -> str:
+    if [b.key for b in branches] == [""]:
+        return "it has one branch, named by no key (no [segmenters.<name>] or [critics.<name>] tables): leave out --branch"
+    return "its branches: " + ", ".join(f"{b.key} ({b.segmenter} x {b.critic})" for b in branches)
+
+
+class ReviewRun:
+    """What the page shows of one branch of a run directory (``branch``: its key; ``None``: the
+    first whose judge has finished), and the overrides made on it."""
+
+    def __init__(self, run_dir: Path, branch: str | None = None) -> None:
         from ..pipeline import ArtifactError, open_run
         from ..pipeline.errors import NotARunDirectory
 
@@ -111,18 +243,15 @@ class ReviewRun:
             records = run.records()
         except (NotARunDirectory, OSError) as exc:
             raise ReviewError(str(exc)) from None
-        missing = [s for s in ("select", "segment", "render", "critic", "judge") if s not in records]
-        if missing:
-            raise ReviewError(
-                f"{self.run_dir} has no finished {', '.join(missing)} stage(s): run "
-                "`lvlmva compose SETTINGS --until judge` (with a critic and a judge) first"
-            )
+        self.branches = run_branches(self.run_dir)
+        self.branch = _choose_branch(self.run_dir, self.branches, branch, records)
+        stage = self.branch.stages
         try:
             chosen: AlignmentSet = run.load("select")
-            self.segmentation: Segmentation = run.load("segment")
-            rendered: list[RenderedSample] = run.load("render")
-            critiques: list[Critique] = run.load("critic")
-            verdicts: list[Verdicts] = run.load("judge")
+            self.segmentation: Segmentation = run.load(stage["segment"])
+            rendered: list[RenderedSample] = run.load(stage["render"])
+            critiques: list[Critique] = run.load(stage["critic"])
+            verdicts: list[Verdicts] = run.load(stage["judge"])
         except ArtifactError as exc:
             raise ReviewError(f"cannot read the run: {exc}") from None
         by_sample: dict[int, list[Critique]] = {}
@@ -134,10 +263,10 @@ class ReviewRun:
             answers = by_sample.get(index, [])
             v = judged.get(index)
             if v is None:
-                raise ReviewError(f"{self.run_dir}: sample {index} has no verdicts in the judge stage")
+                raise ReviewError(f"{self.run_dir}: sample {index} has no verdicts in the {stage['judge']} stage")
             label = answers[0].label if answers else ""
             self.samples[index] = _Sample(row, index, label, tuple(r.colors), r, answers, v)
-        self.path = self.run_dir / OVERRIDES_FILE
+        self.path = self.run_dir / self.branch.overrides
         self.clusters = {sid: cluster_hash(self.segmentation.labels[s.row]) for sid, s in self.samples.items()}
         self._disk = self._on_disk()  # what the file held when read: an edit elsewhere is noticed
         try:
@@ -239,6 +368,7 @@ class ReviewRun:
 
     def _save(self, before: dict[tuple[int, str], Override]) -> None:
         try:
+            refuse_symlink(self.path.parent)  # review/<branch>/: never written through a link
             write_overrides(self.path, self.overrides.values())
         except OSError:
             self.overrides = before  # what the page shows stays what the file holds
@@ -269,18 +399,55 @@ class ReviewRun:
         return buf.getvalue()
 
 
-def create_app(run_dir: Path, *, read_only: bool = False, reviewer: str = "", allowed_hosts: set[str] | None = None) -> Any:
-    """The Flask application for one run directory (``allowed_hosts``: the ``Host`` headers
-    it answers state-changing requests for; ``None`` = any, for tests)."""
+class _Reviews:
+    """The review of every branch of one run, each made when the page first asks for it and
+    then kept: one :class:`ReviewRun` per branch, so that every request on a branch shares its
+    lock and what it last wrote."""
+
+    def __init__(self, first: ReviewRun) -> None:
+        self.run_dir = first.run_dir
+        self.branches = first.branches
+        self.default = first.branch.key
+        self._runs = {first.branch.key: first}
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> ReviewRun:
+        """The review of branch ``key``: :class:`KeyError` when the run has no such branch,
+        :class:`ReviewError` when it cannot be reviewed (not judged yet, a stale overrides file)."""
+        with self._lock:
+            if key not in self._runs:
+                if key not in {b.key for b in self.branches}:
+                    raise KeyError(key)
+                self._runs[key] = ReviewRun(self.run_dir, key)
+            return self._runs[key]
+
+    def listing(self) -> list[dict[str, Any]]:
+        """Every branch for the selector and ``/api/branches``."""
+        from ..pipeline import open_run
+
+        finished = open_run(self.run_dir).records()
+        return [
+            {"key": b.key, "label": b.label, "segmenter": b.segmenter, "critic": b.critic, "judge": b.judge,
+             "overrides": b.overrides.as_posix(), "judged": not b.missing(finished)}
+            for b in self.branches
+        ]  # fmt: skip
+
+
+def create_app(
+    run_dir: Path, *, branch: str | None = None, read_only: bool = False, reviewer: str = "", allowed_hosts: set[str] | None = None
+) -> Any:
+    """The Flask application for one run directory, opening on ``branch`` (its key; ``None``:
+    the first branch whose judge has finished). ``allowed_hosts``: the ``Host`` headers it
+    answers requests for; ``None`` = any, for tests."""
     from flask import Flask, Response, abort, jsonify, render_template, request
 
-    run = ReviewRun(run_dir)
+    reviews = _Reviews(ReviewRun(run_dir, branch))
     token = secrets.token_urlsafe(32)
     app = Flask(__name__, template_folder="templates", static_folder="static")
     # a Content-Length above MAX_CONTENT_LENGTH is refused (413) before reading; a body without
     # one (chunked) is read only up to it, but werkzeug then stops there without an error, so
     # the limit lies one byte past ours and _body refuses a body that reaches it
-    app.config.update(REVIEW_RUN=run, REVIEW_TOKEN=token, JSON_SORT_KEYS=False, MAX_CONTENT_LENGTH=MAX_BODY_BYTES + 1)
+    app.config.update(REVIEW_RUNS=reviews, REVIEW_TOKEN=token, JSON_SORT_KEYS=False, MAX_CONTENT_LENGTH=MAX_BODY_BYTES + 1)
 
     def _check_write() -> None:
         if read_only:
@@ -310,7 +477,27 @@ def create_app(run_dir: Path, *, read_only: bool = False, reviewer: str = "", al
             abort(400, description="the body must be a JSON object")
         return body
 
-    def _sample(body: dict[str, Any]) -> int:
+    def _review(key: str) -> ReviewRun:
+        try:
+            return reviews.get(key)
+        except KeyError:
+            abort(404, description=f"no branch {key!r} in this run; {_branch_list(reviews.branches)}")
+        except ReviewError as exc:
+            abort(409, description=str(exc))
+
+    def _shown() -> ReviewRun:
+        """The branch a read asks for (``?branch=``), else the one the server opened on."""
+        return _review(request.args.get("branch", reviews.default))
+
+    def _changed(body: dict[str, Any]) -> ReviewRun:
+        """The branch a change names. Only a run whose one branch has no key may leave it out:
+        a change must not land in another branch's file than the one the person looked at."""
+        key = body.get("branch", "" if [b.key for b in reviews.branches] == [""] else None)
+        if not isinstance(key, str):
+            abort(400, description=f"name the branch to change (\"branch\": a string); {_branch_list(reviews.branches)}")
+        return _review(key)
+
+    def _sample(run: ReviewRun, body: dict[str, Any]) -> int:
         sid = body.get("sample")
         if not isinstance(sid, int) or isinstance(sid, bool) or sid not in run.samples:
             abort(404, description=f"no alignment sample {sid!r} in this run")
@@ -326,6 +513,7 @@ def create_app(run_dir: Path, *, read_only: bool = False, reviewer: str = "", al
     @app.errorhandler(400)
     @app.errorhandler(403)
     @app.errorhandler(404)
+    @app.errorhandler(409)
     @app.errorhandler(415)
     @app.errorhandler(500)
     def _error(exc: Any) -> Any:
@@ -337,30 +525,49 @@ def create_app(run_dir: Path, *, read_only: bool = False, reviewer: str = "", al
 
     @app.get("/")
     def page() -> Any:
-        states = [run.state(sid) for sid in run.ordered()]
-        sampled = any(s["answers"] > 1 for s in states)
+        key = request.args.get("branch", reviews.default)
+        branches = reviews.listing()
+        problem, status, states = "", 200, []
+        try:
+            run = reviews.get(key)
+        except KeyError:
+            named = [b["key"] for b in branches] != [""]
+            problem, status = f"This run has no branch {key!r}: " + ("choose one above." if named else "open the page without ?branch=."), 404
+        except ReviewError as exc:
+            problem, status = str(exc), 409
+        else:
+            states = [run.state(sid) for sid in run.ordered()]
+        shown = next((b for b in branches if b["key"] == key), None)
         return render_template(
             "review.html", states=states, token=token, read_only=read_only, reviewer=reviewer,
-            run_dir=str(run.run_dir), overrides_file=str(run.path), sampled=sampled,
-            colours=_swatches(),
-        )  # fmt: skip
+            run_dir=str(reviews.run_dir), sampled=any(s["answers"] > 1 for s in states), colours=_swatches(),
+            overrides_file=str(reviews.run_dir / overrides_file(key)), branch=key, branches=branches,
+            shown=shown, problem=problem, query=f"?branch={quote(key, safe='')}" if key else "",
+        ), status  # fmt: skip
 
     @app.get("/favicon.ico")
     def favicon() -> Any:
         return Response(status=204)
 
+    @app.get("/api/branches")
+    def branches() -> Any:
+        return jsonify({"opened": reviews.default, "branches": reviews.listing()})
+
     @app.get("/api/samples")
     def samples() -> Any:
+        run = _shown()
         return jsonify([run.state(sid) for sid in run.ordered()])
 
     @app.get("/image/<int:sample>/<kind>.png")
     def image(sample: int, kind: str) -> Any:
+        run = _shown()
         if sample not in run.samples or kind not in _KINDS:
             abort(404)
         return Response(run.image(sample, kind), mimetype="image/png")
 
     @app.get("/mask/<int:sample>.png")
     def mask(sample: int) -> Any:
+        run = _shown()
         if sample not in run.samples:
             abort(404)
         response = Response(run.mask_png(sample), mimetype="image/png")
@@ -371,7 +578,8 @@ def create_app(run_dir: Path, *, read_only: bool = False, reviewer: str = "", al
     def toggle() -> Any:
         _check_write()
         body = _body()
-        sid = _sample(body)
+        run = _changed(body)
+        sid = _sample(run, body)
         colour = body.get("colour")
         if not isinstance(colour, str) or colour not in run.samples[sid].colors:
             abort(404, description=f"sample {sid} has no cluster {colour!r}")
@@ -387,8 +595,10 @@ def create_app(run_dir: Path, *, read_only: bool = False, reviewer: str = "", al
     @app.post("/api/reset")
     def reset() -> Any:
         _check_write()
+        body = _body()
+        run = _changed(body)
         try:
-            return jsonify(run.reset(_sample(_body())))
+            return jsonify(run.reset(_sample(run, body)))
         except ReviewConflict as exc:
             return jsonify({"error": str(exc)}), 409
 
@@ -416,9 +626,12 @@ def _hosts(host: str, port: int) -> set[str]:
     return {f"{name}:{port}" for name in names} | ({name for name in names} if port == 80 else set())
 
 
-def make_server(run_dir: Path, *, host: str = "127.0.0.1", port: int = 0, read_only: bool = False, reviewer: str = "") -> Any:
+def make_server(
+    run_dir: Path, *, branch: str | None = None, host: str = "127.0.0.1", port: int = 0, read_only: bool = False, reviewer: str = ""
+) -> Any:
     """A werkzeug server (threaded) for the review page, bound but not yet serving; its
-    ``port`` is the one bound (0 picks a free one)."""
+    ``port`` is the one bound (0 picks a free one), its ``reviews`` the run's branches and the
+    one it opens on (``branch``, as for :func:`create_app`)."""
     from werkzeug.serving import make_server as _make
 
     holder: dict[str, Any] = {}
@@ -459,16 +672,18 @@ def make_server(run_dir: Path, *, host: str = "127.0.0.1", port: int = 0, read_o
 
     server.server_close = server_close
     try:
-        holder["app"] = create_app(run_dir, read_only=read_only, reviewer=reviewer, allowed_hosts=hosts)
+        holder["app"] = create_app(run_dir, branch=branch, read_only=read_only, reviewer=reviewer, allowed_hosts=hosts)
     except BaseException:
         server.server_close()  # a run that cannot be reviewed must not leave the port bound
         raise
+    server.reviews = holder["app"].config["REVIEW_RUNS"]
     return server
 
 
 def _hold_review_lock(run_dir: Path) -> Any:
     """An exclusive lock on ``review/.lock`` held while the server runs (released when the
-    process ends or the returned file is closed)."""
+    process ends or the returned file is closed); every branch's overrides lie under
+    ``review/``, so it guards them all."""
     import fcntl
 
     if not run_dir.is_dir():
@@ -488,12 +703,22 @@ def _hold_review_lock(run_dir: Path) -> Any:
     return fh
 
 
-def serve(run_dir: Path, *, host: str = "127.0.0.1", port: int = 8765, read_only: bool = False, reviewer: str = "", open_browser: bool = True) -> int:
-    """Serve the review page until interrupted; returns the exit code."""
-    server = make_server(run_dir, host=host, port=port, read_only=read_only, reviewer=reviewer)
+def serve(
+    run_dir: Path, *, branch: str | None = None, host: str = "127.0.0.1", port: int = 8765, read_only: bool = False,
+    reviewer: str = "", open_browser: bool = True,
+) -> int:
+    """Serve the review page until interrupted, opening on ``branch`` (its key; ``None``: the
+    first branch judged); returns the exit code."""
+    server = make_server(run_dir, branch=branch, host=host, port=port, read_only=read_only, reviewer=reviewer)
+    reviews: _Reviews = server.reviews
     shown = f"[{host}]" if ":" in host else host
-    url = f"http://{shown}:{server.port}/"
-    print(f"lvlmva review: {url}  ({'read-only' if read_only else 'overrides saved in ' + str(Path(run_dir) / OVERRIDES_FILE)}); Ctrl-C to stop", file=sys.stderr)
+    opened = reviews.default
+    url = f"http://{shown}:{server.port}/" + (f"?branch={quote(opened, safe='')}" if opened else "")
+    saved = "read-only" if read_only else "overrides saved in " + str(Path(run_dir) / overrides_file(opened))
+    print(f"lvlmva review: {url}  ({saved}); Ctrl-C to stop", file=sys.stderr)
+    if opened:
+        others = [b.key for b in reviews.branches if b.key != opened]
+        print(f"lvlmva review: branch {opened}" + (f"; the page switches to the others ({', '.join(others)}), each with its own file" if others else ""), file=sys.stderr)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"lvlmva review: listening on {host}: anyone who can reach this address can see the run's samples "
               "and change its verdicts (use --read-only to show them only)", file=sys.stderr)

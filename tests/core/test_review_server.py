@@ -426,3 +426,282 @@ def test_a_deeply_nested_or_malformed_body_is_refused_without_writing(run_dir: P
         response = post(body)
         assert response.status_code == 400 and response.get_json()["error"]
     assert path.read_bytes() == saved
+
+
+# -- a run with several segmenters and critics: one page per branch ---------------------------------
+
+#: the toy pipeline with two segmenters x two critic/judge pairs: four branches a.x, a.y, b.x,
+#: b.y; the strict judge (of critic y) fails the even samples
+BRANCHES = """
+[run]
+seed = 0
+device = "cpu"
+cache_dir = "{cache}"
+
+[dataset]
+plugin = "toy"
+
+[model]
+plugin = "toy"
+
+[train]
+epochs = 1
+batch_size = 16
+
+[selection]
+n = 8
+
+[attributor]
+plugin = "toy"
+
+[segmenters.a]
+plugin = "toy"
+
+[segmenters.b]
+plugin = "toy"
+
+[critics.x]
+plugin = "toy"
+judge = "lenient"
+
+[critics.y]
+plugin = "toy"
+judge = "strict"
+
+[judges.lenient]
+plugin = "toy"
+
+[judges.strict]
+plugin = "toy"
+fail_ids = {fail_ids}
+
+[aligner]
+plugin = "toy"
+
+[evaluators.toy]
+plugin = "toy"
+
+[report]
+enabled = false
+"""
+
+KEYS = ["a.x", "a.y", "b.x", "b.y"]
+
+
+@pytest.fixture(scope="module")
+def toy_registry():
+    from lvlmva.registry import PluginRegistry
+
+    from . import pipeline_toys
+
+    registry = PluginRegistry()
+    pipeline_toys.lvlmva_register(registry=registry)
+    return registry
+
+
+def _compose_toys(settings: Path, run_dir: Path, registry) -> dict[str, str]:
+    """The toy pipeline of ``settings`` run into ``run_dir``: stage name -> computed | reused."""
+    from lvlmva.pipeline import Pipeline
+    from lvlmva.settings import load_settings
+
+    pipe = Pipeline(load_settings(settings, environ={}, registry=registry), run_dir, registry=registry, echo=lambda _m: None)
+    pipe.run()
+    return {name: o.status for name, o in pipe.outcomes.items()}
+
+
+@pytest.fixture(scope="module")
+def branches_run(tmp_path_factory: pytest.TempPathFactory, module_torch_state, toy_registry) -> Path:
+    """A finished toy run with four branches (built once per module)."""
+    root = tmp_path_factory.mktemp("branches")
+    settings = root / "branches.toml"
+    settings.write_text(BRANCHES.format(cache=(root / "cache").as_posix(), fail_ids=list(range(0, 200, 2))))
+    _compose_toys(settings, root / "run", toy_registry)
+    return root / "run"
+
+
+@pytest.fixture
+def branches_dir(branches_run: Path, tmp_path: Path) -> Path:
+    """A copy of the branches run for one test, its settings file beside it."""
+    (tmp_path / "branches").mkdir()
+    shutil.copy(branches_run.parent / "branches.toml", tmp_path / "branches" / "branches.toml")
+    return Path(shutil.copytree(branches_run, tmp_path / "branches" / "run"))
+
+
+def _branch_token(client, branch: str) -> str:
+    html = client.get(f"/?branch={branch}").get_data(as_text=True)
+    (token,) = re.findall(r'<meta name="review-token" content="([^"]+)">', html)
+    return token
+
+
+def test_the_branches_of_a_run_are_listed_with_their_segmenter_and_critic(branches_dir: Path):
+    from lvlmva.review.server import run_branches
+
+    branches = run_branches(branches_dir)
+    assert [b.key for b in branches] == KEYS
+    by_key = {b.key: b for b in branches}
+    assert by_key["b.y"].label == "b segmenter x toy critic (b.y)"
+    assert dict(by_key["b.y"].stages) == {"segment": "segment.b", "render": "render.b", "critic": "critic.b.y", "judge": "judge.b.y"}
+    assert by_key["b.y"].overrides == Path("review/b.y/overrides.json")
+
+    client = create_app(branches_dir).test_client()
+    listing = client.get("/api/branches").get_json()
+    assert listing["opened"] == "a.x"
+    assert [(b["key"], b["label"], b["judged"], b["overrides"]) for b in listing["branches"]] == [
+        (b.key, b.label, True, f"review/{b.key}/overrides.json") for b in branches
+    ]
+    # the page's selector: every branch, the one shown selected
+    html = client.get("/?branch=b.x").get_data(as_text=True)
+    options = re.findall(r'<option value="([^"]+)"( selected)?>([^<]+)</option>', html)
+    assert [(key, text) for key, _, text in options] == [(b.key, b.label) for b in branches]
+    assert [key for key, selected, _ in options if selected] == ["b.x"]
+    assert 'data-branch="b.x"' in html and "review/b.x/overrides.json" in html
+    assert "/image/" in html and all(src.endswith("?branch=b.x") for src in re.findall(r'<img[^>]* src="([^"]+)"', html))
+
+
+def test_each_branch_shows_its_own_verdicts_and_images(branches_dir: Path):
+    run = open_run(branches_dir)
+    client = create_app(branches_dir).test_client()
+    for key in KEYS:
+        judged = {v.sample_id: v for v in run.load(f"judge.{key}")}
+        states = client.get(f"/api/samples?branch={key}").get_json()
+        assert sorted(s["sample"] for s in states) == sorted(judged)
+        for s in states:
+            v = judged[s["sample"]]
+            assert s["judge_failure"] == v.failure
+            assert [c["judge"] for c in s["colours"]] == [None if v.relevant is None else ("yes" if r else "no") for r in v.relevant or v.colors]
+    # the strict judge of critic y failed the even samples; x's did not
+    failed = {key: {s["sample"] for s in client.get(f"/api/samples?branch={key}").get_json() if s["failure"]} for key in KEYS}
+    assert failed["a.x"] == failed["b.x"] == set()
+    assert failed["a.y"] == failed["b.y"] == {sid for sid in run.load("select").indices.tolist() if sid % 2 == 0} != set()
+    # the images the critic of the branch saw: its segmenter's rendering
+    sid = run.load("select").indices.tolist()[0]
+    rendered = {r.sample_id: r for r in run.load("render.b")}
+    image = client.get(f"/image/{sid}/clusters.png?branch=b.y")
+    assert image.status_code == 200 and image.data == rendered[sid].images[1]
+    assert client.get(f"/mask/{sid}.png?branch=b.y").status_code == 200
+    # a read of a branch the run does not have names the branches
+    unknown = client.get("/api/samples?branch=c.z")
+    assert unknown.status_code == 404 and "no branch 'c.z'" in unknown.get_json()["error"] and "b.y (b segmenter x toy critic)" in unknown.get_json()["error"]
+    assert client.get(f"/image/{sid}/clusters.png?branch=c.z").status_code == 404
+    page = client.get("/?branch=c.z")
+    assert page.status_code == 404 and "This run has no branch &#39;c.z&#39;" in page.get_data(as_text=True)
+
+
+def test_a_toggle_on_one_branch_writes_only_its_file_and_compose_recomputes_only_its_stages(
+    branches_dir: Path, toy_registry, torch_global_state
+):
+    client = create_app(branches_dir, branch="b.x").test_client()
+    token = _branch_token(client, "a.y")
+    review = ReviewRun(branches_dir, "a.y")
+    sid = next(s for s in review.ordered() if review.samples[s].judged.ok)
+    colour = review.samples[sid].colors[0]
+    response = _post(client, "/api/toggle", {"branch": "a.y", "sample": sid, "colour": colour}, token)
+    assert response.status_code == 200 and response.get_json()["overridden"]
+    files = sorted(p.relative_to(branches_dir).as_posix() for p in (branches_dir / "review").rglob("*.json"))
+    assert files == ["review/a.y/overrides.json"]
+    (entry,) = read_overrides(branches_dir / "review" / "a.y" / "overrides.json")
+    assert (entry.sample, entry.colour) == (sid, colour) and entry.clusters == review.clusters[sid]
+    # the other branches show the judge's verdicts still
+    for key in ("a.x", "b.x", "b.y"):
+        assert not any(s["overridden"] for s in client.get(f"/api/samples?branch={key}").get_json())
+    assert [s["overridden"] for s in client.get("/api/samples?branch=a.y").get_json() if s["sample"] == sid] == [True]
+
+    status = _compose_toys(branches_dir.parent / "branches.toml", branches_dir, toy_registry)
+    computed = {name for name, s in status.items() if s == "computed"}
+    assert computed == {"data", "overrides.a.y", "masks.a.y", "align.a.y", "evaluate.toy", "results", "report"}
+    assert all(status[f"{base}.{key}"] == "reused" for base in ("overrides", "masks", "align") for key in KEYS if key != "a.y")
+    verdicts = {v.sample_id: v for v in open_run(branches_dir).load("overrides.a.y")}
+    assert verdicts[sid].sources[0] == "person"
+    assert json.loads((branches_dir / "results.json").read_text())["branches"]["a.y"]["review"]["overrides"] == 1
+
+
+def test_a_change_names_its_branch(branches_dir: Path):
+    client = create_app(branches_dir).test_client()
+    token = _branch_token(client, "a.x")
+    sid = ReviewRun(branches_dir, "a.x").ordered()[0]
+    # without the branch a change could land in another file than the one looked at
+    missing = _post(client, "/api/toggle", {"sample": sid, "colour": "red"}, token)
+    assert missing.status_code == 400 and "name the branch" in missing.get_json()["error"]
+    assert _post(client, "/api/reset", {"sample": sid}, token).status_code == 400
+    assert _post(client, "/api/toggle", {"branch": ["a.x"], "sample": sid, "colour": "red"}, token).status_code == 400
+    unknown = _post(client, "/api/toggle", {"branch": "c.z", "sample": sid, "colour": "red"}, token)
+    assert unknown.status_code == 404 and "no branch 'c.z'" in unknown.get_json()["error"]
+    assert not (branches_dir / "review").exists()
+    # the token, the read-only mode and the Host check hold on every branch
+    for key in KEYS:
+        assert _post(client, "/api/toggle", {"branch": key, "sample": sid, "colour": "red"}, None).status_code == 403
+    read_only = create_app(branches_dir, read_only=True).test_client()
+    refused = _post(read_only, "/api/toggle", {"branch": "b.y", "sample": sid, "colour": "red"}, _branch_token(read_only, "b.y"))
+    assert refused.status_code == 403 and "read-only" in refused.get_json()["error"]
+    hosted = create_app(branches_dir, allowed_hosts={"127.0.0.1:8765"}).test_client()
+    assert hosted.get("/api/samples?branch=b.y", headers={"Host": "evil.example:8765"}).status_code == 403
+    assert not (branches_dir / "review").exists()
+
+
+def test_an_unknown_branch_is_refused_naming_the_branches(branches_dir: Path, run_dir: Path, capsys):
+    with pytest.raises(ReviewError, match=r"has no branch 'c\.z'; its branches: a\.x \(a segmenter x toy critic\), a\.y"):
+        ReviewRun(branches_dir, "c.z")
+    assert main(["review", str(branches_dir), "--branch", "c.z", "--port", "0", "--no-browser"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "lvlmva: error:" in err and "no branch 'c.z'" in err and all(key in err for key in KEYS)
+    # the refused server left neither the port nor the run's review lock held
+    make_server(branches_dir, port=0).server_close()
+    # a run without branches has none to choose
+    assert main(["review", str(run_dir), "--branch", "a.x", "--port", "0", "--no-browser"]) == EXIT_BAD_INPUT
+    assert "has no branch 'a.x'; it has one branch, named by no key" in capsys.readouterr().err
+
+
+def test_the_server_opens_on_the_branch_asked_for_and_locks_them_all(branches_dir: Path, serving):
+    with serving(make_server(branches_dir, branch="b.y", port=0)) as server:
+        assert server.reviews.default == "b.y"
+        status, html = _request(server.port, "GET", "/")
+        assert status == 200 and b'data-branch="b.y"' in html and b'<option value="b.y" selected>' in html
+        # one server per run: its lock covers every branch
+        for key in (None, "a.x"):
+            with pytest.raises(ReviewError, match="being reviewed by another lvlmva review"):
+                make_server(branches_dir, branch=key, port=0)
+        (token,) = re.findall(rb'<meta name="review-token" content="([^"]+)">', html)
+        sid = int(re.findall(rb'data-sample="(\d+)"', html)[0])
+        status, _ = _request(server.port, "POST", "/api/toggle", {"branch": "b.y", "sample": sid, "colour": "red"}, token=token.decode())
+        assert status == 200
+    assert [o.sample for o in read_overrides(branches_dir / "review" / "b.y" / "overrides.json")] == [sid]
+
+
+def test_a_branch_not_judged_yet_or_with_a_stale_file_is_named_and_the_others_served(branches_dir: Path):
+    shutil.rmtree(branches_dir / "judge.a.x")
+    stale = branches_dir / "review" / "b.x" / "overrides.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"format": "lvlmva-overrides", "version": 1, "overrides": [
+        {"sample": 999999, "colour": "red", "verdict": "no", "when": "2026-12-02T04:10:00+00:00"}]}))  # fmt: skip
+    with pytest.raises(ReviewError, match=r"no finished judge\.a\.x stage.*--until judge\.a\.x"):
+        ReviewRun(branches_dir, "a.x")
+    client = create_app(branches_dir).test_client()  # opens on the first branch judged
+    listing = client.get("/api/branches").get_json()
+    assert listing["opened"] == "a.y"
+    assert [b["judged"] for b in listing["branches"]] == [False, True, True, True]
+    html = client.get("/").get_data(as_text=True)
+    assert re.search(r'<option value="a.x" disabled>[^<]*not judged yet</option>', html)
+    # each branch's own file is checked when it is opened: b.x's names a sample the run lacks
+    page = client.get("/?branch=b.x")
+    assert page.status_code == 409 and "sample 999999" in page.get_data(as_text=True) and 'class="card' not in page.get_data(as_text=True)
+    assert client.get("/api/samples?branch=a.x").status_code == 409
+    assert client.get("/api/samples?branch=b.y").status_code == 200
+
+
+def test_branches_are_read_from_the_recorded_settings_without_the_plugins(tmp_path: Path):
+    from lvlmva.review.server import run_branches
+
+    # one segmenter in its singular section, two critics, one of them an LVLM's: the plugins
+    # named need not be installed to read their names
+    (tmp_path / "settings.resolved.toml").write_text(
+        '[segmenter]\nplugin = "ppeps-wgm"\nnum_clusters = 5\n\n'
+        '[critics.gpt4o]\nplugin = "not-installed-lvlm"\nmodel = "gpt-4o"\n\n[critics.oracle]\nplugin = "oracle"\n\n'
+        '[judge]\nplugin = "rules"\n'
+    )
+    branches = run_branches(tmp_path)
+    assert [(b.key, b.label, b.judge) for b in branches] == [
+        ("gpt4o", "ppeps-wgm x not-installed-lvlm critic gpt-4o (gpt4o)", "rules"),
+        ("oracle", "ppeps-wgm x oracle critic (oracle)", "rules"),
+    ]
+    assert dict(branches[0].stages) == {"segment": "segment", "render": "render", "critic": "critic.gpt4o", "judge": "judge.gpt4o"}
+    assert branches[0].overrides == Path("review/gpt4o/overrides.json")

@@ -3,6 +3,10 @@
   "use strict";
   const token = document.querySelector('meta[name="review-token"]').content;
   const readOnly = document.body.dataset.readOnly === "true";
+  // the branch (segmenter x critic) shown: every request names it; "" in a run without branches
+  const branch = document.body.dataset.branch;
+  const branchQuery = branch ? `branch=${encodeURIComponent(branch)}&` : "";
+  const branchSelect = document.getElementById("branch");
   const main = document.getElementById("cards");
   const status = document.getElementById("status");
   const filters = ["all", "failed", "overridden"];
@@ -11,6 +15,18 @@
 
   for (const swatch of document.querySelectorAll(".swatch")) {
     swatch.style.background = swatch.dataset.rgb;  // set from script: the page allows no inline styles
+  }
+
+  // the address names the branch shown, so that a reload (or a restarted server opening on
+  // another branch) keeps it
+  const here = new URL(window.location.href);
+  if (branch && here.searchParams.get("branch") === null) {
+    here.searchParams.set("branch", branch);
+    window.history.replaceState(null, "", here.toString());
+  }
+  if (branchSelect) {
+    document.getElementById("branch-show").hidden = true;  // choosing is enough with the script
+    branchSelect.addEventListener("change", () => branchSelect.form.submit());
   }
 
   function cards() { return Array.from(main.querySelectorAll(".card")); }
@@ -72,7 +88,7 @@
         cell.appendChild(by);
       }
     }
-    card.querySelector("img.mask").src = `/mask/${state.sample}.png?t=${Date.now()}`;
+    card.querySelector("img.mask").src = `/mask/${state.sample}.png?${branchQuery}t=${Date.now()}`;
     counts();
   }
 
@@ -93,6 +109,7 @@
     const comment = card.querySelector("input.comment");
     try {
       const state = await post("/api/toggle", {
+        branch: branch,
         sample: parseInt(card.dataset.sample, 10),
         colour: colour,
         reviewer: reviewer ? reviewer.value : "",
@@ -108,7 +125,7 @@
   async function reset(card) {
     if (readOnly) return;
     try {
-      const state = await post("/api/reset", { sample: parseInt(card.dataset.sample, 10) });
+      const state = await post("/api/reset", { branch: branch, sample: parseInt(card.dataset.sample, 10) });
       render(card, state);
       say(`saved: sample ${state.sample} back to the judge's verdicts`);
     } catch (err) {
@@ -127,7 +144,7 @@
   for (const b of document.querySelectorAll("button.sort")) b.addEventListener("click", () => applySort(b.dataset.sort));
 
   document.addEventListener("keydown", (event) => {
-    if (event.target.matches("input, textarea") || event.ctrlKey || event.metaKey || event.altKey) return;
+    if (event.target.matches("input, textarea, select") || event.ctrlKey || event.metaKey || event.altKey) return;
     const shown = visible();
     const at = current ? shown.indexOf(current) : -1;
     if (event.key === "j" || event.key === "ArrowDown") {
@@ -142,6 +159,8 @@
       reset(current);
     } else if (event.key === "f") {
       applyFilter(filters[(filters.indexOf(filter) + 1) % filters.length]);
+    } else if (event.key === "b" && branchSelect) {
+      branchSelect.focus();
     } else if (event.key === "o") {
       const active = document.querySelector("button.sort.active");
       applySort(active && active.dataset.sort === "uncertainty" ? "row" : "uncertainty");
