@@ -1,7 +1,8 @@
 """The review flow as a user runs it, on small real DecoyMNIST digits through the command line
 in-process: ``compose --until judge``, a person's overrides, ``compose`` again (stages up to the
-judge reused, masks onward recomputed, the overrides counted and reported); unusable overrides
-files and ``--until`` names that stop with exit 2; the critic's uncertainty in results.json
+judge reused, masks onward recomputed, the overrides counted and reported); in a run with two
+segmenters x two critics, a review of one branch that realigns that branch alone; unusable
+overrides files and ``--until`` names that stop with exit 2; the critic's uncertainty in results.json
 (scripted critic; the OpenAI critic against the local scripted server); and an attributor that
 refuses the model's architecture before anything trains."""
 
@@ -179,6 +180,76 @@ def test_until_an_unknown_stage_is_refused(run_dir: Path, settings: Path, compos
     assert code == EXIT_BAD_INPUT
     assert "--until nosuchstage: this run has no stage 'nosuchstage'" in err and "judge" in err
     assert _records(run_dir) == before
+
+
+# -- a run with several segmenters and critics ----------------------------------------------------
+
+#: two segmenters (J=3, J=4) x two critics read by the one judge: branches j3.scripted,
+#: j3.oracle, j4.scripted and j4.oracle
+SEGMENTERS = """[segmenters.j3]
+plugin = "ppeps-wgm"
+num_clusters = 3
+
+[segmenters.j4]
+plugin = "ppeps-wgm"
+num_clusters = 4"""
+
+CRITICS = """[critics.scripted]
+plugin = "scripted"
+samples = 3
+error_rate = 0.3
+
+[critics.oracle]
+plugin = "oracle"
+"""
+
+BRANCH_KEYS = ("j3.scripted", "j3.oracle", "j4.scripted", "j4.oracle")
+
+
+def test_a_review_of_one_branch_realigns_that_branch_alone(tmp_path: Path, review_settings, compose, torch_global_state):
+    text = review_settings(tmp_path, critic=CRITICS).read_text(encoding="utf-8")
+    assert '[segmenter]\nplugin = "ppeps-wgm"\nnum_clusters = 4' in text
+    settings = tmp_path / "branches.toml"
+    settings.write_text(text.replace('[segmenter]\nplugin = "ppeps-wgm"\nnum_clusters = 4', SEGMENTERS), encoding="utf-8")
+    run_dir = tmp_path / "run"
+    code, _, err = compose(settings, run_dir, "--set", "report.enabled=false")  # every branch aligned once
+    assert code == EXIT_OK, err
+
+    # the command line names the branches when asked for one the run lacks
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["review", str(run_dir), "--branch", "j5.oracle", "--port", "0", "--no-browser"]) == EXIT_BAD_INPUT
+    assert (
+        "has no branch 'j5.oracle'; its branches: j3.scripted (J=3 x scripted critic), j3.oracle (J=3 x oracle critic), "
+        "j4.scripted (J=4 x scripted critic), j4.oracle (J=4 x oracle critic)"
+    ) in err.getvalue()
+
+    # a person corrects one branch: the largest cluster of its first sample
+    review = ReviewRun(run_dir, "j4.scripted")
+    assert review.branch.label == "J=4 x scripted critic (j4.scripted)"
+    sid = review.ordered()[0]
+    sample = review.samples[sid]
+    labels = review.segmentation.labels[sample.row]
+    j = int(torch.bincount(labels.flatten(), minlength=len(sample.colors)).argmax())
+    review.toggle(sid, sample.colors[j], reviewer="ana")
+    assert [p.relative_to(run_dir).as_posix() for p in (run_dir / "review").rglob("*.json")] == ["review/j4.scripted/overrides.json"]
+
+    code, _, err = compose(settings, run_dir, "--set", "report.enabled=false")
+    assert code == EXIT_OK, err
+    statuses = _statuses(err)
+    for key in BRANCH_KEYS:
+        assert statuses[f"judge.{key}"] == "reused"
+        for base in ("overrides", "masks", "align"):
+            assert statuses[f"{base}.{key}"] == ("computed" if key == "j4.scripted" else "reused"), (base, key)
+    results = open_run(run_dir).results()
+    assert {key: results["branches"][key]["review"]["overrides"] for key in BRANCH_KEYS} == {
+        "j3.scripted": 0, "j3.oracle": 0, "j4.scripted": 1, "j4.oracle": 0,
+    }  # fmt: skip
+    # the branch's masks: what its judge gave, but for the toggled cluster
+    run = open_run(run_dir)
+    judge_masks, _ = masks_from_verdicts(review.segmentation.labels, run.load("judge.j4.scripted"))
+    masks = run.load("masks.j4.scripted")["masks"]
+    assert torch.equal(masks[sample.row] != judge_masks[sample.row], labels == j)
 
 
 # -- uncertainty ------------------------------------------------------------------------------
