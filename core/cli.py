@@ -190,8 +190,9 @@ def _compose(args: argparse.Namespace) -> int:
         print(f"lvlmva: interrupted; finished stages are kept, run again to resume: {pipeline.run_dir}", file=sys.stderr)
         return EXIT_INTERRUPTED
     if args.until:
-        print(f"stopped after {args.until} (--until): the stages before are kept for the next compose")
-        if args.until in ("judge", "overrides"):
+        shown = args.until if args.until == pipeline.until else f"{args.until} ({pipeline.until}, the last of them)"
+        print(f"stopped after {shown} (--until): the stages before are kept for the next compose")
+        if pipeline.until.split(".")[0] in ("judge", "overrides"):
             print(f"review the verdicts:  lvlmva review {pipeline.run_dir}")
             again = [str(args.settings), *(f"--set {shlex.quote(o)}" for o in args.overrides), *(["--out", str(args.out)] if args.out else [])]
             print(f"then go on:           lvlmva compose {' '.join(again)}")

@@ -6,12 +6,15 @@
 - :mod:`.rundir`: the run directory (claiming, locking, committing, integrity, publishing,
   reading a finished run with :func:`open_run`);
 - :mod:`.codecs`: how artifacts are stored;
+- :mod:`.sources`, :mod:`.fingerprints`: the code and the settings a fingerprint hashes;
+- :mod:`.environment`: env.json and the process state a run restores;
 - :mod:`.errors`: what can go wrong, as the CLI's exit codes see it.
 """
 
 from __future__ import annotations
 
 from .codecs import ArtifactError, ModelArtifact
+from .environment import environment_info
 from .errors import (
     ConfigurationError,
     NotARunDirectory,
@@ -24,7 +27,6 @@ from .orchestrator import (
     Pipeline,
     StageOutcome,
     default_cache_dir,
-    environment_info,
 )
 from .rundir import FinishedRun, RunDirectory, open_run
 from .stage import Stage, StageCall, StageIncomplete, StageView, UndeclaredAccess

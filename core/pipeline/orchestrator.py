@@ -19,7 +19,6 @@ import errno
 import hashlib
 import importlib
 import json
-import subprocess
 import sys
 import time
 import uuid
@@ -34,11 +33,11 @@ from ..atomic import write_error
 from ..protocols import DatasetError, RunContext
 from ..records import SpuriousDataset
 from ..registry import PluginRegistry, get_plugin_manager, get_registry
-from ..results import machine_info
 from ..secrets import redact
 from ..settings import Settings
 from ..version import __version__
 from .codecs import DecodeContext
+from .environment import GlobalTorchState, environment_info, isolated_rng, stage_seed
 from .errors import (
     ConfigurationError,
     StageFailed,
@@ -46,12 +45,13 @@ from .errors import (
     describe_failure,
     format_traceback,
 )
+from .fingerprints import section_for_fingerprint
 from .rundir import RunDirectory, StageRecord, sha256_file
 from .sources import CodeFingerprints
 from .stage import InputInfo, Stage, StageCall, StageView
 from .stages import build_stages
 
-__all__ = ["Pipeline", "StageOutcome", "ARTIFACT_VERSION", "default_cache_dir", "environment_info"]
+__all__ = ["Pipeline", "StageOutcome", "ARTIFACT_VERSION", "default_cache_dir"]
 
 #: bump when a built-in stage's artifact format changes, so that old run directories recompute
 ARTIFACT_VERSION = 2
@@ -129,9 +129,13 @@ class Pipeline:
             raise ConfigurationError(f"run.device = {run.device!r}: {exc}") from None
         self.stages = build_stages(settings, self.registry)
         self._by_name = {s.name: s for s in self.stages}
-        self.until = until
         if until is not None and until not in self._by_name:
-            raise ConfigurationError(f"--until {until}: this run has no stage {until!r}; its stages: {', '.join(self._by_name)}")
+            # a stage that fans out (judge -> judge.j5.gpt4o, ...): stop after its last instance
+            fanned = [s.name for s in self.stages if s.name.startswith(f"{until}.")]
+            if not fanned:
+                raise ConfigurationError(f"--until {until}: this run has no stage {until!r}; its stages: {', '.join(self._by_name)}")
+            until = fanned[-1]
+        self.until = until
         self._width = max(len(s.name) for s in self.stages)
         self._providers = self._resolve_inputs()
         self._plugins: dict[str, Any] = {}
@@ -323,32 +327,13 @@ class Pipeline:
 
     # -- fingerprints ----------------------------------------------------------------------------
     def _fingerprint_setting(self, key: str) -> Any:
-        """A setting as the fingerprint sees it: the device as resolved ("auto" and "cpu" are
-        the same on a machine without CUDA), options marked ``fingerprint=False`` left out (they
-        change how, not what: batch sizes for inference, concurrency, where data is read from),
-        files marked ``fingerprint="content"`` hashed by content, and data paths marked
-        ``fingerprint="listing"`` by their file list, sizes and modification times (a user's
-        folder of images: an added, removed or edited file makes every stage recompute)."""
+        """A setting as the fingerprint sees it (:func:`section_for_fingerprint`), the device as
+        resolved ("auto" and "cpu" are the same on a machine without CUDA)."""
         if key == "device":
             return self.device.type
         section, _, sub = key.partition(".")
-        value = self._section(section, self.settings.options_model(section), self.settings.section(section) or {})
+        value = section_for_fingerprint(self.settings.options_model(section), self.settings.section(section) or {})
         return value if not sub else value.get(sub)
-
-    def _section(self, slot: str, model: type, value: dict[str, Any]) -> dict[str, Any]:
-        out = {}
-        for name, item in value.items():
-            spec = model.model_fields.get(name)
-            extra = spec.json_schema_extra if spec is not None and isinstance(spec.json_schema_extra, dict) else {}
-            marker = extra.get("fingerprint", True)
-            if marker is False:
-                continue
-            if marker == "content" and item:
-                item = {"path": item, "sha256": _content_sha256(Path(item))}
-            elif marker == "listing" and item:
-                item = {"path": item, "listing": _listing_sha256(Path(item))}
-            out[name] = item
-        return out
 
     def _static_fingerprint(self, stage: Stage) -> dict[str, Any]:
         plugins = {}
@@ -357,7 +342,7 @@ class Pipeline:
             if choice is None:
                 plugins[slot] = None
                 continue
-            value = self._section(slot, type(choice.options), choice.as_dict())
+            value = section_for_fingerprint(type(choice.options), choice.as_dict())
             plugins[slot] = {**value, "__source__": self._code.release(choice.role, choice.name)}
             code = self._code.plugin(slot)
             if code is not None:  # code that can change under the same version: its source counts
@@ -463,7 +448,7 @@ class Pipeline:
         factory = self.plugin("model")
 
         def build(shape: tuple[int, int, int], classes: int) -> torch.nn.Module:
-            with _isolated_rng():  # building draws initial weights we then overwrite
+            with isolated_rng():  # building draws initial weights we then overwrite
                 return factory.build(shape, classes)
 
         return DecodeContext(build_model=build if factory is not None else None)
@@ -477,7 +462,7 @@ class Pipeline:
         rundir = RunDirectory.claim(self.run_dir)
         results: dict[str, Any] = {}
         status = "failed"
-        saved = _GlobalTorchState.save()
+        saved = GlobalTorchState.save()
         self._state, self._rundir, self._hooks = _State(), rundir, hooks
         self._failures: dict[str, BaseException] = {}
         self._error_files: dict[str, Path] = {}
@@ -527,7 +512,7 @@ class Pipeline:
         self._failures, self._error_files = {}, {}
         plan = self.plan()
         unstored = [s for s in self.stages if not s.persist and self.skipped[s.name] is None]
-        saved = _GlobalTorchState.save()  # seeding the data set switches determinism on
+        saved = GlobalTorchState.save()  # seeding the data set switches determinism on
         try:
             self._preload_data(plan, True)
         finally:
@@ -610,7 +595,7 @@ class Pipeline:
         started = time.perf_counter()
         self._nested = 0.0
         try:
-            seed_everything(_stage_seed(self.settings.run.seed, stage.name), self.settings.run.deterministic)
+            seed_everything(stage_seed(self.settings.run.seed, stage.name), self.settings.run.deterministic)
             value = stage.run(self._call(stage, ctx))
             stage.codec.encode(value, partial)  # type: ignore[union-attr]
             # What cannot be read back is not committed; the value kept is what a reuse loads.
@@ -724,8 +709,8 @@ class Pipeline:
         hooks.lvlmva_stage_started(stage=stage.name, run_dir=self.run_dir, fingerprint=fp)
         started = time.perf_counter()
         try:
-            with _isolated_rng():
-                seed_everything(_stage_seed(self.settings.run.seed, stage.name), self.settings.run.deterministic)
+            with isolated_rng():
+                seed_everything(stage_seed(self.settings.run.seed, stage.name), self.settings.run.deterministic)
                 value = stage.run(self._call(stage, self._context(stage, self.run_dir, uuid.uuid4().hex[:12])))
         except DatasetError as exc:  # the user's data: bad input (exit 2), not a failed stage
             raise _DataProblems(f"[{stage.name}] {exc}") from None
@@ -761,7 +746,7 @@ class Pipeline:
                 check_model = getattr(plugin, "check_model", None)
                 if callable(check_model) and self.plugin("model") is not None:
                     if not untrained:  # the architecture, built once with the data set's shape
-                        with _isolated_rng():
+                        with isolated_rng():
                             untrained.append(self.plugin("model").build(data.input_shape, data.num_classes))
                     problems += [f"[{slot}] {p}" for p in check_model(untrained[0])]
         if problems:
@@ -834,114 +819,3 @@ class _InputFailed(Exception):
     def __init__(self, stage: str) -> None:
         super().__init__(stage)
         self.stage = stage
-
-
-class _GlobalTorchState:
-    """torch's process-wide determinism switches, restored after a run so that a run inside a
-    larger program (a notebook, a test session) leaves them as it found them."""
-
-    def __init__(self, enabled: bool, warn_only: bool, cudnn_benchmark: bool) -> None:
-        self.enabled, self.warn_only, self.cudnn_benchmark = enabled, warn_only, cudnn_benchmark
-
-    @classmethod
-    def save(cls) -> _GlobalTorchState:
-        return cls(
-            torch.are_deterministic_algorithms_enabled(),
-            torch.is_deterministic_algorithms_warn_only_enabled(),
-            torch.backends.cudnn.benchmark,
-        )
-
-    def restore(self) -> None:
-        torch.use_deterministic_algorithms(self.enabled, warn_only=self.warn_only)
-        torch.backends.cudnn.benchmark = self.cudnn_benchmark
-
-
-class _isolated_rng:
-    """Save and restore torch's, numpy's and random's global generators."""
-
-    def __enter__(self) -> None:
-        import random
-
-        import numpy as np
-
-        self._states = (torch.get_rng_state(), np.random.get_state(), random.getstate())
-
-    def __exit__(self, *exc: object) -> None:
-        import random
-
-        import numpy as np
-
-        torch.set_rng_state(self._states[0])
-        np.random.set_state(self._states[1])
-        random.setstate(self._states[2])
-
-
-def _content_sha256(path: Path) -> str:
-    try:
-        return sha256_file(path)
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}") from None
-
-
-def _listing_sha256(path: Path) -> str:
-    """A cheap signature of a data path: for a folder, every file's relative path, size and
-    modification time; for a file, its size and modification time; ``"missing"`` when there is
-    nothing (the provider then says what is missing, with exit 2, when it loads)."""
-    entries = []
-    try:
-        if path.is_dir():
-            for file in sorted(p for p in path.rglob("*") if p.is_file()):
-                st = file.stat()
-                entries.append(f"{file.relative_to(path).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}")
-        elif path.exists():
-            st = path.stat()
-            entries.append(f"\t{st.st_size}\t{st.st_mtime_ns}")
-        else:
-            return "missing"
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}") from None
-    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
-
-
-def _stage_seed(seed: int, stage: str) -> int:
-    digest = hashlib.sha256(f"{seed}:{stage}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
-
-
-def environment_info(device: torch.device, code: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Versions, git revision and device, for env.json; ``code``: which plugins and stages
-    were fingerprinted by their source (:meth:`CodeFingerprints.record`)."""
-    from importlib import metadata
-
-    versions = {}
-    for dist in ("lvlmva", "torch", "torchvision", "captum", "numpy", "scikit-learn", "scipy", "openai", "transformers", "pydantic", "pydantic-settings", "pluggy", "medmnist"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
-    info: dict[str, Any] = {
-        "python": sys.version.split()[0],
-        **machine_info(device),
-        "packages": versions,
-        "cuda": torch.version.cuda,
-        "git_revision": None,
-        "argv": sys.argv,
-    }
-    if code is not None:
-        info["code_fingerprints"] = code
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False,
-            cwd=Path(__file__).resolve().parent,
-        )
-        if rev.returncode == 0:
-            info["git_revision"] = rev.stdout.strip()
-            status = subprocess.run(
-                ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                timeout=5, check=False, cwd=Path(__file__).resolve().parent,
-            )
-            if status.returncode == 0:
-                info["git_local_changes"] = bool(status.stdout.strip())
-    except (OSError, subprocess.TimeoutExpired):
-        pass  # no git: the revision stays None
-    return info

@@ -206,3 +206,24 @@ def test_the_report_compares_the_branches_and_the_summary_names_them(tmp_path, r
     lines = summary_lines(results)
     assert any(line.startswith("  branch b.y: verdict accuracy") for line in lines)
     assert any("aligned: two, y critic, b segmenter" in line for line in lines)
+
+
+def test_until_a_stage_that_fans_out_stops_after_its_last_instance(tmp_path, registry, capsys):
+    from lvlmva.cli import EXIT_OK, main
+    from lvlmva.registry import register_module
+
+    path = _settings_file(tmp_path)
+    settings = load_settings(path, environ={}, registry=registry)
+    pipe = Pipeline(settings, tmp_path / "run", registry=registry, echo=lambda _m: None, until="judge")
+    assert pipe.until == "judge.b.y"
+    assert pipe.skipped["align.one.a.x"] == "after --until judge.b.y"
+    # the command line says so and points at the review
+    register_module(pipeline_toys, "branch_toys")
+    try:
+        assert main(["compose", str(path), "--out", str(tmp_path / "run"), "--until", "judge"]) == EXIT_OK
+    finally:
+        from lvlmva.registry import reset_plugins
+
+        reset_plugins()
+    out = capsys.readouterr().out
+    assert "stopped after judge (judge.b.y, the last of them)" in out and "lvlmva review" in out
