@@ -14,6 +14,7 @@ selection, rendering, a report) can import it without the plugin machinery; a te
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -164,9 +165,10 @@ class ReportOptions(PluginOptions):
 
 class StudyOptions(PluginOptions):
     """A study: seeds x methods from this settings file (``lvlmva study``, ``nox -s compare``).
-    Every method the file configures (the original model, the aligned one, the true-mask
-    reference, each ``[mitigators.<name>]``) is compared over the seeds; ``lvlmva compose``
-    ignores this section."""
+    Every method the file configures (the original model, each aligned model: one per aligner
+    and segmenter x critic branch, the true-mask references, each ``[mitigators.<name>]``) is
+    compared over the seeds, against the baseline and in the families of ``compare`` and
+    ``comparisons``; ``lvlmva compose`` ignores this section."""
 
     name: str | None = Field(None, description="Study name; the study directory is out_dir/name. Default: the first settings file's stem + '_study'.")
     out_dir: Path = Field(Path("studies"), description="Folder that holds study directories.")
@@ -188,10 +190,39 @@ class StudyOptions(PluginOptions):
         description='Correction for testing several methods against the baseline: "holm" (step-down, per data set and metric) or "none" (each test on its own, as the paper reports them). With 7 seeds the smallest p is 2/128, so Holm over m methods cannot fall below m x 0.0156: stats.md says when that floor lies above alpha.',
     )
 
+    compare: list[Literal["aligners", "critics", "segmenters"]] = Field(
+        default_factory=list,
+        description='Families of comparisons between aligned models besides the baseline, each Holm-corrected over itself per data set and metric: "aligners" pairs the aligned models with the same segmenter and critic (the same branch, or both true masks) and different aligners; "critics" those with the same aligner and segmenter and different critic/judge pairs; "segmenters" those with the same aligner and critic and different segmenters. The parts of a key are read from the settings, not by splitting it at its dots.',
+    )
+    comparisons: list[tuple[str, str]] = Field(
+        default_factory=list,
+        description='Pairs of model keys compared with each other (first minus second), one family Holm-corrected over itself: [["aligned.rrr.j5.oracle", "aligned.masked.j5.oracle"]]. A key the settings do not produce stops the study before any cell runs.',
+    )
+
     @field_validator("name")
     @classmethod
     def _one_folder(cls, value: str | None) -> str | None:
         return RunOptions._one_path_component(value)
+
+    @field_validator("compare")
+    @classmethod
+    def _each_family_once(cls, value: list[str]) -> list[str]:
+        twice = sorted({f for f in value if value.count(f) > 1})
+        if twice:
+            raise ValueError(f"names a family twice: {', '.join(twice)}")
+        return value
+
+    @field_validator("comparisons")
+    @classmethod
+    def _distinct_pairs(cls, value: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        seen: set[frozenset[str]] = set()
+        for first, second in value:
+            if first == second:
+                raise ValueError(f"compares {first!r} with itself")
+            if frozenset((first, second)) in seen:
+                raise ValueError(f"lists the pair {first!r}, {second!r} twice")
+            seen.add(frozenset((first, second)))
+        return value
 
 
 CORE_SECTIONS: dict[str, type[PluginOptions]] = {
@@ -326,3 +357,11 @@ def _drop_none(value: Any) -> Any:
     if isinstance(value, list):
         return [_drop_none(v) for v in value]
     return value
+
+
+def paired_judge(named: Any, judges: Sequence[str]) -> str | None:
+    """The slot of the judge a critic reads: the ``[judges.<named>]`` its ``judge`` key names,
+    else the run's only judge; ``None`` when neither decides (the loader says why)."""
+    if named is not None:
+        return f"judges.{named}" if isinstance(named, str) else None
+    return judges[0] if len(judges) == 1 else None

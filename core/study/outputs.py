@@ -1,7 +1,7 @@
 """A study's outputs, from the results.json of every (data set, seed) cell: the long table of
 numbers (results.csv, results.json), the seed's Table 3 layout (table.md), Wilcoxon signed-rank
-tests of each method against the baseline (stats.json, stats.md) and one figure per metric
-(``<metric>.png``).
+tests of each method against the baseline and of the pairs of each declared family of
+comparisons (stats.json, stats.md) and one figure per metric (``<metric>.png``).
 
 Only cells that finished ("ok") contribute numbers. A failed cell's partial results are left out,
 so that no mean mixes in a seed whose run stopped half-way; failed cells, failed stages and
@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import math
 import re
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -31,7 +33,15 @@ from ..metrics import holm_adjusted, wilcoxon_signed_rank
 from ..protocols import Metric
 from ..results import iter_model_values, metric_columns, model_labels
 
-__all__ = ["CellResult", "write_study_outputs", "CSV_HEADER", "min_pairs"]
+__all__ = [
+    "CellResult",
+    "ComparisonFamily",
+    "FAMILY_ROLES",
+    "pairs_differing_in",
+    "write_study_outputs",
+    "CSV_HEADER",
+    "min_pairs",
+]
 
 CSV_HEADER = ("dataset", "seed", "method", "label", "evaluator", "split", "metric", "value")
 DASH = "–"
@@ -58,6 +68,56 @@ class CellResult:
     def __post_init__(self) -> None:
         if self.status not in ("ok", "failed"):
             raise ValueError(f"cell status must be 'ok' or 'failed', got {self.status!r}")
+
+
+@dataclass(frozen=True)
+class ComparisonFamily:
+    """Pairs of methods compared with each other besides the baseline, Holm-corrected over
+    this family alone, per data set and metric. ``pairs``: data set -> (method, other) pairs;
+    each test is on method − other, paired by seed."""
+
+    name: str
+    description: str
+    pairs: Mapping[str, Sequence[tuple[str, str]]]
+
+    def __post_init__(self) -> None:
+        for dataset, pairs in self.pairs.items():
+            for first, second in pairs:
+                if first == second:
+                    raise ValueError(
+                        f"family {self.name!r}, {dataset}: {first!r} compared with itself"
+                    )
+
+
+#: ``[study] compare`` family -> the part of an aligned model in which its pairs differ
+FAMILY_ROLES = {"aligners": "aligner", "critics": "critic", "segmenters": "segmenter"}
+FAMILY_DESCRIPTIONS = {
+    "aligners": "each aligner against each other on the same branch (same segmenter and critic, "
+    "or both on true masks)",
+    "critics": "each critic/judge pair against each other with the same aligner and segmenter",
+    "segmenters": "each segmenter against each other with the same aligner and critic",
+}
+
+
+def pairs_differing_in(
+    parts: Mapping[str, Mapping[str, str | None]], role: str
+) -> list[tuple[str, str]]:
+    """The pairs of models that differ in ``role`` only. ``parts``: model key -> its
+    ``aligner``, ``segmenter`` and ``critic`` (``None`` for a model aligned on true masks, which
+    has neither), in the order of the run. Models that agree on the other two parts form a
+    group; every two of a group are a pair, in the run's order (earlier first)."""
+    if role not in FAMILY_ROLES.values():
+        raise ValueError(f"role must be one of {sorted(FAMILY_ROLES.values())}, got {role!r}")
+    others = [r for r in ("aligner", "segmenter", "critic") if r != role]
+    groups: dict[tuple[str | None, ...], list[str]] = {}
+    for key, part in parts.items():
+        groups.setdefault(tuple(part[r] for r in others), []).append(key)
+    pairs = []
+    for keys in groups.values():
+        for first, second in itertools.combinations(keys, 2):
+            if parts[first][role] != parts[second][role]:
+                pairs.append((first, second))
+    return pairs
 
 
 @dataclass(frozen=True)
@@ -132,7 +192,10 @@ def _methods(cells: Sequence[CellResult], baseline: str) -> dict[str, str]:
             labels.setdefault(model, model)
     if baseline in labels:
         labels = {baseline: labels[baseline], **labels}
-    return labels
+    # two methods with one label (data sets that label differently) would share a table row's
+    # name: each says its key
+    taken = list(labels.values())
+    return {k: f"{v} [{k}]" if taken.count(v) > 1 else v for k, v in labels.items()}
 
 
 def _rows(cells: Sequence[CellResult], methods: Mapping[str, str]) -> list[dict[str, Any]]:
@@ -322,6 +385,48 @@ def _compare(values: Mapping[int, float], base: Mapping[int, float], need: int) 
     return out
 
 
+def _decide(family: list[dict[str, Any]], alpha: float, correction: str, against: str) -> None:
+    """Holm over the comparisons of ``family`` that could be tested (an untestable one has no p
+    to rank, and counting it would only make the others stricter for no information), then
+    each one's significance and verdict. ``against``: the entry key naming the other side."""
+    tested = [e for e in family if e["p"] is not None]
+    adjusted_p = holm_adjusted([e["p"] for e in tested]) if tested else []
+    for entry, adjusted in zip(tested, adjusted_p, strict=True):
+        entry["p_holm"] = adjusted
+    for entry in family:
+        entry.setdefault("p_holm", None)
+        decisive = entry["p_holm"] if correction == "holm" else entry["p"]
+        entry["significant"] = decisive is not None and decisive < alpha
+        entry["verdict"] = _verdict(entry, alpha, correction, entry[against])
+
+
+def _entry(
+    dataset: str,
+    key: str,
+    what: _Shown,
+    sides: Mapping[str, str],
+    values: Mapping[int, float],
+    other: Mapping[int, float],
+    need: int,
+) -> dict[str, Any]:
+    """One test of ``values`` against ``other``; ``sides`` names the two (keys and labels)."""
+    entry = {
+        "dataset": dataset,
+        "metric": key,
+        "title": what.metric.title,
+        "evaluator": what.evaluator,
+        "split": what.split,
+        **sides,
+        **_compare(values, other, need),
+    }
+    entry["effect"] = (
+        None
+        if entry["mean_difference"] is None
+        else _direction(entry["mean_difference"], what.metric.higher_is_better)
+    )
+    return entry
+
+
 def _statistics(
     datasets: Sequence[str],
     by_dataset: Mapping[str, Mapping[str, Any]],
@@ -341,45 +446,60 @@ def _statistics(
             for method, label in methods.items():
                 if method == baseline or method not in per_method:
                     continue
-                entry = {
-                    "dataset": dataset,
-                    "metric": key,
-                    "title": what.metric.title,
-                    "evaluator": what.evaluator,
-                    "split": what.split,
+                sides = {
                     "method": method,
                     "label": label,
                     "baseline": baseline,
                     "baseline_label": methods.get(baseline, baseline),
-                    **_compare(per_method[method], base, need),
                 }
-                entry["effect"] = (
-                    None
-                    if entry["mean_difference"] is None
-                    else _direction(entry["mean_difference"], what.metric.higher_is_better)
-                )
-                family.append(entry)
-            # Holm over the comparisons that could be tested: an untestable one has no p to
-            # rank, and counting it would only make the others stricter for no information.
-            tested = [e for e in family if e["p"] is not None]
-            adjusted_p = holm_adjusted([e["p"] for e in tested]) if tested else []
-            for entry, adjusted in zip(tested, adjusted_p, strict=True):
-                entry["p_holm"] = adjusted
-            for entry in family:
-                entry.setdefault("p_holm", None)
-                decisive = entry["p_holm"] if correction == "holm" else entry["p"]
-                entry["significant"] = decisive is not None and decisive < alpha
-                entry["verdict"] = _verdict(entry, alpha, correction)
+                family.append(_entry(dataset, key, what, sides, per_method[method], base, need))
+            _decide(family, alpha, correction, "baseline_label")
             comparisons += family
     return comparisons
 
 
-def _verdict(entry: Mapping[str, Any], alpha: float, correction: str = "holm") -> str:
+def _family_statistics(
+    family: ComparisonFamily,
+    datasets: Sequence[str],
+    by_dataset: Mapping[str, Mapping[str, Any]],
+    methods: Mapping[str, str],
+    alpha: float,
+    correction: str = "holm",
+) -> list[dict[str, Any]]:
+    """The pairs of one family, per data set and metric, Holm-corrected over the family's
+    tested pairs there. A pair is reported when at least one side has values (a side without
+    any is "not tested"); a pair neither side of which has a value of the metric is left out."""
+    need = min_pairs(alpha)
+    comparisons = []
+    for dataset in datasets:
+        info = by_dataset[dataset]
+        pairs = family.pairs.get(dataset, ())
+        for key, what in info["shown"].items():
+            per_method = info["values"][key]
+            entries = []
+            for method, other in pairs:
+                if method not in per_method and other not in per_method:
+                    continue
+                sides = {
+                    "family": family.name,
+                    "method": method,
+                    "label": methods.get(method, method),
+                    "other": other,
+                    "other_label": methods.get(other, other),
+                }
+                values, against = per_method.get(method, {}), per_method.get(other, {})
+                entries.append(_entry(dataset, key, what, sides, values, against, need))
+            _decide(entries, alpha, correction, "other_label")
+            comparisons += entries
+    return comparisons
+
+
+def _verdict(entry: Mapping[str, Any], alpha: float, correction: str, against: str) -> str:
     if entry["p"] is None:
         return f"not tested: {entry['not_tested']}"
     which = "Holm p" if correction == "holm" else "p, uncorrected,"
     if entry["significant"]:
-        return f"{entry['effect']} than {entry['baseline_label']} ({which} < {alpha:g})"
+        return f"{entry['effect']} than {against} ({which} < {alpha:g})"
     return f"no significant difference at {alpha:g}"
 
 
@@ -408,7 +528,8 @@ def holm_floor(comparisons: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
 
 def _stats_description(alpha: float, correction: str = "holm") -> dict[str, Any]:
     return {
-        "test": "scipy.stats.wilcoxon, two-sided, each method against the baseline paired by seed",
+        "test": "scipy.stats.wilcoxon, two-sided, each method against the baseline and each "
+        "pair of a family against each other, paired by seed",
         "scipy": scipy.__version__,
         "zero_method": ZERO_METHOD,
         "zero_method_why": "a zero difference says nothing about direction, so it is dropped "
@@ -420,7 +541,8 @@ def _stats_description(alpha: float, correction: str = "holm") -> dict[str, Any]
         "difference_decimals": DIFFERENCE_DECIMALS,
         "min_pairs": min_pairs(alpha),
         "correction": correction,
-        "correction_why": "Holm step-down over the methods tested, per data set and metric"
+        "correction_why": "Holm step-down over the methods tested against the baseline, and "
+        "separately over each family's pairs tested, per data set and metric"
         if correction == "holm"
         else "none: each method's test stands alone (as the paper reports them); with several "
         "methods the chance of at least one false positive exceeds alpha",
@@ -433,7 +555,11 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def _stats_markdown(
-    comparisons: Sequence[Mapping[str, Any]], baseline: str, alpha: float, correction: str = "holm"
+    comparisons: Sequence[Mapping[str, Any]],
+    baseline: str,
+    alpha: float,
+    correction: str = "holm",
+    families: Sequence[Mapping[str, Any]] = (),
 ) -> str:
     need = min_pairs(alpha)
     if correction == "holm":
@@ -454,7 +580,7 @@ def _stats_markdown(
             )
     else:
         decide = (
-            f"- No correction for several methods (`correction = \"none\"`): a verdict needs "
+            f'- No correction for several methods (`correction = "none"`): a verdict needs '
             f"p < {alpha:g} on its own test; Holm p is shown for reference."
         )
     lines = [
@@ -482,31 +608,112 @@ def _stats_markdown(
         "direction.",
         "",
     ]
-    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
-    for entry in comparisons:
-        groups.setdefault((entry["dataset"], entry["metric"]), []).append(entry)
-    for (dataset, _), entries in groups.items():
-        first = entries[0]
-        lines += [
-            f"## {dataset}: {first['title']} ({first['evaluator']}, {first['split']} split)",
-            "",
-            "| Method | n | n≠0 | mean diff. | effect | W | p | Holm p | verdict |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for e in entries:
-            lines.append(
-                f"| {e['label']} | {e['n']} | {e['n_nonzero']} "
-                f"| {_fmt(e['mean_difference'], '+.4f')} | {e['effect'] or DASH} "
-                f"| {_fmt(e['statistic'], 'g')} | {_fmt(e['p'], '.4f')} "
-                f"| {_fmt(e['p_holm'], '.4f')} | {e['verdict']} |"
-            )
-        lines.append("")
+    groups = _by_dataset_and_metric(comparisons)
+    for entries in groups.values():
+        lines += [f"## {_heading(entries[0])}", "", *_test_table(entries, paired=False), ""]
     if not groups:
         lines.append(f"No method has values to compare with `{baseline}`.")
+    for family in families:
+        lines += ["", *_family_markdown(family, alpha, correction)]
     return "\n".join(lines)
 
 
+def _by_dataset_and_metric(
+    comparisons: Sequence[Mapping[str, Any]],
+) -> dict[tuple[str, str], list[Mapping[str, Any]]]:
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for entry in comparisons:
+        groups.setdefault((entry["dataset"], entry["metric"]), []).append(entry)
+    return groups
+
+
+def _heading(entry: Mapping[str, Any]) -> str:
+    return f"{entry['dataset']}: {entry['title']} ({entry['evaluator']}, {entry['split']} split)"
+
+
+def _test_table(entries: Sequence[Mapping[str, Any]], paired: bool) -> list[str]:
+    """The tests of one data set and metric; ``paired``: a family's, with the other side."""
+    head = "| Method | compared with " if paired else "| Method "
+    lines = [
+        head + "| n | n≠0 | mean diff. | effect | W | p | Holm p | verdict |",
+        "|---" * (10 if paired else 9) + "|",
+    ]
+    for e in entries:
+        other = f"| {e['other_label']} " if paired else ""
+        lines.append(
+            f"| {e['label']} {other}| {e['n']} | {e['n_nonzero']} "
+            f"| {_fmt(e['mean_difference'], '+.4f')} | {e['effect'] or DASH} "
+            f"| {_fmt(e['statistic'], 'g')} | {_fmt(e['p'], '.4f')} "
+            f"| {_fmt(e['p_holm'], '.4f')} | {e['verdict']} |"
+        )
+    return lines
+
+
+def _family_markdown(family: Mapping[str, Any], alpha: float, correction: str) -> list[str]:
+    pairs = family["pairs"]
+    counts = sorted({len(p) for p in pairs.values()})
+    lines = [
+        f"# Family {family['name']}: {family['description']}",
+        "",
+        f"{' or '.join(str(c) for c in counts) or 'No'} pair(s) per data set, each method against "
+        "the one it is compared with, paired by seed and tested as above (mean diff.: method − "
+        "compared with).",
+    ]
+    if correction == "holm":
+        lines[-1] += (
+            " Holm's correction runs over this family's pairs tested per data set and metric, "
+            f"not over the baseline's tests or other families'; a verdict needs Holm p < {alpha:g}."
+        )
+        floors = [f for f in family["holm_floor"] if f["smallest_holm_p"] >= alpha]
+        if floors:
+            worst = max(floors, key=lambda f: f["smallest_holm_p"])
+            lines[-1] += (
+                f" **No verdict of this family can reach significance here:** with "
+                f"{worst['methods']} pairs and {worst['n_nonzero']} non-zero differences the "
+                f"smallest Holm p is {worst['methods']} x 2/2^{worst['n_nonzero']} = "
+                f"{worst['smallest_holm_p']:.4f} ≥ {alpha:g} (for {len(floors)} data set x "
+                "metric table(s))."
+            )
+    else:
+        lines[-1] += f" Uncorrected: a verdict needs p < {alpha:g} on its own test."
+    lines.append("")
+    groups = _by_dataset_and_metric(family["comparisons"])
+    for entries in groups.values():
+        lines += [
+            f"## {family['name']}, {_heading(entries[0])}",
+            "",
+            *_test_table(entries, paired=True),
+            "",
+        ]
+    if not groups:
+        lines += ["No pair of this family has values to compare.", ""]
+    return lines
+
+
 # -- figures ---------------------------------------------------------------------------------
+
+#: tick labels: wrapped at this many characters, in this font size (points), whose characters
+#: are about this wide (inches; DejaVu Sans averages ~0.55 em)
+TICK_CHARS = 16
+TICK_FONT = 8
+TICK_INCHES_PER_CHAR = 0.55 * TICK_FONT / 72
+
+
+def _tick_label(label: str) -> str:
+    """``label`` on lines of at most TICK_CHARS characters where it can be: broken after its
+    commas first (one part of a branch label a line), then at spaces; a longer word stays whole."""
+    parts = label.split(", ")
+    lines: list[str] = []
+    for i, part in enumerate(parts):
+        piece = part + ("," if i < len(parts) - 1 else "")
+        if lines and len(lines[-1]) + 1 + len(piece) <= TICK_CHARS:
+            lines[-1] += " " + piece
+        else:
+            wrapped = textwrap.wrap(
+                piece, TICK_CHARS, break_long_words=False, break_on_hyphens=False
+            )
+            lines += wrapped or [piece]
+    return "\n".join(lines)
 
 
 def _figure(
@@ -522,7 +729,12 @@ def _figure(
     if not panels:
         return False
     rng = np.random.default_rng(0)
-    width = max(3.2, 0.8 * len(methods) + 1.4)
+    # labels wrapped, horizontal, each method as wide as its longest line: branch labels
+    # ("aligned: rrr, oracle critic, J=5") never overlap their neighbours
+    ticks = [_tick_label(label) for label in methods.values()]
+    longest = max((len(line) for tick in ticks for line in tick.splitlines()), default=0)
+    per_method = max(0.8, TICK_INCHES_PER_CHAR * longest + 0.2)
+    width = max(3.2, per_method * len(methods) + 1.0)
     fig = Figure(figsize=(width * len(panels), 3.4), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, dataset in zip(axes, panels, strict=True):
@@ -545,7 +757,7 @@ def _figure(
                 color="black",
                 zorder=3,
             )
-        ax.set_xticks(range(len(methods)), list(methods.values()), rotation=30, ha="right")
+        ax.set_xticks(range(len(methods)), ticks, fontsize=TICK_FONT, linespacing=1.1)
         ax.set_xlim(-0.6, len(methods) - 0.4)
         ax.set_title(dataset, fontsize=9)
         ax.set_ylabel(info["shown"][key].metric.title)
@@ -585,17 +797,27 @@ def write_study_outputs(
     baseline: str = "original",
     alpha: float = 0.05,
     correction: str = "holm",
+    families: Sequence[ComparisonFamily] = (),
 ) -> dict[str, Any]:
     """Write results.csv, results.json, table.md, stats.json, stats.md and one PNG per metric
     into ``out_dir``, each atomically.
 
     results.csv/json hold every numeric metric of every evaluator of the ok cells; the table,
     the tests and the figures show ``metrics`` of ``evaluator`` (default: per metric, the first
-    evaluator declaring it). Returns the paths written and counts.
+    evaluator declaring it). Every method is tested against ``baseline``, and the pairs of each
+    of ``families`` against each other, each family corrected over itself. Returns the paths
+    written and counts.
     """
     cells = list(cells)
     _check_cells(cells)
     datasets, cells = _ordered_cells(cells)
+    names = [f.name for f in families]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two comparison families share a name: {names}")
+    for family in families:
+        unknown = [d for d in family.pairs if d not in datasets]
+        if unknown:
+            raise ValueError(f"family {family.name!r} names data sets without cells: {unknown}")
     out_dir = Path(out_dir)
     methods = _methods(cells, baseline)
     rows = _rows(cells, methods)
@@ -618,6 +840,18 @@ def write_study_outputs(
     if correction not in ("holm", "none"):
         raise ValueError(f'correction must be "holm" or "none", got {correction!r}')
     comparisons = _statistics(datasets, by_dataset, methods, baseline, alpha, correction)
+    family_stats = []
+    for family in families:
+        tests = _family_statistics(family, datasets, by_dataset, methods, alpha, correction)
+        family_stats.append(
+            {
+                "name": family.name,
+                "description": family.description,
+                "pairs": {d: [list(p) for p in family.pairs.get(d, ())] for d in datasets},
+                "holm_floor": holm_floor(tests),
+                "comparisons": tests,
+            }
+        )
 
     files: dict[str, str] = {}
 
@@ -637,9 +871,10 @@ def write_study_outputs(
         "holm_floor": holm_floor(comparisons),
         "baseline": baseline,
         "comparisons": comparisons,
+        "families": family_stats,
     }
     write("stats.json", json.dumps(stats, indent=2) + "\n")
-    write("stats.md", _stats_markdown(comparisons, baseline, alpha, correction))
+    write("stats.md", _stats_markdown(comparisons, baseline, alpha, correction, family_stats))
     shown_keys = list(dict.fromkeys(k for d in datasets for k in by_dataset[d]["shown"]))
     for key in shown_keys:
         name = _figure_name(key)
@@ -657,6 +892,14 @@ def write_study_outputs(
         "comparisons": len(comparisons),
         "tested": sum(c["p"] is not None for c in comparisons),
         "significant": sum(c["significant"] for c in comparisons),
+        "families": {
+            f["name"]: {
+                "comparisons": len(f["comparisons"]),
+                "tested": sum(c["p"] is not None for c in f["comparisons"]),
+                "significant": sum(c["significant"] for c in f["comparisons"]),
+            }
+            for f in family_stats
+        },
     }
 
 

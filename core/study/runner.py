@@ -32,11 +32,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..atomic import write_atomic
 from ..secrets import redact
 from ..settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
+    from .outputs import ComparisonFamily
 
 __all__ = ["Cell", "StudyPlan", "plan_study", "run_study", "run_cell", "CELL_SETTINGS"]
 
@@ -83,6 +87,8 @@ class StudyPlan:
     unverified: tuple[str, ...] = ()
     #: per cell: its last line in cells.jsonl (``None`` for a cell never run in this study)
     records: tuple[dict[str, Any] | None, ...] = ()
+    #: the families of comparisons of ``[study] compare`` and ``comparisons``, pairs by data set
+    families: tuple[ComparisonFamily, ...] = ()
 
 
 def _dataset_label(path: Path, settings: Settings, taken: set[str]) -> str:
@@ -151,11 +157,84 @@ def _read_verified(results_path: Path, expected: Any) -> tuple[dict[str, Any] | 
     return results, ""
 
 
+def study_models(pipeline: Pipeline) -> dict[str, str]:
+    """Model key -> label of every model a run of ``pipeline``'s settings produces, in the
+    run's order (the methods of a study); models of stages these settings skip are not."""
+    return {
+        s.model: s.label or s.model
+        for s in pipeline.stages
+        if s.model is not None and pipeline.skipped[s.name] is None
+    }
+
+
+def aligned_parts(settings: Settings, models: Sequence[str]) -> dict[str, dict[str, str | None]]:
+    """Aligned model key -> the slots it comes from: ``aligner`` (``"aligners.rrr"``),
+    ``segmenter`` and ``critic`` (``"segmenters.j5"``, ``"critics.oracle"``; both ``None`` for a
+    model aligned on true masks), for the aligned models among ``models``. Read from the
+    settings, as the pipeline names its models (``aligned`` and the instance names of the
+    aligner, the segmenter and the critic given as named instances), never by splitting a key at
+    its dots: ``aligned.a.b`` may be aligner a with critic b or segmenter a with critic b."""
+    from ..pipeline.stages import branches
+
+    run_branches = branches(settings)
+    targets = [None] if settings.masks.source == "true" or not run_branches else run_branches
+    parts: dict[str, dict[str, str | None]] = {}
+    for aligner in settings.choices("aligner"):
+        for branch in targets:
+            names = ("aligned", aligner.instance, branch.key if branch is not None else None)
+            key = ".".join(n for n in names if n)
+            if key in models:
+                parts[key] = {
+                    "aligner": aligner.slot,
+                    "segmenter": branch.segmenter.slot if branch is not None else None,
+                    "critic": branch.critic.slot if branch is not None else None,
+                }
+    unread = [m for m in models if m.split(".")[0] == "aligned" and m not in parts]
+    if unread:  # the pipeline named a model in a way this function does not know
+        raise RuntimeError(f"cannot tell the aligner, segmenter and critic of model(s) {', '.join(unread)}")
+    return {m: parts[m] for m in models if m in parts}
+
+
+def _comparison_pairs(path: Path, settings: Settings, models: dict[str, str]) -> dict[str, list[tuple[str, str]]]:
+    """Family name -> its pairs for one settings file, in the order of ``[study] compare`` then
+    ``comparisons``; the baseline, every listed key and every family checked against the
+    models the settings produce (:class:`SettingsError` naming them otherwise)."""
+    from .outputs import FAMILY_ROLES, pairs_differing_in
+
+    study = settings.study
+    produced = ", ".join(models)
+    if study.baseline not in models:
+        raise SettingsError(f"{path}: study.baseline = {study.baseline!r} is not a model of the study ({produced})")
+    for pair in study.comparisons:
+        for key in pair:
+            if key not in models:
+                raise SettingsError(
+                    f"{path}: study.comparisons names {key!r}, which is not a model these settings produce; "
+                    f"their models: {produced}"
+                )
+    parts = aligned_parts(settings, list(models))
+    families: dict[str, list[tuple[str, str]]] = {}
+    for name in study.compare:
+        role = FAMILY_ROLES[name]
+        pairs = pairs_differing_in(parts, role)
+        if not pairs:
+            slots = sorted({p[role] for p in parts.values() if p[role] is not None})
+            raise SettingsError(
+                f"{path}: study.compare {name!r} finds no two aligned models that differ in their {role} only "
+                f"(aligned models: {', '.join(parts) or 'none'}; {role}s: {', '.join(slots) or 'none'})"
+            )
+        families[name] = pairs
+    if study.comparisons:
+        families["comparisons"] = [tuple(p) for p in study.comparisons]  # type: ignore[misc]
+    return families
+
+
 def plan_study(settings_files: Sequence[Path], overrides: Sequence[str] = (), out: Path | None = None) -> StudyPlan:
     """Read and check every settings file and every cell before anything runs: a bad value,
     a combination that cannot work, an output folder that is not ours, a missing API key all
     stop the study with :class:`SettingsError` (exit 2)."""
     from ..pipeline import Pipeline, RunDirectory
+    from .outputs import FAMILY_DESCRIPTIONS, ComparisonFamily
 
     if not settings_files:
         raise SettingsError("a study needs at least one settings file")
@@ -170,6 +249,7 @@ def plan_study(settings_files: Sequence[Path], overrides: Sequence[str] = (), ou
     records: list[dict[str, Any] | None] = []
     datasets: list[str] = []
     taken: set[str] = set()
+    family_pairs: dict[str, dict[str, list[tuple[str, str]]]] = {}
     for path in settings_files:
         path = Path(path)
         base = load_settings(path, overrides)
@@ -188,9 +268,6 @@ def plan_study(settings_files: Sequence[Path], overrides: Sequence[str] = (), ou
                 f"{path}: study.evaluator = {study.evaluator!r} is not one of its evaluators "
                 f"({', '.join(base.instances('evaluator'))})"
             )
-        models = {"original", "aligned", "true_mask", *base.instances("mitigator")}
-        if study.baseline not in models:
-            raise SettingsError(f"{path}: study.baseline = {study.baseline!r} is not a model of the study ({', '.join(sorted(models))})")
         label = _dataset_label(path, base, taken)
         datasets.append(label)
         text = path.read_text(encoding="utf-8")
@@ -202,6 +279,9 @@ def plan_study(settings_files: Sequence[Path], overrides: Sequence[str] = (), ou
             # combinations and preflight (keys, budgets); its plan, made with the settings as
             # they are now (an edited file is not finished), says whether the cell is finished
             pipeline = Pipeline(settings, run_dir, echo=lambda _m: None)
+            if seed == study.seeds[0]:  # the models, and so the comparisons, are the seeds'
+                for name, pairs in _comparison_pairs(path, settings, study_models(pipeline)).items():
+                    family_pairs.setdefault(name, {})[label] = pairs
             published = (run_dir / "results.json").is_file() and (run_dir / CELL_SETTINGS).is_file()
             stored = published and all(o.status in ("reused", "skipped") for o in pipeline.plan())
             # a stored cell is finished only with the results.json its last run published
@@ -211,7 +291,11 @@ def plan_study(settings_files: Sequence[Path], overrides: Sequence[str] = (), ou
             unverified.append(problem)
             records.append(record)
             cells.append(Cell(label, seed, text, path.name, cell_overrides, str(run_dir), study.threads))
-    return StudyPlan(directory, first, tuple(cells), tuple(datasets), tuple(finished), tuple(unverified), tuple(records))
+    families = tuple(
+        ComparisonFamily(name, FAMILY_DESCRIPTIONS.get(name, "the pairs listed in [study] comparisons"), pairs)
+        for name, pairs in family_pairs.items()
+    )
+    return StudyPlan(directory, first, tuple(cells), tuple(datasets), tuple(finished), tuple(unverified), tuple(records), families)
 
 
 def run_cell(cell: Cell | dict[str, Any]) -> dict[str, Any]:
@@ -576,7 +660,7 @@ def run_study(
         statuses[key] = status
     summary = write_study_outputs(
         cells, plan.directory, metrics=tuple(study.metrics), evaluator=study.evaluator,
-        baseline=study.baseline, alpha=study.alpha, correction=study.correction,
+        baseline=study.baseline, alpha=study.alpha, correction=study.correction, families=plan.families,
     )  # fmt: skip
     failed = [c for c in cells if c.status != "ok" or c.reason]
     write_atomic(plan.directory / "study.json", json.dumps({

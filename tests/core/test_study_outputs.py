@@ -454,3 +454,32 @@ def test_uncorrected_tests_decide_on_p_and_holm_floor_is_stated(tmp_path):
     assert "p, uncorrected, < 0.05" in (tmp_path / "none" / "stats.md").read_text()
     with pytest.raises(ValueError, match="correction"):
         write_study_outputs(cells(), tmp_path / "bad", metrics=("aga",), correction="bonferroni")
+
+
+def test_two_methods_with_one_label_each_say_their_key(tmp_path):
+    """Data sets that label two models alike (or a plugin's model labelled like another) would
+    give two table rows one name: each row then names its key."""
+    cells = [
+        one_metric_cell(0, {"original": 0.5, "aligned.rrr.x": 0.6}),
+        one_metric_cell(1, {"original": 0.5, "aligned.rrr.x": 0.7}),
+    ]
+    cells[1].results["models"]["half"] = {"label": "aligned.rrr.x", "stage": "s"}
+    cells[1].results["evaluations"]["groups"]["models"]["half"] = {"aga": 0.4}
+    write_study_outputs(cells, tmp_path, metrics=("aga",))
+    assert list(table_rows((tmp_path / "table.md").read_text())) == [
+        "original",
+        "aligned.rrr.x [aligned.rrr.x]",
+        "aligned.rrr.x [half]",
+    ]
+
+
+def test_long_labels_are_wrapped_under_the_figure_not_rotated():
+    from lvlmva.study.outputs import TICK_CHARS, _tick_label
+
+    assert _tick_label("aligned: rrr, oracle critic, J=5") == "aligned: rrr,\noracle critic,\nJ=5"
+    assert _tick_label("original") == "original"
+    assert _tick_label("half (toy-retrain)") == "half\n(toy-retrain)"
+    long = "aligned: masked_input_gradients, oracle critic, fine segmenter"
+    lines = _tick_label(long).splitlines()
+    assert " ".join(lines) == long  # nothing lost, only line breaks
+    assert [len(line) <= TICK_CHARS for line in lines] == [True, False, True, True]  # a long word stays whole
