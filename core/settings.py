@@ -53,6 +53,7 @@ from .options import (
     Settings,
     StudyOptions,
     TrainOptions,
+    paired_judge,
 )
 from .protocols import ROLES, PluginOptions
 from .registry import PluginError, PluginRegistry, get_registry
@@ -625,24 +626,18 @@ def _pair_critics_with_judges(
     for slot, critic in list(plugins.items()):
         if critic.role != "critic":
             continue
-        if slot in pairing:
+        chosen = paired_judge(pairing[slot][0] if slot in pairing else None, judges)
+        if slot in pairing and chosen not in plugins:
             value, where = pairing[slot]
-            chosen = f"judges.{value}" if isinstance(value, str) else None
-            if chosen not in plugins:
-                named = ", ".join(j.partition(".")[2] for j in judges if "." in j) or "none"
+            named = ", ".join(j.partition(".")[2] for j in judges if "." in j) or "none"
+            problems.append(f"{where}: {slot}.judge = {value!r} names no [judges.{value}] table (named judges: {named})")
+            continue
+        if chosen is None:
+            if judges:  # none: the critic stage says it needs a judge
                 problems.append(
-                    f"{where}: {slot}.judge = {value!r} names no [judges.{value}] table (named judges: {named})"
+                    f"{prov.origin(slot.split('.'))}: [{slot}] needs judge = \"<name>\": the run has several judges "
+                    f"({', '.join(judges)})"
                 )
-                continue
-        elif len(judges) == 1:
-            chosen = judges[0]
-        elif not judges:
-            continue  # the critic stage says it needs a judge
-        else:
-            problems.append(
-                f"{prov.origin(slot.split('.'))}: [{slot}] needs judge = \"<name>\": the run has several judges "
-                f"({', '.join(judges)})"
-            )
             continue
         used.add(chosen)
         plugins[slot] = replace(critic, judge=chosen)

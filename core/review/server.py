@@ -173,7 +173,7 @@ def _recorded_settings(raw: Mapping[str, Any]) -> Settings:
     their options recorded but not validated (their plugins need not be installed here)."""
     from pydantic import ConfigDict
 
-    from ..options import INSTANCE_SECTIONS, PAIRING_KEYS, MaskOptions, PluginChoice
+    from ..options import INSTANCE_SECTIONS, PAIRING_KEYS, MaskOptions, PluginChoice, paired_judge
     from ..options import Settings as RecordedSettings
     from ..protocols import PluginOptions
 
@@ -196,7 +196,7 @@ def _recorded_settings(raw: Mapping[str, Any]) -> Settings:
     judges = [slot for slot, c in plugins.items() if c.role == "judge"]
     for slot, critic in list(plugins.items()):
         if critic.role == "critic":  # as the settings paired them: the judge named, or the only one
-            judge = f"judges.{pairing[slot]}" if slot in pairing else judges[0] if len(judges) == 1 else None
+            judge = paired_judge(pairing.get(slot), judges)
             plugins[slot] = PluginChoice("critic", critic.name, critic.options, slot, judge=judge)
     masks = raw.get("masks") if isinstance(raw.get("masks"), dict) else {}
     core = {"masks": MaskOptions.model_construct(**{k: v for k, v in masks.items() if k in MaskOptions.model_fields})}
