@@ -157,11 +157,38 @@ NO_REPORT = """[report]
 enabled = false"""
 
 
+#: two segmenters (J=3, J=4) x two critics read by the one judge: branches j3.scripted,
+#: j3.oracle, j4.scripted and j4.oracle
+BRANCH_SEGMENTERS = """[segmenters.j3]
+plugin = "ppeps-wgm"
+num_clusters = 3
+
+[segmenters.j4]
+plugin = "ppeps-wgm"
+num_clusters = 4"""
+
+BRANCH_CRITICS = """[critics.scripted]
+plugin = "scripted"
+samples = 3
+error_rate = 0.3
+
+[critics.oracle]
+plugin = "oracle"
+"""
+
+ONE_SEGMENTER = '[segmenter]\nplugin = "ppeps-wgm"\nnum_clusters = 4'
+
+
 def _write_review_settings(
-    folder: Path, *, seed: int = 0, n: int = 6, critic: str = SCRIPTED_CRITIC, report: str = NO_REPORT
+    folder: Path, *, seed: int = 0, n: int = 6, critic: str = SCRIPTED_CRITIC, report: str = NO_REPORT, branches: bool = False
 ) -> Path:
     path = folder / "settings.toml"
+    if branches:
+        critic = BRANCH_CRITICS
     text = REVIEW_SETTINGS.format(cache=(folder / "cache").as_posix(), seed=seed, n=n, critic=critic, report=report)
+    if branches:
+        assert ONE_SEGMENTER in text
+        text = text.replace(ONE_SEGMENTER, BRANCH_SEGMENTERS)
     path.write_text(text, encoding="utf-8")
     return path
 
@@ -197,8 +224,9 @@ def _serving(server):
 
 @pytest.fixture(scope="session")
 def review_settings() -> Callable[..., Path]:
-    """``review_settings(folder, seed=0, n=6, critic=SCRIPTED_CRITIC, report=NO_REPORT)``:
-    ``folder/settings.toml`` of the small DecoyMNIST run, its cache in ``folder/cache``."""
+    """``review_settings(folder, seed=0, n=6, critic=SCRIPTED_CRITIC, report=NO_REPORT,
+    branches=False)``: ``folder/settings.toml`` of the small DecoyMNIST run, its cache in
+    ``folder/cache``; ``branches``: two segmenters (j3, j4) x two critics (scripted, oracle)."""
     return _write_review_settings
 
 

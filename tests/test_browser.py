@@ -120,32 +120,11 @@ def test_toggle_reload_and_compose_in_a_real_browser(tmp_path: Path, torch_globa
     assert [v.sources for v in run.load("overrides") if v.sample_id == first][0][j] == "person"
 
 
-#: two segmenters (J=3, J=4) x two critics read by the one judge: four branches
-SEGMENTERS = """[segmenters.j3]
-plugin = "ppeps-wgm"
-num_clusters = 3
-
-[segmenters.j4]
-plugin = "ppeps-wgm"
-num_clusters = 4"""
-
-CRITICS = """[critics.scripted]
-plugin = "scripted"
-samples = 3
-error_rate = 0.3
-
-[critics.oracle]
-plugin = "oracle"
-"""
-
-
 def test_switching_branches_in_a_real_browser(tmp_path: Path, torch_global_state, review_settings, compose, serving):
     _need_browser()
     from playwright.sync_api import expect, sync_playwright
 
-    text = review_settings(tmp_path, seed=1, n=4, critic=CRITICS).read_text(encoding="utf-8")
-    settings = tmp_path / "branches.toml"
-    settings.write_text(text.replace('[segmenter]\nplugin = "ppeps-wgm"\nnum_clusters = 4', SEGMENTERS), encoding="utf-8")
+    settings = review_settings(tmp_path, seed=1, n=4, branches=True)
     run_dir = tmp_path / "run"
     code, _, err = compose(settings, run_dir, "--quiet", "--until", "judge.j4.oracle")
     assert code == EXIT_OK, err

@@ -184,33 +184,12 @@ def test_until_an_unknown_stage_is_refused(run_dir: Path, settings: Path, compos
 
 # -- a run with several segmenters and critics ----------------------------------------------------
 
-#: two segmenters (J=3, J=4) x two critics read by the one judge: branches j3.scripted,
-#: j3.oracle, j4.scripted and j4.oracle
-SEGMENTERS = """[segmenters.j3]
-plugin = "ppeps-wgm"
-num_clusters = 3
-
-[segmenters.j4]
-plugin = "ppeps-wgm"
-num_clusters = 4"""
-
-CRITICS = """[critics.scripted]
-plugin = "scripted"
-samples = 3
-error_rate = 0.3
-
-[critics.oracle]
-plugin = "oracle"
-"""
-
+#: the branches of review_settings(..., branches=True)
 BRANCH_KEYS = ("j3.scripted", "j3.oracle", "j4.scripted", "j4.oracle")
 
 
 def test_a_review_of_one_branch_realigns_that_branch_alone(tmp_path: Path, review_settings, compose, torch_global_state):
-    text = review_settings(tmp_path, critic=CRITICS).read_text(encoding="utf-8")
-    assert '[segmenter]\nplugin = "ppeps-wgm"\nnum_clusters = 4' in text
-    settings = tmp_path / "branches.toml"
-    settings.write_text(text.replace('[segmenter]\nplugin = "ppeps-wgm"\nnum_clusters = 4', SEGMENTERS), encoding="utf-8")
+    settings = review_settings(tmp_path, branches=True)
     run_dir = tmp_path / "run"
     code, _, err = compose(settings, run_dir, "--set", "report.enabled=false")  # every branch aligned once
     assert code == EXIT_OK, err

@@ -351,3 +351,53 @@ plugin = "toy"
 [report]
 enabled = false
 """
+
+
+def toy_branches(cache: str, fail_ids: list[int] | tuple[int, ...] = (), n: int = 12, seed: int | None = 0) -> str:
+    """The toy pipeline with two segmenters (``a``, ``b``) x two critic/judge pairs (``x`` read
+    by the ``lenient`` judge, ``y`` by the ``strict`` one, which fails ``fail_ids``): four
+    branches a.x, a.y, b.x, b.y. Callers append their aligners, evaluators and other sections."""
+    seed_line = f"seed = {seed}\n" if seed is not None else ""
+    return f"""
+[run]
+{seed_line}device = "cpu"
+cache_dir = "{cache}"
+
+[dataset]
+plugin = "toy"
+
+[model]
+plugin = "toy"
+
+[train]
+epochs = 1
+batch_size = 16
+
+[selection]
+n = {n}
+
+[attributor]
+plugin = "toy"
+
+[segmenters.a]
+plugin = "toy"
+
+[segmenters.b]
+plugin = "toy"
+
+[critics.x]
+plugin = "toy"
+judge = "lenient"
+
+[critics.y]
+plugin = "toy"
+judge = "strict"
+
+[judges.lenient]
+plugin = "toy"
+
+[judges.strict]
+plugin = "toy"
+fail_ids = {list(fail_ids)}
+"""
+

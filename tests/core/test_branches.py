@@ -15,49 +15,7 @@ from lvlmva.settings import SettingsError, load_settings
 
 from . import pipeline_toys
 
-BRANCHES = """
-[run]
-seed = 0
-device = "cpu"
-cache_dir = "{cache}"
-
-[dataset]
-plugin = "toy"
-
-[model]
-plugin = "toy"
-
-[train]
-epochs = 1
-batch_size = 16
-
-[selection]
-n = 12
-
-[attributor]
-plugin = "toy"
-
-[segmenters.a]
-plugin = "toy"
-
-[segmenters.b]
-plugin = "toy"
-
-[critics.x]
-plugin = "toy"
-judge = "lenient"
-
-[critics.y]
-plugin = "toy"
-judge = "strict"
-
-[judges.lenient]
-plugin = "toy"
-
-[judges.strict]
-plugin = "toy"
-fail_ids = {fail_ids}
-
+AFTER_THE_BRANCHES = """
 [aligners.one]
 plugin = "toy"
 shift = 0.01
@@ -83,7 +41,7 @@ def registry() -> PluginRegistry:
 
 def _settings_file(tmp_path: Path, extra: str = "", fail_ids: list[int] | None = None) -> Path:
     path = tmp_path / "branches.toml"
-    path.write_text(BRANCHES.format(cache=(tmp_path / "cache").as_posix(), fail_ids=fail_ids or []) + extra)
+    path.write_text(pipeline_toys.toy_branches((tmp_path / "cache").as_posix(), fail_ids or []) + AFTER_THE_BRANCHES + extra)
     return path
 
 
@@ -180,7 +138,7 @@ def test_pairs_that_cannot_work_are_named_before_any_work(tmp_path, registry, ex
 
 def test_a_critic_without_a_judge_in_a_fan_out_is_refused(tmp_path, registry):
     path = tmp_path / "one.toml"
-    text = BRANCHES.format(cache=(tmp_path / "cache").as_posix(), fail_ids=[])
+    text = pipeline_toys.toy_branches((tmp_path / "cache").as_posix()) + AFTER_THE_BRANCHES
     text = text.replace('judge = "lenient"\n', "").replace('judge = "strict"\n', "")
     text = text.replace('[judges.lenient]\nplugin = "toy"\n', "").replace('[judges.strict]\nplugin = "toy"\nfail_ids = []\n', "")
     path.write_text(text)

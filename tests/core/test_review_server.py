@@ -432,48 +432,7 @@ def test_a_deeply_nested_or_malformed_body_is_refused_without_writing(run_dir: P
 
 #: the toy pipeline with two segmenters x two critic/judge pairs: four branches a.x, a.y, b.x,
 #: b.y; the strict judge (of critic y) fails the even samples
-BRANCHES = """
-[run]
-seed = 0
-device = "cpu"
-cache_dir = "{cache}"
-
-[dataset]
-plugin = "toy"
-
-[model]
-plugin = "toy"
-
-[train]
-epochs = 1
-batch_size = 16
-
-[selection]
-n = 8
-
-[attributor]
-plugin = "toy"
-
-[segmenters.a]
-plugin = "toy"
-
-[segmenters.b]
-plugin = "toy"
-
-[critics.x]
-plugin = "toy"
-judge = "lenient"
-
-[critics.y]
-plugin = "toy"
-judge = "strict"
-
-[judges.lenient]
-plugin = "toy"
-
-[judges.strict]
-plugin = "toy"
-fail_ids = {fail_ids}
+AFTER_THE_BRANCHES = """
 
 [aligner]
 plugin = "toy"
@@ -514,7 +473,9 @@ def branches_run(tmp_path_factory: pytest.TempPathFactory, module_torch_state, t
     """A finished toy run with four branches (built once per module)."""
     root = tmp_path_factory.mktemp("branches")
     settings = root / "branches.toml"
-    settings.write_text(BRANCHES.format(cache=(root / "cache").as_posix(), fail_ids=list(range(0, 200, 2))))
+    from . import pipeline_toys
+
+    settings.write_text(pipeline_toys.toy_branches((root / "cache").as_posix(), list(range(0, 200, 2)), n=8) + AFTER_THE_BRANCHES)
     _compose_toys(settings, root / "run", toy_registry)
     return root / "run"
 

@@ -255,47 +255,7 @@ def test_three_aligners_give_every_two_of_them_and_true_masks_pair_with_true_mas
 
 # -- the parts of a key, read from the settings ------------------------------------------------
 
-BRANCHES = """
-[run]
-device = "cpu"
-cache_dir = "{cache}"
-
-[dataset]
-plugin = "toy"
-
-[model]
-plugin = "toy"
-
-[train]
-epochs = 1
-batch_size = 16
-
-[selection]
-n = 12
-
-[attributor]
-plugin = "toy"
-
-[segmenters.a]
-plugin = "toy"
-
-[segmenters.b]
-plugin = "toy"
-
-[critics.x]
-plugin = "toy"
-judge = "lenient"
-
-[critics.y]
-plugin = "toy"
-judge = "strict"
-
-[judges.lenient]
-plugin = "toy"
-
-[judges.strict]
-plugin = "toy"
-fail_ids = {even}
+AFTER_THE_BRANCHES = """
 
 [aligners.one]
 plugin = "nudge"
@@ -401,7 +361,9 @@ def nudge_toys(tmp_path, monkeypatch, torch_global_state):
 
 def _branches(tmp_path: Path, extra: str = "") -> Path:
     path = tmp_path / "branches.toml"
-    text = BRANCHES.format(cache=(tmp_path / "cache").as_posix(), even=list(range(0, 96, 2)))
+    from . import pipeline_toys
+
+    text = pipeline_toys.toy_branches((tmp_path / "cache").as_posix(), list(range(0, 96, 2)), seed=None) + AFTER_THE_BRANCHES
     path.write_text(text + extra)
     return path
 
