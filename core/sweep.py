@@ -27,7 +27,9 @@ SHARED_STAGES = ("train", "select", "attribute", "segment", "render", "critic", 
 
 
 def _shared(pipeline: Pipeline) -> list[str]:
-    return [*SHARED_STAGES, *(s.name for s in pipeline.stages if s.name.startswith("mitigate."))]
+    """The stages lambda cannot change: those before alignment, every branch's among them
+    (``critic.j5.gpt4o``), and the baselines."""
+    return [s.name for s in pipeline.stages if s.name.split(".")[0] in (*SHARED_STAGES, "mitigate")]
 
 
 def _row_values(results: dict[str, Any]) -> dict[str, float]:

@@ -185,3 +185,12 @@ def test_until_a_stage_that_fans_out_stops_after_its_last_instance(tmp_path, reg
         reset_plugins()
     out = capsys.readouterr().out
     assert "stopped after judge (judge.b.y, the last of them)" in out and "lvlmva review" in out
+
+
+def test_a_lambda_sweep_shares_every_branch_s_stages_before_alignment(tmp_path, registry):
+    from lvlmva.sweep import _shared
+
+    settings = load_settings(_settings_file(tmp_path), environ={}, registry=registry)
+    shared = set(_shared(Pipeline(settings, tmp_path / "run", registry=registry, echo=lambda _m: None)))
+    assert {"train", "segment.a", "render.b", "critic.a.x", "judge.b.y", "overrides.a.y", "masks.b.x"} <= shared
+    assert not any(name.startswith(("align", "reference", "evaluate", "results")) for name in shared)
