@@ -667,6 +667,19 @@ def aligned_label(settings: Settings, aligner: PluginChoice, branch: Branch | No
     return "aligned: " + ", ".join(parts)
 
 
+def aligned_models(settings: Settings) -> list[tuple[str, PluginChoice, Branch | None]]:
+    """Every aligned model a run makes, in order: its key (``aligned``, then the instance names
+    of its aligner, segmenter and critic where those are named: ``aligned.rrr.j5.gpt4o``), its
+    aligner and its branch (``None`` when it aligns on the true masks or the run has no critic)."""
+    run_branches = branches(settings)
+    targets: list[Branch | None] = [None] if settings.masks.source == "true" or not run_branches else list(run_branches)
+    out = []
+    for aligner in settings.choices("aligner") or [PluginChoice("aligner", "", _NO_OPTIONS)]:
+        for branch in targets:
+            out.append((_suffixed("aligned", aligner.instance, branch.key if branch is not None else None), aligner, branch))
+    return out
+
+
 def _branch_stages(settings: Settings, branch: Branch) -> list[Stage]:
     """critic, judge, overrides and masks of one branch; inputs and plugins aliased so that the
     run functions read ``segment``, ``critic``, ``judge`` whatever the branch."""
@@ -759,17 +772,16 @@ def _core_stages(settings: Settings) -> list[Stage]:
                 summary="correction masks", check=_masks_check,
             )
         )
+    made = aligned_models(settings)
     for aligner in aligners or [PluginChoice("aligner", "", _NO_OPTIONS)]:
-        targets: list[Branch | None] = [None] if true_masks or not run_branches else list(run_branches)
-        for branch in targets:
+        for model, _aligner, branch in (m for m in made if m[1].slot == aligner.slot):
             masks = "masks" if branch is None else branch.name("masks")
-            name = _suffixed("align", aligner.instance, branch.key if branch is not None else None)
-            model = _suffixed("aligned", aligner.instance, branch.key if branch is not None else None)
             judge = branch.judge.slot if branch is not None and branch.judge is not None else "judge"
             stages.append(
                 Stage(
-                    name, _align, inputs=("data", "train", "select", f"masks={masks}"), plugins=(f"aligner={aligner.slot}",),
-                    codec=codecs.MODEL, model=model, label=aligned_label(settings, aligner, branch) if aligner.name else "",
+                    "align" + model.removeprefix("aligned"), _align, inputs=("data", "train", "select", f"masks={masks}"),
+                    plugins=(f"aligner={aligner.slot}",), codec=codecs.MODEL, model=model,
+                    label=aligned_label(settings, aligner, branch) if aligner.name else "",
                     summary="fine-tune with the masks", validate=_masks_validate(aligner.slot, judge),
                 )
             )

@@ -174,21 +174,16 @@ def aligned_parts(settings: Settings, models: Sequence[str]) -> dict[str, dict[s
     settings, as the pipeline names its models (``aligned`` and the instance names of the
     aligner, the segmenter and the critic given as named instances), never by splitting a key at
     its dots: ``aligned.a.b`` may be aligner a with critic b or segmenter a with critic b."""
-    from ..pipeline.stages import branches
+    from ..pipeline.stages import aligned_models
 
-    run_branches = branches(settings)
-    targets = [None] if settings.masks.source == "true" or not run_branches else run_branches
     parts: dict[str, dict[str, str | None]] = {}
-    for aligner in settings.choices("aligner"):
-        for branch in targets:
-            names = ("aligned", aligner.instance, branch.key if branch is not None else None)
-            key = ".".join(n for n in names if n)
-            if key in models:
-                parts[key] = {
-                    "aligner": aligner.slot,
-                    "segmenter": branch.segmenter.slot if branch is not None else None,
-                    "critic": branch.critic.slot if branch is not None else None,
-                }
+    for key, aligner, branch in aligned_models(settings):
+        if key in models:
+            parts[key] = {
+                "aligner": aligner.slot,
+                "segmenter": branch.segmenter.slot if branch is not None else None,
+                "critic": branch.critic.slot if branch is not None else None,
+            }
     unread = [m for m in models if m.split(".")[0] == "aligned" and m not in parts]
     if unread:  # the pipeline named a model in a way this function does not know
         raise RuntimeError(f"cannot tell the aligner, segmenter and critic of model(s) {', '.join(unread)}")
