@@ -28,14 +28,25 @@ def _check_labels(labels: torch.Tensor) -> None:
 def masks_from_verdicts(
     labels: torch.Tensor, verdicts: Sequence[Verdicts]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Correction masks for a batch of cluster maps.
+    """Correction masks for a batch of cluster maps: ``(mask, ok)`` of :func:`verdict_masks`,
+    the regions judged "no"."""
+    spurious, _relevant, ok = verdict_masks(labels, verdicts)
+    return spurious, ok
+
+
+def verdict_masks(
+    labels: torch.Tensor, verdicts: Sequence[Verdicts]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both polarities of the verdicts of a batch of cluster maps, so that no aligner derives
+    them again.
 
     - ``labels``: int ``[B, H, W]`` cluster maps; ``verdicts[b]`` judges the clusters of map ``b``
       (``verdicts[b].colors[j]`` names cluster ``j``).
 
-    Returns ``(mask, ok)``: bool ``[B, H, W]``, True on pixels of clusters judged "no", and bool
-    ``[B]``, False where the verdicts failed (their mask is all False). Raises ``ValueError``
-    when the counts disagree or a map holds a cluster that its verdicts do not cover.
+    Returns ``(spurious, relevant, ok)``: bool ``[B, H, W]`` True on pixels of clusters judged
+    "no", bool ``[B, H, W]`` True on pixels of clusters judged "yes", and bool ``[B]``, False
+    where the verdicts failed (both masks all False). Raises ``ValueError`` when the counts
+    disagree or a map holds a cluster that its verdicts do not cover.
     """
     _check_labels(labels)
     b = labels.shape[0]
@@ -44,11 +55,13 @@ def masks_from_verdicts(
     width = max([len(v.colors) for v in verdicts] + [1])
     # spurious[b, j]: cluster j of sample b was judged "no"; padding columns stay False.
     spurious = torch.zeros(b, width, dtype=torch.bool)
+    relevant = torch.zeros(b, width, dtype=torch.bool)
     ok = torch.zeros(b, dtype=torch.bool)
     for i, v in enumerate(verdicts):
         if v.relevant is None:
             continue
         spurious[i, : len(v.relevant)] = torch.tensor([not r for r in v.relevant], dtype=torch.bool)
+        relevant[i, : len(v.relevant)] = torch.tensor(list(v.relevant), dtype=torch.bool)
         ok[i] = True
     flat = labels.reshape(b, -1).long().cpu()
     if b:
@@ -62,8 +75,7 @@ def masks_from_verdicts(
                 f"verdicts name only {int(n_colors[i])} colours"
             )
     flat = flat.clamp(max=width - 1)  # failed samples may hold any label; their row is all False
-    mask = spurious.gather(1, flat).reshape(labels.shape)
-    return mask, ok
+    return spurious.gather(1, flat).reshape(labels.shape), relevant.gather(1, flat).reshape(labels.shape), ok
 
 
 def cluster_overlap(

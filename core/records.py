@@ -336,17 +336,22 @@ class AlignmentSet:
     - ``indices``: int64 ``[N]`` indices into ``SpuriousDataset.train``.
     - ``scores``: float32 ``[N]``, the selection score (predictive entropy, nats).
     - ``strategy``: how they were chosen (``"lowest-entropy"``, ...).
+    - ``relevant``: bool ``[N, H, W]`` or ``None``: what an aligner is given besides its masks
+      of the spurious regions, the regions judged relevant (the clusters judged "yes"; with the
+      true masks, everything off them), for aligners that reward attribution there (HINT).
     """
 
     indices: torch.Tensor
     scores: torch.Tensor
     strategy: str
+    relevant: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
 
     def to_state(self) -> dict[str, Any]:
-        return {"indices": self.indices, "scores": self.scores, "strategy": self.strategy}
+        state = {"indices": self.indices, "scores": self.scores, "strategy": self.strategy}
+        return state if self.relevant is None else {**state, "relevant": self.relevant}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> AlignmentSet:

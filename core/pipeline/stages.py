@@ -278,13 +278,13 @@ def _masks(call: StageCall) -> dict[str, Any]:
     chosen: AlignmentSet = call["select"]
     if call.option("masks.source") == "true":
         masks = data.train.spurious_masks[chosen.indices]
-        return {"masks": masks, "ok": torch.ones(len(chosen), dtype=torch.bool), "failures": []}
-    from ..masks import masks_from_verdicts
+        return {"masks": masks, "relevant": ~masks, "ok": torch.ones(len(chosen), dtype=torch.bool), "failures": []}
+    from ..masks import verdict_masks
 
     verdicts: list[Verdicts] = call["verdicts"]
-    masks, ok = masks_from_verdicts(call["segment"].labels, verdicts)
+    masks, relevant, ok = verdict_masks(call["segment"].labels, verdicts)
     failures = [{"sample_id": v.sample_id, "stage": "judge", "reason": v.failure} for v in verdicts if not v.ok]
-    return {"masks": masks, "ok": ok, "failures": failures}
+    return {"masks": masks, "relevant": relevant, "ok": ok, "failures": failures}
 
 
 def _masks_skip(judge: str) -> Callable[[StageView], str | None]:
@@ -315,7 +315,7 @@ def _align(call: StageCall) -> ModelArtifact:
     keep = m["ok"]
     if not bool(keep.any()):
         raise RuntimeError("no alignment sample has valid verdicts; see transcripts.jsonl and the judge's failures")
-    subset = AlignmentSet(chosen.indices[keep], chosen.scores[keep], chosen.strategy)
+    subset = AlignmentSet(chosen.indices[keep], chosen.scores[keep], chosen.strategy, relevant=m["relevant"][keep])
     seen = _for_training(data, "the aligner")
     return _artifact("aligner", call.plugin("aligner").align(call["train"], seen, subset, m["masks"][keep], call.ctx), data)
 
@@ -325,6 +325,7 @@ def _reference(call: StageCall) -> ModelArtifact:
     chosen: AlignmentSet = call["select"]
     masks = data.train.spurious_masks[chosen.indices]
     seen = _for_training(data, "the aligner")
+    chosen = dataclasses.replace(chosen, relevant=~masks)  # off the true masks: relevant
     return _artifact("aligner", call.plugin("aligner").align(call["train"], seen, chosen, masks, call.ctx), data)
 
 

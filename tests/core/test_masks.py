@@ -86,3 +86,16 @@ def test_true_cluster_spurious_on_a_known_layout():
         true_cluster_spurious(labels, truth, 1.5)
     with pytest.raises(ValueError, match="true_masks must be bool"):
         cluster_overlap(labels, truth.long())
+
+
+def test_verdict_masks_give_both_polarities_and_nothing_for_a_failed_sample():
+    from lvlmva.masks import verdict_masks
+    from lvlmva.records import Verdicts
+
+    labels = torch.tensor([[[0, 0, 1], [2, 2, 1]], [[0, 1, 1], [0, 1, 2]]])
+    verdicts = [Verdicts(3, ("red", "blue", "green"), (True, False, True)), Verdicts(4, ("red", "blue", "green"), None, failure="told to fail")]
+    spurious, relevant, ok = verdict_masks(labels, verdicts)
+    assert ok.tolist() == [True, False]
+    assert spurious[0].tolist() == [[False, False, True], [False, False, True]]  # cluster 1 judged "no"
+    assert relevant[0].tolist() == [[True, True, False], [True, True, False]]  # clusters 0 and 2 "yes"
+    assert not spurious[1].any() and not relevant[1].any()

@@ -791,3 +791,24 @@ def test_every_capability_flag_of_a_role_is_read_by_the_pipeline():
         for name, annotation in proto.__annotations__.items():
             if "bool" in str(annotation):
                 assert f'"{name}"' in source or f".{name}" in source, f"{role} flag {name} is read nowhere in lvlmva.pipeline"
+
+
+def test_an_aligner_gets_the_relevant_regions_beside_the_spurious_ones(tmp_path, settings_file):
+    """The masks stage keeps both polarities of the verdicts: the aligner's masks are the "no"
+    clusters and ``alignment.relevant`` the "yes" ones (with the true masks: everything off them)."""
+    seen: dict[str, tuple] = {}
+
+    class Recording(pipeline_toys.ToyAligner):
+        def align(self, model, data, alignment, masks, ctx):
+            seen[ctx.stage] = (alignment.relevant.clone(), masks.clone())
+            return super().align(model, data, alignment, masks, ctx)
+
+    registry = _registry()
+    registry.add("aligner", "recording", Recording)
+    _run(settings_file, tmp_path / "run", registry, overrides=["aligner.plugin=recording"])
+    relevant, masks = seen["align"]
+    assert relevant.shape == masks.shape and relevant.dtype == torch.bool
+    # the toy judge calls the top-left quadrant "no" and the rest "yes": the two tile the image
+    assert torch.equal(relevant, ~masks) and bool(masks[:, :4, :4].all()) and not bool(masks[:, 4:, :].any())
+    relevant, masks = seen["reference"]
+    assert torch.equal(relevant, ~masks)
