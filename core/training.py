@@ -498,7 +498,10 @@ AlignmentLoss = Callable[..., Mapping[str, torch.Tensor]]
 name, scalar tensors, with the total under ``"loss"`` (:data:`TOTAL`): e.g. RRR's
 ``{"loss": ce + lam * penalty, "ce": ce, "penalty": penalty}``. ``inputs`` float ``[B, C, H, W]``
 on the device, ``targets`` int64 ``[B]``, ``masks`` bool ``[B, H, W]`` (all False for the
-ordinary samples); ``params`` are the aligner's loss parameters (one grid point's values)."""
+ordinary samples); ``params`` are the aligner's loss parameters (one grid point's values).
+A trainer made with ``relevant=True`` also passes ``relevant=``, bool ``[B, H, W]``: the
+regions judged relevant of each alignment sample (``AlignmentSet.relevant``), all False for the
+ordinary samples, which have none."""
 
 
 class AlignmentOptions(PluginOptions):
@@ -618,6 +621,11 @@ class AlignmentTrainer:
 
     ``who`` names the aligner in messages and progress bars. Whether kernels are deterministic
     is the run's setting (``run.deterministic``), applied by the pipeline around every stage.
+
+    With ``relevant=True`` the loss also gets ``relevant=``, each batch's regions judged
+    relevant (``alignment.relevant`` for the alignment samples, all False for the ordinary
+    ones), for losses that reward attribution there (HINT); an alignment set without them is
+    refused before training.
     """
 
     def __init__(
@@ -628,12 +636,14 @@ class AlignmentTrainer:
         seed_name: str,
         who: str,
         tag: str = "align",
+        relevant: bool = False,
     ) -> None:
         self.options = options
         self.ctx = ctx
         self.seed_name = seed_name
         self.who = who
         self.tag = tag
+        self.relevant = relevant
 
     def align(
         self,
@@ -711,6 +721,18 @@ class AlignmentTrainer:
             )
         if self.options.ordinary_batch > 0 and len(train) == 0:
             raise ValueError(f"{self.who}: the training split is empty")
+        if self.relevant:
+            relevant = alignment.relevant
+            if relevant is None:
+                raise ValueError(
+                    f"{self.who}: rewards attribution in the regions judged relevant, and the "
+                    "alignment set has none (AlignmentSet.relevant is None)"
+                )
+            if tuple(relevant.shape) != (n_align, *spatial):
+                raise ValueError(
+                    f"{self.who}: the relevant regions must be [{n_align},{spatial[0]},"
+                    f"{spatial[1]}] for the alignment set, got {tuple(relevant.shape)}"
+                )
 
     def fit(
         self,
@@ -731,7 +753,8 @@ class AlignmentTrainer:
         opts, ctx = self.options, self.ctx
         params = dict(params or {})
         tags = dict(tags or {})
-        clash = sorted((set(params) | set(tags)) & (_RESERVED_KEYS | {TOTAL}))
+        reserved = _RESERVED_KEYS | {TOTAL} | ({"relevant"} if self.relevant else set())
+        clash = sorted((set(params) | set(tags)) & reserved)
         if clash:
             raise ValueError(f"{self.who}: loss parameters may not be named {clash}")
         n_align = len(alignment)
@@ -751,6 +774,7 @@ class AlignmentTrainer:
         ordinary_masks = torch.zeros(
             (min(opts.ordinary_batch, n_train), *spatial), dtype=torch.bool
         )
+        align_relevant = alignment.relevant.to(torch.bool) if self.relevant else None
         align_stream = _CyclingPermutation(
             n_align, ctx.generator(f"{self.seed_name}-alignment-order")
         )
@@ -784,7 +808,15 @@ class AlignmentTrainer:
                     batch_masks = torch.cat(
                         [align_masks[a_idx], ordinary_masks[: o_idx.numel()]]
                     ).to(device)
-                    terms = loss(aligned, inputs, targets, batch_masks, **params)
+                    if align_relevant is None:
+                        terms = loss(aligned, inputs, targets, batch_masks, **params)
+                    else:
+                        batch_relevant = torch.cat(
+                            [align_relevant[a_idx], ordinary_masks[: o_idx.numel()]]
+                        ).to(device)
+                        terms = loss(
+                            aligned, inputs, targets, batch_masks, relevant=batch_relevant, **params
+                        )
                     names = self._check_terms(terms, names, {**params, **tags})
                     total = terms[TOTAL]
                     if not torch.isfinite(total):
@@ -869,6 +901,9 @@ class LossAligner(abc.ABC):
     Options: ClassVar[type[PluginOptions]] = AlignmentOptions
     #: the name the aligner's seeds are drawn under (``ctx.generator(f"{seed_name}-...")``)
     seed_name: ClassVar[str]
+    #: :meth:`loss` takes ``relevant=``, each batch's regions judged relevant (all False for
+    #: the ordinary samples): the trainer passes them and refuses an alignment set without them
+    needs_relevant: ClassVar[bool] = False
 
     def __init__(self, options: AlignmentOptions) -> None:
         self.options = options
@@ -890,7 +925,11 @@ class LossAligner(abc.ABC):
 
     def trainer(self, ctx: RunContext) -> AlignmentTrainer:
         return AlignmentTrainer(
-            self.options, ctx, seed_name=self.seed_name, who=type(self).__name__
+            self.options,
+            ctx,
+            seed_name=self.seed_name,
+            who=type(self).__name__,
+            relevant=self.needs_relevant,
         )
 
     def check_data(self, data: SpuriousDataset) -> list[str]:

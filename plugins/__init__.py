@@ -43,6 +43,11 @@ BUILTINS: dict[str, dict[str, str]] = {
     },
     "aligner": {
         "rrr": "lvlmva.plugins.aligners.rrr:RrrAligner",
+        "rbr": "lvlmva.plugins.aligners.rbr:RbrAligner",
+        "rrr-gradcam": "lvlmva.plugins.aligners.rrr_gradcam:RrrGradCamAligner",
+        "hint": "lvlmva.plugins.aligners.hint:HintAligner",
+        "cdep": "lvlmva.plugins.aligners.cdep:CdepAligner",
+        "ce": "lvlmva.plugins.aligners.ce:CeAligner",
     },
     "mitigator": {
         "erm": "lvlmva.plugins.mitigators.erm:ErmMitigator",
