@@ -698,3 +698,86 @@ def test_alignment_grid_and_input_refusals(ctx):
     with pytest.raises(ValueError, match=r"loss parameters may not be named \['steps'\]"):
         reserved.align(_model(), data, alignment, masks, ctx)
     assert not (ctx.run_dir / "metrics.jsonl").exists()
+
+
+# -- the regions judged relevant, per batch ---------------------------------------------------
+
+
+def _with_relevant(alignment: AlignmentSet, masks: torch.Tensor) -> AlignmentSet:
+    """``alignment`` with relevant regions of their own (not the complement of the masks), so
+    that a mix-up of the two, or of rows, shows."""
+    relevant = torch.zeros_like(masks)
+    for k in range(masks.shape[0]):
+        relevant[k, 1, k % 2] = True
+    return AlignmentSet(alignment.indices, alignment.scores, alignment.strategy, relevant=relevant)
+
+
+def test_a_loss_that_asks_for_relevant_regions_gets_each_batchs(ctx):
+    """With ``relevant=True`` every step's loss gets ``relevant=``: the alignment rows' own
+    regions in the batch's order beside their masks, nothing for the ordinary rows."""
+    data = _alignment_data()
+    alignment, masks = _alignment_set(3)
+    masks[1, 1, 1] = True
+    alignment = _with_relevant(alignment, masks)
+    batches = []
+
+    def spy(model, inputs, targets, batch_masks, *, relevant):
+        batches.append((inputs.clone(), batch_masks.clone(), relevant.clone()))
+        return {"loss": F.cross_entropy(model(inputs), targets)}
+
+    opts = AlignmentOptions(**{**ALIGN_OPTS, "alignment_batch": 2, "max_steps_per_epoch": 3})
+    trainer = AlignmentTrainer(opts, ctx, seed_name="spy", who="Spy", relevant=True)
+    trainer.align(_model(), data, alignment, masks, spy)
+    gen = ctx.generator("spy-alignment-order")
+    stream = torch.cat([torch.randperm(3, generator=gen) for _ in range(4)])
+    assert len(batches) == 6
+    for n, (inputs, batch_masks, relevant) in enumerate(batches):
+        a = stream[2 * n : 2 * n + 2]
+        assert torch.equal(inputs[:2], data.train.images[alignment.indices[a]])
+        assert relevant.dtype == torch.bool and relevant.shape == batch_masks.shape
+        assert torch.equal(relevant[:2], alignment.relevant[a]) and not relevant[2:].any()
+        assert torch.equal(batch_masks[:2], masks[a]) and not batch_masks[2:].any()
+
+
+def test_a_loss_aligner_asks_for_relevant_regions_by_its_flag(ctx):
+    """``LossAligner.needs_relevant`` is what its trainer passes on: the loss gets ``relevant=``
+    with the flag, and a loss without that keyword runs without it."""
+
+    class Rewarding(LossAligner):
+        seed_name = "rewarding"
+        needs_relevant = True
+
+        def loss(self, model, inputs, targets, masks, *, relevant):
+            ce = F.cross_entropy(model(inputs), targets)
+            return {"loss": ce, "relevant_share": relevant.float().mean()}
+
+    assert ToyLossAligner.needs_relevant is False and Rewarding.needs_relevant is True
+    opts = AlignmentOptions(**ALIGN_OPTS)
+    assert ToyLossAligner(opts).trainer(ctx).relevant is False
+    assert Rewarding(opts).trainer(ctx).relevant is True
+    data = _alignment_data()
+    alignment, masks = _alignment_set()
+    Rewarding(opts).align(_model(), data, _with_relevant(alignment, masks), masks, ctx)
+    # one relevant pixel of four in each of the 4 alignment rows, beside 16, 16, 16, 12 ordinary rows
+    expected = sum(0.25 * 4 / (4 + o) for o in (16, 16, 16, 12)) / 4
+    assert all(line["relevant_share"] == pytest.approx(expected, rel=1e-6) for line in _metrics(ctx))
+    # the aligners that do not ask keep their plain call (ToyLossAligner's loss takes no relevant=)
+    ToyLossAligner(opts).align(_model(), data, _with_relevant(alignment, masks), masks, ctx)
+
+
+def test_relevant_regions_are_checked_before_training(ctx):
+    data = _alignment_data()
+    alignment, masks = _alignment_set()
+    trainer = AlignmentTrainer(AlignmentOptions(**ALIGN_OPTS), ctx, seed_name="t", who="Rewarding", relevant=True)
+
+    def loss(model, inputs, targets, masks, *, relevant):
+        return {"loss": F.cross_entropy(model(inputs), targets)}
+
+    with pytest.raises(ValueError, match=r"Rewarding: rewards attribution in the regions judged relevant, and the alignment set has none"):
+        trainer.align(_model(), data, alignment, masks, loss)
+    wrong = AlignmentSet(alignment.indices, alignment.scores, "random", relevant=masks[:, :1])
+    with pytest.raises(ValueError, match=r"the relevant regions must be \[5,2,2\] for the alignment set, got \(5, 1, 2\)"):
+        trainer.align(_model(), data, wrong, masks, loss)
+    with pytest.raises(ValueError, match=r"loss parameters may not be named \['relevant'\]"):
+        trainer.fit(_model(), data.train, _with_relevant(alignment, masks), masks, loss, {"relevant": 1.0})
+    assert not (ctx.run_dir / "metrics.jsonl").exists()
