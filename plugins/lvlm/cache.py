@@ -3,9 +3,13 @@
 The key is the SHA-256 of a canonical JSON of what determines an answer (backend kind, model,
 template version, the SHA-256 of each image, prompt text, generation parameters); it never holds
 an API key or a server address, so a cache can be shared and moved between machines. Only
-answers worth keeping are stored: critic answers that are whole (neither empty nor cut off at the
-token limit), and judge answers that passed validation. Several threads and processes may use
-one file at once.
+answers that passed their checks are stored as answers (:meth:`ResponseCache.get`): critic
+answers that are whole and discuss every cluster colour, judge answers that passed validation.
+An answer that was paid for but is unusable is stored apart with its text
+(:meth:`ResponseCache.unusable`), never read as an answer: its count bounds how often a request is
+asked again over all runs. A request whose last attempt got no answer is marked
+(:meth:`ResponseCache.unanswered`), without the failure's text (it names the server). Several
+threads and processes may use one file at once.
 """
 
 from __future__ import annotations
@@ -18,21 +22,35 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ResponseCache", "FORBIDDEN_KEY_PARTS", "sha256_hex"]
+__all__ = ["ResponseCache", "FORBIDDEN_KEY_PARTS", "sha256_hex", "open_response_cache"]
 
 #: parts that must never enter a cache key (secrets, and addresses that do not change answers)
 FORBIDDEN_KEY_PARTS = frozenset(
     {"api_key", "apikey", "key", "token", "authorization", "password", "secret", "base_url", "url"}
 )
 
-_SCHEMA = """
+# ``responses`` holds good answers only (the one table older versions read); unusable answers
+# and unanswered requests have tables of their own, which older versions never look at.
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS responses (
     key TEXT PRIMARY KEY,
     answer TEXT NOT NULL,
     meta TEXT NOT NULL,
     created REAL NOT NULL
 )
-"""
+""",
+    """
+CREATE TABLE IF NOT EXISTS unusable (
+    key TEXT NOT NULL,
+    answer TEXT NOT NULL,
+    meta TEXT NOT NULL,
+    created REAL NOT NULL
+)
+""",
+    "CREATE INDEX IF NOT EXISTS unusable_key ON unusable (key)",
+    "CREATE TABLE IF NOT EXISTS unanswered (key TEXT PRIMARY KEY, created REAL NOT NULL)",
+)
 
 
 def sha256_hex(data: bytes) -> str:
@@ -71,7 +89,8 @@ class ResponseCache:
         self._lock = threading.Lock()
         conn = self._conn()
         with conn:
-            conn.execute(_SCHEMA)
+            for statement in _SCHEMA:
+                conn.execute(statement)
 
     # -- keys ----------------------------------------------------------------------------------
     @staticmethod
@@ -128,19 +147,53 @@ class ResponseCache:
         if not isinstance(answer, str) or not answer.strip():
             raise ValueError(f"refusing to cache an empty answer under key {key[:12]}...")
         blob = json.dumps(meta or {}, sort_keys=True, default=str)
-        self._conn().execute(
+        conn = self._conn()
+        conn.execute(
             "INSERT OR REPLACE INTO responses (key, answer, meta, created) VALUES (?, ?, ?, ?)",
             (key, answer, blob, time.time()),
         )
+        conn.execute("DELETE FROM unanswered WHERE key = ?", (key,))
 
     def delete(self, key: str) -> None:
-        """Forget ``key`` (no error when absent)."""
+        """Forget the good answer under ``key`` (no error when absent)."""
         self._conn().execute("DELETE FROM responses WHERE key = ?", (key,))
+
+    # -- answers that cannot be used, requests that got none -----------------------------------
+    def add_unusable(self, key: str, answer: str, meta: dict[str, Any] | None = None) -> int:
+        """Store an answer to ``key`` that was had but cannot be used (an empty text too), and
+        return how many such answers ``key`` has now. It is never returned by :meth:`get`."""
+        blob = json.dumps(meta or {}, sort_keys=True, default=str)
+        conn = self._conn()
+        conn.execute(
+            "INSERT INTO unusable (key, answer, meta, created) VALUES (?, ?, ?, ?)",
+            (key, answer, blob, time.time()),
+        )
+        conn.execute("DELETE FROM unanswered WHERE key = ?", (key,))
+        return int(conn.execute("SELECT COUNT(*) FROM unusable WHERE key = ?", (key,)).fetchone()[0])
+
+    def unusable(self, key: str) -> list[tuple[str, dict[str, Any]]]:
+        """The unusable answers stored under ``key`` with their metadata, oldest first."""
+        rows = self._conn().execute(
+            "SELECT answer, meta FROM unusable WHERE key = ? ORDER BY created, rowid", (key,)
+        )
+        return [(answer, json.loads(meta)) for answer, meta in rows]
+
+    def mark_unanswered(self, key: str) -> None:
+        """Note that the last request for ``key`` got no answer (a transport failure)."""
+        self._conn().execute(
+            "INSERT OR REPLACE INTO unanswered (key, created) VALUES (?, ?)", (key, time.time())
+        )
+
+    def unanswered(self, key: str) -> bool:
+        """Whether the last request for ``key`` got no answer (cleared by any answer)."""
+        row = self._conn().execute("SELECT 1 FROM unanswered WHERE key = ?", (key,)).fetchone()
+        return row is not None
 
     def __contains__(self, key: str) -> bool:
         return self.get(key) is not None
 
     def __len__(self) -> int:
+        """Good answers stored."""
         return int(self._conn().execute("SELECT COUNT(*) FROM responses").fetchone()[0])
 
     def close(self) -> None:

@@ -67,6 +67,40 @@ def test_empty_answers_are_never_cached(tmp_path: Path):
         assert len(cache) == 0
 
 
+def test_unusable_answers_are_counted_apart_and_never_read_as_answers(tmp_path: Path):
+    with ResponseCache(tmp_path / "r.sqlite") as cache:
+        assert cache.unusable("k") == [] and not cache.unanswered("k")
+        cache.mark_unanswered("k")
+        assert cache.unanswered("k")
+        assert cache.add_unusable("k", "", {"finish_reason": "stop"}) == 1  # an empty answer too
+        assert not cache.unanswered("k")  # an answer came, if an unusable one
+        assert cache.add_unusable("k", "Sure! Here is my analysis", {"finish_reason": "length"}) == 2
+        assert cache.add_unusable("other", "x") == 1
+        assert cache.get("k") is None and "k" not in cache and len(cache) == 0
+        assert cache.unusable("k") == [
+            ("", {"finish_reason": "stop"}),
+            ("Sure! Here is my analysis", {"finish_reason": "length"}),
+        ]
+        cache.mark_unanswered("k")
+        cache.put("k", "a good answer")
+        assert cache.get("k") == "a good answer" and not cache.unanswered("k")
+    with ResponseCache(tmp_path / "r.sqlite") as again:  # kept on disk
+        assert len(again.unusable("k")) == 2
+
+
+def test_a_cache_written_before_the_unusable_table_existed_opens_and_reads(tmp_path: Path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as db:  # the one table older versions wrote
+        db.execute("CREATE TABLE responses (key TEXT PRIMARY KEY, answer TEXT NOT NULL, meta TEXT NOT NULL, created REAL NOT NULL)")
+        db.execute("INSERT INTO responses VALUES ('k', 'old answer', '{}', 0)")
+    db.close()
+    with ResponseCache(path) as cache:
+        assert cache.get("k") == "old answer" and cache.unusable("k") == []
+        assert cache.add_unusable("j", "bad") == 1
+
+
 def test_wal_mode_and_persistence(tmp_path: Path):
     path = tmp_path / "r.sqlite"
     with ResponseCache(path) as cache:
