@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lvlmva.plugins.aligners import ce as ce_module
 from lvlmva.plugins.aligners.cdep import (
     CdepAligner,
     CdepOptions,
@@ -640,3 +639,135 @@ def test_alignment_moves_attribution_off_the_planted_patch(name, planted, ctx):
     assert [line["epoch"] for line in lines] == list(range(1, 11))
     terms = {"ce", "ce_counter"} if name == "ce" else {"ce", "penalty"}
     assert all(set(line) == {"stage", "epoch", "loss", "steps", "seconds", *terms} for line in lines)
+
+
+# -- in a pipeline run --------------------------------------------------------------------------
+
+PIPELINE = """
+[run]
+seed = 0
+device = "cpu"
+cache_dir = "{cache}"
+
+[dataset]
+plugin = "toy"
+
+[model]
+plugin = "{model}"
+{model_options}
+
+[train]
+epochs = 2
+batch_size = 16
+
+[selection]
+n = 6
+
+[attributor]
+plugin = "toy"
+
+[segmenter]
+plugin = "toy"
+
+[critic]
+plugin = "toy"
+
+[judge]
+plugin = "toy"
+
+[masks]
+true_mask_reference = true
+
+[aligners.rbr]
+plugin = "rbr"
+epochs = 1
+
+[aligners.gradcam]
+plugin = "rrr-gradcam"
+layer = "features.0"
+epochs = 1
+
+[aligners.hint]
+plugin = "hint"
+epochs = 1
+
+[aligners.cdep]
+plugin = "cdep"
+epochs = 1
+
+[aligners.ce]
+plugin = "ce"
+epochs = 1
+
+[evaluators.toy]
+plugin = "toy"
+
+[report]
+enabled = false
+"""
+
+
+@pytest.fixture
+def toy_registry():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "core"))
+    import pipeline_toys
+
+    from lvlmva.plugins import lvlmva_register
+    from lvlmva.registry import PluginRegistry
+
+    registry = PluginRegistry()
+    lvlmva_register(registry)
+    pipeline_toys.lvlmva_register(registry=registry)
+    return registry
+
+
+def _settings(tmp_path, registry, model: str, model_options: str = ""):
+    from lvlmva.settings import load_settings
+
+    path = tmp_path / "s.toml"
+    text = PIPELINE.format(cache=(tmp_path / "cache").as_posix(), model=model, model_options=model_options)
+    path.write_text(text)
+    return load_settings(path, environ={}, registry=registry)
+
+
+def test_every_aligner_runs_in_one_pipeline_beside_the_others(tmp_path, toy_registry):
+    """The five as named instances of one run on the cnn model: each aligns with the verdicts'
+    masks and with the true masks (hint with the regions judged relevant, and everything off the
+    true masks), and its terms reach metrics.jsonl under its own stage."""
+    from lvlmva.pipeline import Pipeline
+
+    settings = _settings(tmp_path, toy_registry, "cnn", "channels = [4, 8]")
+    pipe = Pipeline(settings, tmp_path / "run", registry=toy_registry, echo=lambda _m: None)
+    results = pipe.run()
+    names = ("rbr", "gradcam", "hint", "cdep", "ce")
+    statuses = {k: o.status for k, o in pipe.outcomes.items()}
+    for name in names:
+        assert statuses[f"align.{name}"] == statuses[f"reference.{name}"] == "computed"
+    evaluated = results["evaluations"]["toy"]["models"]
+    assert {f"{kind}.{n}" for kind in ("aligned", "true_mask") for n in names} <= set(evaluated)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    terms = {
+        line["run_stage"]: sorted(set(line) - {"stage", "epoch", "steps", "seconds", "run_stage", "run_attempt"})
+        for line in lines
+        if line["stage"] == "align"
+    }
+    for name in names:
+        own = ["ce", "ce_counter", "loss"] if name == "ce" else ["ce", "loss", "penalty"]
+        assert terms[f"align.{name}"] == terms[f"reference.{name}"] == own
+
+
+def test_aligners_that_cannot_read_the_model_stop_the_run_before_training(tmp_path, toy_registry):
+    """On the toy MLP (no Conv2d, not a chain CDEP knows) rrr-gradcam, hint and cdep are refused
+    with their reasons, exit 2, before the original model trains; rbr and ce take it."""
+    from lvlmva.pipeline import ConfigurationError, Pipeline
+
+    settings = _settings(tmp_path, toy_registry, "toy")
+    pipe = Pipeline(settings, tmp_path / "run", registry=toy_registry, echo=lambda _m: None)
+    with pytest.raises(ConfigurationError) as err:
+        pipe.run()
+    message = str(err.value)
+    assert "[aligners.gradcam] rrr-gradcam: layer = 'features.0': ToyNet has no layer of that name" in message
+    assert "[aligners.hint] hint explains a convolutional layer (Grad-CAM), and ToyNet has no Conv2d" in message
+    assert "[aligners.cdep] cdep decomposes the built-in mlp and cnn models" in message
+    assert "[aligners.rbr]" not in message and "[aligners.ce]" not in message
+    assert not (tmp_path / "run" / "train").exists()
