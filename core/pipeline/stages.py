@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -87,6 +88,14 @@ def _unfinished(role: str, answers: Sequence[Critique | Verdicts]) -> None:
     if answered:
         text += f" ({answered} answered and cached: a new run asks only for the {len(failed)} that failed)"
     raise StageIncomplete(text)
+
+
+def _announce(plugin: Any, asked: Sequence[Any], call: StageCall) -> None:
+    """Print, before anything is sent, how many requests an LVLM plugin will send and why
+    (its ``plan``: missing, failed in transport, invalid so far)."""
+    plan = getattr(plugin, "plan", None)
+    if callable(plan):
+        print(f"  > {plan(asked, call.ctx)}", file=sys.stderr, flush=True)
 
 
 def _trainer(call: StageCall, data: SpuriousDataset) -> Any:
@@ -230,6 +239,7 @@ def _critic(call: StageCall) -> list[Critique]:
         # every sample's k answers, sample by sample: one call, so that a concurrent critic
         # has all of them in flight together
         requests = [dataclasses.replace(r, draw=d) for r in requests for d in range(draws)]
+    _announce(critic, requests, call)
     critiques = critic.critique(requests, call.ctx)
     _check_answers("critic", requests, critiques)
     if draws > 1:
@@ -249,6 +259,7 @@ def _judge(call: StageCall) -> list[Verdicts]:
     from ..verdicts import combine_draws
 
     critiques: list[Critique] = call["critic"]
+    _announce(call.plugin("judge"), critiques, call)
     verdicts = call.plugin("judge").judge(critiques, call.ctx)
     _check_answers("judge", critiques, verdicts)
     _unfinished("judge", verdicts)

@@ -1,16 +1,9 @@
 """Critic and Judge through any OpenAI-compatible chat-completions server.
 
 Works with OpenAI itself and with local servers that speak the same protocol (vLLM, Ollama,
-llama.cpp, LM Studio). Requests run concurrently up to ``concurrency``; transient failures
-(429, 5xx, timeouts, dropped connections, unreadable bodies) are retried with exponential
-backoff and jitter, honouring ``Retry-After`` up to ``backoff_max_s``. Answers go into a shared
-SQLite response cache, so a re-run never pays twice. Every exchange is written to
-``transcripts.jsonl``.
-
-A request that gets no answer (transport errors after the retries, and HTTP errors such as 401
-that no retry fixes) is a ``retryable`` failure whose text names the cause and the server, the
-same for every sample it hit; an answer that was had but cannot be used (empty, cut off at
-``max_tokens``, a judge answer still invalid after repair) is a failure that is not retryable.
+llama.cpp, LM Studio). The flows (prompts, cache, checks, repair, transcripts, failure kinds) are
+:mod:`.flow`'s; this module gives their options, the budget checks before a run, the API key,
+and the transport (:mod:`.openai_transport`).
 
 The API key is read from the environment variable named by ``api_key_env`` and kept in memory
 only: it never enters a cache key, a transcript, a failure message or a settings file. Whitespace
@@ -23,45 +16,22 @@ that quotes the header in an error message, or a server that echoes it, leaves `
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import errno
-import hashlib
 import os
-import random
 import re
-import threading
-import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal
 from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
 from lvlmva.protocols import PluginOptions, RunContext
-from lvlmva.records import Critique, CritiqueRequest, Usage, Verdicts
-from lvlmva.secrets import redact, redact_json, register_secret
+from lvlmva.secrets import register_secret
 from lvlmva.templates import builtin_families
 
-from .cache import ResponseCache, open_response_cache, sha256_hex
-from .prompts import (
-    PromptTemplate,
-    TemplateBook,
-    TemplateError,
-    load_template,
-    render_critic_prompt,
-    render_judge_prompt,
-)
-from .verdict_schema import (
-    JudgeAnswerError,
-    ParsedVerdicts,
-    judge_json_schema,
-    parse_judge_answer,
-)
+from .flow import LvlmCritic, LvlmJudge, LvlmPlugin, max_invalid_attempts_field, retry_invalid_field
+from .openai_transport import OpenAITransport, cost_usd, retry_after_seconds
+from .prompts import PromptTemplate, TemplateError, load_template
 
 __all__ = [
     "DEFAULT_PRICES",
@@ -69,15 +39,12 @@ __all__ = [
     "OpenAIOptions",
     "OpenAICritic",
     "OpenAIJudge",
-    "RequestFailed",
     "SpendingEstimate",
     "cost_usd",
     "estimate_spending",
     "image_tokens",
     "retry_after_seconds",
 ]
-
-T = TypeVar("T")
 
 #: placeholder key for servers that need none (``api_key_env = ""``)
 NO_KEY = "not-needed"
@@ -111,47 +78,6 @@ DEFAULT_PRICES: dict[str, dict[str, float]] = {
     "gpt-5": {"prompt_per_1k": 0.00125, "completion_per_1k": 0.01},
     "gpt-5-mini": {"prompt_per_1k": 0.00025, "completion_per_1k": 0.002},
 }
-
-
-def cost_usd(
-    prices: dict[str, ModelPrice], model: str, prompt_tokens: int, completion_tokens: int
-) -> float | None:
-    """Cost of one call; the longest price-table name that ``model`` starts with applies
-    (``gpt-4o-2024-08-06`` -> ``gpt-4o``). ``None`` when the table has no entry (local models)."""
-    matches = [name for name in prices if model == name or model.startswith(name + "-")]
-    if not matches:
-        return None
-    price = prices[max(matches, key=len)]
-    return (
-        prompt_tokens * price.prompt_per_1k + completion_tokens * price.completion_per_1k
-    ) / 1000.0
-
-
-def retry_after_seconds(headers: Any) -> float | None:
-    """Seconds a server asked us to wait: ``retry-after-ms``, then ``Retry-After`` as seconds or
-    an HTTP date; ``None`` when absent or unreadable."""
-    if headers is None:
-        return None
-    raw_ms = headers.get("retry-after-ms")
-    if raw_ms is not None:
-        try:
-            return max(0.0, float(raw_ms) / 1000.0)
-        except ValueError:
-            pass  # fall through to Retry-After
-    raw = headers.get("retry-after")
-    if raw is None:
-        return None
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        pass  # not a number: maybe an HTTP date
-    try:
-        when = parsedate_to_datetime(raw)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def _is_key_like(name: str) -> bool:
@@ -279,6 +205,9 @@ class OpenAIOptions(PluginOptions):
         description="Most USD this stage may cost by an upper estimate (every request with the longest prompt and a max_tokens answer, at the prices in prices); a run estimated above it stops before any work. None: no limit.",
         json_schema_extra={"fingerprint": False},
     )
+
+    max_invalid_attempts: int = max_invalid_attempts_field()
+    retry_invalid: bool = retry_invalid_field()
 
     @field_validator("api_key_env")
     @classmethod
@@ -411,106 +340,12 @@ def _usd(value: float) -> str:
     return f"${value:.2f}" if value >= 0.01 else f"${value:.2g}"
 
 
-class RequestFailed(Exception):
-    """A request that could not be answered after its attempts; the message says why."""
+class _OpenAIPlugin(LvlmPlugin):
+    """What the OpenAI-compatible critic and judge add to the flows: the API key, the budget
+    checks before a run, and the transport."""
 
-    def __init__(self, message: str, attempts: int, errors: list[str]) -> None:
-        super().__init__(redact(message))
-        self.attempts = attempts
-        self.errors = [redact(e) for e in errors]
-
-
-@dataclass
-class _Answer:
-    text: str
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finish_reason: str | None = None
-    attempts: int = 1
-    errors: list[str] = field(default_factory=list)
-
-
-def _connection_failure(exc: BaseException) -> tuple[bool, str]:
-    """``(refused, reason)`` of a connection error: whether its exception chain holds a refused
-    connection (deep down, past the HTTP library's own errors), and the HTTP library's message
-    (the client's own, "Connection error.", says nothing)."""
-    refused = False
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, ConnectionRefusedError) or (
-            isinstance(current, OSError) and current.errno == errno.ECONNREFUSED
-        ):
-            refused = True
-        current = current.__cause__ or current.__context__
-    transport = exc.__cause__ or exc.__context__ or exc
-    # redacted before it is cut short: a cut through a key would leave a part no redaction knows
-    return refused, redact(str(transport) or type(transport).__name__)[:120]
-
-
-def _chain_texts(exc: BaseException) -> list[str]:
-    """``Type: message`` of ``exc`` and of every exception chained to it (cause or context,
-    as a traceback prints them), notes included."""
-    texts: list[str] = []
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        notes = getattr(current, "__notes__", None) or []
-        texts.append(" ".join([f"{type(current).__name__}: {current}", *map(str, notes)]))
-        current = current.__cause__ or current.__context__
-    return texts
-
-
-def _server_message(exc: Any) -> str:
-    """The message of a server's error body (``{"error": {"message": ...}}``), else the
-    client's text."""
-    body = exc.body
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
-            return inner["message"]
-    return str(exc.message)
-
-
-def _data_url(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def _run_sync(factory: Callable[[], Awaitable[T]]) -> T:
-    """Run a coroutine to completion from synchronous code, also when this thread already runs
-    an event loop (a notebook): then in a fresh thread with its own loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(factory())
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            result.append(asyncio.run(factory()))
-        except BaseException as exc:  # handed back to the caller's thread below
-            error.append(exc)
-
-    thread = threading.Thread(target=target, name="lvlmva-openai")
-    thread.start()
-    thread.join()
-    if error:
-        raise error[0]
-    return result[0]
-
-
-class _OpenAIBackend:
-    """What the critic and the judge share: client, retries, cache, usage, transcripts."""
-
-    role: ClassVar[str] = ""
-
-    def __init__(self, options: OpenAIOptions) -> None:
-        self.options = options
-        self._templates = TemplateBook(self.role, "openai", options.family, options.template)
-        self._key = ""
+    backend: ClassVar[str] = "openai"
+    options: OpenAIOptions
 
     # -- secrets ---------------------------------------------------------------------------------
     def _read_key(self) -> tuple[str, str | None]:
@@ -543,20 +378,6 @@ class _OpenAIBackend:
         if problem is not None:
             raise RuntimeError(f"{self.role} plugin 'openai': {problem}")
         return key
-
-    def _secret_free(self, call: Callable[[], T]) -> T:
-        """``call()``, and an exception out of it whose text (or that of an exception chained
-        to it) holds a registered secret raised again as a RuntimeError with the texts
-        redacted, and without the chain that held it."""
-        try:
-            return call()
-        except Exception as exc:
-            texts = _chain_texts(exc)
-            if all(redact(text) == text for text in texts):
-                raise
-            message = "; from ".join(redact(text) for text in texts)
-        # raised outside the except block, so that the original is not its __context__ either
-        raise RuntimeError(f"{self.role} plugin 'openai': {message}")
 
     # -- before the run --------------------------------------------------------------------------
     def preflight(self, samples: int) -> list[str]:
@@ -595,33 +416,6 @@ class _OpenAIBackend:
             )
         return problems
 
-    def _log(self, ctx: RunContext, record: dict[str, Any]) -> None:
-        """One transcript line, every text in it redacted."""
-        ctx.log_jsonl("transcripts.jsonl", redact_json(record))
-
-    # -- templates ---------------------------------------------------------------------------------
-    def _template(self, family: str) -> PromptTemplate:
-        return self._templates.get(family)
-
-    def _open_cache(self, ctx: RunContext) -> ResponseCache | None:
-        return open_response_cache(self.options.cache, self.options.cache_dir, ctx.cache_dir)
-
-    def _params(self, ctx: RunContext) -> dict[str, Any]:
-        params: dict[str, Any] = {
-            "temperature": self.options.temperature,
-            "max_tokens": self.options.max_tokens,
-        }
-        if self.options.send_seed:
-            params["seed"] = ctx.seed
-        return params
-
-    def _cost(self, answer: _Answer) -> float:
-        cost = cost_usd(
-            self.options.prices, self.options.model, answer.prompt_tokens, answer.completion_tokens
-        )
-        return 0.0 if cost is None else cost
-
-    # -- transport -------------------------------------------------------------------------------
     @property
     def _address(self) -> str:
         """The server requests go to, as failure texts name it (credentials and query left
@@ -635,149 +429,15 @@ class _OpenAIBackend:
             return "$OPENAI_BASE_URL (not a URL)"
         return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
-    def _backoff(self, retry: int, rng: random.Random) -> float:
-        base = min(self.options.backoff_max_s, self.options.backoff_initial_s * (2.0**retry))
-        return base * (1.0 - self.options.jitter * rng.random())
+    @property
+    def _token_limit(self) -> tuple[str, int]:
+        return ("max_tokens", self.options.max_tokens)
 
-    async def _complete(
-        self,
-        client: Any,
-        semaphore: asyncio.Semaphore,
-        messages: list[dict[str, Any]],
-        params: dict[str, Any],
-        extra: dict[str, Any],
-        rng: random.Random,
-    ) -> _Answer:
-        """One chat completion with retries on transient failures; raises RequestFailed.
-
-        Each attempt's error, with its details, goes into ``errors`` (the transcript); the
-        failure names only the last cause and the server, so that equal causes read alike."""
-        import openai
-
-        errors: list[str] = []
-        cause = ""
-        for attempt in range(1, self.options.max_attempts + 1):
-            wait: float | None = None
-            try:
-                async with semaphore:
-                    response = await client.chat.completions.create(
-                        model=self.options.model,
-                        messages=messages,
-                        **params,
-                        **extra,
-                        extra_body=self.options.extra_body or None,
-                    )
-            except openai.APITimeoutError:
-                cause = f"timed out after {self.options.timeout_s:g} s"
-                errors.append(f"attempt {attempt}: {cause}")
-            except openai.APIConnectionError as exc:
-                refused, reason = _connection_failure(exc)
-                cause = "connection refused" if refused else f"connection error ({redact(reason)})"
-                errors.append(
-                    f"attempt {attempt}: connection error: {redact(reason)}"
-                    + ("; connection refused" if refused else "")
-                )
-            except openai.APIStatusError as exc:
-                status = exc.status_code
-                message = redact(_server_message(exc))
-                errors.append(f"attempt {attempt}: HTTP {status}: {message}")
-                if status == 429 or status == 408 or status >= 500:
-                    cause = "HTTP 429 (rate limited)" if status == 429 else f"HTTP {status}"
-                    wait = retry_after_seconds(getattr(exc.response, "headers", None))
-                else:
-                    # 400, 401, 403, 404, ...: a setting to fix, which no retry would change.
-                    hint = ""
-                    if status == 400 and "response_format" in extra:
-                        hint = (
-                            " (if the server does not support structured output, set "
-                            'judge.response_format = "json_object" or "none")'
-                        )
-                    raise RequestFailed(
-                        f"HTTP {status}: {message} at {self._address}{hint}", attempt, errors
-                    ) from None
-            except openai.APIResponseValidationError as exc:
-                cause = "unreadable response"
-                errors.append(f"attempt {attempt}: unreadable response: {redact(str(exc))}")
-            except ValueError as exc:
-                # A body cut short fails JSON decoding inside the client.
-                cause = "unreadable response body"
-                errors.append(f"attempt {attempt}: unreadable response body: {redact(str(exc))}")
-            else:
-                choice = response.choices[0] if response.choices else None
-                content = choice.message.content if choice is not None else None
-                usage = response.usage
-                answer = _Answer(
-                    # a server that echoes the key into an answer: it reaches no cache or file
-                    text=redact(content or ""),
-                    prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-                    completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
-                    finish_reason=None if choice is None else choice.finish_reason,
-                    attempts=attempt,
-                    errors=errors,
-                )
-                return answer
-            if attempt < self.options.max_attempts:
-                # A server may ask for any wait; backoff_max_s bounds how long a run stalls.
-                delay = (
-                    min(wait, self.options.backoff_max_s)
-                    if wait is not None
-                    else self._backoff(attempt - 1, rng)
-                )
-                await asyncio.sleep(delay)
-        raise RequestFailed(f"{cause} at {self._address}", self.options.max_attempts, errors)
-
-    def _client(self) -> Any:
-        import openai
-
-        return openai.AsyncOpenAI(
-            api_key=self._key,
-            base_url=self.options.base_url,
-            timeout=self.options.timeout_s,
-            max_retries=0,  # retries are ours: counted, logged, and honouring Retry-After
-        )
-
-    async def _answer_all(
-        self, items: Sequence[Any], answer_one: Any, ctx: RunContext, role: str
-    ) -> list[Any]:
-        """Answer every item with ``answer_one(client, semaphore, cache, item, ctx)``: one
-        client, one cache connection and at most ``concurrency`` requests in flight."""
-        cache = self._open_cache(ctx)
-        semaphore = asyncio.Semaphore(self.options.concurrency)
-        try:
-            async with self._client() as client:
-                jobs = [
-                    (lambda item=item: answer_one(client, semaphore, cache, item, ctx))
-                    for item in items
-                ]
-                return await self._gather(jobs, ctx, role)
-        finally:
-            if cache is not None:
-                cache.close()
-
-    async def _gather(
-        self, jobs: Sequence[Callable[[], Awaitable[T]]], ctx: RunContext, label: str
-    ) -> list[T]:
-        if not ctx.progress:
-            return list(await asyncio.gather(*(job() for job in jobs)))
-        from rich.progress import Progress
-
-        with Progress(transient=True) as progress:
-            task = progress.add_task(f"{label} ({self.options.model})", total=len(jobs))
-
-            async def tracked(job: Callable[[], Awaitable[T]]) -> T:
-                try:
-                    return await job()
-                finally:
-                    progress.advance(task)
-
-            return list(await asyncio.gather(*(tracked(job) for job in jobs)))
-
-    def _rng(self, ctx: RunContext, sample_id: int) -> random.Random:
-        # Jitter only; seeded per sample so that runs are repeatable.
-        return random.Random(f"{ctx.seed}:{self.role}:{sample_id}")
+    def _transport(self, ctx: RunContext) -> OpenAITransport:
+        return OpenAITransport(self.options, self.role, self._address, self._api_key)
 
 
-class OpenAICritic(_OpenAIBackend):
+class OpenAICritic(_OpenAIPlugin, LvlmCritic):
     """LVLM critic through an OpenAI-compatible server (OpenAI, vLLM, Ollama, llama.cpp)."""
 
     class Options(OpenAIOptions):
@@ -807,123 +467,8 @@ class OpenAICritic(_OpenAIBackend):
     needs_true_masks: ClassVar[bool] = False
     role: ClassVar[str] = "critic"
 
-    def critique(self, requests: Sequence[CritiqueRequest], ctx: RunContext) -> list[Critique]:
-        """One Critique per request, in order; unanswerable requests carry ``failure``."""
-        if not requests:
-            return []
-        for request in requests:
-            self._template(request.family)  # template errors surface before any request is sent
-        return self._secret_free(lambda: self._critique_with_key(requests, ctx))
 
-    def _critique_with_key(
-        self, requests: Sequence[CritiqueRequest], ctx: RunContext
-    ) -> list[Critique]:
-        self._key = self._api_key()
-        return _run_sync(lambda: self._critique_all(requests, ctx))
-
-    async def _critique_all(
-        self, requests: Sequence[CritiqueRequest], ctx: RunContext
-    ) -> list[Critique]:
-        return await self._answer_all(requests, self._critique_one, ctx, "critic")
-
-    async def _critique_one(
-        self,
-        client: Any,
-        semaphore: asyncio.Semaphore,
-        cache: ResponseCache | None,
-        request: CritiqueRequest,
-        ctx: RunContext,
-    ) -> Critique:
-        template = self._template(request.family)
-        prompt = render_critic_prompt(template, request)
-        images = request.rendered.images
-        hashes = [sha256_hex(png) for png in images]
-        params = self._params(ctx)
-        draw = request.draw
-        if draw and "seed" in params:
-            # another answer of the same sample: a server that honours seeds must not repeat the first
-            params["seed"] = int.from_bytes(hashlib.sha256(f"{ctx.seed}:draw:{draw}".encode()).digest()[:4], "little")
-        detail = self.options.image_detail
-        key = ResponseCache.key(
-            backend="openai",
-            role="critic",
-            model=self.options.model,
-            template_version=template.version,
-            images=hashes,
-            prompt=prompt,
-            # the first answer keeps the key it always had; each further one is cached by its index
-            params={**params, "image_detail": detail, "extra_body": self.options.extra_body, **({"draw": draw} if draw else {})},
-        )
-        record: dict[str, Any] = {
-            "stage": "critic",
-            "backend": "openai",
-            "model": self.options.model,
-            "sample_id": request.sample_id,
-            **({"draw": request.draw} if request.draw else {}),
-            "label": request.label,
-            "family": template.family,
-            "template_version": template.version,
-            "prompt": prompt,
-            "images": [
-                {"sha256": h, "file": f}
-                for h, f in zip(hashes, request.rendered.files or ("",) * len(hashes), strict=False)
-            ],
-            "colors": list(request.colors),
-        }
-        started = time.perf_counter()
-        common = {"sample_id": request.sample_id, "colors": request.colors, "model": self.options.model,
-                  "family": request.family, "label": request.label, "draw": request.draw}  # fmt: skip
-        cached = None if (cache is None or ctx.refresh) else cache.get(key)
-        if cached is not None:
-            record.update(answer=cached, cache_hit=True, attempts=0, latency_s=time.perf_counter() - started,
-                          failure=None, usage=Usage(cache_hits=1).to_state())  # fmt: skip
-            self._log(ctx, record)
-            return Critique(text=redact(cached), usage=Usage(cache_hits=1), **common)
-
-        content: list[dict[str, Any]] = [{"type": "text", "text": prompt}]
-        for png in images:
-            content.append(
-                {"type": "image_url", "image_url": {"url": _data_url(png), "detail": detail}}
-            )
-        messages = [{"role": "user", "content": content}]
-        try:
-            answer = await self._complete(
-                client, semaphore, messages, params, {}, self._rng(ctx, request.sample_id)
-            )
-        except RequestFailed as exc:
-            usage = Usage(requests=exc.attempts)
-            record.update(answer=None, cache_hit=False, attempts=exc.attempts, errors=exc.errors,
-                          latency_s=time.perf_counter() - started, failure=str(exc), retryable=True,
-                          usage=usage.to_state())  # fmt: skip
-            self._log(ctx, record)
-            return Critique(text=None, failure=str(exc), usage=usage, retryable=True, **common)
-
-        usage = Usage(
-            answer.prompt_tokens, answer.completion_tokens, self._cost(answer), answer.attempts, 0
-        )
-        failure = None
-        if answer.finish_reason == "length":
-            # Half a discussion may lack the last clusters: not an answer to keep or cache. (An
-            # empty one is a reasoning model that spent max_tokens on thinking.)
-            failure = (
-                f"critic answer cut off at max_tokens = {self.options.max_tokens}; "
-                "raise critic.max_tokens"
-            )
-        elif not answer.text.strip():
-            failure = f"critic returned an empty answer (finish_reason={answer.finish_reason})"
-        elif cache is not None:
-            cache.put(key, answer.text, {"model": self.options.model, "prompt_tokens": answer.prompt_tokens,
-                                         "completion_tokens": answer.completion_tokens})  # fmt: skip
-        record.update(answer=answer.text, cache_hit=False, attempts=answer.attempts, errors=answer.errors,
-                      finish_reason=answer.finish_reason, latency_s=time.perf_counter() - started,
-                      failure=failure, retryable=False, usage=usage.to_state())  # fmt: skip
-        self._log(ctx, record)
-        if failure is not None:
-            return Critique(text=None, failure=failure, usage=usage, **common)
-        return Critique(text=answer.text, usage=usage, **common)
-
-
-class OpenAIJudge(_OpenAIBackend):
+class OpenAIJudge(_OpenAIPlugin, LvlmJudge):
     """LLM judge through an OpenAI-compatible server: validated JSON verdicts, one repair retry."""
 
     class Options(OpenAIOptions):
@@ -950,186 +495,3 @@ class OpenAIJudge(_OpenAIBackend):
         )
 
     role: ClassVar[str] = "judge"
-
-    def judge(self, critiques: Sequence[Critique], ctx: RunContext) -> list[Verdicts]:
-        """One Verdicts per critique, in order; invalid answers end as recorded failures."""
-        if not critiques:
-            return []
-        for critique in critiques:
-            if critique.text is not None:
-                self._template(critique.family)
-        return self._secret_free(lambda: self._judge_with_key(critiques, ctx))
-
-    def _judge_with_key(self, critiques: Sequence[Critique], ctx: RunContext) -> list[Verdicts]:
-        if any(c.text is not None for c in critiques):
-            self._key = self._api_key()
-        return _run_sync(lambda: self._judge_all(critiques, ctx))
-
-    async def _judge_all(self, critiques: Sequence[Critique], ctx: RunContext) -> list[Verdicts]:
-        if all(c.text is None for c in critiques):
-            return [self._failed_critique(c, ctx) for c in critiques]
-        return await self._answer_all(critiques, self._judge_one, ctx, "judge")
-
-    def _failed_critique(self, critique: Critique, ctx: RunContext) -> Verdicts:
-        # Not retryable: asking the judge again cannot help; the critic's failure is the one
-        # a re-run must fix.
-        reason = redact(f"no critique to judge: {critique.failure}")
-        self._log(ctx, {"stage": "judge", "backend": "openai", "model": self.options.model,
-                        "sample_id": critique.sample_id, "failure": reason, "attempts": 0,
-                        "cache_hit": False, "retryable": False})  # fmt: skip
-        return Verdicts(critique.sample_id, critique.colors, None, failure=reason, attempts=0)
-
-    def _response_format(self, colors: Sequence[str]) -> dict[str, Any]:
-        kind = self.options.response_format
-        if kind == "none":
-            return {}
-        if kind == "json_object":
-            return {"response_format": {"type": "json_object"}}
-        return {
-            "response_format": {
-                "type": "json_schema",
-                "json_schema": {
-                    "name": "cluster_verdicts",
-                    "schema": judge_json_schema(colors),
-                    "strict": self.options.schema_strict,
-                },
-            }
-        }
-
-    async def _judge_one(
-        self,
-        client: Any,
-        semaphore: asyncio.Semaphore,
-        cache: ResponseCache | None,
-        critique: Critique,
-        ctx: RunContext,
-    ) -> Verdicts:
-        if critique.text is None:
-            return self._failed_critique(critique, ctx)
-        template = self._template(critique.family)
-        instructions, user = render_judge_prompt(template, critique)
-        colors = critique.colors
-        params = self._params(ctx)
-        extra = self._response_format(colors)
-        key = ResponseCache.key(
-            backend="openai",
-            role="judge",
-            model=self.options.model,
-            template_version=template.version,
-            prompt=[instructions, user],
-            params={**params, **extra, "extra_body": self.options.extra_body},
-        )
-        record: dict[str, Any] = {
-            "stage": "judge",
-            "backend": "openai",
-            "model": self.options.model,
-            "sample_id": critique.sample_id,
-            "family": template.family,
-            "template_version": template.version,
-            "prompt": {"system": instructions, "user": user},
-            "colors": list(colors),
-        }
-        started = time.perf_counter()
-        cached = None if (cache is None or ctx.refresh) else cache.get(key)
-        if cached is not None:
-            try:
-                parsed = parse_judge_answer(cached, colors)
-            except JudgeAnswerError:
-                cached = None  # stored under an older validator: ask again
-            else:
-                usage = Usage(cache_hits=1)
-                record.update(answer=cached, verdicts=_verdict_map(colors, parsed.relevant),
-                              ignored_colors=list(parsed.ignored), cache_hit=True, attempts=0,
-                              answers=0, latency_s=time.perf_counter() - started, failure=None,
-                              usage=usage.to_state())  # fmt: skip
-                self._log(ctx, record)
-                return Verdicts(critique.sample_id, colors, parsed.relevant, attempts=0,
-                                usage=usage, ignored_colors=parsed.ignored)  # fmt: skip
-
-        messages: list[dict[str, Any]] = [
-            {"role": "system", "content": instructions},
-            {"role": "user", "content": user},
-        ]
-        rng = self._rng(ctx, critique.sample_id)
-        usage = Usage()
-        http_attempts = 0
-        answers: list[str] = []
-        problems: list[str] = []
-        errors: list[str] = []
-        parsed: ParsedVerdicts | None = None
-        failure: str | None = None
-        retryable = False
-        for round_ in range(self.options.repair_attempts + 1):
-            try:
-                answer = await self._complete(client, semaphore, messages, params, extra, rng)
-            except RequestFailed as exc:
-                http_attempts += exc.attempts
-                errors.extend(exc.errors)
-                usage = usage + Usage(requests=exc.attempts)
-                failure, retryable = str(exc), True
-                break
-            http_attempts += answer.attempts
-            errors.extend(answer.errors)
-            usage = usage + Usage(
-                answer.prompt_tokens, answer.completion_tokens, self._cost(answer), answer.attempts
-            )
-            answers.append(answer.text)
-            try:
-                parsed = parse_judge_answer(answer.text, colors)
-            except JudgeAnswerError as exc:
-                problems.append(str(exc))
-                if round_ == self.options.repair_attempts:
-                    failure = f"invalid judge answer after {round_ + 1} answer(s): {exc}"
-                    if answer.finish_reason == "length":
-                        failure += (
-                            f" (the answer was cut off at max_tokens = {self.options.max_tokens};"
-                            " raise judge.max_tokens)"
-                        )
-                    break
-                messages = [
-                    *messages,
-                    {"role": "assistant", "content": answer.text},
-                    {
-                        "role": "user",
-                        "content": f"Your answer could not be used: {exc} Please answer again.",
-                    },
-                ]
-                continue
-            if cache is not None:
-                # Only an answer that parsed; stored under the first prompt's key, repaired or
-                # not, so that a re-run gets the valid answer at once.
-                cache.put(key, answer.text, {"model": self.options.model, "prompt_tokens": answer.prompt_tokens,
-                                             "completion_tokens": answer.completion_tokens})  # fmt: skip
-            break
-
-        record.update(
-            answer=answers[-1] if answers else None,
-            answers=answers,
-            validation_errors=problems,
-            verdicts=None if parsed is None else _verdict_map(colors, parsed.relevant),
-            ignored_colors=[] if parsed is None else list(parsed.ignored),
-            cache_hit=False,
-            attempts=http_attempts,
-            errors=errors,
-            latency_s=time.perf_counter() - started,
-            failure=failure,
-            retryable=retryable,
-            usage=usage.to_state(),
-        )
-        self._log(ctx, record)
-        if parsed is None:
-            return Verdicts(
-                critique.sample_id,
-                colors,
-                None,
-                failure=failure,
-                attempts=max(1, len(answers)),
-                usage=usage,
-                retryable=retryable,
-            )
-        return Verdicts(critique.sample_id, colors, parsed.relevant, attempts=len(answers),
-                        usage=usage, ignored_colors=parsed.ignored)  # fmt: skip
-
-
-def _verdict_map(colors: Sequence[str], relevant: Sequence[bool]) -> dict[str, str]:
-    return {c: ("yes" if r else "no") for c, r in zip(colors, relevant, strict=True)}

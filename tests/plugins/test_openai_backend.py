@@ -47,6 +47,8 @@ VALID = json.dumps(
     {"output": [{"color": c, "verdict": "no" if c == "blue" else "yes"} for c in COLORS]}
 )
 EXPECTED = (True, False, True)
+#: a critic answer that can be used: it discusses every colour of COLORS
+WHOLE = "Red: on the digit. Verdict: yes\nBlue: the corner square. Verdict: no\nGreen: a stroke. Verdict: yes"
 
 
 def _blue_is_spurious(body: dict) -> str:
@@ -210,21 +212,21 @@ def test_critic_sends_prompt_images_and_params(ctx):
 
 
 def test_seed_can_be_left_out(ctx):
-    with ScriptedOpenAIServer(answer="Red: fine") as server:
+    with ScriptedOpenAIServer(answer=WHOLE) as server:
         _critic(server, send_seed=False).critique(synthetic_requests(1, COLORS), ctx)
         assert "seed" not in server.requests[0].body
 
 
 def test_transient_errors_are_retried_honouring_retry_after(ctx):
     with ScriptedOpenAIServer(
-        answer="Red: ok", faults=["429", "500", "truncate", None], retry_after_s=0.3
+        answer=WHOLE, faults=["429", "500", "truncate", None], retry_after_s=0.3
     ) as server:
         start = time.perf_counter()
         critic = _critic(server, backoff_initial_s=0.0, backoff_max_s=5.0)
         out = critic.critique(synthetic_requests(1, COLORS), ctx)
         elapsed = time.perf_counter() - start
         assert server.count == 4
-    assert out[0].text == "Red: ok" and out[0].usage.requests == 4
+    assert out[0].text == WHOLE and out[0].usage.requests == 4
     assert elapsed >= 0.3  # the 429's Retry-After was waited out even with zero backoff
     line = _transcripts(ctx)[0]
     assert line["attempts"] == 4 and len(line["errors"]) == 3
@@ -234,33 +236,33 @@ def test_transient_errors_are_retried_honouring_retry_after(ctx):
 
 def test_retry_after_is_capped_by_backoff_max(ctx):
     with ScriptedOpenAIServer(
-        answer="Red: ok", faults=["429", "429", None], retry_after_s=30
+        answer=WHOLE, faults=["429", "429", None], retry_after_s=30
     ) as server:
         start = time.perf_counter()
         out = _critic(server, backoff_max_s=0.1).critique(synthetic_requests(1, COLORS), ctx)
         elapsed = time.perf_counter() - start
         assert server.count == 3
-    assert out[0].text == "Red: ok"
+    assert out[0].text == WHOLE
     assert elapsed < 10  # two waits of at most 0.1 s, not of 30 s
 
 
 def test_timeout_is_retried(ctx):
     with ScriptedOpenAIServer(
-        answer="Red: ok", faults=["delay", None], fault_delay_s=1.0
+        answer=WHOLE, faults=["delay", None], fault_delay_s=1.0
     ) as server:
         out = _critic(server, timeout_s=0.3).critique(synthetic_requests(1, COLORS), ctx)
-    assert out[0].text == "Red: ok"
+    assert out[0].text == WHOLE
     assert "timed out" in _transcripts(ctx)[0]["errors"][0]
 
 
 def test_exhausted_attempts_become_a_failure_not_an_exception(ctx):
     requests = synthetic_requests(2, COLORS)
-    with ScriptedOpenAIServer(answer="Red: ok", faults=fault_when("digit 0", "500")) as server:
+    with ScriptedOpenAIServer(answer=WHOLE, faults=fault_when("digit 0", "500")) as server:
         out = _critic(server, max_attempts=3).critique(requests, ctx)
         assert server.count == 4
         assert out[0].text is None and out[0].failure == f"HTTP 500 at {server.base_url}"
     assert out[0].retryable and out[0].usage.requests == 3
-    assert out[1].text == "Red: ok" and not out[1].retryable
+    assert out[1].text == WHOLE and not out[1].retryable
     # The attempts and each one's error stay in the transcript.
     line = next(line for line in _transcripts(ctx) if line["sample_id"] == 0)
     assert line["attempts"] == 3 and len(line["errors"]) == 3 and line["retryable"] is True
@@ -343,35 +345,139 @@ def test_a_bad_request_names_the_server_message(ctx):
         assert out[0].failure.endswith(f" at {server.base_url}") and out[0].retryable
 
 
-def test_empty_answer_is_a_failure_and_not_cached(ctx):
+class _PageServer:
+    """A server (a proxy's sign-in page, a gateway's error page) that answers every request with
+    HTTP 200 and ``body`` of ``content_type``, until ``heal()``: then with ``answer``."""
+
+    def __init__(self, body: bytes, content_type: str, answer: str = WHOLE) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        outer = self
+        self.count, self.healed = 0, False
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_POST(self):  # noqa: N802 - http.server's name
+                outer.count += 1
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                data, kind = body, content_type
+                if outer.healed:
+                    kind = "application/json"
+                    data = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                                       "choices": [{"index": 0, "finish_reason": "stop",
+                                                    "message": {"role": "assistant", "content": answer}}],
+                                       "usage": {"prompt_tokens": 3, "completion_tokens": 4}}).encode()  # fmt: skip
+                self.send_response(200)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+PAGE = b"<!DOCTYPE html>\n<html><head><title>Gateway sign-in</title></head><body>Please sign in</body></html>"
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "said"),
+    [
+        (PAGE, "text/html; charset=utf-8", "unreadable response: HTTP 200 text/html, not JSON: "
+         "'<!DOCTYPE html> <html><head><title>Gateway sign-in</title></head><body>Please sign in</body></html>'"),
+        (b'{"detail": "upstream unavailable"}', "application/json",
+         "unreadable response: HTTP 200 application/json, JSON that is not a chat completion: "
+         "'{\"detail\": \"upstream unavailable\"}'"),
+    ],
+)
+def test_a_body_that_is_not_a_chat_completion_is_a_retryable_failure_that_says_what_came_back(ctx, body, content_type, said):
+    server = _PageServer(body, content_type)
+    try:
+        critic = _critic(server, max_attempts=2, backoff_initial_s=0.0)
+        [out] = critic.critique(synthetic_requests(1, COLORS), ctx)
+        assert server.count == 2  # retried like any transient failure
+        assert out.failure == f"{said} at {server.base_url}" and out.retryable and out.text is None
+        assert _cached_answers(ctx) == []
+        line = _transcripts(ctx)[0]
+        assert line["errors"] == [f"attempt 1: {said}", f"attempt 2: {said}"]
+        [judged] = _judge(server, max_attempts=1).judge([_critique()], ctx)
+        assert judged.failure == f"{said} at {server.base_url}" and judged.retryable
+        server.healed = True  # a new run asks again and gets the answer
+        [again] = critic.critique(synthetic_requests(1, COLORS), ctx)
+        assert again.text == WHOLE and server.count == 4
+    finally:
+        server.close()
+
+
+def _unusable(ctx: RunContext) -> list[str]:
+    """The unusable answers stored in the response cache (never read as answers)."""
+    path = ctx.cache_dir / "responses.sqlite"
+    with ResponseCache(path) as cache:
+        return [row[0] for row in cache._conn().execute("SELECT answer FROM unusable ORDER BY rowid")]
+
+
+def test_empty_answer_is_stored_as_unusable_and_asked_again_at_most_max_invalid_attempts(ctx):
     with ScriptedOpenAIServer(answer="") as server:
         critic = _critic(server)
         [out] = critic.critique(synthetic_requests(1, COLORS), ctx)
-        assert out.failure.startswith("critic returned an empty answer") and not out.retryable
-        critic.critique(synthetic_requests(1, COLORS), ctx)
+        assert out.failure == (
+            "critic returned an empty answer (finish_reason=stop) (unusable answer 1 of "
+            "critic.max_invalid_attempts = 2: a new run asks again)"
+        )
+        assert out.retryable and out.text is None  # the stage is left unfinished: asked again
+        [again] = critic.critique(synthetic_requests(1, COLORS), ctx)
         assert server.count == 2
+        assert not again.retryable and again.failure.endswith(
+            "(2 unusable answers, critic.max_invalid_attempts = 2: not asked again; "
+            "lvlmva compose --retry-invalid asks once more)"
+        )
+        [spent] = critic.critique(synthetic_requests(1, COLORS), ctx)
+        assert server.count == 2  # not asked a third time
+        assert spent.failure == again.failure and not spent.retryable and spent.usage.requests == 0
+        assert _cached_answers(ctx) == [] and _unusable(ctx) == ["", ""]
+        [retried] = _critic(server, retry_invalid=True).critique(synthetic_requests(1, COLORS), ctx)
+        assert server.count == 3 and retried.failure.startswith("critic returned an empty answer")
+    lines = _transcripts(ctx)
+    assert [line["asked"] for line in lines] == ["missing", "invalid so far", None, "retry-invalid"]
+    assert [line["unusable_answers"] for line in lines] == [1, 2, 2, 3]
 
 
-def test_an_answer_cut_off_at_max_tokens_is_a_failure_and_not_cached(ctx):
-    requests = synthetic_requests(3, COLORS)
+def test_an_answer_cut_off_or_not_discussing_every_colour_is_never_used_or_cached(ctx):
+    requests = synthetic_requests(4, COLORS)
+    answers = {"digit 2": "", "digit 3": "Sure! Here is my analysis of the image you sent."}
     with ScriptedOpenAIServer(
-        answer=lambda body: "" if "digit 2" in json.dumps(body) else "Red: fine. Verdict: yes",
+        answer=lambda body: next((a for k, a in answers.items() if k in json.dumps(body)), WHOLE),
         faults=fault_when("digit 1", "length"),
     ) as server:
-        out = _critic(server, max_tokens=50).critique(requests, ctx)
-        assert out[0].text == "Red: fine. Verdict: yes"
-        assert out[1].failure == "critic answer cut off at max_tokens = 50; raise critic.max_tokens"
+        out = _critic(server, max_tokens=50, max_invalid_attempts=1).critique(requests, ctx)
+        assert out[0].text == WHOLE
+        spent = (
+            " (1 unusable answers, critic.max_invalid_attempts = 1: not asked again; "
+            "lvlmva compose --retry-invalid asks once more)"
+        )
+        assert out[1].failure == f"critic answer cut off at max_tokens = 50; raise critic.max_tokens{spent}"
         assert out[2].failure.startswith("critic returned an empty answer")
+        assert out[3].failure == f"critic answer discusses none of the cluster colours (red, blue, green){spent}"
         assert not any(c.retryable for c in out)
-        assert _cached_answers(ctx) == ["Red: fine. Verdict: yes"]
-        _critic(server, max_tokens=50).critique(requests, ctx)
-        assert server.count == 5  # the two unusable answers were asked for again
+        assert _cached_answers(ctx) == [WHOLE]
+        assert sorted(_unusable(ctx)) == sorted(["", answers["digit 3"], WHOLE[: len(WHOLE) // 2]])
+        _critic(server, max_tokens=50, max_invalid_attempts=1).critique(requests, ctx)
+        assert server.count == 4  # the unusable answers were not asked for again
+        _critic(server, max_tokens=50, max_invalid_attempts=2).critique(requests, ctx)
+        assert server.count == 7  # a larger bound asks them once more
     line = next(line for line in _transcripts(ctx) if line["sample_id"] == 1)
     assert line["finish_reason"] == "length" and line["answer"]
 
 
 def test_concurrency_is_bounded_and_used(ctx):
-    with ScriptedOpenAIServer(answer="Red: ok", latency_s=0.2) as server:
+    with ScriptedOpenAIServer(answer=WHOLE, latency_s=0.2) as server:
         start = time.perf_counter()
         _critic(server, concurrency=4).critique(synthetic_requests(8, COLORS), ctx)
         elapsed = time.perf_counter() - start
@@ -380,13 +486,13 @@ def test_concurrency_is_bounded_and_used(ctx):
 
 
 def test_runs_inside_a_running_event_loop(ctx):
-    with ScriptedOpenAIServer(answer="Red: ok") as server:
+    with ScriptedOpenAIServer(answer=WHOLE) as server:
         critic = _critic(server)
 
         async def notebook_cell():
             return critic.critique(synthetic_requests(1, COLORS), ctx)
 
-        assert asyncio.run(notebook_cell())[0].text == "Red: ok"
+        assert asyncio.run(notebook_cell())[0].text == WHOLE
 
 
 def test_missing_key_variable_fails_before_any_request(ctx, monkeypatch):
@@ -551,7 +657,7 @@ def test_judge_repairs_an_invalid_answer_with_the_error_fed_back(ctx):
     )
 
 
-def test_judge_records_failure_after_repair_and_never_caches_it(ctx):
+def test_judge_stores_an_answer_invalid_after_repair_as_unusable_and_stops_asking(ctx):
     bad = json.dumps(
         {"output": [{"color": "red", "verdict": "yes"}, {"color": "blue", "verdict": "no"}]}
     )
@@ -559,20 +665,25 @@ def test_judge_records_failure_after_repair_and_never_caches_it(ctx):
         judge = _judge(server)
         out = judge.judge([_critique()], ctx)
         assert out[0].relevant is None and out[0].attempts == 2
-        assert 'missing colour(s) "green"' in out[0].failure
+        assert out[0].failure.startswith('invalid judge answer after 2 answer(s): invalid answer: missing colour(s) "green"')
+        assert out[0].retryable  # 1 of max_invalid_attempts = 2: a new run asks again
         assert server.count == 2
-        judge.judge([_critique()], ctx)  # nothing was cached: asked again
-        assert server.count == 4
-    assert out[0].retryable is False
+        [again] = judge.judge([_critique()], ctx)
+        assert server.count == 4 and not again.retryable
+        [spent] = judge.judge([_critique()], ctx)
+        assert server.count == 4  # max_invalid_attempts reached: not asked again
+        assert spent.failure.startswith('invalid judge answer: invalid answer: missing colour(s) "green"')
+        assert spent.failure.endswith("judge.max_invalid_attempts = 2: not asked again; lvlmva compose --retry-invalid asks once more)")
     assert len(ResponseCache(ctx.cache_dir / "responses.sqlite")) == 0
+    assert _unusable(ctx) == [bad, bad]
 
 
 def test_judge_answer_cut_off_says_to_raise_max_tokens(ctx):
     with ScriptedOpenAIServer(answer=VALID, faults=lambda i, body: "length") as server:
-        [out] = _judge(server, max_tokens=20).judge([_critique()], ctx)
+        [out] = _judge(server, max_tokens=20, max_invalid_attempts=1).judge([_critique()], ctx)
         assert server.count == 2
     assert out.failure.startswith("invalid judge answer after 2 answer(s): ")
-    assert out.failure.endswith("cut off at max_tokens = 20; raise judge.max_tokens)")
+    assert "cut off at max_tokens = 20; raise judge.max_tokens) (1 unusable answers" in out.failure
     assert not out.retryable and _cached_answers(ctx) == []
 
 
@@ -621,7 +732,8 @@ def test_second_run_is_served_from_cache_across_servers(ctx, tmp_path):
     with ScriptedOpenAIServer(answer=_blue_is_spurious) as first:
         critiques = _critic(first).critique(requests, ctx)
         verdicts = _judge(first).judge(critiques, ctx)
-        assert first.count == 8
+        # the four critiques read alike: one judge request answers them all
+        assert len({c.text for c in critiques}) == 1 and first.count == 4 + 1
     # Another address (base_url is not part of the key) and the same settings: no requests.
     with ScriptedOpenAIServer(answer="never used") as second:
         again = _critic(second).critique(requests, ctx)
@@ -649,7 +761,7 @@ def test_second_run_is_served_from_cache_across_servers(ctx, tmp_path):
 
 
 def test_cache_dir_option(ctx, tmp_path):
-    with ScriptedOpenAIServer(answer="Red: ok") as server:
+    with ScriptedOpenAIServer(answer=WHOLE) as server:
         _critic(server, cache_dir=tmp_path / "elsewhere").critique(
             synthetic_requests(1, COLORS), ctx
         )
@@ -827,7 +939,8 @@ def test_a_key_read_with_a_line_ending_is_stripped_and_works(ctx, monkeypatch, t
         assert critic.preflight(2) == [] and judge.preflight(2) == []
         critiques = critic.critique(synthetic_requests(2, COLORS), ctx)
         verdicts = judge.judge(critiques, ctx)
-        assert [r.headers["authorization"] for r in server.requests] == ["Bearer sk-test-123"] * 4
+        # two critic requests, one judge request for the two critiques that read alike
+        assert [r.headers["authorization"] for r in server.requests] == ["Bearer sk-test-123"] * 3
     assert all(c.failure is None for c in critiques)
     assert [v.relevant for v in verdicts] == [EXPECTED] * 2
     _assert_nowhere(key, [], tmp_path)
@@ -876,9 +989,9 @@ def test_an_empty_or_blank_key_is_refused_as_unset(monkeypatch):
 
 def _client_that(monkeypatch, fail):
     """Make every request of the backend fail with ``fail(key)``, raised by the client."""
-    from lvlmva.plugins.lvlm import openai_backend
+    from lvlmva.plugins.lvlm.openai_transport import OpenAITransport
 
-    real = openai_backend._OpenAIBackend._client
+    real = OpenAITransport._client
 
     def client(self):
         made = real(self)
@@ -886,10 +999,10 @@ def _client_that(monkeypatch, fail):
         async def create(**_kwargs):
             raise fail(os.environ[KEY_VAR])
 
-        made.chat.completions.create = create
+        made.chat.completions.with_raw_response.create = create
         return made
 
-    monkeypatch.setattr(openai_backend._OpenAIBackend, "_client", client)
+    monkeypatch.setattr(OpenAITransport, "_client", client)
 
 
 def test_an_http_library_error_quoting_the_key_is_redacted(ctx, monkeypatch, tmp_path):
@@ -897,15 +1010,15 @@ def test_an_http_library_error_quoting_the_key_is_redacted(ctx, monkeypatch, tmp
     (forced here by giving the client the key as read, unstripped)."""
     key = "sk-test-forced-7f3e\r\n"
     monkeypatch.setenv(KEY_VAR, key)
-    from lvlmva.plugins.lvlm import openai_backend
+    from lvlmva.plugins.lvlm.openai_transport import OpenAITransport
 
-    real = openai_backend._OpenAIBackend._client
+    real = OpenAITransport._client
 
     def unstripped(self):
         self._key = os.environ[KEY_VAR]
         return real(self)
 
-    monkeypatch.setattr(openai_backend._OpenAIBackend, "_client", unstripped)
+    monkeypatch.setattr(OpenAITransport, "_client", unstripped)
     with ScriptedOpenAIServer(answer=VALID) as server:
         critiques = _critic(server, api_key_env=KEY_VAR).critique(
             synthetic_requests(2, COLORS), ctx

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from lvlmva.plugins.lvlm import transformers_backend as backend
-from lvlmva.plugins.lvlm.cache import ResponseCache
+from lvlmva.plugins.lvlm.answers import critic_answer_problem
+from lvlmva.plugins.lvlm.cache import ResponseCache, sha256_hex
 from lvlmva.plugins.lvlm.prompts import load_template, render_critic_prompt
 from lvlmva.plugins.lvlm.transformers_backend import (
     TransformersCritic,
@@ -40,6 +41,8 @@ transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
 
 COLORS = ("red", "blue", "green")
+#: a critic answer that can be used: it discusses every colour of COLORS
+WHOLE = "Red: on the digit. Verdict: yes. Blue: a corner. Verdict: no. Green: a stroke. Verdict: yes"
 TOKENS_PER_IMAGE = (TINY_IMAGE_SIZE // TINY_PATCH_SIZE) ** 2
 
 
@@ -232,13 +235,15 @@ def test_critic_batches_prompts_with_images_and_matches_a_direct_generate(
         expected = processor.batch_decode(new, skip_special_tokens=True)[0].strip()
         assert expected, "the tiny model answered nothing: pick another seed or prompt"
         assert answered[request.sample_id] == expected
-        if torch.isin(new, eos).any():
+        # six random tokens rarely end the answer, and never discuss three colours: unusable
+        finish = "stop" if torch.isin(new, eos).any() else "length"
+        problem = critic_answer_problem(expected, finish, COLORS, ("max_new_tokens", 6))
+        if problem is None:
             assert critique.text == expected
-        else:  # six random tokens rarely end the answer: cut off, recorded, not used
-            assert critique.text is None and not critique.retryable
-            assert critique.failure == (
-                "critic answer cut off at max_new_tokens = 6; raise critic.max_new_tokens"
-            )
+        else:
+            assert critique.text is None and critique.failure == problem
+            # without the cache nothing can count unusable answers: a recorded failure at once
+            assert not critique.retryable
 
     lines = _transcripts(ctx)
     assert [line["sample_id"] for line in lines] == [10, 11, 12]
@@ -246,7 +251,7 @@ def test_critic_batches_prompts_with_images_and_matches_a_direct_generate(
     assert line["stage"] == "critic" and line["backend"] == "transformers"
     assert line["cache_hit"] is False and line["attempts"] == 1
     assert [img["file"] for img in line["images"]] == list(requests[0].rendered.files)
-    assert line["images"][0]["sha256"] == backend.sha256_hex(requests[0].rendered.original)
+    assert line["images"][0]["sha256"] == sha256_hex(requests[0].rendered.original)
     assert "red, blue, green" in line["prompt"]
 
 
@@ -255,13 +260,13 @@ def test_critic_reads_the_cache_without_loading_the_model(
 ) -> None:
     processor = transformers.AutoProcessor.from_pretrained(tiny_lvlm_dir)
     spy = GenerateSpy(monkeypatch, transformers.LlavaForConditionalGeneration, processor.tokenizer)
-    spy.script = lambda call, row: f"answer {call}-{row}: red is on the digit."
+    spy.script = lambda call, row: f"answer {call}-{row}: red is on the digit, blue and green are not."
     options = TransformersCritic.Options(model=str(tiny_lvlm_dir), max_new_tokens=8, batch_size=4)
     requests = [_request(1, 10), _request(2, 20)]
     first = TransformersCritic(options).critique(requests, ctx)
     assert [c.text for c in first] == [
-        "answer 0-0: red is on the digit.",
-        "answer 0-1: red is on the digit.",
+        "answer 0-0: red is on the digit, blue and green are not.",
+        "answer 0-1: red is on the digit, blue and green are not.",
     ]
     assert len(spy.calls) == 1
 
@@ -278,15 +283,15 @@ def test_critic_reads_the_cache_without_loading_the_model(
     # A changed image is a different question; --refresh asks again.
     monkeypatch.undo()
     spy = GenerateSpy(monkeypatch, transformers.LlavaForConditionalGeneration, processor.tokenizer)
-    spy.script = lambda call, row: "fresh"
+    spy.script = lambda call, row: "fresh: red, blue, green"
     changed = dataclasses.replace(
         requests[0], rendered=dataclasses.replace(requests[0].rendered, overlay=_png((1, 2, 3)))
     )
-    assert TransformersCritic(options).critique([changed, requests[1]], ctx)[0].text == "fresh"
+    assert TransformersCritic(options).critique([changed, requests[1]], ctx)[0].text == "fresh: red, blue, green"
     assert len(spy.calls) == 1 and spy.calls[0]["input_ids"].shape[0] == 1
     refreshed = dataclasses.replace(ctx, refresh=True)
     assert [c.text for c in TransformersCritic(options).critique(requests, refreshed)] == [
-        "fresh"
+        "fresh: red, blue, green"
     ] * 2
     assert len(spy.calls) == 2
 
@@ -300,20 +305,21 @@ def test_critic_records_generation_errors_as_failures(
     def script(call: int, row: int) -> str:
         if call == 0:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return "" if row == 0 else "fine"
+        return "" if row == 0 else WHOLE
 
     spy.script = script
     options = TransformersCritic.Options(model=str(tiny_lvlm_dir), batch_size=2)
     out = TransformersCritic(options).critique([_request(i, i) for i in range(4)], ctx)
     assert [c.sample_id for c in out] == [0, 1, 2, 3]
     assert all("simulated" in c.failure and c.text is None and c.retryable for c in out[:2])
-    assert out[2].text is None and "empty" in out[2].failure and not out[2].retryable
-    assert out[3].text == "fine" and not out[3].retryable
-    assert _cached_answers(ctx) == ["fine"]
-    # Failures are never cached: a second run asks for the three failed samples again.
-    spy.script = lambda call, row: "now fine"
+    # an empty answer: unusable, stored apart, asked again (1 of max_invalid_attempts = 2)
+    assert out[2].text is None and "empty" in out[2].failure and out[2].retryable
+    assert out[3].text == WHOLE and not out[3].retryable
+    assert _cached_answers(ctx) == [WHOLE]
+    # Failures are never cached as answers: a second run asks for the three failed samples again.
+    spy.script = lambda call, row: "now: red, blue, green"
     again = TransformersCritic(options).critique([_request(i, i) for i in range(4)], ctx)
-    assert [c.text for c in again] == ["now fine"] * 3 + ["fine"]
+    assert [c.text for c in again] == ["now: red, blue, green"] * 3 + [WHOLE]
 
 
 def test_critic_answer_cut_off_at_max_new_tokens_is_a_failure_and_not_cached(
@@ -321,16 +327,18 @@ def test_critic_answer_cut_off_at_max_new_tokens_is_a_failure_and_not_cached(
 ) -> None:
     processor = transformers.AutoProcessor.from_pretrained(tiny_lvlm_dir)
     spy = GenerateSpy(monkeypatch, transformers.LlavaForConditionalGeneration, processor.tokenizer)
-    spy.script = lambda call, row: ["Red: on the digit. Verdict: yes", "Red: on the dig"][row]
+    spy.script = lambda call, row: [WHOLE, "Red: on the dig"][row]
     spy.cut_off = lambda call, row: row == 1
-    options = TransformersCritic.Options(model=str(tiny_lvlm_dir), max_new_tokens=30)
+    options = TransformersCritic.Options(model=str(tiny_lvlm_dir), max_new_tokens=30, max_invalid_attempts=1)
     out = TransformersCritic(options).critique([_request(0, 0), _request(1, 1)], ctx)
-    assert out[0].text == "Red: on the digit. Verdict: yes"
+    assert out[0].text == WHOLE
     assert out[1].text is None and not out[1].retryable
     assert out[1].failure == (
-        "critic answer cut off at max_new_tokens = 30; raise critic.max_new_tokens"
+        "critic answer cut off at max_new_tokens = 30; raise critic.max_new_tokens (1 unusable "
+        "answers, critic.max_invalid_attempts = 1: not asked again; lvlmva compose --retry-invalid "
+        "asks once more)"
     )
-    assert _cached_answers(ctx) == ["Red: on the digit. Verdict: yes"]
+    assert _cached_answers(ctx) == [WHOLE]
     assert _transcripts(ctx)[1]["answer"].startswith("Red: on the dig")
 
 
@@ -349,15 +357,16 @@ def test_judge_turns_gibberish_into_a_recorded_failure(
     assert [v.sample_id for v in verdicts] == [3, 4]
     for v in verdicts:
         assert not v.ok and v.relevant is None
-        assert v.attempts == 2 and "invalid answer after 2 attempt(s)" in v.failure
-        assert v.usage.requests == 2
+        assert v.attempts == 2 and "invalid judge answer after 2 answer(s)" in v.failure
+        assert v.usage.requests == 2 and v.retryable  # 1 of max_invalid_attempts = 2
     assert len(spy.calls) == 2  # one batch, then one retry batch
     # The retry carries the first answer and the validation error.
     assert "could not be used" in spy.prompt(1, 0)
     lines = _transcripts(ctx)
-    assert len(lines) == 4 and all(line["verdicts"] is None and line["failure"] for line in lines)
-    assert sorted(line["attempts"] for line in lines) == [1, 1, 2, 2]
-    # Nothing invalid was cached: the next run asks again.
+    assert len(lines) == 2 and all(line["verdicts"] is None and line["failure"] for line in lines)
+    assert [len(line["answers"]) for line in lines] == [2, 2]
+    assert [line["attempts"] for line in lines] == [2, 2]
+    # Nothing invalid was cached as an answer: the next run asks again.
     assert _cached_answers(ctx) == []
     TransformersJudge(options).judge([_critique(3)], ctx)
     assert len(spy.calls) == 4
@@ -381,7 +390,7 @@ def test_judge_scripted_answers_give_verdicts_retry_and_cache(
     assert [v.sample_id for v in verdicts] == [5, 6, 7]
     assert verdicts[0].relevant == (True, False, True) and verdicts[0].attempts == 1
     assert verdicts[1].relevant == (False, False, True) and verdicts[1].attempts == 2
-    assert verdicts[2].relevant is None and "critic failed: timed out" in verdicts[2].failure
+    assert verdicts[2].relevant is None and verdicts[2].failure == "no critique to judge: timed out"
     assert verdicts[2].attempts == 0
     assert len(spy.calls) == 2 and spy.calls[1]["input_ids"].shape[0] == 1
     retry_prompt = spy.prompt(1, 0)
@@ -391,8 +400,9 @@ def test_judge_scripted_answers_give_verdicts_retry_and_cache(
     assert "<|system|>" in first_prompt and "Red: on the digit. Verdict: yes" in first_prompt
 
     lines = _transcripts(ctx)
-    assert [line["sample_id"] for line in lines] == [7, 5, 6, 6]  # 6 answered twice
-    assert "critic failed" in lines[0]["failure"] and lines[0]["attempts"] == 0
+    assert [line["sample_id"] for line in lines] == [7, 5, 6]  # as each is done; 6 answered twice
+    assert "no critique to judge" in lines[0]["failure"] and lines[0]["attempts"] == 0
+    assert lines[2]["answers"] == [answers[(0, 1)], answers[(1, 0)]] and len(lines[2]["validation_errors"]) == 1
     ok = [line for line in lines if line["verdicts"] is not None]
     assert {line["sample_id"]: line["verdicts"] for line in ok} == {
         5: {"red": "yes", "blue": "no", "green": "yes"},
@@ -424,14 +434,18 @@ def test_judge_generation_errors_are_retryable_and_cut_off_answers_say_so(
 
     spy.script = script
     spy.cut_off = lambda call, row: True
-    options = TransformersJudge.Options(model=str(tiny_causal_lm_dir), max_new_tokens=16)
+    options = TransformersJudge.Options(
+        model=str(tiny_causal_lm_dir), max_new_tokens=16, max_invalid_attempts=1
+    )
     [failed] = TransformersJudge(options).judge([_critique(1)], ctx)
     assert failed.retryable and failed.failure.startswith("generation failed: RuntimeError")
     [cut] = TransformersJudge(options).judge([_critique(1)], ctx)
-    assert not cut.retryable and cut.failure.startswith("invalid answer after 2 attempt(s)")
-    assert cut.failure.endswith("cut off at max_new_tokens = 16; raise judge.max_new_tokens)")
+    assert not cut.retryable and cut.failure.startswith("invalid judge answer after 2 answer(s)")
+    assert "cut off at max_new_tokens = 16; raise judge.max_new_tokens) (1 unusable" in cut.failure
     assert _cached_answers(ctx) == []
-    assert [line["retryable"] for line in _transcripts(ctx)] == [True, False, False]
+    lines = _transcripts(ctx)
+    assert [line["retryable"] for line in lines] == [True, False]
+    assert [line["asked"] for line in lines] == ["missing", "failed in transport"]
 
 
 def test_judge_sets_extra_colours_aside_also_when_read_from_the_cache(
