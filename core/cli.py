@@ -48,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     compose.add_argument("--out", type=Path, metavar="DIR", help="run directory (default: run.out_dir/run.name)")
     compose.add_argument("--dry-run", action="store_true", help="validate and print which stages would run, reuse or skip")
     compose.add_argument("--refresh", action="store_true", help="ignore cached LVLM responses and ask again")
+    compose.add_argument(
+        "--retry-invalid", action="store_true",
+        help="ask the LVLM critics and judges once more for the requests whose unusable answers reached their "
+        "max_invalid_attempts (the samples recorded as failures); sets retry_invalid for this run",
+    )
     compose.add_argument("--quiet", action="store_true", help="no progress bars or stage lines")
     compose.add_argument(
         "--until", metavar="STAGE",
@@ -115,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _pipeline(args: argparse.Namespace, quiet: bool = True) -> Pipeline:
     settings = load_settings(args.settings, args.overrides)
+    if getattr(args, "retry_invalid", False):
+        slots = [c.slot for role in ("critic", "judge") for c in settings.choices(role) if "retry_invalid" in type(c.options).model_fields]
+        if not slots:
+            raise SettingsError("--retry-invalid: no critic or judge of these settings counts unusable answers (max_invalid_attempts)")
+        settings = load_settings(args.settings, [*args.overrides, *(f"{slot}.retry_invalid=true" for slot in slots)])
     out = getattr(args, "out", None) or Path(settings.run.out_dir) / settings.run_name
     RunDirectory.check(out)  # a folder that is not ours is refused before anything is built
     echo = (lambda _msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))

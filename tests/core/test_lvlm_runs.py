@@ -212,3 +212,89 @@ def test_a_key_given_where_its_variable_name_belongs_is_refused_and_never_writte
         assert secret not in captured.err and secret not in captured.out
     assert not run_dir.exists()
 
+
+def test_a_judge_that_always_answers_invalid_json_is_asked_at_most_max_invalid_attempts_rounds(tmp_path, capsys, quiet_torch):
+    """Each run says how many requests it sends and the server counts exactly as many; after
+    max_invalid_attempts rounds the judge stage finishes with the samples as recorded failures,
+    which a person can decide on the review page, and --retry-invalid asks once more."""
+    from lvlmva.review.server import ReviewRun
+    from lvlmva.testing.openai_server import critic_answer, judge_answer_from_critique
+
+    judge_ok = threading.Event()
+
+    def answer(body: dict) -> str:
+        if "image_url" in json.dumps(body):
+            return critic_answer(body)
+        return judge_answer_from_critique(body) if judge_ok.is_set() else "I think red is fine and blue is a decoy."
+
+    def judge_requests(server: ScriptedOpenAIServer, since: int) -> int:
+        return sum("image_url" not in json.dumps(r.body) for r in server.requests[since:])
+
+    with ScriptedOpenAIServer(answer=answer) as server:
+        settings, run_dir = _settings(tmp_path, server.port), tmp_path / "run"
+        # run 1: every judge answer is invalid, also after its repair: asked again next run
+        assert _compose(settings, run_dir) == EXIT_FAILED
+        err = capsys.readouterr().err
+        first = re.search(r"judge \(openai test-judge\): sends (\d+) requests \((\d+) missing\) and up to (\d+) more", err)
+        asked = int(first.group(1))
+        assert first.group(2) == first.group(3) == str(asked) and 1 <= asked <= 6
+        assert judge_requests(server, 6) == 2 * asked  # every answer invalid: each repaired once
+        assert server.count == 6 + 2 * asked == _planned(err) + asked
+        assert "unusable answer 1 of judge.max_invalid_attempts = 2: a new run asks again" in err
+        assert not (run_dir / "judge").exists()
+
+        # run 2: the same requests once more ("invalid so far"); then the judge stage is done
+        before = server.count
+        assert _compose(settings, run_dir) == EXIT_FAILED
+        err = capsys.readouterr().err
+        assert f"judge (openai test-judge): sends {asked} requests ({asked} invalid so far)" in err
+        assert server.count - before == judge_requests(server, before) == 2 * asked
+        assert "stage 'align' failed: RuntimeError: no alignment sample has valid verdicts" in err
+        results = json.loads((run_dir / "results.json").read_text())
+        failures = results["alignment"]["failures"]
+        assert results["alignment"]["failed"] == 6 and len(failures) == 6
+        assert all(f["stage"] == "judge" and f["reason"].startswith("invalid judge answer after 2 answer(s)") for f in failures)
+        assert all("judge.max_invalid_attempts = 2: not asked again" in f["reason"] for f in failures)
+
+        # run 3: nothing is asked; the failures stay reported
+        before = server.count
+        assert _compose(settings, run_dir) == EXIT_FAILED
+        assert server.count == before and "sends" not in capsys.readouterr().err
+
+        # a person decides one failed sample on the review page: it is aligned on
+        review = ReviewRun(run_dir)
+        failed = review.ordered()[0]
+        assert review.state(failed)["failure"] is not None
+        for colour in review.samples[failed].colors:
+            review.toggle(failed, colour, reviewer="ana")  # a colour without a verdict becomes "no"
+        assert review.state(failed)["failure"] is None
+        assert _compose(settings, run_dir) == EXIT_OK
+        assert server.count == before
+        results = json.loads((run_dir / "results.json").read_text())
+        assert results["alignment"]["aligned_on"] == 1 and results["alignment"]["failed"] == 5
+        capsys.readouterr()
+
+        # the judge is fixed: --retry-invalid asks the spent requests once more
+        judge_ok.set()
+        assert _compose(settings, run_dir, "--retry-invalid") == EXIT_OK
+        err = capsys.readouterr().err
+        assert "critic (openai test-critic): sends no requests; 6 answers from the response cache" in err
+        assert f"judge (openai test-judge): sends {asked} requests ({asked} retry-invalid)" in err
+        assert server.count - before == asked == _planned(err)
+        results = json.loads((run_dir / "results.json").read_text())
+        # only this run's failures: none (the earlier runs' failure texts are gone)
+        assert results["alignment"]["failed"] == 0 and results["alignment"]["failures"] == []
+
+        # the next plain run asks nothing
+        before = server.count
+        assert _compose(settings, run_dir) == EXIT_OK and server.count == before
+    settings_text = (run_dir / "settings.resolved.toml").read_text()
+    assert "retry_invalid = false" in settings_text
+
+
+def test_retry_invalid_without_an_lvlm_critic_or_judge_is_refused(tmp_path, capsys):
+    settings = _settings(tmp_path, _free_port())
+    text = settings.read_text().replace('plugin = "openai"\nmodel = "test-judge"', 'plugin = "rules"\nmodel = "test-judge"')
+    settings.write_text(text.split("[critic]")[0] + '[critic]\nplugin = "oracle"\n\n[judge]\nplugin = "rules"\n\n[aligner]' + text.split("[aligner]")[1])
+    assert _compose(settings, tmp_path / "run", "--retry-invalid") == EXIT_BAD_INPUT
+    assert "--retry-invalid: no critic or judge of these settings counts unusable answers" in capsys.readouterr().err
