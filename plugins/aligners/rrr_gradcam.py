@@ -103,11 +103,12 @@ class _RrrGradCamLossOptions(WeightOptions):
     """RRR-Grad-CAM's own options."""
 
     lam: float | tuple[float, ...] = Field(
-        10.0,
+        100.0,
         description="lambda: weight of the Grad-CAM penalty (the squared normalised map inside "
         "the masks, summed over positions, mean over the batch of alignment + ordinary samples; "
         "lam = the typology code's regularization rate x the batch size). The map is scaled to "
-        "[0, 1) per sample, so lam does not depend on the input scale. " + GRID_SENTENCE,
+        "[0, 1) per sample, so lam does not depend on the input scale; the default suits "
+        "DecoyMNIST with the cnn and the quick settings. " + GRID_SENTENCE,
     )
     layer: str | None = Field(None, description=LAYER_DESCRIPTION)
     resolution: Resolution = Field(
