@@ -174,8 +174,11 @@ class _Job:
 
 
 class LvlmPlugin:
-    """What every LVLM critic and judge does; a backend gives :meth:`_transport`, the option
-    that bounds an answer's length (:attr:`_token_limit`) and its own ``preflight``."""
+    """What every LVLM critic and judge does. A backend subclasses :class:`LvlmCritic` or
+    :class:`LvlmJudge` and gives :meth:`transport`, :attr:`token_limit` and, if it has
+    something to check before a run, ``preflight``. Its options need ``model``, ``family``,
+    ``template``, ``cache``, ``cache_dir``, ``max_invalid_attempts`` and ``retry_invalid``
+    (a judge's also ``repair_attempts``)."""
 
     role: ClassVar[str] = ""
     backend: ClassVar[str] = ""
@@ -185,11 +188,15 @@ class LvlmPlugin:
         self._templates = TemplateBook(self.role, self.backend, options.family, options.template)
 
     # -- what a backend gives -----------------------------------------------------------------
-    def _transport(self, ctx: RunContext) -> Transport:
+    def transport(self, ctx: RunContext) -> Transport:
+        """The transport that answers this plugin's requests in ``ctx`` (made cheaply: it may
+        be asked only for cache keys; secrets and models are read or loaded when it answers)."""
         raise NotImplementedError
 
     @property
-    def _token_limit(self) -> tuple[str, int]:
+    def token_limit(self) -> tuple[str, int]:
+        """The option that bounds an answer's length and its value (``("max_tokens", 1024)``),
+        as failures name it."""
         raise NotImplementedError
 
     # -- what a role gives (LvlmCritic, LvlmJudge) ----------------------------------------------
@@ -218,7 +225,7 @@ class LvlmPlugin:
     def plan(self, items: Sequence[Any], ctx: RunContext) -> RequestPlan:
         """How many requests answering ``items`` would send now, and why. Reads the cache;
         sends and stores nothing."""
-        transport = self._transport(ctx)
+        transport = self.transport(ctx)
         with self._cache(ctx) as cache:
             jobs = self._jobs(items, ctx, transport, cache)
         reasons = Counter(j.reason for j in jobs if j.reason)
@@ -240,7 +247,7 @@ class LvlmPlugin:
         return self._secret_free(lambda: run_sync(lambda: self._flow(items, ctx)))
 
     async def _flow(self, items: Sequence[Any], ctx: RunContext) -> list[Any]:
-        transport = self._transport(ctx)
+        transport = self.transport(ctx)
         with self._cache(ctx) as cache:
             jobs = self._jobs(items, ctx, transport, cache)
             for job in jobs:
@@ -518,7 +525,7 @@ class LvlmCritic(LvlmPlugin):
         return _Job(index, request, record, chat, key_extra={"draw": draw} if draw else {})
 
     def _check(self, job: _Job, text: str, finish_reason: str | None) -> tuple[str | None, Any]:
-        return critic_answer_problem(text, finish_reason, job.item.colors, self._token_limit), None
+        return critic_answer_problem(text, finish_reason, job.item.colors, self.token_limit), None
 
     def _unusable_text(self, job: _Job, problem: str, answers: int, finish_reason: str | None) -> str:
         return problem
@@ -589,7 +596,7 @@ class LvlmJudge(LvlmPlugin):
     def _unusable_text(self, job: _Job, problem: str, answers: int, finish_reason: str | None) -> str:
         text = f"invalid judge answer after {answers} answer(s): {problem}" if answers else f"invalid judge answer: {problem}"
         if finish_reason == "length":
-            text += cut_off_note("judge", self._token_limit)
+            text += cut_off_note("judge", self.token_limit)
         return text
 
     def _answered(self, job: _Job, text: str, parsed: Any) -> Verdicts:

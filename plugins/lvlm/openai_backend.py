@@ -430,10 +430,10 @@ class _OpenAIPlugin(LvlmPlugin):
         return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
     @property
-    def _token_limit(self) -> tuple[str, int]:
+    def token_limit(self) -> tuple[str, int]:
         return ("max_tokens", self.options.max_tokens)
 
-    def _transport(self, ctx: RunContext) -> OpenAITransport:
+    def transport(self, ctx: RunContext) -> OpenAITransport:
         return OpenAITransport(self.options, self.role, self._address, self._api_key)
 
 

@@ -181,10 +181,10 @@ class _TransformersPlugin(LvlmPlugin):
         return self._local
 
     @property
-    def _token_limit(self) -> tuple[str, int]:
+    def token_limit(self) -> tuple[str, int]:
         return ("max_new_tokens", self.options.max_new_tokens)
 
-    def _transport(self, ctx: RunContext) -> TransformersTransport:
+    def transport(self, ctx: RunContext) -> TransformersTransport:
         return TransformersTransport(self.options, self.role, lambda: self._model(ctx))
 
 

@@ -92,24 +92,24 @@ class BatchCritic(LvlmCritic):
 
     def __init__(self, options: BatchOptions, transport: BatchTransport) -> None:
         super().__init__(options)
-        self.transport = transport
+        self.batch = transport
 
-    def _transport(self, ctx: RunContext) -> BatchTransport:
-        return self.transport
+    def transport(self, ctx: RunContext) -> BatchTransport:
+        return self.batch
 
     @property
-    def _token_limit(self) -> tuple[str, int]:
+    def token_limit(self) -> tuple[str, int]:
         return ("max_tokens", 99)
 
 
 class BatchJudge(LvlmJudge):
     backend = "test-batch"
-    _transport = BatchCritic._transport
-    _token_limit = BatchCritic._token_limit
+    transport = BatchCritic.transport
+    token_limit = BatchCritic.token_limit
 
     def __init__(self, options: BatchOptions, transport: BatchTransport) -> None:
         super().__init__(options)
-        self.transport = transport
+        self.batch = transport
 
 
 def _critique(sample_id: int, text: str | None = None) -> Critique:
@@ -265,8 +265,8 @@ def test_a_cut_off_critic_answer_cached_as_good_before_is_moved_to_the_unusable_
     requests = synthetic_requests(1)
     with ScriptedOpenAIServer() as server:
         critic = OpenAICritic(OpenAICritic.Options(base_url=server.base_url, **FAST))
-        [job] = critic._jobs(requests, ctx, critic._transport(ctx), None)
-        key = ResponseCache.key(**critic._transport(ctx).key_parts(job.chat), template_version=job.record["template_version"])
+        [job] = critic._jobs(requests, ctx, critic.transport(ctx), None)
+        key = ResponseCache.key(**critic.transport(ctx).key_parts(job.chat), template_version=job.record["template_version"])
         cut = critic_answer({"messages": [{"role": "user", "content": [{"type": "text", "text": job.chat.user}]}]})[:120]
         with ResponseCache(ctx.cache_dir / "responses.sqlite") as cache:
             cache.put(key, cut)
