@@ -416,6 +416,23 @@ def test_a_body_that_is_not_a_chat_completion_is_a_retryable_failure_that_says_w
         server.close()
 
 
+def test_the_scripted_servers_html_fault_is_retried_and_named(ctx):
+    requests = synthetic_requests(2, COLORS)
+    with ScriptedOpenAIServer(answer=_blue_is_spurious, faults=["html", None, None]) as server:
+        critiques = _critic(server, max_attempts=2, backoff_initial_s=0.0, concurrency=1).critique(requests, ctx)
+        assert server.count == 3 and all(c.text is not None for c in critiques)  # retried, answered
+    errors = [e for line in _transcripts(ctx) for e in line["errors"]]
+    assert len(errors) == 1 and errors[0].startswith(
+        "attempt 1: unreadable response: HTTP 200 text/html, not JSON: '<!DOCTYPE html> <html><head><title>Sign in</title>"
+    )
+    with ScriptedOpenAIServer(faults=fault_when("digit 1", "html")) as server:
+        out = _critic(server, max_attempts=2, backoff_initial_s=0.0).critique(synthetic_requests(3, COLORS, seed=5), ctx)
+        url = server.base_url
+    assert out[1].retryable and out[1].failure.startswith("unreadable response: HTTP 200 text/html, not JSON: ")
+    assert out[1].failure.endswith(f" at {url}") and "Sign in" in out[1].failure
+    assert out[0].failure is None and out[2].failure is None
+
+
 def _unusable(ctx: RunContext) -> list[str]:
     """The unusable answers stored in the response cache (never read as answers)."""
     path = ctx.cache_dir / "responses.sqlite"
