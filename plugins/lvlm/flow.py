@@ -580,7 +580,8 @@ class LvlmJudge(LvlmPlugin):
         template = self._templates.get(critique.family)
         instructions, user = render_judge_prompt(template, critique)
         chat = ChatRequest(
-            user=user, system=instructions, seed=ctx.seed, label=f"sample {critique.sample_id}",
+            user=user, system=instructions, seed=ctx.seed,
+            label=f"sample {critique.sample_id}" + (f" draw {critique.draw}" if critique.draw else ""),
             schema=AnswerSchema("cluster_verdicts", judge_json_schema(colors)),
         )  # fmt: skip
         record.update(family=template.family, template_version=template.version,

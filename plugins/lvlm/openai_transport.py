@@ -116,6 +116,15 @@ class OpenAITransport:
         turns = [{"role": role, "content": text} for role, text in request.turns]
         return [*system, {"role": "user", "content": content}, *turns]
 
+    def body(self, request: ChatRequest) -> dict[str, Any]:
+        """The JSON body of the chat-completions request, as it goes over the wire (``extra_body``
+        merged in): what a batch API's input file holds per line."""
+        return {**self._fields(request), **self.options.extra_body}
+
+    def _fields(self, request: ChatRequest) -> dict[str, Any]:
+        return {"model": self.model, "messages": self.messages(request), **self._params(request),
+                **self._response_format(request.schema)}  # fmt: skip
+
     # -- asking ----------------------------------------------------------------------------------
     async def answer(self, requests: Sequence[ChatRequest], deliver: Callable[[int, Outcome], None]) -> None:
         self._key = self._read_key()  # a key that cannot be used stops the call before any request
@@ -155,9 +164,8 @@ class OpenAITransport:
             try:
                 async with semaphore:
                     raw = await client.chat.completions.with_raw_response.create(
-                        model=self.model, messages=self.messages(request), **self._params(request),
-                        **self._response_format(request.schema), extra_body=o.extra_body or None,
-                    )  # fmt: skip
+                        **self._fields(request), extra_body=o.extra_body or None
+                    )
                     response = raw.parse()
             except openai.APITimeoutError:
                 cause = f"timed out after {o.timeout_s:g} s"

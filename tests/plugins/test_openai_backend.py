@@ -211,6 +211,18 @@ def test_critic_sends_prompt_images_and_params(ctx):
     assert all(c.usage.requests == 1 and c.usage.prompt_tokens > 0 for c in out)
 
 
+def test_the_body_a_batch_line_would_hold_is_what_the_server_receives(ctx):
+    with ScriptedOpenAIServer(answer=_blue_is_spurious) as server:
+        critic = _critic(server, extra_body={"top_k": 5})
+        judge = _judge(server, extra_body={"top_k": 5})
+        [request] = synthetic_requests(1, COLORS)
+        [critique] = critic.critique([request], ctx)
+        judge.judge([critique], ctx)
+        for plugin, item, received in [(critic, request, server.requests[0]), (judge, critique, server.requests[1])]:
+            [job] = plugin._jobs([item], ctx, plugin.transport(ctx), None)
+            assert plugin.transport(ctx).body(job.chat) == received.body
+
+
 def test_seed_can_be_left_out(ctx):
     with ScriptedOpenAIServer(answer=WHOLE) as server:
         _critic(server, send_seed=False).critique(synthetic_requests(1, COLORS), ctx)
