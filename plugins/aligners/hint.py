@@ -52,9 +52,9 @@ from .xil import (
     check_batch,
     conv_layer,
     grad_cam,
-    map_at,
     mask_at,
     min_max_normalise,
+    nearest_cells,
     penalty_rows,
 )
 
@@ -96,11 +96,15 @@ def hint_loss(
         ce_sum = F.cross_entropy(logits, classes, reduction="sum")
         saliency = min_max_normalise(cam, positive_only=positive_only)
         target = wanted[rows]
-        if resolution == "input":
-            diff = map_at(saliency, tuple(inputs.shape[-2:])) - target.unsqueeze(1)
+        cells = tuple(cam.shape[-2:])
+        if resolution == "input":  # the map upsampled (nearest) to the input, summed per cell
+            hits, pixels = nearest_cells(target, cells)
+            squares, _ = nearest_cells(target.square(), cells)
+            s, hits, squares = saliency, hits.to(saliency.dtype), squares.to(saliency.dtype)
+            misfit = pixels.to(s.dtype) * s.square() - 2 * s * hits + squares
         else:
-            diff = saliency - mask_at(target, tuple(cam.shape[-2:])).to(saliency.dtype)
-        per_row = diff.square().flatten(1).sum(dim=1)
+            misfit = (saliency - mask_at(target, cells).to(saliency.dtype)).square()
+        per_row = misfit.flatten(1).sum(dim=1)
         has = target.flatten(1).any(dim=1).to(per_row.dtype)  # coupled batches hold all rows
         penalty_sum = (per_row * has).sum()
     if rest.numel():

@@ -47,9 +47,9 @@ from .xil import (
     check_batch,
     conv_layer,
     grad_cam,
-    map_at,
     mask_at,
     min_max_normalise,
+    nearest_cells,
     penalty_rows,
 )
 
@@ -89,9 +89,9 @@ def rrr_gradcam_loss(
         if resolution == "layer":
             weight = mask_at(spurious[rows], tuple(cam.shape[-2:])).to(saliency.dtype)
             penalty_sum = (weight * saliency).square().sum()
-        else:
-            upsampled = map_at(saliency, tuple(inputs.shape[-2:]))
-            penalty_sum = (spurious[rows].unsqueeze(1) * upsampled).square().sum()
+        else:  # the map upsampled (nearest) to the input, summed per cell (nearest_cells)
+            sums, _ = nearest_cells(spurious[rows].square(), tuple(cam.shape[-2:]))
+            penalty_sum = (saliency.square() * sums.to(saliency.dtype)).sum()
     if rest.numel():
         ce_sum = ce_sum + F.cross_entropy(model(inputs[rest]), targets[rest], reduction="sum")
     ce = ce_sum / b

@@ -5,7 +5,7 @@
   every row when a layer mixes the samples of a batch (batch norm in training mode).
 - :func:`conv_layer` / :func:`grad_cam`: Grad-CAM of a convolutional layer as a function of the
   parameters, so that a loss on it trains the model.
-- :func:`min_max_normalise`, :func:`mask_at`, :func:`map_at`: the per-sample normalisation of
+- :func:`min_max_normalise`, :func:`mask_at`, :func:`nearest_cells`: the per-sample normalisation of
   the XIL typology code (ml-research/A-Typology-for-Exploring-the-Mitigation-of-Shortcut-Behavior,
   ``util.norm_saliencies_fast``) and the two ways a map and a mask of different sizes meet.
 - :class:`WeightOptions`: the check of every aligner's penalty weight ``lam`` (one value or a
@@ -36,7 +36,7 @@ __all__ = [
     "grad_cam",
     "min_max_normalise",
     "mask_at",
-    "map_at",
+    "nearest_cells",
     "Resolution",
     "WeightOptions",
     "GRID_SENTENCE",
@@ -160,7 +160,8 @@ def grad_cam(
             f"{tuple(act.shape)}"
         )
     chosen = classes(logits.detach())
-    score = logits.gather(1, chosen.view(-1, 1)).sum()
+    # a one-hot product rather than gather: gather's backward is nondeterministic on CUDA
+    score = (logits * F.one_hot(chosen, logits.shape[1]).to(logits.dtype)).sum()
     (grads,) = torch.autograd.grad(
         score, act, create_graph=differentiate_weights, retain_graph=True
     )
@@ -195,10 +196,33 @@ def mask_at(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.adaptive_avg_pool2d(masks, size)
 
 
-def map_at(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Maps ``[B, 1, h, w]`` at the input's ``H x W`` by nearest-neighbour upsampling (Captum's
-    ``LayerAttribution.interpolate`` default, which the typology code's HINT uses)."""
-    return F.interpolate(maps, size=size, mode="nearest")
+def nearest_cells(values: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """What nearest-neighbour upsampling of an ``h x w`` map to the input's ``H x W`` (Captum's
+    ``LayerAttribution.interpolate`` default, which the typology code's HINT uses) pairs with
+    each cell of the map: ``(sums, pixels)``, the sum of ``values`` ``[B, H, W]`` over the input
+    pixels that take the cell's value (float ``[B, 1, h, w]``) and how many they are
+    (``[1, 1, h, w]``).
+
+    A sum over pixels of the upsampled map ``up(S)`` against a mask is then a sum over cells:
+    ``sum_i (up(S)_i - R_i)^2 = sum_c (pixels_c S_c^2 - 2 S_c sums_c(R) + sums_c(R^2))`` and
+    ``sum_i (A_i up(S)_i)^2 = sum_c S_c^2 sums_c(A^2)``: the same number without upsampling
+    the map, and so without the backward pass of upsampling, which CUDA runs
+    nondeterministically."""
+    h, w = size
+    height, width = values.shape[-2:]
+    dtype = values.dtype if values.is_floating_point() else torch.float32
+    values = values.to(dtype)
+
+    def owners(n: int, out: int) -> torch.Tensor:
+        # the map cell each input row (column) takes its value from, as F.interpolate picks it
+        index = torch.arange(n, dtype=torch.float32, device=values.device).view(1, 1, n, 1)
+        picked = F.interpolate(index, size=(out, 1), mode="nearest").view(out).long()
+        return F.one_hot(picked, n).to(dtype)  # [out, n]
+
+    rows, cols = owners(h, height), owners(w, width)  # [H, h], [W, w]
+    sums = torch.einsum("ic,bij,jd->bcd", rows, values, cols).unsqueeze(1)
+    pixels = (rows.sum(0)[:, None] * cols.sum(0)[None, :]).view(1, 1, h, w)
+    return sums, pixels
 
 
 class WeightOptions(PluginOptions):

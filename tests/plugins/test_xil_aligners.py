@@ -31,7 +31,7 @@ from lvlmva.plugins.aligners.rrr_gradcam import (
     RrrGradCamOptions,
     rrr_gradcam_loss,
 )
-from lvlmva.plugins.aligners.xil import grad_cam, mask_at, min_max_normalise
+from lvlmva.plugins.aligners.xil import grad_cam, mask_at, min_max_normalise, nearest_cells
 from lvlmva.plugins.models.cnn import SmallCnn
 from lvlmva.plugins.models.mlp import Mlp
 from lvlmva.protocols import Aligner, check_capabilities
@@ -307,6 +307,24 @@ def test_grad_cam_is_captums_map_with_its_gradients(rng):
     for w, g in zip(want, got, strict=True):
         assert (w is None and g is None) or torch.allclose(w, g, rtol=1e-10, atol=1e-12)
     assert want[2] is None and full[2] is not None and full[2].abs().sum() > 0  # the head's weights
+
+
+@pytest.mark.parametrize(("size", "cells"), [((6, 6), (3, 3)), ((7, 11), (3, 5)), ((5, 4), (5, 4))])
+def test_nearest_cells_sum_what_upsampling_pairs_with_each_cell(size, cells):
+    """Sums over pixels of a nearest-upsampled map against a mask, taken per cell, equal the
+    sums over the upsampled map itself, sizes that do not divide included."""
+    g = torch.Generator().manual_seed(0)
+    values = torch.rand(3, *size, generator=g, dtype=torch.float64)
+    saliency = torch.rand(3, 1, *cells, generator=g, dtype=torch.float64)
+    up = F.interpolate(saliency, size=size, mode="nearest")
+    sums, pixels = nearest_cells(values, cells)
+    ones, _ = nearest_cells(torch.ones(1, *size, dtype=torch.float64), cells)
+    torch.testing.assert_close(pixels.expand_as(ones), ones)
+    assert int(pixels.sum()) == size[0] * size[1]
+    torch.testing.assert_close((saliency * sums).sum(), (up * values.unsqueeze(1)).sum())
+    squares, _ = nearest_cells(values.square(), cells)
+    misfit = pixels * saliency.square() - 2 * saliency * sums + squares
+    torch.testing.assert_close(misfit.sum(), (up - values.unsqueeze(1)).square().sum())
 
 
 @pytest.mark.parametrize(
