@@ -789,3 +789,35 @@ def test_aligners_that_cannot_read_the_model_stop_the_run_before_training(tmp_pa
     assert "[aligners.cdep] cdep decomposes the built-in mlp and cnn models" in message
     assert "[aligners.rbr]" not in message and "[aligners.ce]" not in message
     assert not (tmp_path / "run" / "train").exists()
+
+
+@pytest.mark.parametrize(("name", "grid"), [("hint", {"lam": [0.0, 1.0]}), ("ce", {"counterexamples": [1, 2]})])
+def test_a_grid_is_chosen_on_validation_and_drawn_per_point(name, grid, planted, ctx):
+    """A grid of the loss parameter goes through the trainer's grid: one alignment per value
+    (hint with its relevant regions at every point), each a curve of the report with the
+    aligner's terms, the first best by validation accuracy returned with its scores; the
+    chosen model is the one a single fit with that value gives."""
+    import dataclasses
+
+    from lvlmva.report import read_training_curves
+
+    data, models, alignment, masks = planted
+    data = dataclasses.replace(data, val=data.test)  # a validation split to choose on
+    cls, opts = ALIGNERS[name]
+    kind = "cnn" if name == "hint" else "mlp"
+    extra = {"layer": "features.0"} if name == "hint" else {}
+    common = {"epochs": 2, "lr": 1e-2, **extra}
+    result = cls(opts(**grid, **common)).align(models[kind], data, alignment, masks, ctx)
+    assert isinstance(result, TrainedModel)
+    (key, values), = grid.items()
+    assert [row[key] for row in result.details["grid"]] == values
+    accuracies = [row["val_accuracy"] for row in result.details["grid"]]
+    best = max(range(len(values)), key=lambda i: (accuracies[i], -i))
+    assert result.details["chosen"] == {key: values[best]}
+    single = cls(opts(**{key: values[best]}, **common)).align(models[kind], data, alignment, masks, ctx)
+    for a, b in zip(result.model.state_dict().values(), single.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    curves, _ = read_training_curves(ctx.run_dir)
+    terms = ("ce", "ce_counter") if name == "ce" else ("ce", "penalty")
+    assert [c.point for c in curves[: len(values)]] == [{key: v} for v in values]
+    assert all(c.terms == terms for c in curves)
