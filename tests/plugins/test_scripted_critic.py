@@ -77,3 +77,39 @@ def test_the_scripted_critic_errs_per_draw_reproducibly(ctx):
 def test_the_scripted_critic_wants_an_odd_number_of_answers():
     with pytest.raises(ValidationError, match="use an odd number"):
         ScriptedCritic.Options(samples=2)
+
+
+def _many_requests(n: int = 400):
+    """``n`` samples of the three-cluster image (red, blue relevant; green spurious)."""
+    request = _scripted_request()
+    return [dataclasses.replace(request, sample_id=i) for i in range(n)]
+
+
+def test_miss_and_false_alarm_rates_err_on_their_own_polarity_only(ctx):
+    requests = _many_requests()
+    misses_only = _verdicts(ScriptedCritic(ScriptedCritic.Options(miss_rate=0.5, spread=0.0)), requests, ctx)
+    assert {v[:2] for v in misses_only} == {(True, True)}  # relevant clusters never called spurious
+    missed = sum(v[2] for v in misses_only) / len(requests)  # green called relevant
+    assert 0.42 < missed < 0.58
+    alarms_only = _verdicts(ScriptedCritic(ScriptedCritic.Options(false_alarm_rate=0.15, spread=0.0)), requests, ctx)
+    assert {v[2] for v in alarms_only} == {False}  # the spurious cluster always found
+    alarmed = sum((not v[0]) + (not v[1]) for v in alarms_only) / (2 * len(requests))
+    assert 0.11 < alarmed < 0.19
+
+
+@pytest.mark.parametrize("accuracy", [1.0, 0.88, 0.42])
+def test_a_target_verdict_accuracy_is_one_minus_the_miss_rate(ctx, accuracy):
+    """Verdict accuracy as the seed's Table 1 measures it: the share of spurious clusters marked
+    "no"; with spread the clusters' rates differ but keep the mean."""
+    requests = _many_requests(1000)
+    critic = ScriptedCritic(ScriptedCritic.Options(miss_rate=round(1.0 - accuracy, 2), false_alarm_rate=0.05, spread=0.5))
+    verdicts = _verdicts(critic, requests, ctx)
+    found = sum(not v[2] for v in verdicts) / len(verdicts)
+    assert abs(found - accuracy) < 0.04
+
+
+def test_the_two_ways_of_setting_rates_are_not_mixed():
+    with pytest.raises(ValidationError, match="either error_rate"):
+        ScriptedCritic.Options(error_rate=0.1, miss_rate=0.2)
+    assert ScriptedCritic(ScriptedCritic.Options()).mean_rate(True) == 0.15  # the default error rate
+    assert ScriptedCritic(ScriptedCritic.Options(miss_rate=0.3)).mean_rate(False) == 0.0
