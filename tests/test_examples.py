@@ -12,7 +12,9 @@ from lvlmva.cli import EXIT_OK, main
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
 #: the effects study's cells, one settings file per variant (lvlmva study examples/decoy_mnist_effects/*.toml)
 EFFECTS_STUDY = sorted((EXAMPLES_DIR / "decoy_mnist_effects").glob("*.toml"))
-EXAMPLES = sorted(EXAMPLES_DIR.glob("*.toml")) + EFFECTS_STUDY
+#: the critic-quality study's data sets (lvlmva study examples/critic_quality/*.toml)
+CRITIC_QUALITY = sorted((EXAMPLES_DIR / "critic_quality").glob("*.toml"))
+EXAMPLES = sorted(EXAMPLES_DIR.glob("*.toml")) + EFFECTS_STUDY + CRITIC_QUALITY
 
 
 def test_the_medical_examples_are_there():
