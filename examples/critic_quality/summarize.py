@@ -8,7 +8,8 @@ Each cell (data set x seed) of the study holds one original model, DFR, and ever
 once per critic (the oracle and the scripted critic at 14 settings of verdict accuracy and
 false-alarm rate) and once with the true masks. This reads each cell's results.json and prints
 markdown: per data set and aligner, the test WGA (mean ± std over the seeds) at each critic
-setting with the verdict accuracy and false-alarm rate the critic actually reached, how many
+setting (the nominal verdict accuracy and false-alarm rate, on the critics' truth: a cluster a
+quarter on the spurious feature) with those the evaluator scored (its truth: any pixel), how many
 seeds beat the original, and the smallest verdict accuracy at which the aligner beats the
 original on every seed. The figure has one panel per data set and aligner: WGA against verdict
 accuracy, a line per false-alarm rate, the original, DFR and the aligner's true-mask reference as
@@ -102,7 +103,7 @@ def print_tables(name: str, cells: dict[int, dict[str, Any]], table: list[dict[s
     print(f"\n### {name}: test WGA, mean ± std over seeds {', '.join(map(str, seeds))}\n")
     print(f"original {mean_std(lines['original'])}" + (f"; DFR (group labels) {mean_std(lines['dfr'])}" if "dfr" in lines else ""))
     aligners = sorted({r["aligner"] for r in table})
-    print("\n| aligner | verdict accuracy (level) | false alarms | reached: verdict acc. / false alarms | WGA | beats original | true-mask reference |")
+    print("\n| aligner | verdict accuracy (level) | false alarms | evaluator's any-pixel truth: verdict acc. / false alarms | WGA | beats original | true-mask reference |")
     print("|---|---|---|---|---|---|---|")
     for row in table:
         reference = lines.get(f"true_mask.{row['aligner']}")
