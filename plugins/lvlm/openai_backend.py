@@ -3,7 +3,9 @@
 Works with OpenAI itself and with local servers that speak the same protocol (vLLM, Ollama,
 llama.cpp, LM Studio). The flows (prompts, cache, checks, repair, transcripts, failure kinds) are
 :mod:`.flow`'s; this module gives their options, the budget checks before a run, the API key,
-and the transport (:mod:`.openai_transport`).
+and the transport: chat completions (:mod:`.openai_transport`) or, with ``api = "batch"``,
+OpenAI's Batch API (:mod:`.batch_transport`), which asks the same questions under the same cache
+keys at batch prices.
 
 The API key is read from the environment variable named by ``api_key_env`` and kept in memory
 only: it never enters a cache key, a transcript, a failure message or a settings file. Whitespace
@@ -18,7 +20,8 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 from urllib.parse import parse_qsl, urlsplit
@@ -29,7 +32,15 @@ from lvlmva.protocols import PluginOptions, RunContext
 from lvlmva.secrets import register_secret
 from lvlmva.templates import builtin_families
 
-from .flow import LvlmCritic, LvlmJudge, LvlmPlugin, max_invalid_attempts_field, retry_invalid_field
+from .batch_transport import OpenAIBatchTransport
+from .flow import (
+    LvlmCritic,
+    LvlmJudge,
+    LvlmPlugin,
+    RequestPlan,
+    max_invalid_attempts_field,
+    retry_invalid_field,
+)
 from .openai_transport import OpenAITransport, cost_usd, retry_after_seconds
 from .prompts import PromptTemplate, TemplateError, load_template
 
@@ -206,6 +217,30 @@ class OpenAIOptions(PluginOptions):
         json_schema_extra={"fingerprint": False},
     )
 
+    api: Literal["chat", "batch"] = Field(
+        "chat",
+        description='How requests are sent: "chat" (chat completions, concurrently) or "batch" (OpenAI\'s Batch API: each round of requests as one batch job, polled until done, at batch prices; a run stopped while its batch is pending picks the same batch up again). Answers and cache keys are the same either way.',
+        json_schema_extra={"fingerprint": False},
+    )
+    batch_poll_s: float = Field(
+        30.0,
+        gt=0,
+        description='Seconds between two looks at a pending batch (api = "batch").',
+        json_schema_extra={"fingerprint": False},
+    )
+    batch_completion_window: str = Field(
+        "24h",
+        min_length=1,
+        description='The time a batch has to finish before it expires (api = "batch"; OpenAI accepts "24h"); requests an expired batch did not answer are asked again by the next run.',
+        json_schema_extra={"fingerprint": False},
+    )
+    batch_price_factor: float = Field(
+        0.5,
+        ge=0,
+        description='Cost of a batch request as a share of prices (api = "batch"; OpenAI\'s Batch API costs half its chat prices).',
+        json_schema_extra={"fingerprint": False},  # like api: what answers cost, not what they are
+    )
+
     max_invalid_attempts: int = max_invalid_attempts_field()
     retry_invalid: bool = retry_invalid_field()
 
@@ -273,7 +308,7 @@ def image_tokens(detail: str) -> int:
 class SpendingEstimate:
     """An upper estimate of what one stage may send: ``requests`` (retries not counted, and why
     that many in ``basis``), tokens per request, and ``cost_usd`` (``None`` when ``prices`` has
-    no entry for the model)."""
+    no entry for the model; at batch prices with ``api = "batch"``)."""
 
     requests: int
     basis: str
@@ -314,7 +349,9 @@ def estimate_spending(role: str, options: OpenAIOptions, samples: int) -> Spendi
     if role == "critic":
         draws = getattr(options, "samples", 1)
         requests = samples * draws
-        basis = f"{samples} alignment samples" + (f", {draws} answers each (critic.samples)" if draws > 1 else "")
+        basis = f"{samples} alignment samples" + (
+            f", {draws} answers each (critic.samples)" if draws > 1 else ""
+        )
         prompt_tokens += CRITIC_IMAGES * image_tokens(options.image_detail)
     else:
         repairs = getattr(options, "repair_attempts", 0)
@@ -327,6 +364,8 @@ def estimate_spending(role: str, options: OpenAIOptions, samples: int) -> Spendi
         # the judge's own max_tokens stands in for it (the judge does not know the critic's).
         prompt_tokens += options.max_tokens
     each = cost_usd(options.prices, options.model, prompt_tokens, options.max_tokens)
+    if each is not None and options.api == "batch":
+        each *= options.batch_price_factor
     return SpendingEstimate(
         requests=requests,
         basis=basis,
@@ -334,6 +373,18 @@ def estimate_spending(role: str, options: OpenAIOptions, samples: int) -> Spendi
         completion_tokens=options.max_tokens,
         cost_usd=None if each is None else requests * each,
     )
+
+
+@dataclass(frozen=True)
+class BatchRequestPlan(RequestPlan):
+    """A plan whose requests go through OpenAI's Batch API (``batch_note`` says so)."""
+
+    batch_note: str = ""
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        head, sep, rest = text.partition("; ")
+        return f"{head}, {self.batch_note}{sep}{rest}"
 
 
 def _usd(value: float) -> str:
@@ -411,7 +462,7 @@ class _OpenAIPlugin(LvlmPlugin):
             problems.append(
                 f"{who}: estimated cost up to {_usd(estimate.cost_usd)} ({estimate.requests} "
                 f"requests of {self.options.model}, about {estimate.prompt_tokens} prompt and "
-                f"{estimate.completion_tokens} completion tokens each), more than "
+                f"{estimate.completion_tokens} completion tokens each{self._price_basis}), more than "
                 f"{role}.max_cost_usd = {budget:g}"
             )
         return problems
@@ -433,8 +484,48 @@ class _OpenAIPlugin(LvlmPlugin):
     def token_limit(self) -> tuple[str, int]:
         return ("max_tokens", self.options.max_tokens)
 
+    @property
+    def _price_basis(self) -> str:
+        o = self.options
+        return (
+            f", at batch prices: {o.batch_price_factor:g} x {self.role}.prices"
+            if o.api == "batch"
+            else ""
+        )
+
     def transport(self, ctx: RunContext) -> OpenAITransport:
+        """Chat completions, or OpenAI's Batch API (``api = "batch"``; pending batches are
+        recorded in the response cache's folder, which outlives runs)."""
+        if self.options.api == "batch":
+            records = Path(self.options.cache_dir or ctx.cache_dir) / "batches"
+            return OpenAIBatchTransport(
+                self.options, self.role, self._address, self._api_key, records
+            )
         return OpenAITransport(self.options, self.role, self._address, self._api_key)
+
+    def plan(self, items: Sequence[Any], ctx: RunContext) -> RequestPlan:
+        """The flow's plan; with ``api = "batch"`` it also says that the requests go as one
+        batch and whether a batch an earlier run submitted holds them all."""
+        plan = super().plan(items, ctx)
+        if self.options.api != "batch" or not plan.requests:
+            return plan
+        transport = self.transport(ctx)
+        assert isinstance(transport, OpenAIBatchTransport)
+        with self._cache(ctx) as cache:
+            asked = [job.chat for job in self._jobs(items, ctx, transport, cache) if job.reason]
+        found = transport.pending(asked)  # type: ignore[arg-type]
+        note = "as one batch of OpenAI's Batch API"
+        if plan.repairs:
+            note = "as batches of OpenAI's Batch API (one, and one per repair round)"
+        note += f" at batch prices ({self.options.batch_price_factor:g} x {self.role}.prices)"
+        if found is not None:
+            note += (
+                f"; all are in batch {found[1]['batch_id']}, submitted by an earlier run: this run "
+                "waits for it instead of sending them again"
+            )
+        return BatchRequestPlan(
+            **{f.name: getattr(plan, f.name) for f in fields(plan)}, batch_note=note
+        )
 
 
 class OpenAICritic(_OpenAIPlugin, LvlmCritic):
@@ -459,9 +550,13 @@ class OpenAICritic(_OpenAIPlugin, LvlmCritic):
             # a field validator (samples comes after temperature): its error shows this value
             # only, not the whole section
             if samples > 1 and samples % 2 == 0:
-                raise ValueError(f"samples = {samples}: use an odd number, so that every colour has a majority")
+                raise ValueError(
+                    f"samples = {samples}: use an odd number, so that every colour has a majority"
+                )
             if samples > 1 and info.data.get("temperature", 0.0) == 0:
-                raise ValueError(f"samples = {samples} needs temperature > 0: at temperature 0 the answers would all be the same")
+                raise ValueError(
+                    f"samples = {samples} needs temperature > 0: at temperature 0 the answers would all be the same"
+                )
             return samples
 
     needs_true_masks: ClassVar[bool] = False
