@@ -197,12 +197,16 @@ class Pipeline:
         return getattr(options, sub) if sub else options
 
     def _view(self, stage: Stage) -> StageView:
-        return StageView(stage, self._option, self._plugin_class, self._plugin_options)
+        return StageView(stage, self._option, self._plugin_class, self._plugin_options, plugin_name=self._plugin_name)
 
     def _settings_view(self, stage: Stage) -> StageView:
         """The view of ``validate`` and ``preflight_samples``: any setting, any slot (they decide
         whether and how much work can be done, not what a stage computes)."""
-        return StageView(stage, self._option, self._plugin_class, self._plugin_options, declared_only=False)
+        return StageView(stage, self._option, self._plugin_class, self._plugin_options, declared_only=False, plugin_name=self._plugin_name)
+
+    def _plugin_name(self, slot: str) -> str | None:
+        choice = self.settings.plugins.get(slot)
+        return None if choice is None else choice.name
 
     def _plugin_options(self, slot: str) -> Any:
         choice = self.settings.plugins.get(slot)

@@ -177,12 +177,14 @@ class StageView:
         plugin_class: Callable[[str], type | None],
         plugin_options: Callable[[str], Any] | None = None,
         declared_only: bool = True,
+        plugin_name: Callable[[str], str | None] | None = None,
     ) -> None:
         self._stage = stage
         self._settings = settings
         self._plugin_class = plugin_class
         self._plugin_options = plugin_options or (lambda _slot: None)
         self._declared_only = declared_only
+        self._plugin_name = plugin_name or (lambda _slot: None)
 
     @property
     def stage(self) -> Stage:
@@ -221,6 +223,11 @@ class StageView:
     def plugin_options(self, slot: str) -> Any:
         """The validated options of the plugin in a declared slot (``None`` when unset)."""
         return self._plugin_options(self._slot(slot))
+
+    def plugin_name(self, slot: str) -> str | None:
+        """The registered name of the plugin in a slot (``"waterbirds"``), for messages; like a
+        flag, any slot may be asked."""
+        return self._plugin_name(self._stage.slot(slot))
 
     def flag(self, slot: str, name: str, default: bool = False) -> bool:
         """A capability flag of the plugin class in ``slot``. Flags are static facts about a

@@ -557,7 +557,10 @@ def _critic_validate(critic: str, judge: str, attributor: str = "attributor", se
         if not view.configured(attributor) or not view.configured(segmenter):
             problems.append(f"[{critic}] needs an [{attributor}] and a [{segmenter}] to produce the clusters it discusses")
         if view.flag(critic, "needs_true_masks") and not view.flag("dataset", "has_true_masks"):
-            problems.append(f"[{critic}] needs true spurious masks, which the data set plugin does not provide")
+            problems.append(
+                f"[{critic}] needs true spurious masks, which the data set plugin {view.plugin_name('dataset')!r} does not provide: "
+                'use an LVLM critic (plugin = "openai" or "transformers"), which needs no masks'
+            )
         return problems
 
     return validate
