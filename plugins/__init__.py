@@ -14,6 +14,8 @@ BUILTINS: dict[str, dict[str, str]] = {
         "knee-folder": "lvlmva.datasets.folders:KneeFolderProvider",
         "isic-folder": "lvlmva.datasets.folders:IsicFolderProvider",
         "medmnist": "lvlmva.datasets.folders:MedmnistProvider",
+        "waterbirds": "lvlmva.datasets.subpopulation:WaterbirdsProvider",
+        "celeba": "lvlmva.datasets.subpopulation:CelebaProvider",
     },
     "model": {
         "mlp": "lvlmva.plugins.models.mlp:MlpFactory",
