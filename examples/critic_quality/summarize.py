@@ -32,6 +32,12 @@ from typing import Any
 #: verdict accuracies of the seed's Table 1 and the Critic & Judge pair that reached each
 TABLE1 = {1.0: "GPT-5", 0.88: "Llama-4-Scout", 0.87: "GPT-4o", 0.46: "Qwen3", 0.42: "GPT-4o-mini"}
 FALSE_ALARMS = (0.0, 0.05, 0.15)
+#: the order of the aligners in tables and panels (others after these, by name)
+ORDER = ("rrr", "rbr", "rrr_gradcam", "hint", "cdep", "ce")
+
+
+def aligner_order(names: set[str]) -> list[str]:
+    return sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
 
 
 def critic_point(spec: dict[str, Any]) -> tuple[float, float]:
@@ -77,7 +83,8 @@ def rows(cells: dict[int, dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[s
     for row in per.values():
         row["beats"] = sum(row["wga"][s] > originals[s] for s in row["wga"])
         row["seeds"] = len(row["wga"])
-    return sorted(per.values(), key=lambda r: (r["aligner"], -r["accuracy"], r["false_alarm"])), dict(lines)
+    rank = {name: i for i, name in enumerate(aligner_order({r["aligner"] for r in per.values()}))}
+    return sorted(per.values(), key=lambda r: (rank[r["aligner"]], -r["accuracy"], r["false_alarm"])), dict(lines)
 
 
 def mean_std(values: list[float]) -> str:
@@ -102,7 +109,7 @@ def print_tables(name: str, cells: dict[int, dict[str, Any]], table: list[dict[s
     seeds = sorted(cells)
     print(f"\n### {name}: test WGA, mean ± std over seeds {', '.join(map(str, seeds))}\n")
     print(f"original {mean_std(lines['original'])}" + (f"; DFR (group labels) {mean_std(lines['dfr'])}" if "dfr" in lines else ""))
-    aligners = sorted({r["aligner"] for r in table})
+    aligners = aligner_order({r["aligner"] for r in table})
     print("\n| aligner | verdict accuracy (level) | false alarms | evaluator's any-pixel truth: verdict acc. / false alarms | WGA | beats original | true-mask reference |")
     print("|---|---|---|---|---|---|---|")
     for row in table:
@@ -130,7 +137,8 @@ def draw(studies: dict[str, tuple[list[dict[str, Any]], dict[str, list[float]]]]
     grid = fig.subplots(len(studies), columns, squeeze=False, sharey="row")
     colours = {0.0: "tab:blue", 0.05: "tab:orange", 0.15: "tab:red"}
     for r, (name, (table, lines)) in enumerate(studies.items()):
-        aligners = sorted({row["aligner"] for row in table})
+        aligners = aligner_order({row["aligner"] for row in table})
+        short = name.removeprefix("critic_quality_")
         for c in range(columns):
             ax = grid[r][c]
             if c >= len(aligners):
@@ -141,14 +149,14 @@ def draw(studies: dict[str, tuple[list[dict[str, Any]], dict[str, list[float]]]]
                 points = sorted((row for row in table if row["aligner"] == aligner and row["false_alarm"] == alarms), key=lambda row: row["accuracy"])
                 if not points:
                     continue
-                xs = [row["accuracy"] for row in points]
+                xs = [row["accuracy"] + 0.006 * (FALSE_ALARMS.index(alarms) - 1) for row in points]  # side by side
                 ys = [statistics.mean(row["wga"].values()) for row in points]
                 errs = [statistics.stdev(row["wga"].values()) if len(row["wga"]) > 1 else 0.0 for row in points]
                 ax.errorbar(xs, ys, yerr=errs, marker="o", ms=3, capsize=2, color=colours[alarms], label=f"false alarms {alarms:.2f}")
             for key, style, label in (("original", ("black", "--"), "original"), ("dfr", ("tab:green", ":"), "DFR (group labels)"), (f"true_mask.{aligner}", ("tab:purple", "-."), "true-mask reference")):
                 if key in lines:
                     ax.axhline(statistics.mean(lines[key]), color=style[0], linestyle=style[1], linewidth=1, label=label)
-            ax.set_title(f"{name}: {aligner}", fontsize=9)
+            ax.set_title(f"{short}: {aligner}", fontsize=9)
             ax.set_xticks(sorted(TABLE1), minor=True)
             ax.set_xticks([0.44, 0.875, 1.0], ["0.42 / 0.46\n4o-mini / Qwen3", "0.87 / 0.88\n4o / Llama-4", "1.0\nGPT-5"], fontsize=6)
             ax.set_xlim(0.38, 1.04)
