@@ -331,6 +331,7 @@ def _usage_section(results: Mapping[str, Any]) -> list[str]:
     if not usage:
         return out + ["No LVLM usage recorded.", ""]
     cost = usage.get("cost_usd")
+    batched = batch_priced(results.get("settings") or {})
     rows = [
         ["requests", usage.get("requests")],
         ["cache hits", usage.get("cache_hits")],
@@ -338,7 +339,28 @@ def _usage_section(results: Mapping[str, Any]) -> list[str]:
         ["completion tokens", usage.get("completion_tokens")],
         ["cost (USD)", None if cost is None else f"{float(cost):.4f}"],
     ]
-    return out + _table(["Usage", "Value"], rows) + [""]
+    notes = []
+    if batched:
+        notes = [
+            f"Answers of {', '.join(batched)} are priced at Batch API prices "
+            "(`prices` x `batch_price_factor`): they went through OpenAI's Batch API (`api = \"batch\"`).",
+            "",
+        ]
+    return out + _table(["Usage", "Value"], rows) + [""] + notes
+
+
+def batch_priced(settings: Mapping[str, Any]) -> list[str]:
+    """The LVLM slots of a run's settings that ask through a batch API (``api = "batch"``):
+    their costs are at batch prices."""
+    found = []
+    for role in ("critic", "judge"):
+        single = settings.get(role)
+        if isinstance(single, Mapping) and single.get("api") == "batch":
+            found.append(role)
+        for name, block in (settings.get(f"{role}s") or {}).items():
+            if isinstance(block, Mapping) and block.get("api") == "batch":
+                found.append(f"{role}s.{name}")
+    return found
 
 
 def _timings_section(results: Mapping[str, Any]) -> list[str]:

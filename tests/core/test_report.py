@@ -335,3 +335,18 @@ def test_a_single_fit_aligner_and_a_run_without_loss_terms(tmp_path):
     assert curve.terms == ()
     text = _empty_report(tmp_path)
     assert "Loss and training accuracy per epoch (train)." in text and "loss terms" not in text
+
+
+def test_costs_of_batch_api_slots_are_named_as_batch_prices():
+    from lvlmva.report import _usage_section, batch_priced
+
+    settings = {
+        "critic": {"plugin": "openai", "api": "batch"},
+        "judges": {"rules": {"plugin": "rules"}, "gpt": {"plugin": "openai", "api": "batch"}},
+    }
+    assert batch_priced(settings) == ["critic", "judges.gpt"]
+    assert batch_priced({"critic": {"plugin": "openai", "api": "chat"}}) == []
+    usage = {"requests": 3, "cache_hits": 0, "prompt_tokens": 10, "completion_tokens": 5, "cost_usd": 0.01}
+    text = "\n".join(_usage_section({"usage": usage, "settings": settings}))
+    assert "Answers of critic, judges.gpt are priced at Batch API prices" in text
+    assert "Batch API" not in "\n".join(_usage_section({"usage": usage, "settings": {"critic": {"api": "chat"}}}))
