@@ -77,3 +77,13 @@ def test_no_finished_cell_is_an_error(tmp_path, summarize):
     with pytest.raises(SystemExit) as stop:
         summarize.main([str(tmp_path)])
     assert stop.value.code == 2
+
+
+def test_the_smallest_beating_accuracy_names_higher_ones_that_do_not_beat(summarize):
+    def row(accuracy, beats):
+        return {"aligner": "rrr", "false_alarm": 0.05, "accuracy": accuracy, "beats": beats, "seeds": 7}
+
+    table = [row(1.0, 6), row(0.88, 7), row(0.87, 5), row(0.46, 7), row(0.42, 4)]
+    assert summarize.smallest_beating(table, "rrr", 0.05) == "0.46 (Qwen3 level); not at 1.00, 0.87"
+    assert summarize.smallest_beating(table, "rrr", 0.15) == "–"
+    assert summarize.smallest_beating([row(1.0, 3)], "rrr", 0.05) == "none"
