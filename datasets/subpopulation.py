@@ -26,7 +26,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import numpy as np
 import torch
@@ -132,16 +132,19 @@ def _decode(entries: list[_Entry], size: int, center_crop: bool, problems: Probl
     return parts
 
 
-class _SubsampleOptions(PluginOptions):
-    """Options both releases share."""
+# the options both releases share, declared after each one's root
+ImageSize = Annotated[int, Field(ge=16, le=1024, description="Images are resized to size x size (the references use 224; 64 keeps a CPU run short).")]
+TrainSize = Annotated[int | None, Field(ge=1, description="Use this many training images, a seeded subsample stratified by group (every group keeps its share); None: all.")]
+ValSize = Annotated[int | None, Field(ge=1, description="Use this many validation images (seeded, stratified by group); None: all.")]
+TestSize = Annotated[int | None, Field(ge=1, description="Use this many test images (seeded, stratified by group); None: all.")]
 
-    size: int = Field(64, ge=16, le=1024, description="Images are resized to size x size (the references use 224; 64 keeps a CPU run short).")
-    train_size: int | None = Field(None, ge=1, description="Use this many training images, a seeded subsample stratified by group (every group keeps its share); None: all.")
-    val_size: int | None = Field(None, ge=1, description="Use this many validation images (seeded, stratified by group); None: all.")
-    test_size: int | None = Field(None, ge=1, description="Use this many test images (seeded, stratified by group); None: all.")
+
+class _SubsampleOptions(PluginOptions):
+    """Options that declare ``train_size``, ``val_size`` and ``test_size`` (after their root,
+    so that the settings reference lists root first)."""
 
     def limits(self) -> dict[str, int | None]:
-        return {"train": self.train_size, "val": self.val_size, "test": self.test_size}
+        return {split: getattr(self, f"{split}_size") for split in ("train", "val", "test")}
 
 
 def _flag01(text: str | None) -> int | None:
@@ -160,6 +163,10 @@ class WaterbirdsOptions(_SubsampleOptions):
         "(img_filename, y, split, place) and the images under it (001.Black_footed_Albatross/...).",
         json_schema_extra={"fingerprint": "listing"},
     )
+    size: ImageSize = 64
+    train_size: TrainSize = None
+    val_size: ValSize = None
+    test_size: TestSize = None
     center_crop: bool = Field(False, description="Crop each photograph to its central square before resizing; false: resize the whole photograph (squeezed to a square).")
 
 
@@ -242,6 +249,10 @@ class CelebaOptions(_SubsampleOptions):
         "list_attr_celeba.txt and list_eval_partition.txt, as released.",
         json_schema_extra={"fingerprint": "listing"},
     )
+    size: ImageSize = 64
+    train_size: TrainSize = None
+    val_size: ValSize = None
+    test_size: TestSize = None
     target: str = Field("Blond_Hair", min_length=1, description="The attribute to classify, by its name in list_attr_celeba.txt (1: class 1).")
     spurious: str = Field("Male", min_length=1, description="The spurious attribute, by its name in list_attr_celeba.txt; groups are target x spurious.")
     class_descriptions: list[str] | None = Field(
