@@ -50,6 +50,7 @@ __all__ = [
     "seed_everything",
     "Trainer",
     "EpochEnd",
+    "BatchObjective",
     "train_classifier",
     "predict_logits",
     "fits_on_device",
@@ -179,6 +180,12 @@ def _progress_bar(enabled: bool, description: str, total: int) -> Iterator[Calla
         yield lambda: progress.advance(task)
 
 
+#: ``objective(model, x, y, idx) -> (loss, logits)``: a batch loss for :meth:`Trainer.fit`
+BatchObjective = Callable[
+    [nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
+]
+
+
 @dataclass(frozen=True)
 class EpochEnd:
     """What :meth:`Trainer.fit` reports to ``on_epoch`` after each epoch.
@@ -251,9 +258,10 @@ class Trainer:
         epochs: int | None = None,
         tag: str = "train",
         on_epoch: Callable[[EpochEnd], bool | None] | None = None,
+        objective: BatchObjective | None = None,
     ) -> nn.Module:
         """Train ``model`` (a fresh one when ``None``) in place on the device with Adam and
-        cross-entropy; return it, in eval mode.
+        cross-entropy (or ``objective``); return it, in eval mode.
 
         - ``indices``: int64 ``[M]`` indices into ``split``, repeats allowed (an index listed k
           times is visited k times per epoch); default: every sample once. Epoch ``e`` (from 1)
@@ -264,6 +272,13 @@ class Trainer:
           is ``sum(w_i * ce_i) / sum(w_i)`` (torch's convention for weighted cross-entropy:
           equal weights give the plain mean). A batch whose weights are all zero is forwarded
           (its predictions are recorded) but takes no optimiser step.
+        - ``objective``: the batch loss in place of cross-entropy, for methods whose loss is not
+          a fixed weighting of the samples (GroupDRO's online group weights, LfF's pair of
+          models): called as ``objective(model, x, y, idx)`` in train mode, ``idx`` the batch's
+          int64 indices into ``split`` on the device, it returns ``(loss, logits)``: the scalar
+          to minimise and the ``[B, K]`` logits whose argmax is recorded as the batch's
+          prediction. Every parameter of ``model`` is optimised (one Adam). Not with
+          ``weights``.
         - ``epochs``: default ``options.epochs``.
         - ``on_epoch``: called with an :class:`EpochEnd` after every epoch; returning True stops
           training after that epoch.
@@ -274,7 +289,8 @@ class Trainer:
 
         After each epoch one line goes to ``metrics.jsonl``: ``stage`` (= ``tag``), ``epoch``,
         ``loss`` (mean cross-entropy over the epoch's visited samples as trained, weighted by
-        ``weights`` when given), ``train_accuracy`` (unweighted share of the visited samples
+        ``weights`` when given; with ``objective``, the mean of its batch losses weighted by
+        batch size), ``train_accuracy`` (unweighted share of the visited samples
         predicted correctly when trained on) and ``seconds``.
         """
         options, ctx = self._options, self._ctx
@@ -286,6 +302,8 @@ class Trainer:
             raise ValueError(f"Trainer.fit[{tag}]: epochs must be an int >= 0, got {epochs!r}")
         indices = _check_indices(indices, n, tag)
         weights = _check_weights(weights, n, indices, tag)
+        if objective is not None and weights is not None:
+            raise ValueError(f"Trainer.fit[{tag}]: give weights or an objective, not both")
         if model is None:
             model = self.new_model()
 
@@ -326,8 +344,9 @@ class Trainer:
                     sums.index_add_(0, torch.arange(m) // batch_size, visited.double())
                     stepped = (sums > 0).tolist()
                     batch_weights = visited.to(device).split(batch_size)
+                order_on_device = order.to(device)
                 if resident:
-                    batches = _resident_batches(images, labels, order.to(device), batch_size)
+                    batches = _resident_batches(images, labels, order_on_device, batch_size)
                 else:
                     batches = _loader_batches(split, order, batch_size, device)
                 model.train()
@@ -336,10 +355,16 @@ class Trainer:
                 loss_sum = torch.zeros((), dtype=torch.float64, device=device)
                 predicted = torch.empty(m, dtype=torch.int64, device=device)
                 for step, (x, y) in enumerate(batches):
-                    logits = model(x)
                     start = step * batch_size
+                    if objective is None:
+                        logits = model(x)
+                    else:
+                        idx = order_on_device[start : start + y.shape[0]]
+                        loss, logits = objective(model, x, y, idx)
                     predicted[start : start + y.shape[0]] = logits.detach().argmax(dim=1)
-                    if batch_weights is None:
+                    if objective is not None:
+                        loss_sum += loss.detach().double() * y.shape[0]
+                    elif batch_weights is None:
                         loss = F.cross_entropy(logits, y)
                         loss_sum += loss.detach().double() * y.shape[0]
                     elif stepped[step]:

@@ -343,6 +343,42 @@ def test_logged_loss_is_weighted_by_the_sample_weights(ctx):
     assert line["loss"] == pytest.approx(float((w * ce[indices]).sum() / w.sum()), rel=1e-4)
 
 
+def test_cross_entropy_objective_trains_like_the_default_and_sees_the_batch_indices(ctx):
+    split = _blobs()
+    plain = _trainer(ctx).fit(split, _model())
+    seen: list[torch.Tensor] = []
+
+    def objective(model, x, y, idx):
+        seen.append(idx.clone())
+        assert torch.equal(split.labels[idx.cpu()], y.cpu())
+        logits = model(x)
+        return F.cross_entropy(logits, y), logits
+
+    ends: list[EpochEnd] = []
+    custom = _trainer(ctx).fit(split, _model(), objective=objective, on_epoch=ends.append)
+    assert _close(plain, custom)
+    per_epoch = len(seen) // len(ends)
+    for e, end in enumerate(ends):
+        assert torch.equal(torch.cat(seen[e * per_epoch : (e + 1) * per_epoch]).cpu(), end.order)
+    with pytest.raises(ValueError, match="not both"):
+        _trainer(ctx).fit(split, _model(), objective=objective, weights=torch.ones(240))
+
+
+def test_objective_loss_is_what_is_minimised_and_logged(ctx):
+    split = _blobs(60)
+    # Twice the cross-entropy: Adam is scale-invariant, so the weights match; the log doubles.
+    plain = _trainer(ctx, epochs=1).fit(split, _model())
+    plain_loss = _metrics(ctx)[-1]["loss"]
+
+    def doubled(model, x, y, idx):
+        logits = model(x)
+        return 2 * F.cross_entropy(logits, y), logits
+
+    custom = _trainer(ctx, epochs=1).fit(split, _model(), objective=doubled)
+    assert _close(plain, custom)
+    assert _metrics(ctx)[-1]["loss"] == pytest.approx(2 * plain_loss, rel=1e-4)
+
+
 class _Spy(nn.Module):
     """Records the batches it sees and the logits it returns, with the train/eval mode."""
 
