@@ -31,7 +31,7 @@ from PIL import Image
 
 from .atomic import write_atomic
 from .records import Critique, RenderedSample, Verdicts
-from .results import ORACLE_NOTE, metric_columns, model_labels, verdict_results
+from .results import ORACLE_NOTE, metric_columns, model_labels, selection_lines, verdict_results
 from .secrets import redact
 from .settings import ReportOptions
 
@@ -130,6 +130,10 @@ def _models_section(results: Mapping[str, Any]) -> list[str]:
             out += ["", "Not computed (reported by the evaluator, never counted as a result): "
                     + "; ".join(f"{k}: {v}" for k, v in missing.items()) + "."]  # fmt: skip
         out.append("")
+    chosen_by = selection_lines(results)
+    if chosen_by:
+        out += ["How each model's epoch or hyperparameters were chosen (its `selection` rule):", ""]
+        out += [f"- {line}" for line in chosen_by] + [""]
     notes = []
     if results.get("input_scale"):
         notes.append(f"Inputs on the {results['input_scale']} scale.")

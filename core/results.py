@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .model_selection import UPPER_BOUND_MARK, is_upper_bound
 from .protocols import Metric
 from .records import Critique, SpuriousDataset, Verdicts, total_usage
 
@@ -40,6 +41,7 @@ __all__ = [
     "MetricColumn",
     "metric_columns",
     "model_labels",
+    "selection_lines",
     "summary_lines",
     "verdict_results",
     "machine_info",
@@ -297,8 +299,26 @@ def metric_columns(results: Mapping[str, Any]) -> list[MetricColumn]:
 
 
 def model_labels(results: Mapping[str, Any]) -> dict[str, str]:
-    """Model key -> the label tables show, in the run's order."""
-    return {key: str(info.get("label") or key) for key, info in (results.get("models") or {}).items()}
+    """Model key -> the label tables show, in the run's order. A model the test split chose
+    (``selection = "oracle-test"``) carries :data:`~lvlmva.model_selection.UPPER_BOUND_MARK`."""
+    labels = {}
+    for key, info in (results.get("models") or {}).items():
+        label = str(info.get("label") or key)
+        if is_upper_bound(info.get("details")) and UPPER_BOUND_MARK not in label:
+            label = f"{label} {UPPER_BOUND_MARK}"
+        labels[key] = label
+    return labels
+
+
+def selection_lines(results: Mapping[str, Any]) -> list[str]:
+    """One line per model chosen by a rule: ``label: criterion (selection = 'rule')``."""
+    labels = model_labels(results)
+    out = []
+    for key, info in (results.get("models") or {}).items():
+        selection = (info.get("details") or {}).get("selection")
+        if isinstance(selection, Mapping) and selection.get("rule"):
+            out.append(f"{labels[key]}: {selection.get('criterion')} (selection = {selection['rule']!r})")
+    return out
 
 
 #: verdict keys an older results.json carries under another name -> the name they have now

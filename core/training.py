@@ -31,7 +31,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -40,7 +40,8 @@ from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .metrics import accuracy, average_group_accuracy, worst_group_accuracy
+from . import model_selection
+from .model_selection import SelectionRule
 from .protocols import PluginOptions, RunContext
 from .records import AlignmentSet, Split, SpuriousDataset, TrainedModel
 from .settings import TrainOptions
@@ -515,8 +516,13 @@ _RESERVED_KEYS = frozenset(
     {"stage", "epoch", "steps", "seconds", "train_accuracy", "run_stage", "run_attempt"}
 )
 
-#: The validation score each ``select_by`` choice compares.
-_SELECTION_SCORES = {"val-accuracy": "val_accuracy", "val-wga": "val_wga"}
+#: The score of a grid row each ``selection`` rule compares (:mod:`lvlmva.model_selection`).
+_SELECTION_SCORES = {
+    "average": "val_accuracy",
+    "worst-group": "val_wga",
+    "worst-class": "val_wca",
+    "oracle-test": "test_wga",
+}
 
 AlignmentLoss = Callable[..., Mapping[str, torch.Tensor]]
 """An aligner's loss: ``loss(model, inputs, targets, masks, **params)`` returns its terms by
@@ -533,12 +539,14 @@ class AlignmentOptions(PluginOptions):
     """The options every aligner trained by :class:`AlignmentTrainer` has (an aligner's own loss
     options come beside them)."""
 
-    select_by: Literal["val-accuracy", "val-wga"] = Field(
-        "val-accuracy",
-        description="How a grid of loss parameters is decided: 'val-accuracy' (validation "
-        "accuracy; needs no group labels) or 'val-wga' (worst-group validation accuracy; needs "
-        "group labels on the validation split). Unused without a grid. The test split is never "
-        "read.",
+    selection: SelectionRule = Field(
+        "average",
+        description="How a grid of loss parameters is decided: 'average' (validation accuracy; "
+        "needs no group labels, LVLM-VA's premise; the default), 'worst-class' (the lowest "
+        "per-class validation accuracy; no group labels), 'worst-group' (worst-group validation "
+        "accuracy; needs group labels on the validation split), or 'oracle-test' (worst-group "
+        "accuracy on the test split: an upper bound, labelled so wherever it appears). Unused "
+        "without a grid; only 'oracle-test' reads the test split.",
     )
     epochs: int = Field(3, ge=0, description="Passes over the ordinary training samples.")
     lr: float = Field(
@@ -579,11 +587,11 @@ def _grid(params: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any
 
 
 def alignment_grid_problems(
-    data: SpuriousDataset, params: Mapping[str, Any], select_by: str
+    data: SpuriousDataset, params: Mapping[str, Any], selection: str
 ) -> list[str]:
     """What would stop a grid of loss parameters (``params`` with a tuple value) from being
-    chosen on ``data``: no (or an empty) validation split, or ``select_by = 'val-wga'`` without
-    validation group labels. Parameters without a grid need neither."""
+    chosen on ``data``: no (or an empty) validation split, or a ``selection`` rule without the
+    group labels it compares. Parameters without a grid need neither."""
     _fixed, points = _grid(params)
     if points is None:
         return []
@@ -595,10 +603,14 @@ def alignment_grid_problems(
             f"{'no' if data.val is None else 'an empty'} validation split: add one or give "
             f"{names} a single value"
         ]
-    if select_by == "val-wga" and data.val.groups is None:
+    chosen = model_selection.rule(selection)
+    split = data.val if chosen.split == "val" else data.test
+    if chosen.needs_groups and (split is None or split.groups is None):
+        words = "validation" if chosen.split == "val" else "test"
         return [
-            f"select_by = 'val-wga' (for the {grid}) needs group labels on the validation "
-            "split, which has none: use select_by = 'val-accuracy' or a data set with groups"
+            f"selection = {selection!r} (for the {grid}) needs group labels on the {words} "
+            "split, which has none: use selection = 'average' or 'worst-class', or a data set "
+            "with groups"
         ]
     return []
 
@@ -684,13 +696,13 @@ class AlignmentTrainer:
         ``params`` are keyword arguments of ``loss``; a tuple (or list) value is a grid. Without
         a grid, one alignment, returned as a module. With one, one alignment per grid point
         (the product of the tuples), each from ``model`` with the same seeded batches, each
-        scored on the validation split; the first best by ``select_by`` is returned as a
+        scored on the validation split; the first best by ``selection`` is returned as a
         ``TrainedModel`` whose details hold the criterion, every point's scores (``grid``) and
         the point ``chosen``. One ``f"{tag}-select"`` line per point goes to ``metrics.jsonl``.
         Only the best model so far is kept, so the points never need to fit in memory at once.
         """
         params = dict(params or {})
-        problems = alignment_grid_problems(data, params, self.options.select_by)
+        problems = alignment_grid_problems(data, params, self.options.selection)
         if problems:
             raise ValueError(f"{self.who}: " + "; ".join(problems))
         self._check_inputs(data.train, alignment, masks)
@@ -698,7 +710,7 @@ class AlignmentTrainer:
         if points is None:
             return self.fit(model, data.train, alignment, masks, loss, fixed)
 
-        key = _SELECTION_SCORES[self.options.select_by]
+        key = _SELECTION_SCORES[self.options.selection]
         rows: list[dict[str, Any]] = []
         values: list[float] = []
         best: tuple[nn.Module, dict[str, Any]] | None = None
@@ -709,29 +721,40 @@ class AlignmentTrainer:
             scores = self.validation_scores(aligned, data)
             rows.append({**point, **scores})
             self.ctx.log_jsonl("metrics.jsonl", {"stage": f"{self.tag}-select", **point, **scores})
-            values.append(scores[key])
+            values.append(-math.inf if scores[key] is None else scores[key])
             if first_best(values) == len(values) - 1:
                 best = (aligned, point)
         assert best is not None  # the first point is the best of one
-        details = {"criterion": self.options.select_by, "grid": rows, "chosen": dict(best[1])}
+        details = {
+            "criterion": model_selection.rule(self.options.selection).criterion,
+            "selection": model_selection.selection_record(self.options.selection),
+            "grid": rows,
+            "chosen": dict(best[1]),
+        }
         return TrainedModel(best[0], details)
 
     def validation_scores(self, model: nn.Module, data: SpuriousDataset) -> dict[str, Any]:
-        """``val_accuracy``, ``val_wga`` and ``val_aga`` of ``model`` on the validation split (the
-        group scores None without group labels)."""
+        """``val_accuracy``, ``val_wga``, ``val_aga`` and ``val_wca`` (worst-class) of ``model``
+        on the validation split (the group scores None without group labels); under
+        ``selection = "oracle-test"`` also ``test_accuracy`` and ``test_wga`` on the test split."""
         val = data.val
         if val is None:
             raise ValueError(f"{self.who}: there is no validation split to score on")
-        logits = predict_logits(model, val.inputs, self.ctx.device)
-        scores: dict[str, Any] = {
-            "val_accuracy": accuracy(logits, val.labels),
-            "val_wga": None,
-            "val_aga": None,
-        }
-        if val.groups is not None:
-            num_groups = len(data.group_names) or int(val.groups.max()) + 1
-            scores["val_wga"] = worst_group_accuracy(logits, val.labels, val.groups, num_groups)
-            scores["val_aga"] = average_group_accuracy(logits, val.labels, val.groups, num_groups)
+        scores: dict[str, Any] = {}
+        splits = [("val", val)]
+        if self.options.selection == "oracle-test":
+            splits.append(("test", data.test))
+        for prefix, split in splits:
+            logits = predict_logits(model, split.inputs, self.ctx.device)
+            num_groups = 0
+            if split.groups is not None:
+                num_groups = len(data.group_names) or int(split.groups.max()) + 1
+            found = model_selection.selection_scores(logits, split, num_groups, data.num_classes)
+            scores[f"{prefix}_accuracy"] = found["accuracy"]
+            scores[f"{prefix}_wga"] = found["worst_group_accuracy"]
+            if prefix == "val":
+                scores["val_aga"] = found["average_group_accuracy"]
+                scores["val_wca"] = found["worst_class_accuracy"]
         return scores
 
     def _check_inputs(self, train: Split, alignment: AlignmentSet, masks: torch.Tensor) -> None:
@@ -959,7 +982,7 @@ class LossAligner(abc.ABC):
 
     def check_data(self, data: SpuriousDataset) -> list[str]:
         """What would stop a grid of loss parameters (:func:`alignment_grid_problems`)."""
-        return alignment_grid_problems(data, self.loss_params(), self.options.select_by)
+        return alignment_grid_problems(data, self.loss_params(), self.options.selection)
 
     def align(
         self,

@@ -125,8 +125,12 @@ def _attribute_fn(call: StageCall, data: SpuriousDataset) -> Callable[[nn.Module
 TRAINING_SPLITS = ("train", "val")
 
 
-def _for_training(data: SpuriousDataset, who: str) -> SpuriousDataset:
-    """The data set as a training role sees it: train and val; reading test raises."""
+def _for_training(data: SpuriousDataset, who: str, plugin: Any = None) -> SpuriousDataset:
+    """The data set as a training role sees it: train and val; reading test raises, unless the
+    plugin's options declare ``selection = "oracle-test"`` (its choice is then labelled an upper
+    bound wherever it appears, :mod:`lvlmva.model_selection`)."""
+    if getattr(getattr(plugin, "options", None), "selection", None) == "oracle-test":
+        return data
     return data.for_reader(TRAINING_SPLITS, f"{who}: a training role reads the training and validation splits only")
 
 
@@ -327,17 +331,19 @@ def _align(call: StageCall) -> ModelArtifact:
     if not bool(keep.any()):
         raise RuntimeError("no alignment sample has valid verdicts; see transcripts.jsonl and the judge's failures")
     subset = AlignmentSet(chosen.indices[keep], chosen.scores[keep], chosen.strategy, relevant=m["relevant"][keep])
-    seen = _for_training(data, "the aligner")
-    return _artifact("aligner", call.plugin("aligner").align(call["train"], seen, subset, m["masks"][keep], call.ctx), data)
+    aligner = call.plugin("aligner")
+    seen = _for_training(data, "the aligner", aligner)
+    return _artifact("aligner", aligner.align(call["train"], seen, subset, m["masks"][keep], call.ctx), data)
 
 
 def _reference(call: StageCall) -> ModelArtifact:
     data: SpuriousDataset = call["data"]
     chosen: AlignmentSet = call["select"]
     masks = data.train.spurious_masks[chosen.indices]
-    seen = _for_training(data, "the aligner")
+    aligner = call.plugin("aligner")
+    seen = _for_training(data, "the aligner", aligner)
     chosen = dataclasses.replace(chosen, relevant=~masks)  # off the true masks: relevant
-    return _artifact("aligner", call.plugin("aligner").align(call["train"], seen, chosen, masks, call.ctx), data)
+    return _artifact("aligner", aligner.align(call["train"], seen, chosen, masks, call.ctx), data)
 
 
 def _needs_train_masks(what: str) -> Callable[[StageView, SpuriousDataset], list[str]]:
@@ -383,15 +389,16 @@ def _mitigate_stage(instance: str, choice: PluginChoice) -> Stage:
         data: SpuriousDataset = call["data"]
         # A copy: the original model is evaluated as "original" in the same run.
         original = copy.deepcopy(call["train"])
-        seen = _for_training(data, f"mitigator {instance!r}")
-        result = call.plugin(slot).mitigate(original, _trainer(call, data), seen, call.ctx)
+        mitigator = call.plugin(slot)
+        seen = _for_training(data, f"mitigator {instance!r}", mitigator)
+        result = mitigator.mitigate(original, _trainer(call, data), seen, call.ctx)
         return _artifact(f"mitigator {choice.name!r}", result, data)
 
     def check(view: StageView, data: SpuriousDataset) -> list[str]:
         problems = []
         who = f"mitigator {instance!r} ({choice.name})"
-        if view.flag(slot, "needs_groups") and (data.train.groups is None or (data.val is not None and data.val.groups is None)):
-            problems.append(f"{who} needs group labels, which the loaded data set does not have")
+        if view.flag(slot, "needs_groups") and data.train.groups is None:
+            problems.append(f"{who} trains with group labels, which the loaded data set does not have")
         if view.flag(slot, "needs_validation") and data.val is None:
             problems.append(f"{who} needs a validation split, which the loaded data set does not have")
         return problems

@@ -299,17 +299,35 @@ def _problems(
     return lines
 
 
+def _selection_rules(cells: Sequence[CellResult]) -> dict[str, str]:
+    """Method key -> the selection rule(s) that chose its models in the ok cells (from
+    ``details.selection`` in each run's results), for the table's "Selected by" column."""
+    found: dict[str, list[str]] = {}
+    for cell in cells:
+        if cell.status != "ok" or not cell.results:
+            continue
+        for key, info in (cell.results.get("models") or {}).items():
+            selection = (info.get("details") or {}).get("selection") if isinstance(info, Mapping) else None
+            if isinstance(selection, Mapping) and selection.get("rule"):
+                rules = found.setdefault(key, [])
+                if selection["rule"] not in rules:
+                    rules.append(str(selection["rule"]))
+    return {k: ", ".join(v) for k, v in found.items()}
+
+
 def _table(
     datasets: Sequence[str],
     by_dataset: Mapping[str, Mapping[str, Any]],
     methods: Mapping[str, str],
+    rules: Mapping[str, str] | None = None,
 ) -> str:
-    header = ["Method"]
+    rules = rules or {}
+    header = ["Method"] + (["Selected by"] if rules else [])
     for dataset in datasets:
         header += [f"{dataset} {s.metric.title}" for s in by_dataset[dataset]["shown"].values()]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, label in methods.items():
-        cells = [label]
+        cells = [label] + ([rules.get(method, DASH)] if rules else [])
         for dataset in datasets:
             info = by_dataset[dataset]
             for key, what in info["shown"].items():
@@ -324,6 +342,14 @@ def _table(
         f"missing method, listed below); without one, every seed counts. {DASH}: no value.",
         AGA_NOTE + ".",
     ]
+    if rules:
+        notes.append(
+            "Selected by: the rule that chose each method's epoch or hyperparameters "
+            "(worst-group = worst-group validation accuracy, needs validation group labels; "
+            "worst-class = lowest per-class validation accuracy and average = validation "
+            "accuracy, no group labels; oracle-test = chosen on the test split, an upper bound). "
+            f"{DASH}: nothing was chosen (a model trained once, as configured)."
+        )
     for dataset in datasets:
         info = by_dataset[dataset]
         sources = sorted({(s.evaluator, s.split) for s in info["shown"].values()})
@@ -865,7 +891,7 @@ def write_study_outputs(
         json.dumps(_results_json(cells, rows, datasets, by_dataset, methods, baseline), indent=2)
         + "\n",
     )
-    write("table.md", _table(datasets, by_dataset, methods))
+    write("table.md", _table(datasets, by_dataset, methods, _selection_rules(cells)))
     stats = {
         **_stats_description(alpha, correction),
         "holm_floor": holm_floor(comparisons),

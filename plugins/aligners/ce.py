@@ -134,7 +134,7 @@ class _CeLossOptions(PluginOptions):
         1,
         description="Counterexamples of every alignment sample in a step (the typology code's "
         "n_counterexamples per instance: 1). A list is a grid: one model is aligned per value, "
-        "the best by select_by on the validation split kept (ties: the first value); a grid "
+        "the best by selection on the validation split kept (ties: the first value); a grid "
         "needs a validation split.",
     )
     strategy: Strategy = Field(

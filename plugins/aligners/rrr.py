@@ -18,9 +18,9 @@ The input gradients use plain ``torch.autograd.grad(..., create_graph=True)`` (d
 backprop), never captum: the penalty must stay differentiable with respect to the parameters.
 
 ``lam`` may be a grid: one model is aligned per value, each from the same input model with the
-same seeded batches, and the one with the best validation score (``select_by``) is returned as
-a :class:`~lvlmva.records.TrainedModel` whose details list every point's scores. The test split
-is never read.
+same seeded batches, and the one with the best validation score (``selection``) is returned as
+a :class:`~lvlmva.records.TrainedModel` whose details list every point's scores and the rule
+that chose. The test split is read only under ``selection = "oracle-test"`` (an upper bound).
 
 The training itself (batches, seeds, Adam, clipping, the per-epoch ``metrics.jsonl`` lines, the
 grid) is :class:`lvlmva.training.AlignmentTrainer`'s: :class:`RrrAligner` is a
@@ -29,13 +29,14 @@ grid) is :class:`lvlmva.training.AlignmentTrainer`'s: :class:`RrrAligner` is a
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
+from lvlmva.model_selection import SelectionRule
 from lvlmva.protocols import PluginOptions
 from lvlmva.training import AlignmentOptions, LossAligner
 
@@ -128,8 +129,8 @@ class _RrrLossOptions(PluginOptions):
         "DecoyMNIST on the 0-255 scale with the quick settings (lr 1e-3, 3 epochs); on 0-1 "
         "inputs about 1 is the equivalent. A list (e.g. [1, 10, 100, 1e3, 1e4, 1e5]) is a grid: "
         "one model is aligned per value (k values cost k alignments), each from the same model "
-        "with the same seeded batches, and the best by select_by on the validation split is "
-        "kept (ties: the first value); a grid needs a validation split.",
+        "with the same seeded batches, and the best by selection (on the validation split unless "
+        "'oracle-test') is kept (ties: the first value); a grid needs a validation split.",
     )
 
     @field_validator("lam")
@@ -148,11 +149,13 @@ class RrrOptions(AlignmentOptions, _RrrLossOptions):
     """Options of the RRR aligner: ``lam`` and the options of every aligner
     (:class:`~lvlmva.training.AlignmentOptions`)."""
 
-    select_by: Literal["val-accuracy", "val-wga"] = Field(
-        "val-accuracy",
-        description="How a lam grid is decided: 'val-accuracy' (validation accuracy; needs no "
-        "group labels) or 'val-wga' (worst-group validation accuracy; needs group labels on the "
-        "validation split). Unused for a single lam. The test split is never read.",
+    selection: SelectionRule = Field(
+        "average",
+        description="How a lam grid is decided: 'average' (validation accuracy; needs no group "
+        "labels; the default), 'worst-class' (the lowest per-class validation accuracy; no group "
+        "labels), 'worst-group' (worst-group validation accuracy; needs group labels on the "
+        "validation split) or 'oracle-test' (worst-group test accuracy: an upper bound, labelled "
+        "so). Unused for a single lam.",
     )
 
 

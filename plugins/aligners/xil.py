@@ -244,7 +244,7 @@ class WeightOptions(PluginOptions):
 #: the grid sentence every lam description ends with
 GRID_SENTENCE = (
     "A list is a grid: one model is aligned per value (k values cost k alignments), each from "
-    "the same model with the same seeded batches, and the best by select_by on the validation "
+    "the same model with the same seeded batches, and the best by selection on the validation "
     "split is kept (ties: the first value); a grid needs a validation split."
 )
 

@@ -12,7 +12,10 @@ extractor is kept.
    second half (the larger when odd) is subsampled to its smallest group (group-balanced),
    standardised by a ``StandardScaler`` fit on it, and fits one L1 logistic regression
    (liblinear) per grid point; each is scored on the first half, and the grid point with the
-   best worst-group accuracy there wins (ties to the first: the larger C).
+   best worst-group accuracy there wins (ties to the first: the larger C). Another
+   ``selection`` rule compares another score of that half (worst-class or plain accuracy), or
+   under ``"oracle-test"`` each point's worst-group accuracy on the test split (an upper
+   bound).
 3. Final head (``dfr_on_validation_eval``): ``num_retrains`` fits with the chosen point, each on
    a fresh group-balanced subsample of the whole validation split; their ``coef_`` and
    ``intercept_`` are averaged.
@@ -35,15 +38,17 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
+from lvlmva.model_selection import SelectionRule, rule, selection_record
 from lvlmva.protocols import PluginOptions, RunContext
 from lvlmva.records import SpuriousDataset, TrainedModel
 
 from .validation import (
-    GRID_RULE,
     WGA,
     data_problems,
     first_best,
+    grid_rule,
     require,
+    selection_field,
 )
 
 if TYPE_CHECKING:
@@ -103,6 +108,7 @@ class DfrOptions(PluginOptions):
         ge=1,
         description="liblinear iterations per fit (scikit-learn's default, as the reference).",
     )
+    selection: SelectionRule = selection_field()
 
     @field_validator("c_grid", "class_weight_grid")
     @classmethod
@@ -272,9 +278,11 @@ class _Scaler(NamedTuple):
 def _scores(pred: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> dict[str, float]:
     correct = pred == labels
     accs = [float(correct[groups == g].mean()) for g in np.unique(groups)]
+    by_class = [float(correct[labels == k].mean()) for k in np.unique(labels)]
     return {
         WGA: min(accs),
         "average_group_accuracy": float(np.mean(accs)),
+        "worst_class_accuracy": min(by_class),
         "accuracy": float(correct.mean()),
     }
 
@@ -298,8 +306,12 @@ def tune(
     *,
     standardise: bool = True,
     max_iter: int = 100,
+    selection: str = "worst-group",
+    test: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Score every grid point on the halves of the validation split (``dfr_on_validation_tune``).
+    """Score every grid point on the halves of the validation split (``dfr_on_validation_tune``)
+    and choose one by rule ``selection``; ``"oracle-test"`` needs ``test`` (features, labels,
+    groups of the test split), which every point is then also scored on.
 
     Draws from ``generator``, in order: ``torch.randperm(N)`` (its first ``N // 2`` are the
     held-out half, the rest the fitting half); the balanced subsample of the fitting half
@@ -330,10 +342,15 @@ def tune(
         unconverged += warned
         val = _scores(predict_linear(x_held, linear), y[held], groups[held])
         grid.append({"params": dict(point), "val": val})
-    best = first_best(grid)
+        if test is not None:
+            grid[-1]["test"] = _scores(predict_linear(scaler(test[0]), linear), test[1], test[2])
+    if rule(selection).split == "test" and test is None:
+        raise ValueError("dfr: selection = 'oracle-test' needs the test split's features")
+    best = first_best(grid, selection)
+    chosen = {k: v for k, v in grid[best].items() if k in ("params", "val", "test")}
     return {
         "grid": grid,
-        "chosen": {"index": best, "params": grid[best]["params"], "val": grid[best]["val"]},
+        "chosen": {"index": best, **chosen},
         "fitting_half": int(len(fitting)),
         "held_out_half": int(len(held)),
         "per_group": int(len(picked) // len(present)),
@@ -427,7 +444,10 @@ class DfrMitigator:
         self.options = options
 
     def check_data(self, data: SpuriousDataset) -> list[str]:
+        # the head is fit on group-balanced validation data whatever the selection rule
         problems = data_problems(data, "dfr", per_group=2)
+        if self.options.selection != "worst-group" and not problems:
+            problems = data_problems(data, "dfr", selection=self.options.selection)
         if data.val is None or data.val.groups is None or problems:
             return problems
         counts = torch.bincount(data.val.labels, minlength=data.num_classes)
@@ -452,10 +472,16 @@ class DfrMitigator:
         num_classes = data.num_classes
         x_val = penultimate_features(original, data.val.inputs, trainer.device)
         y_val, g_val = data.val.labels.numpy(), data.val.groups.numpy()
+        test = None
+        if rule(opts.selection).split == "test":
+            assert data.test.groups is not None  # checked above
+            x_test = penultimate_features(original, data.test.inputs, trainer.device)
+            test = (x_test, data.test.labels.numpy(), data.test.groups.numpy())
 
         tuning = tune(
             x_val, y_val, g_val, _points(opts, num_classes), num_classes,
             ctx.generator("dfr-tune"), standardise=opts.scaler != "none", max_iter=opts.max_iter,
+            selection=opts.selection, test=test,
         )  # fmt: skip
         point = tuning["chosen"]["params"]
         if opts.scaler == "train":
@@ -472,9 +498,16 @@ class DfrMitigator:
         on_val = _scores(predict_linear(scaler(x_val), linear), y_val, g_val)
         details = {
             "method": "dfr",
-            "criterion": "worst-group accuracy on the held-out half of the validation split "
-            "(the other half fits)",
-            "grid_rule": GRID_RULE + " (the larger C)",
+            "selection": selection_record(opts.selection),
+            "criterion": (
+                rule(opts.selection).criterion
+                if rule(opts.selection).split == "test"
+                else rule(opts.selection).criterion.replace(
+                    "the validation split", "the held-out half of the validation split"
+                )
+                + " (the other half fits)"
+            ),
+            "grid_rule": grid_rule(opts.selection) + " (the larger C)",
             "models_trained": 0,
             "linear_fits": (len(tuning["grid"]) + opts.num_retrains) * _ovr(num_classes),
             "grid": tuning["grid"],

@@ -13,11 +13,17 @@
 
 The grid is every (T, lambda_up) pair, T in ``t_grid`` and lambda_up in ``lambda_up_grid``
 (the reference's generator script: 20, 50, 100). Each point's stage-2 model is chosen at its
-best epoch and the points are compared by worst-group validation accuracy (BalancingGroups).
-Epochs count from 1 here; the reference counts from 0, so its ``final_epoch`` T is its
-(T+1)-th pass.
+best epoch and the points are compared by the ``selection`` rule, worst-group validation
+accuracy by default (BalancingGroups): T is chosen on validation like lambda_up.
 
-An empty error set (a stage-1 model that fits every training sample) is an error, not a run.
+What T means: the number of stage-1 epochs, counted from 1, so the error set comes from the
+T-th pass over the training split. The reference counts epochs from 0: T here is the
+reference's ``--final_epoch T-1``. Its CelebA run (``--final_epoch 1``) is T = 2 here, its
+Waterbirds run (``--final_epoch 60``) T = 61. Every grid point records its
+``reference_final_epoch``.
+
+A T whose error set is empty (a stage-1 model that fits every training sample by then) is
+recorded in the grid as skipped, with the reason; only when every T's is empty is it an error.
 """
 
 from __future__ import annotations
@@ -32,16 +38,15 @@ from lvlmva.protocols import PluginOptions, RunContext
 from lvlmva.records import SpuriousDataset, TrainedModel
 
 from .validation import (
-    CRITERION,
-    EPOCH_RULE,
-    GRID_RULE,
     EpochSelector,
     RetrainOptions,
+    chosen_scores,
     count_groups,
     data_problems,
     first_best,
     fresh_model,
     require,
+    selection_details,
 )
 
 if TYPE_CHECKING:
@@ -62,11 +67,13 @@ class JttOptions(RetrainOptions):
     """Options of ``jtt``; ``epochs`` and ``select_epoch`` are those of stage 2."""
 
     t_grid: list[int] = Field(
-        default_factory=lambda: [1],
-        description="Stage-1 epochs T to try (a grid). The reference sets T per data set: 60 "
-        "for Waterbirds, 1 for CelebA, 2 for MultiNLI and CivilComments (BalancingGroups: "
-        "40/50/60 and 1/5/10). Default [1], CelebA's: on a small data set a few epochs fit "
-        "almost every training sample and leave no errors to upweight. One stage-1 run of "
+        default_factory=lambda: [1, 2, 3],
+        description="Stage-1 epochs T to try, counted from 1 (a grid, chosen on validation with "
+        "lambda_up). T is the reference's --final_epoch T-1: its CelebA setting (final_epoch 1) "
+        "is T = 2, Waterbirds' (final_epoch 60) T = 61, MultiNLI's and CivilComments' "
+        "(final_epoch 2) T = 3 (BalancingGroups' grids: 40/50/60 and 1/5/10). Default [1, 2, 3]: "
+        "on a small data set a few epochs fit almost every training sample and leave no errors "
+        "to upweight (a T whose error set is empty is skipped and recorded). One stage-1 run of "
         "max(T) epochs serves every T.",
     )
     lambda_up_grid: list[int] = Field(
@@ -127,21 +134,20 @@ class JttMitigator:
     """
 
     Options: ClassVar[type[PluginOptions]] = JttOptions
-    needs_groups: ClassVar[bool] = True
+    needs_groups: ClassVar[bool] = False
     needs_validation: ClassVar[bool] = True
 
     def __init__(self, options: JttOptions) -> None:
         self.options = options
 
     def check_data(self, data: SpuriousDataset) -> list[str]:
-        return data_problems(data, "jtt")
+        return data_problems(data, "jtt", selection=self.options.selection)
 
     def mitigate(
         self, original: nn.Module, trainer: Trainer, data: SpuriousDataset, ctx: RunContext
     ) -> TrainedModel:
         opts = self.options
         require(self.check_data(data))
-        assert data.val is not None  # checked above
         num_groups = count_groups(data)
         n = len(data.train)
 
@@ -149,7 +155,7 @@ class JttMitigator:
         stage1 = fresh_model(trainer, ctx, "jtt-stage1-init")
         trainer.fit(data.train, stage1, epochs=max(opts.t_grid), tag="jtt-stage1", on_epoch=errors)
         empty = [t for t in opts.t_grid if errors.found[t].numel() == 0]
-        if empty:
+        if len(empty) == len(opts.t_grid):
             also = ", or error_set = 'train-pass'" if opts.error_set == "eval-pass" else ""
             raise ValueError(
                 f"jtt: the stage-1 model misclassified none of the {n} training samples in the "
@@ -160,12 +166,23 @@ class JttMitigator:
             )
 
         grid: list[dict[str, Any]] = []
+        skipped: list[dict[str, Any]] = []
         best_state: dict[str, torch.Tensor] = {}
         for t in opts.t_grid:
             error_set = errors.found[t]
+            if error_set.numel() == 0:
+                skipped.append(
+                    {
+                        "T": t,
+                        "reference_final_epoch": t - 1,
+                        "reason": f"the stage-1 model misclassified none of the {n} training "
+                        f"samples in the {opts.error_set} of epoch {t}: nothing to upweight",
+                    }
+                )
+                continue
             for lambda_up in opts.lambda_up_grid:
                 indices = upsampled_indices(n, error_set, lambda_up)
-                selector = EpochSelector(trainer, data.val, num_groups, keep_best=opts.select_epoch)
+                selector = EpochSelector.for_options(trainer, data, opts)
                 model = fresh_model(trainer, ctx, "jtt-stage2-init")
                 trainer.fit(
                     data.train,
@@ -179,31 +196,37 @@ class JttMitigator:
                 grid.append(
                     {
                         "params": {"T": t, "lambda_up": lambda_up},
+                        "reference_final_epoch": t - 1,
                         "error_set_size": int(error_set.numel()),
                         "error_set_groups": _group_counts(data, error_set, num_groups),
                         "stage2_samples": int(indices.numel()),
                         **chosen,
                     }
                 )
-                if first_best(grid) == len(grid) - 1:  # only the best point's weights are kept
+                # only the best point's weights are kept
+                if first_best(grid, opts.selection) == len(grid) - 1:
                     best_state = {
                         k: v.detach().cpu().clone() for k, v in model.state_dict().items()
                     }
-        best = first_best(grid)
+        best = first_best(grid, opts.selection)
         model.load_state_dict(best_state)
         details = {
             "method": "jtt",
-            "criterion": CRITERION,
-            "grid_rule": GRID_RULE,
-            "epoch_rule": EPOCH_RULE if opts.select_epoch else "the last epoch",
+            **selection_details(opts.selection, opts.select_epoch, grid=True),
             "error_set": opts.error_set,
+            "t_meaning": "stage-1 epochs counted from 1: T is the reference's --final_epoch T-1",
             "models_trained": len(grid) + 1,
             "grid": grid,
+            "skipped": skipped,
             "chosen": {
                 "index": best,
                 "params": grid[best]["params"],
-                "epoch": grid[best]["epoch"],
-                "val": grid[best]["val"],
+                "reference_final_epoch": grid[best]["reference_final_epoch"],
+                **{
+                    k: v
+                    for k, v in chosen_scores(grid[best]).items()
+                    if k in ("epoch", "val", "test")
+                },
             },
         }
         return TrainedModel(model, details)

@@ -7,7 +7,8 @@ sample is kept while its (class, attribute) cell (= its group) has fewer than ``
 kept samples, ``min_size`` being the size of the smallest cell. Every cell then holds exactly
 ``min_size`` samples: the first ones of the permutation. Validation and test splits are left
 as they are. A fresh model is then trained on the kept samples with the run's ``[train]``
-settings, its epoch chosen by worst-group validation accuracy (BalancingGroups).
+settings, its epoch chosen by its ``selection`` rule (worst-group validation accuracy by default,
+as in BalancingGroups).
 
 An empty cell makes ``min_size`` 0 (BalancingGroups would train on nothing): that is an error,
 found by ``check_data`` before anything trains.
@@ -24,15 +25,16 @@ from lvlmva.protocols import PluginOptions, RunContext
 from lvlmva.records import SpuriousDataset, TrainedModel
 
 from .validation import (
-    CRITERION,
-    EPOCH_RULE,
     EpochSelector,
     RetrainOptions,
+    chosen_scores,
     count_groups,
     data_problems,
     fresh_model,
     group_label,
+    group_problems,
     require,
+    selection_details,
 )
 
 if TYPE_CHECKING:
@@ -95,7 +97,8 @@ class SubgMitigator:
         self.options = options
 
     def check_data(self, data: SpuriousDataset) -> list[str]:
-        problems = data_problems(data, "subg")
+        problems = data_problems(data, "subg", selection=self.options.selection)
+        problems += group_problems(data, "subg")
         if data.train.groups is None:
             return problems
         sizes = torch.bincount(data.train.groups, minlength=count_groups(data))
@@ -113,10 +116,10 @@ class SubgMitigator:
         self, original: nn.Module, trainer: Trainer, data: SpuriousDataset, ctx: RunContext
     ) -> TrainedModel:
         require(self.check_data(data))
-        assert data.val is not None and data.train.groups is not None  # checked above
+        assert data.train.groups is not None  # checked above
         num_groups = count_groups(data)
         kept = subsample_groups(data.train.groups, num_groups, ctx.generator("subg"))
-        selector = EpochSelector(trainer, data.val, num_groups, keep_best=self.options.select_epoch)
+        selector = EpochSelector.for_options(trainer, data, self.options)
         model = fresh_model(trainer, ctx, "subg-init")
         trainer.fit(
             data.train,
@@ -130,8 +133,7 @@ class SubgMitigator:
         params = {"min_size": kept.min_size}
         details = {
             "method": "subg",
-            "criterion": CRITERION,
-            "epoch_rule": EPOCH_RULE if self.options.select_epoch else "the last epoch",
+            **selection_details(self.options.selection, self.options.select_epoch),
             "models_trained": 1,
             "subsample": {
                 "min_size": kept.min_size,
@@ -140,11 +142,6 @@ class SubgMitigator:
                 "cell_sizes": kept.cell_sizes.tolist(),
             },
             "grid": [{"params": params, **chosen}],
-            "chosen": {
-                "index": 0,
-                "params": params,
-                "epoch": chosen["epoch"],
-                "val": chosen["val"],
-            },
+            "chosen": {"index": 0, "params": params, **chosen_scores(chosen)},
         }
         return TrainedModel(model, details)

@@ -242,7 +242,7 @@ def test_checks_on_the_loaded_data_stop_before_training(tmp_path, settings_file,
 
     calls.unlink()
     overrides = ["dataset.groups=false", "mitigators.m.plugin=toy"]
-    with pytest.raises(ConfigurationError, match=r"mitigator 'm' \(toy\) needs group labels, which the loaded data set does not have"):
+    with pytest.raises(ConfigurationError, match=r"mitigator 'm' \(toy\) trains with group labels, which the loaded data set does not have"):
         _run(settings_file, tmp_path / "run2", registry, overrides=overrides)
     assert _roles(calls) == ["data"]
 
@@ -763,6 +763,44 @@ def test_a_training_role_that_reads_the_test_split_fails(tmp_path, settings_file
     assert "evaluator 'toy', which declares split = 'val'" in str(failures["evaluate.toy"])
     # what they may read, they got
     assert seen["aligner train"] > 0 and seen["mitigator train"] > 0 and seen["evaluator val"] == 8
+
+
+def test_a_mitigator_that_declares_oracle_test_selection_gets_the_test_split_and_is_labelled_an_upper_bound(
+    tmp_path, settings_file
+):
+    from lvlmva.model_selection import UPPER_BOUND_MARK, selection_record
+    from lvlmva.protocols import PluginOptions
+    from lvlmva.records import TrainedModel
+
+    seen: dict[str, int] = {}
+
+    class Chooser(pipeline_toys.ToyMitigator):
+        class Options(PluginOptions):
+            selection: str = "worst-group"
+
+        def mitigate(self, original, trainer, data, ctx):
+            if self.options.selection == "oracle-test":
+                seen[self.options.selection] = len(data.test)
+            return TrainedModel(original, {"selection": selection_record(self.options.selection)})
+
+    registry = _registry()
+    registry.add("mitigator", "chooser", Chooser)
+    overrides = [
+        "mitigators.fair.plugin=chooser",
+        "mitigators.peeking.plugin=chooser",
+        "mitigators.peeking.selection=oracle-test",
+        "report.enabled=true",
+    ]
+    _run(settings_file, tmp_path / "run", registry, overrides=overrides)
+    assert seen["oracle-test"] > 0  # the test split was given, to that mitigator only
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["models"]["peeking"]["details"]["selection"]["upper_bound"] is True
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert f"peeking (chooser) {UPPER_BOUND_MARK}" in report
+    assert "- fair (chooser): worst-group accuracy on the validation split" in report
+    assert "TEST split: an upper bound" in report
+    summary = "\n".join(summary_lines(results))
+    assert UPPER_BOUND_MARK in summary
 
 
 @pytest.mark.parametrize("needs_background", [True, False])

@@ -483,3 +483,30 @@ def test_long_labels_are_wrapped_under_the_figure_not_rotated():
     lines = _tick_label(long).splitlines()
     assert " ".join(lines) == long  # nothing lost, only line breaks
     assert [len(line) <= TICK_CHARS for line in lines] == [True, False, True, True]  # a long word stays whole
+
+
+def test_the_table_says_which_rule_selected_each_method_and_marks_the_oracle(tmp_path):
+    study = []
+    for seed in SEEDS:
+        results = fabricate("knee", seed)
+        rules = {"dfr": "worst-group", "jtt": "oracle-test"}
+        for key, rule in rules.items():
+            upper = rule == "oracle-test"
+            if key not in results["models"]:  # the failed cell
+                continue
+            results["models"][key]["details"] = {
+                "selection": {"rule": rule, "criterion": "...", "split": "test" if upper else "val", "upper_bound": upper}
+            }
+        study.append(CellResult("knee", seed, "ok", results))
+    write_study_outputs(study, tmp_path, metrics=("wga",))
+    text = (tmp_path / "table.md").read_text()
+    rows = table_rows(text)
+    assert rows["DFR"]["Selected by"] == "worst-group"
+    assert rows["original"]["Selected by"] == "\u2013"  # the table's dash: no value
+    oracle = [label for label in rows if label.startswith("JTT")]
+    assert oracle == ["JTT [oracle-test selection: upper bound]"]
+    assert rows[oracle[0]]["Selected by"] == "oracle-test"
+    assert "oracle-test = chosen on the test split, an upper bound" in text
+    # without any selection record, the column is left out
+    write_study_outputs(cells(), tmp_path / "plain", metrics=("wga",))
+    assert "Selected by" not in (tmp_path / "plain" / "table.md").read_text()

@@ -652,7 +652,7 @@ def test_a_grid_of_loss_parameters_is_a_product_chosen_on_validation(ctx):
     # trains, the same steps with either b. The first of the best is chosen.
     accs = [row["val_accuracy"] for row in result.details["grid"]]
     assert accs[0] == accs[1] < accs[2] == accs[3]
-    assert result.details["criterion"] == "val-accuracy"
+    assert result.details["selection"]["rule"] == "average"
     assert result.details["chosen"] == points[2]  # the first of the tie
     # the chosen model is the one a single fit with its parameters gives, to the bit
     single = ScaledLossAligner(opts, {"a": 1.0, "b": 2.0, "c": 5.0})
@@ -721,8 +721,8 @@ def test_alignment_grid_and_input_refusals(ctx):
     assert "give a x b a single value" in problem
     with pytest.raises(ValueError, match="ScaledLossAligner: a x b is a grid of 6 values"):
         grid.align(_model(), no_val, alignment, masks, ctx)
-    by_wga = ScaledLossAligner(AlignmentOptions(**ALIGN_OPTS, select_by="val-wga"), grid.params)
-    assert "select_by = 'val-wga' (for the a x b is a grid" in by_wga.check_data(data)[0]
+    by_wga = ScaledLossAligner(AlignmentOptions(**ALIGN_OPTS, selection="worst-group"), grid.params)
+    assert "selection = 'worst-group' (for the a x b is a grid" in by_wga.check_data(data)[0]
     single = ScaledLossAligner(opts, {"a": 1.0, "b": 0.0, "c": 0.0})
     assert single.check_data(no_val) == []
     with pytest.raises(ValueError, match=r"masks must be \[5,2,2\]"):

@@ -137,7 +137,9 @@ def test_registered_and_satisfy_the_protocol(name):
     module, attr = BUILTINS["mitigator"][name].split(":")
     assert getattr(importlib.import_module(module), attr) is cls
     assert isinstance(cls(cls.Options()), Mitigator) and check_capabilities("mitigator", cls) == []
-    assert cls.needs_groups and cls.needs_validation
+    # needs_groups: training reads group labels (selection by worst-group needs them on val,
+    # checked by check_data, since it depends on the option)
+    assert cls.needs_groups == (name in ("dfr", "subg")) and cls.needs_validation
     assert cls.__doc__ and all(f.description for f in cls.Options.model_fields.values())
 
 
@@ -173,10 +175,22 @@ def test_details_record_the_criterion_the_whole_grid_and_the_choice(name, ctx):
     assert isinstance(result, TrainedModel)
     details = json.loads(json.dumps(result.details))  # JSON as it is, no converter needed
     assert details["method"] == name and "worst-group accuracy" in details["criterion"]
-    sizes = {"erm": 1, "subg": 1, "jtt": 1, "dfr": 7}  # DFR: the seven Cs of the reference
+    assert details["selection"] == {
+        "rule": "worst-group",
+        "criterion": "worst-group accuracy on the validation split (needs its group labels)",
+        "split": "val",
+        "upper_bound": False,
+    }
+    # JTT: T in 1, 2, 3 by default; DFR: the seven Cs of the reference
+    sizes = {"erm": 1, "subg": 1, "jtt": 3, "dfr": 7}
     assert len(details["grid"]) == sizes[name]
     for point in details["grid"]:
-        assert set(point["val"]) == {"worst_group_accuracy", "average_group_accuracy", "accuracy"}
+        assert set(point["val"]) == {
+            "worst_group_accuracy",
+            "average_group_accuracy",
+            "worst_class_accuracy",
+            "accuracy",
+        }
     chosen = details["chosen"]
     assert chosen["params"] == details["grid"][chosen["index"]]["params"]
     assert chosen["val"] == details["grid"][chosen["index"]]["val"]
@@ -222,7 +236,7 @@ class _ConstantTrainer:
 def test_epoch_selector_keeps_the_best_epoch_ties_to_the_later():
     data = _planted()
     model = torch.nn.Linear(1, 1).requires_grad_(False)
-    selector = EpochSelector(_ConstantTrainer(), data.val, 4)
+    selector = EpochSelector(_ConstantTrainer(), data, 4)
     for epoch in (1, 2, 3):
         model.weight.fill_(epoch)
         selector(EpochEnd(epoch, model, 0.0, 0.0, 0.0, torch.arange(1), torch.arange(1)))
@@ -265,20 +279,70 @@ def test_epoch_selector_chooses_and_restores_the_best_epoch_not_the_last():
             selector(EpochEnd(epoch, model, 0.0, 0.0, 0.0, torch.arange(1), torch.arange(1)))
         return selector.finish(model)
 
-    chosen = train(EpochSelector(_ScriptedTrainer(data.val, script), data.val, 4))
+    chosen = train(EpochSelector(_ScriptedTrainer(data.val, script), data, 4))
     assert chosen["epoch"] == 2
     assert model.weight.item() == 2.0  # the state of epoch 2 is back in the model
-    assert chosen["val"] == {"worst_group_accuracy": 1.0, "average_group_accuracy": 1.0, "accuracy": 1.0}
-    # by hand: epoch 1 gets 70 of 80 right (group 3: 10 of 20), epoch 3 gets 65 (group 0: 5 of 20)
+    perfect = {"average_group_accuracy": 1.0, "worst_class_accuracy": 1.0, "accuracy": 1.0}
+    assert chosen["val"] == {"worst_group_accuracy": 1.0, **perfect}
+    # by hand: epoch 1 gets 70 of 80 right (group 3: 10 of 20; class 1: 30 of 40), epoch 3
+    # gets 65 (group 0: 5 of 20; class 0: 25 of 40)
+    wga, aga, wca = "worst_group_accuracy", "average_group_accuracy", "worst_class_accuracy"
     assert chosen["epochs"] == [
-        {"epoch": 1, "worst_group_accuracy": 0.5, "average_group_accuracy": 0.875, "accuracy": 0.875},
-        {"epoch": 2, "worst_group_accuracy": 1.0, "average_group_accuracy": 1.0, "accuracy": 1.0},
-        {"epoch": 3, "worst_group_accuracy": 0.25, "average_group_accuracy": 0.8125, "accuracy": 0.8125},
+        {"epoch": 1, wga: 0.5, aga: 0.875, wca: 0.75, "accuracy": 0.875},
+        {"epoch": 2, wga: 1.0, **perfect},
+        {"epoch": 3, wga: 0.25, aga: 0.8125, wca: 0.625, "accuracy": 0.8125},
     ]
     # without selection the last epoch stays, with its own scores
-    last = train(EpochSelector(_ScriptedTrainer(data.val, script), data.val, 4, keep_best=False))
+    last = train(EpochSelector(_ScriptedTrainer(data.val, script), data, 4, keep_best=False))
     assert last["epoch"] == 3 and model.weight.item() == 3.0
-    assert last["val"] == {"worst_group_accuracy": 0.25, "average_group_accuracy": 0.8125, "accuracy": 0.8125}
+    assert last["val"] == {wga: 0.25, aga: 0.8125, wca: 0.625, "accuracy": 0.8125}
+
+
+@pytest.mark.parametrize(
+    ("selection", "epoch"), [("worst-group", 1), ("worst-class", 2), ("average", 2)]
+)
+def test_each_selection_rule_chooses_by_its_own_score(selection, epoch):
+    data = _planted()  # validation: 4 groups of 20; groups 0, 1 are class 0, groups 2, 3 class 1
+    # epoch 1: every group half right (wga 0.5, wca 0.5, accuracy 0.5);
+    # epoch 2: group 1 at 0.3, the rest right (wga 0.3, wca (20 + 6) / 40 = 0.65, acc 0.825)
+    script = {1: [0.5, 0.5, 0.5, 0.5], 2: [1.0, 0.3, 1.0, 1.0]}
+    model = torch.nn.Linear(1, 1).requires_grad_(False)
+    selector = EpochSelector(_ScriptedTrainer(data.val, script), data, 4, selection=selection)
+    for e in (1, 2):
+        model.weight.fill_(e)
+        selector(EpochEnd(e, model, 0.0, 0.0, 0.0, torch.arange(1), torch.arange(1)))
+    chosen = selector.finish(model)
+    assert chosen["epoch"] == epoch and model.weight.item() == float(epoch)
+    assert chosen["epochs"][1]["worst_class_accuracy"] == pytest.approx(0.65)
+
+
+def test_oracle_test_selection_reads_the_test_split_and_is_labelled_an_upper_bound(ctx):
+    data = _planted()
+    result, _ = _run("erm", data, ctx, epochs=4, selection="oracle-test")
+    details = result.details
+    assert details["selection"]["upper_bound"] and details["selection"]["split"] == "test"
+    assert "TEST split" in details["criterion"] and "upper bound" in details["criterion"]
+    history = details["grid"][0]["epochs"]
+    test_wga = [e["test"]["worst_group_accuracy"] for e in history]
+    best = max(range(len(test_wga)), key=lambda i: (test_wga[i], i))  # ties to the later
+    assert details["chosen"]["epoch"] == history[best]["epoch"]
+    logits = SpyTrainer(data, ctx).predict(result.model, data.test.images)
+    assert split_scores(logits, data.test, 4)["worst_group_accuracy"] == pytest.approx(
+        max(test_wga)
+    )
+
+
+def test_worst_class_selection_needs_no_group_labels_on_the_validation_split(ctx):
+    data = _planted()
+    no_groups = dataclasses.replace(data, val=dataclasses.replace(data.val, groups=None))
+    problems = ErmMitigator(ErmMitigator.Options()).check_data(no_groups)
+    assert problems and "needs group labels on the validation split" in problems[0]
+    assert "'worst-class' and 'average' need none" in problems[0]
+    result, _ = _run("erm", no_groups, ctx, selection="worst-class")
+    assert result.details["chosen"]["val"]["worst_group_accuracy"] is None
+    logits = SpyTrainer(data, ctx).predict(result.model, data.val.images)
+    by_class = [float((logits.argmax(1) == k)[data.val.labels == k].float().mean()) for k in (0, 1)]
+    assert result.details["chosen"]["val"]["worst_class_accuracy"] == pytest.approx(min(by_class))
 
 
 def test_erm_keeps_the_epoch_with_the_best_validation_wga(ctx):
@@ -286,7 +350,9 @@ def test_erm_keeps_the_epoch_with_the_best_validation_wga(ctx):
     result, trainer = _run("erm", data, ctx, epochs=4)
     (call,) = [c for c in trainer.calls if c["tag"] == "erm"]
     assert call["split"] is data.train and call.get("indices") is None
-    per_epoch = [split_scores(trainer.predict(e.model, data.val.images), data.val, 4) for e in call["ends"]]
+    per_epoch = [
+        split_scores(trainer.predict(e.model, data.val.images), data.val, 4) for e in call["ends"]
+    ]
     wga = [s["worst_group_accuracy"] for s in per_epoch]
     best = max(range(4), key=lambda i: (wga[i], i))  # the highest, the later on ties
     details = result.details

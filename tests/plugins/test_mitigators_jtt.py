@@ -138,9 +138,44 @@ def test_an_empty_error_set_is_an_error_that_says_what_to_change(ctx):
     assert "T = 1, 3" in message and "smaller T" in message and "train.lr" in message
 
 
+class _FitsAfterEpochOne(SpyTrainer):
+    """Stage 1 errs on five samples in epoch 1 and on none later; stage 2 trains for real."""
+
+    def fit(self, split, model=None, *, on_epoch=None, **kwargs):
+        if kwargs.get("tag") != "jtt-stage1":
+            return super().fit(split, model, on_epoch=on_epoch, **kwargs)
+        order = torch.arange(len(split))
+        for epoch in range(1, kwargs["epochs"] + 1):
+            predicted = split.labels.clone()
+            if epoch == 1:
+                predicted[:5] = 1 - predicted[:5]
+            on_epoch(EpochEnd(epoch, model, 0.0, 1.0, 0.0, order, predicted))
+        return model
+
+
+def test_a_t_with_an_empty_error_set_is_skipped_and_recorded_and_t_means_final_epoch_t_minus_1(ctx):
+    data = _data()
+    trainer = _FitsAfterEpochOne(data, ctx)
+    result = JttMitigator(
+        JttMitigator.Options(t_grid=[1, 2], lambda_up_grid=[3], epochs=1)
+    ).mitigate(None, trainer, data, ctx)
+    details = result.details
+    assert [p["params"] for p in details["grid"]] == [{"T": 1, "lambda_up": 3}]
+    assert (
+        details["grid"][0]["reference_final_epoch"] == 0
+        and details["grid"][0]["error_set_size"] == 5
+    )
+    (skipped,) = details["skipped"]
+    assert skipped["T"] == 2 and skipped["reference_final_epoch"] == 1
+    assert "misclassified none" in skipped["reason"]
+    assert details["chosen"]["params"]["T"] == 1 and details["chosen"]["reference_final_epoch"] == 0
+    assert "--final_epoch T-1" in details["t_meaning"]
+    assert details["models_trained"] == 2
+
+
 def test_options_are_checked():
     defaults = JttMitigator.Options()
-    assert defaults.lambda_up_grid == [20, 50, 100] and defaults.t_grid == [1]
+    assert defaults.lambda_up_grid == [20, 50, 100] and defaults.t_grid == [1, 2, 3]
     assert defaults.error_set == "train-pass"
     for bad in ({"t_grid": []}, {"t_grid": [0]}, {"lambda_up_grid": [20, 20]}, {"error_set": "x"}):
         with pytest.raises(pydantic.ValidationError):

@@ -212,7 +212,7 @@ def test_aligner_is_a_plugin():
     assert check_capabilities("aligner", RrrAligner) == []
     assert issubclass(RrrAligner, LossAligner) and issubclass(RrrOptions, AlignmentOptions)
     # lam first in the settings reference, then the options every aligner has
-    assert list(RrrOptions.model_fields)[:2] == ["lam", "select_by"]
+    assert list(RrrOptions.model_fields)[:2] == ["lam", "selection"]
     assert set(RrrOptions.model_fields) == {"lam", *AlignmentOptions.model_fields}
     assert isinstance(RrrAligner(RrrOptions()), Aligner)
     assert RrrAligner.__doc__.splitlines()[0].strip()
@@ -517,12 +517,12 @@ def assert_same_weights(a: nn.Module, b: nn.Module) -> None:
 def test_lam_takes_one_value_or_a_grid():
     assert RrrOptions(lam=10).lam == 10.0
     assert RrrOptions(lam=[1, 1e3]).lam == (1.0, 1e3)
-    assert RrrOptions().select_by == "val-accuracy"
+    assert RrrOptions().selection == "average"
     for bad in ([], -1.0, [1.0, -1.0], [math.nan]):
         with pytest.raises(ValueError, match="lam"):
             RrrOptions(lam=bad)
     with pytest.raises(ValueError):
-        RrrOptions(select_by="test-accuracy")
+        RrrOptions(selection="test-accuracy")
 
 
 def test_grid_picks_the_lambda_a_hand_computation_picks(ctx):
@@ -540,7 +540,7 @@ def test_grid_picks_the_lambda_a_hand_computation_picks(ctx):
     accs = [h[0] for h in hand]
     best = first_best(accs)
     assert best != 0 and len(set(accs)) > 1, accs  # the choice is not the first by default
-    assert details["criterion"] == "val-accuracy"
+    assert details["selection"]["rule"] == "average"
     assert details["chosen"] == {"lam": grid[best]}
     assert [row["lam"] for row in details["grid"]] == grid
     for row, (acc, wga, aga) in zip(details["grid"], hand, strict=True):
@@ -587,17 +587,17 @@ def test_val_wga_selects_by_the_worst_group(ctx):
     data = dataclasses.replace(data, val=val)
 
     picked = {}
-    for select_by in ("val-accuracy", "val-wga"):
-        opts = RrrOptions(**{**GRID_OPTS, "lam": grid, "select_by": select_by})
+    for select_by in ("average", "worst-group"):
+        opts = RrrOptions(**{**GRID_OPTS, "lam": grid, "selection": select_by})
         picked[select_by] = RrrAligner(opts).align(model, data, al, masks, ctx)
     wgas = [hand_scores(m, val)[1] for m in singles]
-    assert picked["val-accuracy"].details["chosen"] == {"lam": grid[by_acc]}
+    assert picked["average"].details["chosen"] == {"lam": grid[by_acc]}
     assert wgas[by_acc] == 0.0
-    details = picked["val-wga"].details
-    assert details["criterion"] == "val-wga"
+    details = picked["worst-group"].details
+    assert details["selection"]["rule"] == "worst-group"
     assert details["chosen"] == {"lam": grid[first_best(wgas)]} != {"lam": grid[by_acc]}
     assert [row["val_wga"] for row in details["grid"]] == pytest.approx(wgas, abs=1e-12)
-    assert_same_weights(picked["val-wga"].model, singles[first_best(wgas)])
+    assert_same_weights(picked["worst-group"].model, singles[first_best(wgas)])
 
 
 def test_grid_never_reads_the_test_split(ctx):
@@ -606,8 +606,8 @@ def test_grid_never_reads_the_test_split(ctx):
         data,
         test=Split(torch.full_like(data.test.images, math.nan), torch.full_like(data.test.labels, 7)),
     )
-    for select_by in ("val-accuracy", "val-wga"):
-        aligner = RrrAligner(RrrOptions(**{**GRID_OPTS, "lam": [0.0, 1.0], "select_by": select_by}))
+    for select_by in ("average", "worst-group"):
+        aligner = RrrAligner(RrrOptions(**{**GRID_OPTS, "lam": [0.0, 1.0], "selection": select_by}))
         clean = aligner.align(model, data, al, masks, ctx)
         dirty = aligner.align(model, poisoned, al, masks, ctx)
         assert dirty.details == clean.details
@@ -620,12 +620,12 @@ def test_grid_refusals_name_the_option(ctx):
     empty_val = dataclasses.replace(data, val=data.val.subset(torch.zeros(0, dtype=torch.int64)))
     no_groups = with_val(shortcut_data(n_train=64), groups=False)
     grid = RrrAligner(RrrOptions(**{**GRID_OPTS, "lam": [1.0, 10.0]}))
-    by_wga = RrrAligner(RrrOptions(**{**GRID_OPTS, "lam": [1.0, 10.0], "select_by": "val-wga"}))
+    by_wga = RrrAligner(RrrOptions(**{**GRID_OPTS, "lam": [1.0, 10.0], "selection": "worst-group"}))
     cases = [
         (grid, no_val, r"lam is a grid of 2 values.*no validation split"),
         (grid, empty_val, r"lam is a grid.*an empty validation split"),
         (by_wga, no_val, r"lam is a grid.*no validation split"),
-        (by_wga, no_groups, r"select_by = 'val-wga'.*needs group labels on the validation"),
+        (by_wga, no_groups, r"selection = 'worst-group'.*needs group labels on the validation"),
     ]
     for aligner, bad, message in cases:
         (problem,) = aligner.check_data(bad)
@@ -633,10 +633,10 @@ def test_grid_refusals_name_the_option(ctx):
         with pytest.raises(ValueError, match=message):
             aligner.align(model, bad, al, masks, ctx)
     assert not (ctx.run_dir / "metrics.jsonl").exists()  # refused before any training
-    assert grid.check_data(no_groups) == []  # val-accuracy needs no groups
+    assert grid.check_data(no_groups) == []  # average needs no groups
     assert by_wga.check_data(data) == []
     # A single lambda selects nothing: it needs neither a validation split nor groups.
-    single = RrrAligner(RrrOptions(**{**GRID_OPTS, "select_by": "val-wga"}))
+    single = RrrAligner(RrrOptions(**{**GRID_OPTS, "selection": "worst-group"}))
     assert single.check_data(no_val) == [] and single.check_data(no_groups) == []
 
 
