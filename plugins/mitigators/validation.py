@@ -124,30 +124,30 @@ def data_problems(
     problems = selection_problems(data, selection, who)
     if problems:
         return problems
-    if rule(selection).needs_groups and data.val.groups is not None:
-        cells, names = (
-            data.val.groups,
-            [s.groups for s in (data.train, data.val) if s.groups is not None],
-        )
-        size, what = count_groups(data), "group"
-        label = lambda g: group_label(data, g)  # noqa: E731
+    by_group = rule(selection).needs_groups and data.val.groups is not None
+    if by_group:
+        cells = data.val.groups
+        names = [s.groups for s in (data.train, data.val) if s.groups is not None]
+        size, what, label = count_groups(data), "group", group_label
     else:
         cells, names = data.val.labels, [data.train.labels, data.val.labels]
-        size, what = data.num_classes, "class"
-        label = lambda c: (
-            f"class {data.class_names[c]!r}" if c < len(data.class_names) else f"class {c}"
-        )  # noqa: E731
+        size, what, label = data.num_classes, "class", class_label
     counts = torch.bincount(cells, minlength=size)
     expected = torch.unique(torch.cat(names)).tolist()
     short = [g for g in expected if int(counts[g]) < per_group]
     if short:
-        listed = ", ".join(f"{label(g)}: {int(counts[g])}" for g in short)
+        listed = ", ".join(f"{label(data, g)}: {int(counts[g])}" for g in short)
         problems.append(
             f"{who} needs at least {per_group} validation sample(s) of every {what} the training "
             f"or validation split has; too few in {listed}. Enlarge the validation split, or "
             "give it every group (DecoyMNIST: val_decoys = 'random')"
         )
     return problems
+
+
+def class_label(data: SpuriousDataset, k: int) -> str:
+    """``class 'name'`` for messages."""
+    return f"class {data.class_names[k]!r}" if k < len(data.class_names) else f"class {k}"
 
 
 def group_problems(
