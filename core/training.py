@@ -254,7 +254,7 @@ class Trainer:
         split: Split,
         model: nn.Module | None = None,
         *,
-        indices: torch.Tensor | None = None,
+        indices: torch.Tensor | Callable[[int], torch.Tensor] | None = None,
         weights: torch.Tensor | None = None,
         epochs: int | None = None,
         tag: str = "train",
@@ -269,6 +269,9 @@ class Trainer:
           visits ``indices[perm]``, ``perm`` a permutation of ``M`` drawn from
           ``ctx.generator(f"{tag}-epoch-{e}")``; batches are consecutive slices of that order,
           the last one possibly smaller.
+          ``indices`` may also be a function of the epoch (from 1) that returns that epoch's
+          list, for methods that draw anew every epoch (RWY and RWG's weighted sampler with
+          replacement): it is called once at the start of each epoch, in order.
         - ``weights``: float ``[len(split)]``, >= 0, one per sample of ``split``. A batch's loss
           is ``sum(w_i * ce_i) / sum(w_i)`` (torch's convention for weighted cross-entropy:
           equal weights give the plain mean). A batch whose weights are all zero is forwarded
@@ -301,6 +304,9 @@ class Trainer:
         epochs = options.epochs if epochs is None else epochs
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
             raise ValueError(f"Trainer.fit[{tag}]: epochs must be an int >= 0, got {epochs!r}")
+        draw = indices if callable(indices) else None
+        if draw is not None:
+            indices = draw(1) if epochs > 0 else None
         indices = _check_indices(indices, n, tag)
         weights = _check_weights(weights, n, indices, tag)
         if objective is not None and weights is not None:
@@ -332,6 +338,11 @@ class Trainer:
         steps = -(-m // batch_size)
         with _progress_bar(ctx.progress, f"{tag}", steps * epochs) as advance:
             for epoch in range(1, epochs + 1):
+                if draw is not None and epoch > 1:
+                    indices = _check_indices(draw(epoch), n, tag)
+                    _check_weights(weights, n, indices, tag)
+                    m = int(indices.shape[0])
+                    steps = -(-m // batch_size)
                 order = torch.randperm(m, generator=ctx.generator(f"{tag}-epoch-{epoch}"))
                 if indices is not None:
                     order = indices[order]

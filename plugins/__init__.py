@@ -56,6 +56,10 @@ BUILTINS: dict[str, dict[str, str]] = {
         "dfr": "lvlmva.plugins.mitigators.dfr:DfrMitigator",
         "jtt": "lvlmva.plugins.mitigators.jtt:JttMitigator",
         "subg": "lvlmva.plugins.mitigators.subg:SubgMitigator",
+        "suby": "lvlmva.plugins.mitigators.suby:SubyMitigator",
+        "rwy": "lvlmva.plugins.mitigators.reweighting:RwyMitigator",
+        "rwg": "lvlmva.plugins.mitigators.reweighting:RwgMitigator",
+        "groupdro": "lvlmva.plugins.mitigators.groupdro:GroupDroMitigator",
     },
     "evaluator": {
         "standard": "lvlmva.plugins.evaluators.standard:StandardEvaluator",

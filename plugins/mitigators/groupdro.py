@@ -188,17 +188,15 @@ class GroupDroMitigator:
         if opts.reweight_groups:
             draws = WeightedDraws(
                 inverse_frequency_weights(groups, num_groups),
-                epochs,
                 ctx.generator("groupdro"),
                 cells=groups,
                 num_cells=num_groups,
             )
-            callbacks.append(draws)
         model = fresh_model(trainer, ctx, "groupdro-init")
         trainer.fit(
             data.train,
             model,
-            indices=None if draws is None else draws.indices,
+            indices=draws,
             epochs=epochs,
             tag="groupdro",
             on_epoch=chain_callbacks(*callbacks),

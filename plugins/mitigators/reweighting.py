@@ -16,8 +16,8 @@ that is not this method).
 
 Here the same: :func:`inverse_frequency_weights` are BalancingGroups' ``wy``/``wg``;
 :class:`WeightedDraws` draws every epoch's ``N`` indices with replacement (``torch.multinomial``,
-what the sampler calls) from a seeded generator and gives them to :meth:`Trainer.fit` as
-``indices``, which trains on them in a seeded shuffled order (an i.i.d. draw shuffled is still an
+what the sampler calls) from a seeded generator and gives them to :meth:`Trainer.fit` as its
+per-epoch ``indices``, which trains on them in a seeded shuffled order (an i.i.d. draw shuffled is still an
 i.i.d. draw). The model trains with the run's ``[train]`` settings (BalancingGroups tunes lr,
 weight decay and batch size per method) and its epoch is chosen by the ``selection`` rule,
 worst-group validation accuracy by default (BalancingGroups).
@@ -129,12 +129,8 @@ class WeightedDraws:
     probability ``weights[i] / sum(weights)``, drawn anew for every epoch from ``generator``
     (one ``torch.multinomial`` call per epoch, as the sampler makes).
 
-    :meth:`Trainer.fit` takes one index tensor for all its epochs and reads it at the start of
-    each: :attr:`indices` is that tensor (epoch 1's draw), and this object, as ``on_epoch``
-    callback, overwrites it in place with the next epoch's draw. Each epoch's visited indices
-    are checked against its draw, so that a trainer that copied the tensor fails here instead of
-    silently training on epoch 1's draw throughout.
-
+    Called with the epoch (from 1), it returns that epoch's draw: pass it to
+    :meth:`Trainer.fit` as ``indices``, which asks once at the start of each epoch, in order.
     With ``cells`` (the class or group of every sample) the draws per cell of every epoch are
     kept in :attr:`drawn_per_cell`.
     """
@@ -142,7 +138,6 @@ class WeightedDraws:
     def __init__(
         self,
         weights: torch.Tensor,
-        epochs: int,
         generator: torch.Generator,
         *,
         size: int | None = None,
@@ -150,28 +145,25 @@ class WeightedDraws:
         num_cells: int = 0,
     ) -> None:
         self.weights = weights.double()
-        self.epochs = epochs
         self.generator = generator
         self.size = len(weights) if size is None else size
         self.cells, self.num_cells = cells, num_cells
         self.drawn_per_cell: list[list[int]] = []
-        self.indices = self._draw()
+        self.epochs_drawn = 0
 
-    def _draw(self) -> torch.Tensor:
-        return torch.multinomial(self.weights, self.size, True, generator=self.generator)
-
-    def __call__(self, end: EpochEnd) -> None:
-        visited = torch.sort(end.order).values
-        if not torch.equal(visited, torch.sort(self.indices).values):
+    def __call__(self, epoch: int) -> torch.Tensor:
+        if epoch != self.epochs_drawn + 1:
             raise RuntimeError(
-                f"epoch {end.epoch} did not train on its weighted draw: the trainer no longer "
-                "reads `indices` afresh every epoch, so the draws cannot be renewed per epoch"
+                f"WeightedDraws: epoch {epoch} asked after epoch {self.epochs_drawn}: the draws "
+                "are one seeded sequence, asked in order"
             )
+        self.epochs_drawn = epoch
+        drawn = torch.multinomial(self.weights, self.size, True, generator=self.generator)
         if self.cells is not None:
-            counts = torch.bincount(self.cells[end.order], minlength=self.num_cells)
-            self.drawn_per_cell.append(counts.tolist())
-        if end.epoch < self.epochs:
-            self.indices.copy_(self._draw())
+            self.drawn_per_cell.append(
+                torch.bincount(self.cells[drawn], minlength=self.num_cells).tolist()
+            )
+        return drawn
 
 
 def resolved_epochs(options: RetrainOptions, trainer: Trainer) -> int:
@@ -230,7 +222,6 @@ class _Reweighting:
         epochs = resolved_epochs(self.options, trainer)
         draws = WeightedDraws(
             inverse_frequency_weights(cells, num_cells),
-            epochs,
             ctx.generator(name),
             cells=cells,
             num_cells=num_cells,
@@ -240,10 +231,10 @@ class _Reweighting:
         trainer.fit(
             data.train,
             model,
-            indices=draws.indices,
+            indices=draws,
             epochs=epochs,
             tag=name,
-            on_epoch=chain_callbacks(selector, draws),
+            on_epoch=selector,
         )
         chosen = selector.finish(model)
         details = {

@@ -300,6 +300,26 @@ def test_indices_with_repeats_are_visited_as_often_as_listed(ctx):
     assert [line["epoch"] for line in _metrics(ctx)] == [1, 2, 3]
 
 
+def test_indices_drawn_per_epoch_are_asked_once_per_epoch_in_order_and_visited(ctx):
+    asked: list[int] = []
+    draws = {1: torch.tensor([0, 0, 1, 2]), 2: torch.tensor([5, 6, 7, 7, 7, 8, 9]), 3: torch.tensor([3])}
+
+    def draw(epoch: int) -> torch.Tensor:
+        asked.append(epoch)
+        return draws[epoch]
+
+    ends: list[EpochEnd] = []
+    _trainer(ctx, batch_size=2, epochs=3).fit(_blobs(), indices=draw, on_epoch=ends.append)
+    assert asked == [1, 2, 3]
+    for end in ends:
+        assert torch.equal(end.order.sort().values, draws[end.epoch])
+    with pytest.raises(ValueError, match="indices must lie in"):
+        _trainer(ctx, epochs=2).fit(_blobs(), indices=lambda e: torch.tensor([0, 10_000]))
+    asked.clear()
+    _trainer(ctx, epochs=0).fit(_blobs(), indices=draw)
+    assert asked == []  # no epoch, no draw
+
+
 def test_all_one_weights_train_like_no_weights(ctx):
     split = _blobs()
     plain = _trainer(ctx).fit(split, _model())
