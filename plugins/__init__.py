@@ -60,6 +60,8 @@ BUILTINS: dict[str, dict[str, str]] = {
         "rwy": "lvlmva.plugins.mitigators.reweighting:RwyMitigator",
         "rwg": "lvlmva.plugins.mitigators.reweighting:RwgMitigator",
         "groupdro": "lvlmva.plugins.mitigators.groupdro:GroupDroMitigator",
+        "lff": "lvlmva.plugins.mitigators.lff:LffMitigator",
+        "afr": "lvlmva.plugins.mitigators.afr:AfrMitigator",
     },
     "evaluator": {
         "standard": "lvlmva.plugins.evaluators.standard:StandardEvaluator",
