@@ -20,12 +20,11 @@ from lvlmva.plugins.mitigators.erm import ErmMitigator
 from lvlmva.plugins.mitigators.jtt import JttMitigator
 from lvlmva.plugins.mitigators.subg import SubgMitigator, subsample_groups
 from lvlmva.plugins.mitigators.validation import EpochSelector, first_best, split_scores
-from lvlmva.plugins.models.mlp import MlpFactory
 from lvlmva.protocols import Mitigator, check_capabilities
 from lvlmva.records import Split, TrainedModel
-from lvlmva.settings import TrainOptions
 from lvlmva.testing.data import PLANTED_FAMILY, planted_spurious_dataset
-from lvlmva.training import EpochEnd, Trainer
+from lvlmva.testing.trainers import RecordingTrainer
+from lvlmva.training import EpochEnd
 
 MITIGATORS = {"erm": ErmMitigator, "dfr": DfrMitigator, "jtt": JttMitigator, "subg": SubgMitigator}
 # Small grids so that each mitigator trains a few tiny models.
@@ -44,27 +43,7 @@ def _planted(seed: int = 0, **kwargs):
     )
 
 
-class SpyTrainer(Trainer):
-    """A Trainer on an MLP that records every ``fit``: its tag, indices and epoch reports."""
-
-    def __init__(self, data, ctx, *, epochs: int = 3, lr: float = 1e-2, hidden=(16,)) -> None:
-        factory = MlpFactory(MlpFactory.Options(hidden=list(hidden)))
-        super().__init__(
-            lambda: factory.build(data.input_shape, data.num_classes),
-            TrainOptions(epochs=epochs, lr=lr, batch_size=64),
-            ctx,
-        )
-        self.calls: list[dict] = []
-
-    def fit(self, split, model=None, *, on_epoch=None, **kwargs):
-        call = {"split": split, "ends": [], **kwargs}
-        self.calls.append(call)
-
-        def record(end: EpochEnd):
-            call["ends"].append(dataclasses.replace(end, model=copy.deepcopy(end.model)))
-            return None if on_epoch is None else on_epoch(end)
-
-        return super().fit(split, model, on_epoch=record, **kwargs)
+SpyTrainer = RecordingTrainer
 
 
 def _run(name, data, ctx, *, trainer=None, original=None, **options):

@@ -5,7 +5,6 @@ update by hand, the refusals, and worst-group accuracy against ERM on planted-sp
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -29,12 +28,10 @@ from lvlmva.plugins.mitigators.reweighting import (
 )
 from lvlmva.plugins.mitigators.suby import SubyMitigator, subsample_classes
 from lvlmva.plugins.mitigators.validation import split_scores
-from lvlmva.plugins.models.mlp import MlpFactory
 from lvlmva.protocols import Mitigator, RunContext, check_capabilities
 from lvlmva.records import TrainedModel
-from lvlmva.settings import TrainOptions
 from lvlmva.testing.data import planted_spurious_dataset
-from lvlmva.training import EpochEnd, Trainer
+from lvlmva.testing.trainers import RecordingTrainer
 
 MITIGATORS = {
     "suby": SubyMitigator,
@@ -58,27 +55,7 @@ def _unbalanced(seed: int = 0):
     )
 
 
-class SpyTrainer(Trainer):
-    """A Trainer on a small MLP that records every ``fit`` and its epoch reports."""
-
-    def __init__(self, data, ctx, *, epochs: int = 3, hidden=(16,)) -> None:
-        factory = MlpFactory(MlpFactory.Options(hidden=list(hidden)))
-        super().__init__(
-            lambda: factory.build(data.input_shape, data.num_classes),
-            TrainOptions(epochs=epochs, lr=1e-2, batch_size=64),
-            ctx,
-        )
-        self.calls: list[dict] = []
-
-    def fit(self, split, model=None, *, on_epoch=None, **kwargs):
-        call = {"split": split, "ends": [], **kwargs}
-        self.calls.append(call)
-
-        def record(end: EpochEnd):
-            call["ends"].append(dataclasses.replace(end, model=copy.deepcopy(end.model)))
-            return None if on_epoch is None else on_epoch(end)
-
-        return super().fit(split, model, on_epoch=record, **kwargs)
+SpyTrainer = RecordingTrainer
 
 
 def _run(name, data, ctx, *, trainer=None, **options):

@@ -3,8 +3,6 @@ grid and its choice, the empty error set."""
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 from collections import Counter
 
 import pydantic
@@ -12,10 +10,9 @@ import pytest
 import torch
 
 from lvlmva.plugins.mitigators.jtt import JttMitigator, upsampled_indices
-from lvlmva.plugins.models.mlp import MlpFactory
-from lvlmva.settings import TrainOptions
 from lvlmva.testing.data import planted_spurious_dataset
-from lvlmva.training import EpochEnd, Trainer
+from lvlmva.testing.trainers import RecordingTrainer
+from lvlmva.training import EpochEnd
 
 
 def _data():
@@ -24,25 +21,11 @@ def _data():
     )
 
 
-class SpyTrainer(Trainer):
-    """Records every ``fit`` (tag, indices) and the reports of its epochs, with model copies."""
+class SpyTrainer(RecordingTrainer):
+    """A recording trainer of an 8-unit MLP, lr 3e-3, batches of 32."""
 
     def __init__(self, data, ctx, epochs: int = 2) -> None:
-        factory = MlpFactory(MlpFactory.Options(hidden=[8]))
-        build = lambda: factory.build(data.input_shape, data.num_classes)  # noqa: E731
-        super().__init__(build, TrainOptions(epochs=epochs, lr=3e-3, batch_size=32), ctx)
-        self.calls: list[dict] = []
-
-    def fit(self, split, model=None, *, on_epoch=None, **kwargs):
-        initial = None if model is None else copy.deepcopy(model.state_dict())
-        call = {"split": split, "ends": [], "initial": initial, **kwargs}
-        self.calls.append(call)
-
-        def record(end: EpochEnd):
-            call["ends"].append(dataclasses.replace(end, model=copy.deepcopy(end.model)))
-            return None if on_epoch is None else on_epoch(end)
-
-        return super().fit(split, model, on_epoch=record, **kwargs)
+        super().__init__(data, ctx, epochs=epochs, lr=3e-3, batch_size=32, hidden=(8,))
 
 
 def _jtt(data, ctx, **options):
