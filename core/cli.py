@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .atomic import DiskFull, SymlinkRefused
+from .export import FORMATS
 from .pipeline import ArtifactError, Pipeline, PublishError, RunDirectory, StageFailed
 from .pipeline.errors import describe_failure
 from .protocols import ROLES
@@ -98,6 +99,13 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--out", type=Path, metavar="DIR", help="study directory (default: study.out_dir/study.name)")
     study.add_argument("--debug", action="store_true", help="print the traceback of every failed cell (always written to STUDY/logs/)")
 
+    export = sub.add_parser(
+        "export", help="the tables of a finished study or compose run as LaTeX (booktabs), CSV or markdown",
+    )
+    export.add_argument("path", type=Path, metavar="RUN_OR_STUDY", help="a study directory or a finished compose run directory")
+    export.add_argument("--format", required=True, choices=FORMATS, help="the format of the tables")
+    export.add_argument("--out", type=Path, metavar="FILE", help="write to FILE (default: print to stdout)")
+
     plugins = sub.add_parser("plugins", help="list every role's plugins and where they come from")
     plugins.add_argument("--role", choices=list(ROLES), help="only this role")
     return parser
@@ -112,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         return EXIT_BAD_INPUT
     try:
-        return {"compose": _compose, "validate": _validate, "plugins": _plugins, "study": _study, "review": _review}[args.command](args)
+        return {"compose": _compose, "validate": _validate, "plugins": _plugins, "study": _study, "review": _review, "export": _export}[args.command](args)
     except (SettingsError, PluginError) as exc:
         print(f"lvlmva: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -236,6 +244,27 @@ def _study(args: argparse.Namespace) -> int:
     if summary["failed"]:
         print(f"lvlmva: {summary['failed']} of {summary['cells']} cells failed; their reasons are in {directory / 'table.md'}", file=sys.stderr)
         return EXIT_FAILED
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .atomic import write_atomic
+    from .export import ExportError, export
+
+    try:
+        text = export(args.path, args.format)
+    except ExportError as exc:
+        print(f"lvlmva: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.out is None:
+        sys.stdout.write(text)
+        return EXIT_OK
+    try:
+        write_atomic(args.out, text)
+    except OSError as exc:
+        print(f"lvlmva: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{args.format}: {args.out}", file=sys.stderr)
     return EXIT_OK
 
 

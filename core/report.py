@@ -31,14 +31,30 @@ from PIL import Image
 
 from .atomic import write_atomic
 from .records import Critique, RenderedSample, Verdicts
-from .results import ORACLE_NOTE, metric_columns, model_labels, selection_lines, verdict_results
+from .results import (
+    ORACLE_NOTE,
+    MetricColumn,
+    metric_columns,
+    model_labels,
+    selection_lines,
+    verdict_results,
+)
 from .secrets import redact
 from .settings import ReportOptions
 
 if TYPE_CHECKING:
     from .pipeline.stage import StageCall
 
-__all__ = ["write_report", "report_stage", "read_training_curves", "TrainingCurve", "FIGURES_DIR"]
+__all__ = [
+    "write_report",
+    "report_stage",
+    "read_training_curves",
+    "TrainingCurve",
+    "FIGURES_DIR",
+    "EvaluatorTable",
+    "evaluator_tables",
+    "models_section",
+]
 
 #: Folder in the run directory that holds the report's figures.
 FIGURES_DIR = "figures"
@@ -83,14 +99,31 @@ def _arrow(higher_is_better: bool | None) -> str:
     return "" if higher_is_better is None else (" ↑" if higher_is_better else " ↓")
 
 
-def _models_section(results: Mapping[str, Any]) -> list[str]:
-    """One table per evaluator instance, with the columns its metric declarations name; a
-    metric whose values are mappings (per-group accuracies) gets a table of its own."""
-    out = ["## Models", ""]
+@dataclass(frozen=True)
+class EvaluatorTable:
+    """One evaluator instance's models x metrics, as report.md's "Models" section shows it:
+    ``scalar`` columns (those some model has a number for), ``mapped`` metrics whose values are
+    mappings (per-group accuracies: column, their keys, model -> mapping), ``missing`` what the
+    evaluator could not compute."""
+
+    evaluator: str
+    plugin: str
+    split: str
+    models: list[str]
+    labels: dict[str, str]
+    scalar: list[MetricColumn]
+    values: dict[str, dict[str, Any]]
+    mapped: list[tuple[MetricColumn, list[str], dict[str, Mapping[str, Any]]]]
+    missing: dict[str, str]
+
+
+def evaluator_tables(results: Mapping[str, Any]) -> list[EvaluatorTable]:
+    """One table per evaluator instance of a run's results.json, in its order."""
     labels = model_labels(results)
     columns = metric_columns(results)
-    if not labels or not columns:
-        return out + ["No model was evaluated in this run.", ""]
+    if not labels:
+        return []
+    out = []
     for evaluator in dict.fromkeys(c.evaluator for c in columns):
         mine = [c for c in columns if c.evaluator == evaluator]
         evaluation = results["evaluations"][evaluator]
@@ -99,16 +132,7 @@ def _models_section(results: Mapping[str, Any]) -> list[str]:
         scalar = [c for c in mine if not any(isinstance(v, Mapping) for v in values[c.metric.key].values())]
         # a column no model has a value for (no true masks: no alignment score) is left out
         scalar = [c for c in scalar if any(v is not None for v in values[c.metric.key].values())]
-        plugin = evaluation.get("plugin", "?")
-        named = f"`{evaluator}`" if plugin == evaluator else f"`{evaluator}` ({plugin})"
-        out.append(f"Evaluator {named}, on the {mine[0].split} split:")
-        out.append("")
-        header = ["Model", *(c.metric.title + _arrow(c.metric.higher_is_better) for c in scalar)]
-        rows = [[labels[m], *(c.metric.format_value(values[c.metric.key].get(m)) for c in scalar)] for m in scored]
-        out += _table(header, rows)
-        legend = [f"{c.metric.title} = {c.metric.description}" for c in scalar if c.metric.description]
-        if legend:
-            out += ["", "; ".join(legend) + "."]
+        mapped = []
         for c in mine:
             if c in scalar:
                 continue
@@ -118,17 +142,44 @@ def _models_section(results: Mapping[str, Any]) -> list[str]:
             keys: list[str] = []
             for table in tables.values():
                 keys += [k for k in table if k not in keys]
-            out += ["", f"{c.metric.title}:", ""]
-            out += _table(
-                ["Model", *keys],
-                [[labels[m], *(c.metric.format_value(tables[m].get(k)) for k in keys)] for m in scored if m in tables],
-            )
+            mapped.append((c, keys, tables))
         missing: dict[str, str] = {}
         for m in scored:  # what an evaluator could not compute (a corruption that cannot run)
             missing.update(evaluation["models"][m].get("not_computed") or {})
-        if missing:
+        out.append(
+            EvaluatorTable(
+                evaluator, str(evaluation.get("plugin", "?")), mine[0].split, scored, labels, scalar, values, mapped, missing
+            )
+        )
+    return out
+
+
+def models_section(results: Mapping[str, Any]) -> list[str]:
+    """One table per evaluator instance, with the columns its metric declarations name; a
+    metric whose values are mappings (per-group accuracies) gets a table of its own."""
+    out = ["## Models", ""]
+    tables = evaluator_tables(results)
+    if not tables:
+        return out + ["No model was evaluated in this run.", ""]
+    for t in tables:
+        named = f"`{t.evaluator}`" if t.plugin == t.evaluator else f"`{t.evaluator}` ({t.plugin})"
+        out.append(f"Evaluator {named}, on the {t.split} split:")
+        out.append("")
+        header = ["Model", *(c.metric.title + _arrow(c.metric.higher_is_better) for c in t.scalar)]
+        rows = [[t.labels[m], *(c.metric.format_value(t.values[c.metric.key].get(m)) for c in t.scalar)] for m in t.models]
+        out += _table(header, rows)
+        legend = [f"{c.metric.title} = {c.metric.description}" for c in t.scalar if c.metric.description]
+        if legend:
+            out += ["", "; ".join(legend) + "."]
+        for c, keys, per_model in t.mapped:
+            out += ["", f"{c.metric.title}:", ""]
+            out += _table(
+                ["Model", *keys],
+                [[t.labels[m], *(c.metric.format_value(per_model[m].get(k)) for k in keys)] for m in t.models if m in per_model],
+            )
+        if t.missing:
             out += ["", "Not computed (reported by the evaluator, never counted as a result): "
-                    + "; ".join(f"{k}: {v}" for k, v in missing.items()) + "."]  # fmt: skip
+                    + "; ".join(f"{k}: {v}" for k, v in t.missing.items()) + "."]  # fmt: skip
         out.append("")
     chosen_by = selection_lines(results)
     if chosen_by:
@@ -721,7 +772,7 @@ def write_report(
         lines += ["## Failed stages", "", "This run could not compute everything; what is below was computed without:", ""]
         lines += [f"- `{stage}`: {_truncate(str(reason), 300)}" for stage, reason in failed.items()]
         lines += [""]
-    lines += _models_section(results)
+    lines += models_section(results)
     per_branch = [(b["key"], (results.get("branches") or {}).get(b["key"]) or {}, b) for b in branches or []]
     if not per_branch:
         per_branch = [("", results, {"rendered": rendered, "verdicts": verdicts, "critiques": critiques})]

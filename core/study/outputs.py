@@ -1,7 +1,8 @@
 """A study's outputs, from the results.json of every (data set, seed) cell: the long table of
-numbers (results.csv, results.json), the seed's Table 3 layout (table.md), Wilcoxon signed-rank
-tests of each method against the baseline and of the pairs of each declared family of
-comparisons (stats.json, stats.md) and one figure per metric (``<metric>.png``).
+numbers (results.csv, results.json), the seed's Table 3 layout (table.md; table.tex for a paper,
+written by lvlmva.export), Wilcoxon signed-rank tests of each method against the baseline and of
+the pairs of each declared family of comparisons (stats.json, stats.md) and one figure per metric
+(``<metric>.png``).
 
 Only cells that finished ("ok") contribute numbers. A failed cell's partial results are left out,
 so that no mean mixes in a seed whose run stopped half-way; failed cells, failed stages and
@@ -825,8 +826,8 @@ def write_study_outputs(
     correction: str = "holm",
     families: Sequence[ComparisonFamily] = (),
 ) -> dict[str, Any]:
-    """Write results.csv, results.json, table.md, stats.json, stats.md and one PNG per metric
-    into ``out_dir``, each atomically.
+    """Write results.csv, results.json, table.md, table.tex, stats.json, stats.md and one PNG per
+    metric into ``out_dir``, each atomically.
 
     results.csv/json hold every numeric metric of every evaluator of the ok cells; the table,
     the tests and the figures show ``metrics`` of ``evaluator`` (default: per metric, the first
@@ -885,13 +886,33 @@ def write_study_outputs(
         write_atomic(out_dir / name, text)
         files[name] = str(out_dir / name)
 
+    rules = _selection_rules(cells)
     write("results.csv", _csv_text(rows))
     write(
         "results.json",
-        json.dumps(_results_json(cells, rows, datasets, by_dataset, methods, baseline), indent=2)
+        json.dumps(
+            _results_json(cells, rows, datasets, by_dataset, methods, baseline, rules), indent=2
+        )
         + "\n",
     )
-    write("table.md", _table(datasets, by_dataset, methods, _selection_rules(cells)))
+    write("table.md", _table(datasets, by_dataset, methods, rules))
+    # lvlmva.export reads these outputs back (lvlmva export), so it is imported here, not above
+    from ..export import study_latex
+
+    write(
+        "table.tex",
+        study_latex(
+            datasets,
+            by_dataset,
+            methods,
+            rules,
+            comparisons,
+            baseline=baseline,
+            alpha=alpha,
+            correction=correction,
+            name=out_dir.resolve().name,
+        ),
+    )
     stats = {
         **_stats_description(alpha, correction),
         "holm_floor": holm_floor(comparisons),
@@ -936,6 +957,7 @@ def _results_json(
     by_dataset: Mapping[str, Mapping[str, Any]],
     methods: Mapping[str, str],
     baseline: str,
+    rules: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     per_dataset = {}
     for dataset in datasets:
@@ -962,6 +984,8 @@ def _results_json(
     return {
         "baseline": baseline,
         "methods": dict(methods),
+        # method -> the selection rule(s) that chose it: table.md's "Selected by" column
+        "selected_by": dict(rules or {}),
         "datasets": per_dataset,
         "cells": [
             {
