@@ -59,7 +59,9 @@ def _balanced(groups: np.ndarray, generator: torch.Generator) -> np.ndarray:
     the smallest group's count kept (the reference's g_idx / min_g)."""
     members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
     m = min(len(x) for x in members)
-    return np.concatenate([x[torch.randperm(len(x), generator=generator).numpy()[:m]] for x in members])
+    return np.concatenate(
+        [x[torch.randperm(len(x), generator=generator).numpy()[:m]] for x in members]
+    )
 
 
 def _wga(pred: np.ndarray, y: np.ndarray, g: np.ndarray) -> float:
