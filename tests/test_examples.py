@@ -14,7 +14,9 @@ EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
 EFFECTS_STUDY = sorted((EXAMPLES_DIR / "decoy_mnist_effects").glob("*.toml"))
 #: the critic-quality study's data sets (lvlmva study examples/critic_quality/*.toml)
 CRITIC_QUALITY = sorted((EXAMPLES_DIR / "critic_quality").glob("*.toml"))
-EXAMPLES = sorted(EXAMPLES_DIR.glob("*.toml")) + EFFECTS_STUDY + CRITIC_QUALITY
+#: the baselines study's data sets (lvlmva study examples/baselines/*.toml)
+BASELINES = sorted((EXAMPLES_DIR / "baselines").glob("*.toml"))
+EXAMPLES = sorted(EXAMPLES_DIR.glob("*.toml")) + EFFECTS_STUDY + CRITIC_QUALITY + BASELINES
 
 
 def test_the_medical_examples_are_there():
@@ -73,3 +75,25 @@ def test_the_effects_study_compares_what_it_says():
     cnn = settings["deeplift_cnn_positive"]
     assert without(cnn, "run.name", "model") == without(paper, "run.name", "model")
     assert without(settings["grad_cam_positive"], "run.name", "attributor") == without(cnn, "run.name", "attributor")
+
+
+def test_the_baselines_study_runs_every_mitigator_under_both_rules():
+    """Each data set of the baselines study trains every registered mitigator twice, <name> by
+    worst-group and <name>_wc by worst-class validation accuracy, and compares LVLM-VA with the
+    methods that need no group labels."""
+    from lvlmva.registry import get_registry
+    from lvlmva.settings import load_settings
+
+    assert len(BASELINES) == 3
+    mitigators = set(get_registry().names("mitigator"))
+    for path in BASELINES:
+        d = load_settings(path, environ={}).as_dict()
+        instances = d["mitigators"]
+        assert {v["plugin"] for v in instances.values()} == mitigators, path.name
+        for name, options in instances.items():
+            rule = "worst-class" if name.endswith("_wc") else "worst-group"
+            assert options["selection"] == rule, (path.name, name)
+            assert name.removesuffix("_wc") == options["plugin"], (path.name, name)
+        assert d["critic"]["plugin"] == "oracle"
+        pairs = {tuple(p) for p in d["study"]["comparisons"]}
+        assert pairs == {("aligned", f"{m}_wc") for m in ("erm", "jtt", "suby", "rwy", "lff", "afr")}
