@@ -40,7 +40,7 @@ from .validation import (
 if TYPE_CHECKING:
     from lvlmva.training import Trainer
 
-__all__ = ["SubgMitigator", "SubgOptions", "Subsample", "subsample_groups"]
+__all__ = ["SubgMitigator", "SubgOptions", "Subsample", "subsample_groups", "train_on_subsample"]
 
 
 class Subsample(NamedTuple):
@@ -71,6 +71,47 @@ def subsample_groups(
     rank = torch.empty_like(by_cell)
     rank[by_cell] = torch.arange(groups.numel()) - starts[in_order[by_cell]]
     return Subsample(perm[rank < min_size], min_size, cell_sizes)
+
+
+def train_on_subsample(
+    method: str,
+    kept: Subsample,
+    sizes_name: str,
+    options: RetrainOptions,
+    trainer: Trainer,
+    data: SpuriousDataset,
+    ctx: RunContext,
+) -> TrainedModel:
+    """Train a fresh model (initialisation ``ctx.generator(f"{method}-init")``, data order by
+    the tag ``method``) on the kept training samples, its epoch chosen by ``options.selection``,
+    and record the subsample under ``details["subsample"]`` (the cell sizes under
+    ``sizes_name``): SUBG's and SUBY's shared second half."""
+    selector = EpochSelector.for_options(trainer, data, options)
+    model = fresh_model(trainer, ctx, f"{method}-init")
+    trainer.fit(
+        data.train,
+        model,
+        indices=kept.indices,
+        epochs=options.epochs,
+        tag=method,
+        on_epoch=selector,
+    )
+    chosen = selector.finish(model)
+    params = {"min_size": kept.min_size}
+    details = {
+        "method": method,
+        **selection_details(options.selection, options.select_epoch),
+        "models_trained": 1,
+        "subsample": {
+            "min_size": kept.min_size,
+            "kept": int(kept.indices.numel()),
+            "of": len(data.train),
+            sizes_name: kept.cell_sizes.tolist(),
+        },
+        "grid": [{"params": params, **chosen}],
+        "chosen": {"index": 0, "params": params, **chosen_scores(chosen)},
+    }
+    return TrainedModel(model, details)
 
 
 class SubgOptions(RetrainOptions):
@@ -119,29 +160,4 @@ class SubgMitigator:
         assert data.train.groups is not None  # checked above
         num_groups = count_groups(data)
         kept = subsample_groups(data.train.groups, num_groups, ctx.generator("subg"))
-        selector = EpochSelector.for_options(trainer, data, self.options)
-        model = fresh_model(trainer, ctx, "subg-init")
-        trainer.fit(
-            data.train,
-            model,
-            indices=kept.indices,
-            epochs=self.options.epochs,
-            tag="subg",
-            on_epoch=selector,
-        )
-        chosen = selector.finish(model)
-        params = {"min_size": kept.min_size}
-        details = {
-            "method": "subg",
-            **selection_details(self.options.selection, self.options.select_epoch),
-            "models_trained": 1,
-            "subsample": {
-                "min_size": kept.min_size,
-                "kept": int(kept.indices.numel()),
-                "of": len(data.train),
-                "cell_sizes": kept.cell_sizes.tolist(),
-            },
-            "grid": [{"params": params, **chosen}],
-            "chosen": {"index": 0, "params": params, **chosen_scores(chosen)},
-        }
-        return TrainedModel(model, details)
+        return train_on_subsample("subg", kept, "cell_sizes", self.options, trainer, data, ctx)

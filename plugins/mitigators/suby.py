@@ -26,16 +26,12 @@ from torch import nn
 from lvlmva.protocols import PluginOptions, RunContext
 from lvlmva.records import SpuriousDataset, TrainedModel
 
-from .subg import Subsample, subsample_groups
+from .subg import Subsample, subsample_groups, train_on_subsample
 from .validation import (
-    EpochSelector,
     RetrainOptions,
-    chosen_scores,
     class_label,
     data_problems,
-    fresh_model,
     require,
-    selection_details,
 )
 
 if TYPE_CHECKING:
@@ -100,29 +96,4 @@ class SubyMitigator:
     ) -> TrainedModel:
         require(self.check_data(data))
         kept = subsample_classes(data.train.labels, data.num_classes, ctx.generator("suby"))
-        selector = EpochSelector.for_options(trainer, data, self.options)
-        model = fresh_model(trainer, ctx, "suby-init")
-        trainer.fit(
-            data.train,
-            model,
-            indices=kept.indices,
-            epochs=self.options.epochs,
-            tag="suby",
-            on_epoch=selector,
-        )
-        chosen = selector.finish(model)
-        params = {"min_size": kept.min_size}
-        details = {
-            "method": "suby",
-            **selection_details(self.options.selection, self.options.select_epoch),
-            "models_trained": 1,
-            "subsample": {
-                "min_size": kept.min_size,
-                "kept": int(kept.indices.numel()),
-                "of": len(data.train),
-                "class_sizes": kept.cell_sizes.tolist(),
-            },
-            "grid": [{"params": params, **chosen}],
-            "chosen": {"index": 0, "params": params, **chosen_scores(chosen)},
-        }
-        return TrainedModel(model, details)
+        return train_on_subsample("suby", kept, "class_sizes", self.options, trainer, data, ctx)
