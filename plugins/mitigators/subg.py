@@ -24,6 +24,7 @@ from torch import nn
 from lvlmva.protocols import PluginOptions, RunContext
 from lvlmva.records import SpuriousDataset, TrainedModel
 
+from .reweighting import empty_cell_problems
 from .validation import (
     EpochSelector,
     RetrainOptions,
@@ -140,8 +141,8 @@ class SubgMitigator:
     def check_data(self, data: SpuriousDataset) -> list[str]:
         problems = data_problems(data, "subg", selection=self.options.selection)
         problems += group_problems(data, "subg")
-        if data.train.groups is None:
-            return problems
+        why = "subsamples every training group (class x attribute) to the smallest"
+        return problems + empty_cell_problems(data, "subg", "group", why)
         sizes = torch.bincount(data.train.groups, minlength=count_groups(data))
         empty = [g for g in range(sizes.numel()) if int(sizes[g]) == 0]
         if empty:

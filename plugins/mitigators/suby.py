@@ -26,10 +26,10 @@ from torch import nn
 from lvlmva.protocols import PluginOptions, RunContext
 from lvlmva.records import SpuriousDataset, TrainedModel
 
+from .reweighting import empty_cell_problems
 from .subg import Subsample, subsample_groups, train_on_subsample
 from .validation import (
     RetrainOptions,
-    class_label,
     data_problems,
     require,
 )
@@ -80,16 +80,8 @@ class SubyMitigator:
 
     def check_data(self, data: SpuriousDataset) -> list[str]:
         problems = data_problems(data, "suby", selection=self.options.selection)
-        sizes = torch.bincount(data.train.labels, minlength=data.num_classes)
-        empty = [k for k in range(sizes.numel()) if int(sizes[k]) == 0]
-        if empty:
-            listed = ", ".join(class_label(data, k) for k in empty)
-            problems.append(
-                f"suby subsamples every training class to the smallest, but {len(empty)} "
-                f"class(es) have no training samples: {listed}. Use a data set whose training "
-                "split has every class"
-            )
-        return problems
+        why = "subsamples every training class to the smallest"
+        return problems + empty_cell_problems(data, "suby", "class", why)
 
     def mitigate(
         self, original: nn.Module, trainer: Trainer, data: SpuriousDataset, ctx: RunContext

@@ -398,7 +398,7 @@ def test_subg_on_decoy_mnist_needs_mismatched_training_decoys(ctx):
 
     plugin = SubgMitigator(SubgMitigator.Options())
     (problem,) = plugin.check_data(decoy(1.0))
-    assert "10 cell(s)" in problem and "'0/mismatch' (group 1)" in problem
+    assert "10 group(s) have no training samples" in problem and "'0/mismatch' (group 1)" in problem
     assert "train_match_share" in problem
     assert plugin.check_data(decoy(0.7)) == []
 
