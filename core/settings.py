@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import codecs
 import datetime
+import difflib
 import os
 import re
 import textwrap
@@ -153,7 +154,7 @@ def _env_overrides(environ: Mapping[str, str], sections: Sequence[str]) -> tuple
             hint = _old_section_hint(section)
             raise SettingsError(
                 f"environment {name}: unknown section [{section}]; "
-                + (hint or f"allowed sections: {', '.join(sections)}")
+                + (hint or f"{nearest(section, sections)}allowed sections: {', '.join(sections)}")
             )
         dotted = ".".join([section, *(p.lower() for p in rest.split("__"))])
         _set_dotted(out, dotted, _parse_literal(raw), f"environment {name}")
@@ -267,6 +268,13 @@ class _Provenance:
         return "defaults"
 
 
+def nearest(name: str, allowed: Sequence[str]) -> str:
+    """ "did you mean ...?" naming the allowed names closest to a misspelt ``name`` (difflib's
+    ratio >= 0.6, at most three, closest first), or "" when none is close."""
+    close = difflib.get_close_matches(str(name).lower(), list(allowed), n=3, cutoff=0.6)
+    return f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+
+
 def _describe_allowed(
     model: type[PluginOptions], loc: Sequence[str | int], err_type: str, ctx: dict, extra_keys: Sequence[str] = ()
 ) -> str:
@@ -278,7 +286,7 @@ def _describe_allowed(
         names = sorted(getattr(target, "model_fields", {}) or [])
         if len(loc) == 1:
             names = [*extra_keys, *names]
-        return "allowed keys: " + (", ".join(names) if names else "(none)")
+        return nearest(str(loc[-1]), names) + "allowed keys: " + (", ".join(names) if names else "(none)")
     if "expected" in ctx:
         return f"allowed: {ctx['expected']}"
     for bound, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
@@ -501,7 +509,7 @@ def load_settings(
             if key in sections:
                 continue
             hint = _old_section_hint(key, layer[key])
-            unknown.append(f"{prov.origin([key])}: " + (hint or f"unknown section [{key}]; allowed sections: {', '.join(sections)}"))
+            unknown.append(f"{prov.origin([key])}: " + (hint or f"unknown section [{key}]; {nearest(key, sections)}allowed sections: {', '.join(sections)}"))
     if unknown:
         raise SettingsError("\n".join(unknown))
     # A value where a table belongs is not shown: it may be a key pasted in the wrong place.

@@ -49,7 +49,7 @@ def test_unknown_command_exits_2(capsys):
 def test_validate_names_a_misspelled_key(misspelled, capsys):
     assert main(["validate", str(misspelled)]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
-    assert err.startswith(f"lvlmva: error: {misspelled}: train.epohcs = 2: unknown key; allowed keys: ")
+    assert err.startswith(f"lvlmva: error: {misspelled}: train.epohcs = 2: unknown key; did you mean 'epochs'? allowed keys: ")
     assert "epochs" in err
 
 

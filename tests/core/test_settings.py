@@ -209,7 +209,7 @@ def test_nested_keys_and_whitespace_in_overrides():
 def test_unknown_section_in_file(write):
     path = write("[trian]\nepochs = 1\n")
     message = error_of(path)
-    assert message.startswith(f"{path}: unknown section [trian]; allowed sections: run, train")
+    assert message.startswith(f"{path}: unknown section [trian]; did you mean 'train'? allowed sections: run, train")
 
 
 def test_unknown_section_from_set_and_env():
@@ -222,7 +222,7 @@ def test_unknown_key_in_a_core_section(write):
     path = write("[train]\nepohcs = 3\n")
     message = error_of(path)
     assert message == (
-        f"{path}: train.epohcs = 3: unknown key; "
+        f"{path}: train.epohcs = 3: unknown key; did you mean 'epochs'? "
         f"allowed keys: {', '.join(sorted(TrainOptions.model_fields))}"
     )
 
@@ -232,8 +232,18 @@ def test_unknown_key_in_a_plugin_section(write, registry):
     message = error_of(path, registry=registry)
     assert message == (
         f"{path}: critic.modle = 'gpt-5': unknown key (critic plugin 'fake'); "
-        "allowed keys: plugin, api_key_env, model, sizes, temperature"
+        "did you mean 'model'? allowed keys: plugin, api_key_env, model, sizes, temperature"
     )
+
+
+def test_a_misspelt_key_or_section_names_the_nearest_allowed_ones(write, registry):
+    path = write('[critic]\nplugin = "fake"\ntemprature = 0.2\n')
+    assert "did you mean 'temperature'? allowed keys:" in error_of(path, registry=registry)
+    path = write('[critic]\nplugin = "fake"\nxyzzy = 1\n')
+    assert "did you mean" not in error_of(path, registry=registry)  # nothing close: no guess
+    assert "unknown section [trian]; did you mean 'train'? allowed sections:" in error_of(None, ["trian.epochs=1"])
+    message = error_of(None, environ={"LVLMVA_MITIGATRS__X__PLUGIN": "erm"})
+    assert "unknown section [mitigatrs]; did you mean 'mitigators'?" in message
 
 
 def test_wrong_type_names_what_is_allowed(write):
