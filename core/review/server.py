@@ -664,11 +664,13 @@ def make_server(
         server.server_close()
         raise
     close_socket = server.server_close
+    closing = threading.Lock()  # werkzeug's serve_forever closes in its thread as the caller does
 
     def server_close() -> None:  # the socket and the run's review lock go together
-        close_socket()
-        if lock is not None and not lock.closed:
-            lock.close()
+        with closing:
+            close_socket()
+            if lock is not None and not lock.closed:
+                lock.close()
 
     server.server_close = server_close
     try:
