@@ -2,7 +2,9 @@
 numbers (results.csv, results.json), the seed's Table 3 layout (table.md; table.tex for a paper,
 written by lvlmva.export), Wilcoxon signed-rank tests of each method against the baseline and of
 the pairs of each declared family of comparisons (stats.json, stats.md) and one figure per metric
-(``<metric>.png``).
+(``<metric>.png``). ``figures.json`` records the figures a study wrote, with their hashes: when the
+study is written again and no longer makes one of them (its metrics changed), that file is removed,
+unless it was changed since (a user's file in the folder is never removed).
 
 Only cells that finished ("ok") contribute numbers. A failed cell's partial results are left out,
 so that no mean mixes in a seed whose run stopped half-way; failed cells, failed stages and
@@ -12,13 +14,14 @@ methods missing from a seed are listed with their reasons under the table instea
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import itertools
 import json
 import math
 import re
 import textwrap
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
@@ -51,6 +54,8 @@ AGA_NOTE = "AGA = mean of group accuracies; accuracy = plain sample accuracy"
 ZERO_METHOD = "wilcox"
 #: differences are rounded before ranking so that float round-off does not split true ties
 DIFFERENCE_DECIMALS = 12
+#: the study folder's record of the figures it wrote (name -> SHA-256 of the bytes written)
+FIGURES_MANIFEST = "figures.json"
 
 
 @dataclass(frozen=True)
@@ -825,9 +830,16 @@ def write_study_outputs(
     alpha: float = 0.05,
     correction: str = "holm",
     families: Sequence[ComparisonFamily] = (),
+    echo: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Write results.csv, results.json, table.md, table.tex, stats.json, stats.md and one PNG per
     metric into ``out_dir``, each atomically.
+
+    The PNGs written are recorded in ``figures.json`` (name and SHA-256); a figure recorded there
+    by an earlier call that this one does not make (a metric no longer shown) is removed, when
+    its bytes are still the ones written: a file the study did not write, or one changed since,
+    is kept. ``echo`` is told of every removal and of every figure kept for being changed; the
+    summary lists them under ``removed_figures`` and ``kept_figures``.
 
     results.csv/json hold every numeric metric of every evaluator of the ok cells; the table,
     the tests and the figures show ``metrics`` of ``evaluator`` (default: per metric, the first
@@ -923,10 +935,16 @@ def write_study_outputs(
     write("stats.json", json.dumps(stats, indent=2) + "\n")
     write("stats.md", _stats_markdown(comparisons, baseline, alpha, correction, family_stats))
     shown_keys = list(dict.fromkeys(k for d in datasets for k in by_dataset[d]["shown"]))
+    before = _read_manifest(out_dir / FIGURES_MANIFEST)
+    drawn: dict[str, str] = {}
     for key in shown_keys:
         name = _figure_name(key)
         if _figure(key, datasets, by_dataset, methods, out_dir / name):
             files[name] = str(out_dir / name)
+            drawn[name] = _sha256(out_dir / name)
+    removed, kept = _remove_stale_figures(out_dir, before, drawn, echo)
+    write_atomic(out_dir / FIGURES_MANIFEST, json.dumps({"figures": drawn}, indent=2) + "\n")
+    files[FIGURES_MANIFEST] = str(out_dir / FIGURES_MANIFEST)
     return {
         "out_dir": str(out_dir),
         "files": files,
@@ -936,6 +954,8 @@ def write_study_outputs(
         "rows": len(rows),
         "methods": list(methods),
         "metrics": shown_keys,
+        "removed_figures": removed,
+        "kept_figures": kept,
         "comparisons": len(comparisons),
         "tested": sum(c["p"] is not None for c in comparisons),
         "significant": sum(c["significant"] for c in comparisons),
@@ -948,6 +968,50 @@ def write_study_outputs(
             for f in family_stats
         },
     }
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _read_manifest(path: Path) -> dict[str, str]:
+    """Name -> SHA-256 of the figures an earlier call wrote (empty when there is no readable
+    record: nothing is then removed)."""
+    try:
+        figures = json.loads(path.read_text(encoding="utf-8")).get("figures")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(figures, dict):
+        return {}
+    # a name is a plain file name of this folder, as _figure_name makes it: a record edited to
+    # point elsewhere cannot make the study delete anything outside it
+    return {n: h for n, h in figures.items() if isinstance(n, str) and isinstance(h, str) and n == Path(n).name and n.endswith(".png")}
+
+
+def _remove_stale_figures(
+    out_dir: Path, before: Mapping[str, str], drawn: Mapping[str, str], echo: Callable[[str], None] | None
+) -> tuple[list[str], list[str]]:
+    """Remove the figures recorded in ``before`` that were not drawn now, when their bytes are
+    still those recorded; returns (removed, kept because changed or unreadable)."""
+    removed, kept = [], []
+    for name, digest in before.items():
+        path = out_dir / name
+        if name in drawn or not path.is_file() or path.is_symlink():
+            continue
+        try:
+            same = _sha256(path) == digest
+        except OSError:
+            same = False
+        if not same:
+            kept.append(name)
+            if echo is not None:
+                echo(f"  kept {path}: a figure this study no longer makes, but changed since it wrote it")
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(name)
+        if echo is not None:
+            echo(f"  removed {path}: a figure of an earlier run of this study that it no longer makes")
+    return removed, kept
 
 
 def _results_json(

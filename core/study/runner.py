@@ -656,6 +656,7 @@ def run_study(
     summary = write_study_outputs(
         cells, plan.directory, metrics=tuple(study.metrics), evaluator=study.evaluator,
         baseline=study.baseline, alpha=study.alpha, correction=study.correction, families=plan.families,
+        echo=echo,
     )  # fmt: skip
     failed = [c for c in cells if c.status != "ok" or c.reason]
     write_atomic(plan.directory / "study.json", json.dumps({

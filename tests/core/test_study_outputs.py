@@ -510,3 +510,50 @@ def test_the_table_says_which_rule_selected_each_method_and_marks_the_oracle(tmp
     # without any selection record, the column is left out
     write_study_outputs(cells(), tmp_path / "plain", metrics=("wga",))
     assert "Selected by" not in (tmp_path / "plain" / "table.md").read_text()
+
+
+def test_a_rerun_with_fewer_metrics_removes_the_figures_it_no_longer_makes(tmp_path):
+    said: list[str] = []
+    first = write_study_outputs(cells(), tmp_path, metrics=("aga", "wga"), echo=said.append)
+    assert first["removed_figures"] == [] and said == []
+    recorded = json.loads((tmp_path / "figures.json").read_text())["figures"]
+    assert sorted(recorded) == ["aga.png", "wga.png"]
+    (tmp_path / "mine.png").write_bytes(b"a user's figure")  # never the study's to remove
+    (tmp_path / "notes.md").write_text("mine")
+
+    second = write_study_outputs(cells(), tmp_path, metrics=("aga",), echo=said.append)
+    assert not (tmp_path / "wga.png").exists()
+    assert (tmp_path / "aga.png").exists()
+    assert (tmp_path / "mine.png").read_bytes() == b"a user's figure"
+    assert (tmp_path / "notes.md").read_text() == "mine"
+    assert second["removed_figures"] == ["wga.png"]
+    assert len(said) == 1 and "removed" in said[0] and "wga.png" in said[0]
+    assert sorted(json.loads((tmp_path / "figures.json").read_text())["figures"]) == ["aga.png"]
+
+
+def test_a_figure_changed_since_the_study_wrote_it_is_kept_and_said(tmp_path):
+    write_study_outputs(cells(), tmp_path, metrics=("aga", "wga"))
+    (tmp_path / "wga.png").write_bytes(b"edited by hand")
+    said: list[str] = []
+    summary = write_study_outputs(cells(), tmp_path, metrics=("aga",), echo=said.append)
+    assert (tmp_path / "wga.png").read_bytes() == b"edited by hand"
+    assert summary["removed_figures"] == [] and summary["kept_figures"] == ["wga.png"]
+    assert "kept" in said[0] and "changed" in said[0]
+    # forgotten: a third run leaves it alone and says nothing more
+    said.clear()
+    write_study_outputs(cells(), tmp_path, metrics=("aga",), echo=said.append)
+    assert (tmp_path / "wga.png").exists() and said == []
+
+
+def test_a_manifest_cannot_make_the_study_delete_outside_its_figures(tmp_path):
+    import hashlib
+
+    out = tmp_path / "study"
+    out.mkdir()
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"not the study's")
+    (out / "keep.txt").write_text("x")
+    digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (outside, out / "keep.txt")}
+    (out / "figures.json").write_text(json.dumps({"figures": {"../outside.png": digest["outside.png"], "keep.txt": digest["keep.txt"]}}))
+    write_study_outputs(cells(), out, metrics=("aga",))
+    assert outside.exists() and (out / "keep.txt").exists()
