@@ -48,6 +48,9 @@ from .records import (
 )
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+    from .progress import ProgressBar
     from .training import Trainer
 
 __all__ = [
@@ -179,7 +182,8 @@ class RunContext:
       stage produces there: they are committed atomically together with the stage).
     - ``cache_dir``: the user cache (responses, downloaded data), shared between runs.
     - ``refresh``: ignore caches of paid or slow results (``--refresh``).
-    - ``progress``: show progress bars (False when not a TTY or when quiet).
+    - ``progress``: show progress bars (False when not a TTY or when quiet); a long loop draws
+      one with :meth:`progress_bar`, which reads it.
     - ``stage``: the pipeline stage running, and ``attempt`` an id of this computation of it
       (added to every logged JSON line as ``run_stage`` and ``run_attempt``, so that lines of a
       replaced or interrupted computation can be dropped once a new artifact is committed).
@@ -218,6 +222,17 @@ class RunContext:
         line = json.dumps(redact_json(record), default=str, sort_keys=True)
         with self._lock:
             append_line(self.run_dir / name, line)
+
+    def progress_bar(self, description: str, total: int | None, *, completed: int = 0, transient: bool = False) -> AbstractContextManager[ProgressBar]:
+        """A progress bar for a long loop (epochs, batches, requests), drawn only when
+        ``progress`` is on: ``with ctx.progress_bar("my-aligner", total=n) as bar: ...
+        bar.advance()``. The handle counts also when nothing is drawn; ``bar.grow(k)`` makes
+        the total larger; ``completed`` starts a resumed loop part-way; ``transient`` removes
+        the bar when the loop ends (:func:`lvlmva.progress.progress_bar`)."""
+        from .progress import progress_bar
+
+        return progress_bar(self.progress, description, total, completed=completed, transient=transient)
+
 
 
 @runtime_checkable

@@ -22,7 +22,6 @@ loop and the DataLoader loop see the same batches in the same order and give the
 from __future__ import annotations
 
 import abc
-import contextlib
 import copy
 import itertools
 import math
@@ -152,33 +151,6 @@ def _loader_batches(
     for x, y in loader:
         x = x.to(device, non_blocking=pin)
         yield (x if norm is None else norm.apply(x)), y.to(device, non_blocking=pin)
-
-
-@contextlib.contextmanager
-def _progress_bar(enabled: bool, description: str, total: int) -> Iterator[Callable[[], None]]:
-    """Yields ``advance()``; draws a rich progress bar only when ``enabled``."""
-    if not enabled:
-        yield lambda: None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda: progress.advance(task)
 
 
 #: ``objective(model, x, y, idx) -> (loss, logits)``: a batch loss for :meth:`Trainer.fit`
@@ -336,7 +308,7 @@ class Trainer:
         m = n if indices is None else int(indices.shape[0])
         batch_size = options.batch_size
         steps = -(-m // batch_size)
-        with _progress_bar(ctx.progress, f"{tag}", steps * epochs) as advance:
+        with ctx.progress_bar(tag, steps * epochs) as advance:
             for epoch in range(1, epochs + 1):
                 if draw is not None and epoch > 1:
                     indices = _check_indices(draw(epoch), n, tag)
@@ -850,7 +822,7 @@ class AlignmentTrainer:
         cuda_devices = [device] if device.type == "cuda" else []
         with (
             torch.random.fork_rng(devices=cuda_devices),
-            _progress_bar(ctx.progress, f"{self.tag} ({shown})", opts.epochs * steps) as advance,
+            ctx.progress_bar(f"{self.tag} ({shown})", opts.epochs * steps) as advance,
         ):
             torch.manual_seed(ctx.generator(f"{self.seed_name}-stochastic-layers").initial_seed())
             for epoch in range(opts.epochs):

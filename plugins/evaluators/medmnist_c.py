@@ -250,15 +250,18 @@ class MedmnistCEvaluator:
         pixels = _to_uint8(data, data.test.images[index])
         sets: dict[tuple[str, int], torch.Tensor] = {}
         failed: dict[str, str] = {}
-        for label, obj in corruptions.items():
-            try:
-                for severity in self.options.severities:
-                    sets[(label, severity)] = _from_uint8(data, self._corrupt(obj, label, severity, pixels, index, ctx.seed))
-            except Exception as exc:  # a corruption that cannot run: reported, the others go on
-                failed[label] = f"{type(exc).__name__}: {exc}"
-                for severity in self.options.severities:
-                    sets.pop((label, severity), None)
-                ctx.log_jsonl("metrics.jsonl", {"stage": "medmnist-c", "corruption": label, "failed": failed[label]})
+        severities = self.options.severities
+        with ctx.progress_bar("medmnist-c corruptions", len(corruptions) * len(severities)) as bar:
+            for label, obj in corruptions.items():
+                try:
+                    for severity in severities:
+                        sets[(label, severity)] = _from_uint8(data, self._corrupt(obj, label, severity, pixels, index, ctx.seed))
+                        bar.advance()
+                except Exception as exc:  # a corruption that cannot run: reported, the others go on
+                    failed[label] = f"{type(exc).__name__}: {exc}"
+                    for severity in severities:
+                        bar.advance(int(sets.pop((label, severity), None) is None))
+                    ctx.log_jsonl("metrics.jsonl", {"stage": "medmnist-c", "corruption": label, "failed": failed[label]})
         result = (index, sets, failed)
         self._cache = (key, result)
         return result

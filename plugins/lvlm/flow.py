@@ -339,7 +339,8 @@ class LvlmPlugin:
     async def _ask(self, jobs: list[_Job], transport: Transport, cache: ResponseCache | None, ctx: RunContext) -> None:
         """Ask in rounds: every job's first request, then the repairs of invalid answers."""
         pending = [(job, job.chat) for job in jobs]
-        with self._progress(ctx, len(pending)) as (advance, grow):
+        with ctx.progress_bar(f"{self.role} ({self.options.model})", len(pending), transient=True) as bar:
+            advance, grow = bar.advance, bar.grow  # one request done; a repair round's requests
             for round_ in range(self.repairs + 1):
                 last = round_ == self.repairs
                 follow: list[tuple[_Job, ChatRequest]] = []
@@ -460,18 +461,6 @@ class LvlmPlugin:
         finally:
             if cache is not None:
                 cache.close()
-
-    @contextmanager
-    def _progress(self, ctx: RunContext, total: int) -> Iterator[tuple[Callable[[], None], Callable[[int], None]]]:
-        """``(advance, grow)``: one request done, ``n`` more requests (a repair round)."""
-        if not ctx.progress:
-            yield (lambda: None), (lambda n: None)
-            return
-        from rich.progress import Progress
-
-        with Progress(transient=True) as bar:
-            task = bar.add_task(f"{self.role} ({self.options.model})", total=total)
-            yield (lambda: bar.advance(task)), (lambda n: bar.update(task, total=bar.tasks[0].total + n))
 
     def _secret_free(self, call: Callable[[], T]) -> T:
         """``call()``, and an exception out of it whose text (or that of an exception chained

@@ -290,3 +290,31 @@ def test_a_stored_unusable_answer_that_passes_a_later_check_is_used(tmp_path):
     assert v.relevant == (True, False, True) and v.usage.cache_hits == 1 and transport.batches == []
     with sqlite3.connect(ctx.cache_dir / "responses.sqlite") as db:
         assert db.execute("SELECT answer FROM responses").fetchall() == [(VALID,)]
+
+
+def test_the_requests_draw_one_bar_through_the_run_context_and_repairs_grow_it(tmp_path, monkeypatch):
+    from contextlib import contextmanager
+
+    import lvlmva.progress as progress_module
+    from lvlmva.progress import ProgressBar
+
+    bars = []
+
+    @contextmanager
+    def record(enabled, description, total, *, completed=0, transient=False, console=None):
+        bar = ProgressBar(total, completed)
+        yield bar
+        bars.append((enabled, description, transient, bar))
+
+    monkeypatch.setattr(progress_module, "progress_bar", record)
+    ctx = dataclasses.replace(_ctx(tmp_path), progress=True)
+
+    def answer(request: ChatRequest):
+        if "sample 1)" in request.user and not request.turns:  # repaired in a second round
+            return ChatAnswer("no JSON here", prompt_tokens=1, completion_tokens=1)
+        return ChatAnswer(VALID, prompt_tokens=1, completion_tokens=1)
+
+    BatchJudge(BatchOptions(), BatchTransport("judge", answer)).judge([_critique(i) for i in range(3)], ctx)
+    [(enabled, description, transient, bar)] = bars
+    assert enabled and transient and description == "judge (batch-model)"
+    assert bar.total == 4 and bar.completed == 4  # three requests and one repair
