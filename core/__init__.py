@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .hookspecs import hookimpl, hookspec
 from .pipeline import Stage, StageCall
+from .progress import ProgressBar
 from .protocols import (
     ROLES,
     Aligner,
@@ -14,6 +15,7 @@ from .protocols import (
     Critic,
     DatasetProvider,
     Evaluator,
+    Figure,
     Judge,
     Metric,
     Mitigator,
@@ -47,11 +49,13 @@ __all__ = [
     "Critic",
     "DatasetProvider",
     "Evaluator",
+    "Figure",
     "Judge",
     "Metric",
     "Mitigator",
     "ModelFactory",
     "PluginOptions",
+    "ProgressBar",
     "RunContext",
     "Segmenter",
     "AlignmentSet",

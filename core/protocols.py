@@ -68,6 +68,7 @@ __all__ = [
     "Mitigator",
     "Evaluator",
     "Metric",
+    "Figure",
 ]
 
 
@@ -232,7 +233,6 @@ class RunContext:
         from .progress import progress_bar
 
         return progress_bar(self.progress, description, total, completed=completed, transient=transient)
-
 
 
 @runtime_checkable
@@ -424,6 +424,20 @@ class Metric:
             return format(value, ".4f")
 
 
+@dataclass(frozen=True)
+class Figure:
+    """A figure an evaluator drew, for report.md to show under the evaluator's section.
+
+    - ``file``: the PNG's path relative to the stage's folder (``ctx.stage_dir``), where the
+      evaluator wrote it (``"group_accuracy.png"``); the report shows it as
+      ``figures/evaluate.<instance>/<file>``, a name that stays the same from run to run.
+    - ``caption``: one or two sentences under the image.
+    """
+
+    file: str
+    caption: str
+
+
 @runtime_checkable
 class Evaluator(Protocol):
     """Scores a model on a data set: returns a dict of named values (JSON-serialisable).
@@ -447,6 +461,12 @@ class Evaluator(Protocol):
     add values across models, such as each model's difference to the original. A result key
     ``not_computed`` (``{metric key: reason}``) names what could not be computed and why; the
     report lists it under the evaluator's tables.
+
+    Figures: an evaluator may define ``figures(models: dict[str, dict], labels: dict[str, str],
+    ctx) -> Sequence[Figure]``, called once after ``finalize`` with every model's values and
+    the models' labels (as tables print them): it writes its PNGs into ``ctx.stage_dir`` and
+    returns one :class:`Figure` (file, caption) each. report.md shows them under the
+    evaluator's tables; a declared file that is missing is named there as missing.
     """
 
     Options: ClassVar[type[PluginOptions]]

@@ -6,6 +6,10 @@ cost, timings, a grid of alignment samples with their verdicts, attributions on 
 model, training curves, and a few critique texts. Every part that a run lacks (no critic, no test attributions, no metrics log) is said to
 be missing in the report rather than left out silently.
 
+Evaluators declare their own figures (:class:`lvlmva.protocols.Figure`: a PNG in the evaluate
+stage's folder and a caption); the report copies each to ``figures/evaluate.<instance>/<file>``
+and shows it with its caption under that evaluator's tables, or names it as missing.
+
 Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot state, no display)
 and every file is written to a temporary name and then renamed, so that a reader never sees a
 half-written report.
@@ -13,6 +17,7 @@ half-written report.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -30,6 +35,7 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from .atomic import write_atomic
+from .protocols import Figure as DeclaredFigure
 from .records import Critique, RenderedSample, Verdicts
 from .results import (
     ORACLE_NOTE,
@@ -44,6 +50,7 @@ from .settings import ReportOptions
 
 if TYPE_CHECKING:
     from .pipeline.stage import StageCall
+    from .protocols import RunContext
 
 __all__ = [
     "write_report",
@@ -54,6 +61,10 @@ __all__ = [
     "EvaluatorTable",
     "evaluator_tables",
     "models_section",
+    "save_figure",
+    "evaluator_figures",
+    "EvaluatorFigure",
+    "collect_evaluator_figures",
 ]
 
 #: Folder in the run directory that holds the report's figures.
@@ -63,12 +74,96 @@ _CRITIQUE_CHARS = 1200
 _FAILURES_SHOWN = 10
 
 
-def _save_figure(fig: Figure, path: Path) -> None:
+def save_figure(fig: Figure, path: Path, dpi: int = 100) -> None:
+    """Write a matplotlib ``Figure`` (made with the object API, no pyplot) as a PNG at ``path``,
+    atomically and with the same bytes for the same figure (no "Software" metadata, which
+    would differ across matplotlib patches): for an evaluator's declared figures too."""
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    # No "Software" metadata: the same figure gives the same bytes across matplotlib patches.
-    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
-    write_atomic(path, buf.getvalue())
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+    write_atomic(Path(path), buf.getvalue())
+
+
+_save_figure = save_figure
+
+
+# -- an evaluator's declared figures ---------------------------------------------------------------
+
+
+def evaluator_figures(
+    evaluator: Any, models: Mapping[str, Mapping[str, Any]], labels: Mapping[str, str], ctx: RunContext, who: str
+) -> list[dict[str, str]]:
+    """The evaluate stage's part: the figures ``evaluator.figures(models, labels, ctx)``
+    declares (none when it has no such method), as ``{"file", "caption"}`` with ``file``
+    relative to the run directory (``evaluate.<instance>/<file>``), for results.json.
+    A declaration that is not a :class:`~lvlmva.protocols.Figure` with a relative path inside
+    the stage folder, or that repeats a file, raises ``ValueError`` naming ``who``. A declared
+    file that does not exist is kept: the report names it as missing."""
+    draw = getattr(evaluator, "figures", None)
+    if not callable(draw):
+        return []
+    # a copy: whatever the figures do, the values in results.json stay as evaluated
+    declared = draw(copy.deepcopy(dict(models)), dict(labels), ctx)
+    out: list[dict[str, str]] = []
+    stage = ctx.stage or ctx.stage_dir.name
+    for figure in declared or ():
+        if not isinstance(figure, DeclaredFigure):
+            raise TypeError(f"{who}: figures() returned {figure!r}; declare each as lvlmva.Figure(file, caption)")
+        path = Path(figure.file)
+        if not figure.file or path.is_absolute() or ".." in path.parts or path.as_posix() in (".", ""):
+            raise ValueError(f"{who}: figure file {figure.file!r} must be a path inside the stage's folder (ctx.stage_dir), relative to it")
+        if not isinstance(figure.caption, str):
+            raise TypeError(f"{who}: the caption of figure {figure.file!r} is {type(figure.caption).__name__}, not text")
+        file = f"{stage}/{path.as_posix()}"
+        if any(f["file"] == file for f in out):
+            raise ValueError(f"{who}: figure file {figure.file!r} is declared twice")
+        out.append({"file": file, "caption": figure.caption})
+    return out
+
+
+@dataclass(frozen=True)
+class EvaluatorFigure:
+    """One declared figure as the report shows it: ``link`` (the path under the report's
+    folder; ``None`` when the file is missing), ``caption``, and ``file`` as declared
+    (relative to the run directory)."""
+
+    file: str
+    caption: str
+    link: str | None
+
+
+def collect_evaluator_figures(results: Mapping[str, Any], run_dir: Path, figures: Path) -> dict[str, list[EvaluatorFigure]]:
+    """Evaluator instance -> its declared figures, each copied from ``run_dir/<file>`` to
+    ``figures/<file>`` (the name stays the same from run to run: the evaluate stage's folder
+    and the evaluator's file name); a file that is missing, or is not a regular file inside
+    ``run_dir``, gets ``link=None``."""
+    root = Path(run_dir).resolve()
+    out: dict[str, list[EvaluatorFigure]] = {}
+    for instance, evaluation in (results.get("evaluations") or {}).items():
+        for declared in evaluation.get("figures") or ():
+            file, caption = str(declared.get("file", "")), str(declared.get("caption", ""))
+            source = run_dir / file
+            link = None
+            inside = ".." not in Path(file).parts and not Path(file).is_absolute()
+            if inside and source.is_file() and not source.is_symlink() and source.resolve().is_relative_to(root):
+                write_atomic(figures / file, source.read_bytes())
+                link = f"{FIGURES_DIR}/{file}"
+            out.setdefault(instance, []).append(EvaluatorFigure(file, caption, link))
+    return out
+
+
+def _figure_lines(shown: Sequence[EvaluatorFigure]) -> list[str]:
+    out: list[str] = []
+    for figure in shown:
+        caption = figure.caption.strip() or Path(figure.file).name
+        if figure.link is None:
+            out += ["", f"Figure `{Path(figure.file).name}` ({_truncate(caption, 200)}) is missing: the evaluator declared "
+                    f"{figure.file} but it is not in the run directory."]  # fmt: skip
+        else:
+            caption = " ".join(caption.split())
+            alt = caption.replace("[", "(").replace("]", ")")
+            out += ["", f"![{_truncate(alt, 120)}]({figure.link})", "", f"*{caption}*"]
+    return out
 
 
 # -- formatting --------------------------------------------------------------------------------
@@ -154,12 +249,17 @@ def evaluator_tables(results: Mapping[str, Any]) -> list[EvaluatorTable]:
     return out
 
 
-def models_section(results: Mapping[str, Any]) -> list[str]:
+def models_section(results: Mapping[str, Any], figures: Mapping[str, Sequence[EvaluatorFigure]] | None = None) -> list[str]:
     """One table per evaluator instance, with the columns its metric declarations name; a
-    metric whose values are mappings (per-group accuracies) gets a table of its own."""
+    metric whose values are mappings (per-group accuracies) gets a table of its own; then the
+    evaluator's declared ``figures`` (instance -> :class:`EvaluatorFigure`), each with its
+    caption, or named as missing."""
+    figures = figures or {}
     out = ["## Models", ""]
     tables = evaluator_tables(results)
-    if not tables:
+    # figures of an evaluator without a table (it declares no metric with a value) still show
+    untabled = [(name, shown) for name, shown in figures.items() if shown and name not in {t.evaluator for t in tables}]
+    if not tables and not untabled:
         return out + ["No model was evaluated in this run.", ""]
     for t in tables:
         named = f"`{t.evaluator}`" if t.plugin == t.evaluator else f"`{t.evaluator}` ({t.plugin})"
@@ -180,7 +280,10 @@ def models_section(results: Mapping[str, Any]) -> list[str]:
         if t.missing:
             out += ["", "Not computed (reported by the evaluator, never counted as a result): "
                     + "; ".join(f"{k}: {v}" for k, v in t.missing.items()) + "."]  # fmt: skip
+        out += _figure_lines(figures.get(t.evaluator, ()))
         out.append("")
+    for name, shown in untabled:
+        out += [f"Evaluator `{name}`:", *_figure_lines(shown), ""]
     chosen_by = selection_lines(results)
     if chosen_by:
         out += ["How each model's epoch or hyperparameters were chosen (its `selection` rule):", ""]
@@ -772,7 +875,7 @@ def write_report(
         lines += ["## Failed stages", "", "This run could not compute everything; what is below was computed without:", ""]
         lines += [f"- `{stage}`: {_truncate(str(reason), 300)}" for stage, reason in failed.items()]
         lines += [""]
-    lines += models_section(results)
+    lines += models_section(results, collect_evaluator_figures(results, run_dir, figures))
     per_branch = [(b["key"], (results.get("branches") or {}).get(b["key"]) or {}, b) for b in branches or []]
     if not per_branch:
         per_branch = [("", results, {"rendered": rendered, "verdicts": verdicts, "critiques": critiques})]

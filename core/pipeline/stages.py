@@ -426,6 +426,7 @@ def _evaluate_stage(instance: str, choice: PluginChoice, model_stages: Sequence[
     slot = choice.slot
 
     def run(call: StageCall) -> dict[str, Any]:
+        from ..report import evaluator_figures
         from ..results import check_evaluation
 
         data: SpuriousDataset = call["data"]
@@ -445,7 +446,10 @@ def _evaluate_stage(instance: str, choice: PluginChoice, model_stages: Sequence[
         declared = tuple(evaluator.metrics)
         for key, values in models.items():
             check_evaluation(choice.name, key, values, declared)
-        return {"plugin": choice.name, "split": split, "metrics": [m.to_dict() for m in declared], "models": models}
+        out = {"plugin": choice.name, "split": split, "metrics": [m.to_dict() for m in declared], "models": models}
+        labels = {info.model: info.label for _, info in call.model_inputs() if info.model in models}
+        figures = evaluator_figures(evaluator, models, labels, call.ctx, f"evaluator {instance!r} ({choice.name})")
+        return {**out, "figures": figures} if figures else out
 
     def check(view: StageView, data: SpuriousDataset) -> list[str]:
         who = f"evaluator {instance!r} ({choice.name})"

@@ -16,6 +16,9 @@ Metrics, all on the same seeded subset of the test split:
   dAcc_f - dAcc_aligned; higher is better, 0 for the original);
 - ``drop.<corruption>`` per corruption (mean over severities) and the tables
   ``drop_by_severity`` and ``drop_vs_original_by_corruption``.
+
+Figure: ``drop_by_severity.png``, each model's accuracy drop per severity (mean over the
+corruptions that ran), shown in report.md under the evaluator's tables.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from lvlmva.metrics import accuracy
-from lvlmva.protocols import Metric, PluginOptions, RunContext
+from lvlmva.protocols import Figure, Metric, PluginOptions, RunContext
 from lvlmva.records import SpuriousDataset
 from lvlmva.training import predict_logits
 
@@ -315,3 +318,42 @@ class MedmnistCEvaluator:
                 if base.get(f"drop.{label}") is not None and values.get(f"drop.{label}") is not None
             }
         return models
+
+    def figures(self, models: dict[str, dict[str, Any]], labels: dict[str, str], ctx: RunContext) -> list[Figure]:
+        """``drop_by_severity.png``: per model, the accuracy drop at each severity, mean over
+        the corruptions that ran (none when no corruption ran)."""
+        severities = list(self.options.severities)
+        lines = {}
+        for model, values in models.items():
+            table = values.get("drop_by_severity") or {}
+            means = []
+            for s in severities:
+                drops = [v for k, v in table.items() if k.endswith(f"/s{s}") and v is not None]
+                means.append(float(np.mean(drops)) if drops else float("nan"))
+            if any(not np.isnan(m) for m in means):
+                lines[model] = means
+        if not lines:
+            return []
+        from matplotlib.figure import Figure as Canvas
+
+        from lvlmva.report import save_figure
+
+        fig = Canvas(figsize=(5.5, 3.4), layout="constrained")
+        ax = fig.subplots()
+        for k, (model, means) in enumerate(lines.items()):
+            ax.plot(severities, means, marker="o", color=f"C{k % 10}", label=labels.get(model, model))
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set_xticks(severities)
+        ax.set_xlabel("severity")
+        ax.set_ylabel("accuracy drop (clean − corrupted)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        save_figure(fig, ctx.stage_dir / "drop_by_severity.png")
+        ran = len({k.rsplit("/s", 1)[0] for v in models.values() for k in (v.get("drop_by_severity") or {})})
+        return [
+            Figure(
+                "drop_by_severity.png",
+                f"Accuracy drop per severity under MedMNIST-C corruptions, mean over the {ran} corruptions "
+                f"that ran, on {next(iter(models.values())).get('samples', '?')} test images (lower: more robust).",
+            )
+        ]

@@ -18,7 +18,7 @@ from lvlmva.metrics import (
     spurious_attribution_share,
     worst_group_accuracy,
 )
-from lvlmva.protocols import Metric, PluginOptions, RunContext
+from lvlmva.protocols import Figure, Metric, PluginOptions, RunContext
 from lvlmva.records import SpuriousDataset
 from lvlmva.training import predict_logits
 
@@ -61,6 +61,9 @@ class StandardEvaluator:
     ``attribute`` function and true test masks ``alignment_score`` (computed on
     ``alignment_score_samples`` test images, attributions for the true class),
     ``alignment_score_samples`` and ``alignment_score_skipped`` (all-zero attributions).
+
+    Figure (with group labels): ``group_accuracy.png``, every model's accuracy per group side by
+    side, the worst group of each model marked.
     """
 
     Options: ClassVar[type[PluginOptions]] = StandardEvaluatorOptions
@@ -166,3 +169,39 @@ class StandardEvaluator:
             "alignment_score_samples": n,
             "alignment_score_skipped": skipped,
         }
+
+    def figures(self, models: dict[str, dict[str, Any]], labels: dict[str, str], ctx: RunContext) -> list[Figure]:
+        """``group_accuracy.png``: bars of each model's accuracy per test group (none without
+        group labels)."""
+        per_model = {m: v["group_accuracy"] for m, v in models.items() if isinstance(v.get("group_accuracy"), dict)}
+        if not per_model:
+            return []
+        from matplotlib.figure import Figure as Canvas
+
+        from lvlmva.report import save_figure
+
+        groups = list(dict.fromkeys(g for values in per_model.values() for g in values))
+        width = 0.8 / len(per_model)
+        fig = Canvas(figsize=(max(5.0, 0.5 * len(groups) * max(1, len(per_model)) + 2.0), 3.4), layout="constrained")
+        ax = fig.subplots()
+        for k, (model, values) in enumerate(per_model.items()):
+            heights = [values.get(g) for g in groups]
+            xs = [i + (k - (len(per_model) - 1) / 2) * width for i in range(len(groups))]
+            shown = [(x, h) for x, h in zip(xs, heights, strict=True) if h is not None]
+            ax.bar([x for x, _ in shown], [h for _, h in shown], width=width, color=f"C{k % 10}",
+                   label=labels.get(model, model))  # fmt: skip
+            if shown:  # the worst group, which WGA reports
+                x, h = min(shown, key=lambda xh: xh[1])
+                ax.plot([x], [h], marker="v", color="black", markersize=6)
+        ax.set_xticks(range(len(groups)), groups, fontsize=7, rotation=30 if len(groups) > 4 else 0, ha="right" if len(groups) > 4 else "center")
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("test accuracy")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+        save_figure(fig, ctx.stage_dir / "group_accuracy.png")
+        return [
+            Figure(
+                "group_accuracy.png",
+                "Test accuracy per group and model; a triangle marks each model's worst group (its WGA).",
+            )
+        ]
