@@ -76,6 +76,8 @@ class RunOptions(PluginOptions):
     deterministic: bool = Field(True, description="Ask torch for deterministic kernels (same settings + seed + device = same numbers).")
 
     @field_validator("name")
+    checkpoint_every: int = Field(0, ge=0, description="Training, alignment and mitigator loops save a checkpoint into the stage's unfinished folder after every this many epochs (0: none by count); a killed run resumes from it to the same weights. Not part of any fingerprint.")
+    checkpoint_minutes: float | None = Field(5.0, ge=0, description="A checkpoint also after any epoch that ends this many minutes after the stage's last one (0: after every epoch).")
     @classmethod
     def _one_path_component(cls, value: str | None) -> str | None:
         # The run directory is out_dir/name: a name must not lead out of out_dir or into a

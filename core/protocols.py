@@ -189,6 +189,11 @@ class RunContext:
       (added to every logged JSON line as ``run_stage`` and ``run_attempt``, so that lines of a
       replaced or interrupted computation can be dropped once a new artifact is committed).
     """
+    - ``checkpoints``: where this stage's training loops save and find their checkpoints
+      (:class:`lvlmva.checkpoints.Checkpoints`; None: no checkpoints, as outside a pipeline).
+    - ``trackers``: the run's experiment trackers (:class:`lvlmva.tracking.TrackerSet`; None
+      outside a pipeline): every line logged to ``metrics.jsonl`` goes to them too, so each
+      training loop's per-epoch records reach MLflow, TensorBoard, ... as they are written.
 
     seed: int
     device: torch.device
@@ -200,6 +205,8 @@ class RunContext:
     stage: str = ""
     attempt: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    checkpoints: Any = None  # lvlmva.checkpoints.Checkpoints | None
+    trackers: Any = None  # lvlmva.tracking.TrackerSet | None
 
     def generator(self, salt: str) -> torch.Generator:
         """A CPU generator seeded from the run seed and a fixed string, so that each use of

@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from . import model_selection
+from .checkpoints import rng_state, set_rng_state, stateful
 from .model_selection import SelectionRule
 from .protocols import PluginOptions, RunContext
 from .records import AlignmentSet, Split, SpuriousDataset, TrainedModel
@@ -308,8 +309,26 @@ class Trainer:
         m = n if indices is None else int(indices.shape[0])
         batch_size = options.batch_size
         steps = -(-m // batch_size)
+        # Checkpoints when every stateful part can be saved (lvlmva.checkpoints)
+        stateful_parts = {"on_epoch": on_epoch, "objective": objective, "draw": draw}
+        checkpoints = ctx.checkpoints if all(map(stateful, stateful_parts.values())) else None
+        key = checkpoints.key(tag) if checkpoints is not None else ""
+        records: list[dict[str, Any]] = []
+        first = 1
+        saved = checkpoints.load(key) if checkpoints is not None else None
+        if saved is not None:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            for name, part in stateful_parts.items():
+                if part is not None:
+                    part.load_state_dict(saved[name])
+            set_rng_state(saved["rng"], device)
+            records = list(saved["records"])
+            for record in records:  # this computation's log holds the whole curve
+                ctx.log_jsonl("metrics.jsonl", record)
+            first = int(saved["epoch"]) + 1
         with ctx.progress_bar(tag, steps * epochs) as advance:
-            for epoch in range(1, epochs + 1):
+            for epoch in range(first, epochs + 1):
                 if draw is not None and epoch > 1:
                     indices = _check_indices(draw(epoch), n, tag)
                     _check_weights(weights, n, indices, tag)
@@ -372,20 +391,31 @@ class Trainer:
                         f"Trainer.fit[{tag}]: loss is {mean_loss} after epoch {epoch} "
                         f"(lr {options.lr}); lower the learning rate or check the input scale"
                     )
-                ctx.log_jsonl(
-                    "metrics.jsonl",
-                    {
-                        "stage": tag,
-                        "epoch": epoch,
-                        "loss": mean_loss,
-                        "train_accuracy": accuracy,
-                        "seconds": seconds,
-                    },
-                )
+                record = {
+                    "stage": tag,
+                    "epoch": epoch,
+                    "loss": mean_loss,
+                    "train_accuracy": accuracy,
+                    "seconds": seconds,
+                }
+                ctx.log_jsonl("metrics.jsonl", record)
+                records.append(record)
                 if on_epoch is not None:
                     end = EpochEnd(epoch, model, mean_loss, accuracy, seconds, order, predicted)
                     if on_epoch(end) is True:
-                        break
+                        break  # no checkpoint: a resumed fit reaches this stop again
+                if checkpoints is not None and checkpoints.due(epoch):
+                    state = {
+                        "epoch": epoch,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "rng": rng_state(device),
+                        "records": records,
+                    }
+                    for name, part in stateful_parts.items():
+                        if part is not None:
+                            state[name] = part.state_dict()
+                    checkpoints.save(key, state)
         model.eval()
         return model
 
@@ -825,7 +855,23 @@ class AlignmentTrainer:
             ctx.progress_bar(f"{self.tag} ({shown})", opts.epochs * steps) as advance,
         ):
             torch.manual_seed(ctx.generator(f"{self.seed_name}-stochastic-layers").initial_seed())
-            for epoch in range(opts.epochs):
+            checkpoints = ctx.checkpoints
+            key = checkpoints.key(self.tag) if checkpoints is not None else ""
+            records: list[dict[str, Any]] = []
+            done = 0
+            saved = checkpoints.load(key) if checkpoints is not None else None
+            if saved is not None:
+                aligned.load_state_dict(saved["model"])
+                optimiser.load_state_dict(saved["optimizer"])
+                align_stream.buffer = saved["align_buffer"]
+                align_stream.generator.set_state(saved["align_generator"])
+                set_rng_state(saved["rng"], device)
+                names = list(saved["names"])
+                records = list(saved["records"])
+                for record in records:  # this computation's log holds the whole curve
+                    ctx.log_jsonl("metrics.jsonl", record)
+                done = int(saved["epoch"])
+            for epoch in range(done, opts.epochs):
                 start = time.perf_counter()
                 order = torch.randperm(
                     n_train, generator=ctx.generator(f"{self.seed_name}-epoch-{epoch}")
@@ -875,17 +921,30 @@ class AlignmentTrainer:
                     advance()
                 assert totals is not None and names is not None  # an epoch has at least one step
                 means = (totals / max(steps, 1)).tolist()
-                ctx.log_jsonl(
-                    "metrics.jsonl",
-                    {
-                        "stage": self.tag,
-                        "epoch": epoch + 1,  # counted from 1, as the trainer counts
-                        **tags,
-                        **dict(zip(names, means, strict=True)),
-                        "steps": steps,
-                        "seconds": time.perf_counter() - start,
-                    },
-                )
+                record = {
+                    "stage": self.tag,
+                    "epoch": epoch + 1,  # counted from 1, as the trainer counts
+                    **tags,
+                    **dict(zip(names, means, strict=True)),
+                    "steps": steps,
+                    "seconds": time.perf_counter() - start,
+                }
+                ctx.log_jsonl("metrics.jsonl", record)
+                records.append(record)
+                if checkpoints is not None and checkpoints.due(epoch + 1):
+                    checkpoints.save(
+                        key,
+                        {
+                            "epoch": epoch + 1,
+                            "model": aligned.state_dict(),
+                            "optimizer": optimiser.state_dict(),
+                            "align_buffer": align_stream.buffer,
+                            "align_generator": align_stream.generator.get_state(),
+                            "rng": rng_state(device),
+                            "names": names,
+                            "records": records,
+                        },
+                    )
         aligned.eval()
         return aligned
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..atomic import write_error
+from ..checkpoints import CHECKPOINTS, Checkpoints
 from ..protocols import DatasetError, RunContext
 from ..records import SpuriousDataset
 from ..registry import PluginRegistry, get_plugin_manager, get_registry
@@ -593,7 +594,7 @@ class Pipeline:
             # computes the stage again (from the response cache) instead of reusing them.
             rundir.retire(stage.name)
         attempt = uuid.uuid4().hex[:12]
-        partial = rundir.begin(stage.name)
+        partial = rundir.begin(stage.name, fp)
         hooks.lvlmva_stage_started(stage=stage.name, run_dir=self.run_dir, fingerprint=fp)
         ctx = self._context(stage, partial, attempt)
         started = time.perf_counter()
@@ -616,6 +617,8 @@ class Pipeline:
             return
         except Exception as exc:  # recorded with the stage's name; the stages that need it are blocked
             rundir.abandon(stage.name)
+        run = self.settings.run
+        ctx.checkpoints = Checkpoints(partial / CHECKPOINTS, run.checkpoint_every, run.checkpoint_minutes)
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 exc = write_error(Path(exc.filename) if exc.filename else partial, exc)  # a plugin's own write: name the place
             self._fail(stage, fp, time.perf_counter() - started - self._nested, exc)

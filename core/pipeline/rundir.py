@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import SymlinkRefused, open_lock_file, refuse_symlink, write_atomic
+from ..checkpoints import CHECKPOINTS, FINGERPRINT_FILE
 from ..registry import PluginError, PluginRegistry, get_registry
 from ..secrets import redact_json
 from ..version import __version__
@@ -310,20 +311,42 @@ class RunDirectory:
                 return f"{shown} was changed after it was written (its SHA-256 differs from the record)"
         return None
 
-    def begin(self, stage: str) -> Path:
-        """A fresh, empty ``.partial-<stage>/`` to compute the stage in."""
+    def begin(self, stage: str, fingerprint: str | None = None) -> Path:
+        """A fresh ``.partial-<stage>/`` to compute the stage in: empty but for the checkpoints
+        an interrupted computation with the same ``fingerprint`` left (``checkpoints/``, see
+        :mod:`lvlmva.checkpoints`); checkpoints of another fingerprint are deleted."""
         partial = self.path / f".partial-{stage}"
         refuse_symlink(partial)
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
+        kept = partial / CHECKPOINTS
+        keep = fingerprint is not None and _read_text(kept / FINGERPRINT_FILE) == fingerprint
+        if keep and partial.is_dir() and not kept.is_symlink():
+            for entry in partial.iterdir():
+                if entry.name != CHECKPOINTS:
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        else:
+            shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True, exist_ok=True)
+        if fingerprint is not None and not keep:
+            kept.mkdir()
+            write_atomic(kept / FINGERPRINT_FILE, fingerprint)
         return partial
 
     def abandon(self, stage: str) -> None:
-        shutil.rmtree(self.path / f".partial-{stage}", ignore_errors=True)
+        """Delete an unfinished stage's files, keeping its checkpoints for the next computation
+        with the same fingerprint (a failure or an interruption need not cost the epochs done)."""
+        partial = self.path / f".partial-{stage}"
+        kept = partial / CHECKPOINTS
+        if not kept.is_dir() or kept.is_symlink() or not any(kept.glob("*.pt")):
+            shutil.rmtree(partial, ignore_errors=True)
+            return
+        for entry in partial.iterdir():
+            if entry.name != CHECKPOINTS:
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
     def commit(self, stage: str, fingerprint: str, codec: str, seconds: float) -> StageRecord:
         """Record the files of ``.partial-<stage>/`` with their hashes and move it into place."""
         partial = self.path / f".partial-{stage}"
+        shutil.rmtree(partial / CHECKPOINTS, ignore_errors=True)  # a finished stage needs none
         files = _manifest(partial)
         record = StageRecord(stage, fingerprint, codec, files, _content(files), seconds, __version__)
         write_atomic(partial / RECORD, record.to_json())
@@ -472,3 +495,10 @@ class FinishedRun:
 def open_run(path: str | Path) -> FinishedRun:
     """A finished (or partly finished) run directory, read-only."""
     return FinishedRun(Path(path))
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None

@@ -244,6 +244,15 @@ class EpochSelector:
             out["test"] = self._split_scores(model, self.data.test)
         return out
 
+    def state_dict(self) -> dict[str, Any]:
+        """The scores so far and the kept epoch (for a checkpoint of the fit it watches)."""
+        return {"history": self.history, "best": self._best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = list(state["history"])
+        best = state["best"]
+        self._best = None if best is None else (int(best[0]), best[1], best[2])
+
     def __call__(self, end: EpochEnd) -> None:
         scores = self.scores(end.model)
         entry: dict[str, Any] = {"epoch": end.epoch, **scores.get("val", {})}
