@@ -182,7 +182,7 @@ class StandardEvaluator:
 
         groups = list(dict.fromkeys(g for values in per_model.values() for g in values))
         width = 0.8 / len(per_model)
-        fig = Canvas(figsize=(max(5.0, 0.5 * len(groups) * max(1, len(per_model)) + 2.0), 3.4), layout="constrained")
+        fig = Canvas(figsize=(min(12.0, max(5.0, 0.4 * len(groups) + 2.0)), 3.8), layout="constrained")
         ax = fig.subplots()
         for k, (model, values) in enumerate(per_model.items()):
             heights = [values.get(g) for g in groups]
@@ -193,11 +193,14 @@ class StandardEvaluator:
             if shown:  # the worst group, which WGA reports
                 x, h = min(shown, key=lambda xh: xh[1])
                 ax.plot([x], [h], marker="v", color="black", markersize=6)
-        ax.set_xticks(range(len(groups)), groups, fontsize=7, rotation=30 if len(groups) > 4 else 0, ha="right" if len(groups) > 4 else "center")
+        many = len(groups) > 4
+        ax.set_xticks(range(len(groups)), groups, fontsize=7, rotation=45 if many else 0, ha="right" if many else "center")
+        ax.set_xlim(-0.6, len(groups) - 0.4)
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("test accuracy")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        # above the bars, so that it hides none of them
+        ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(4, len(per_model)), frameon=False)
         save_figure(fig, ctx.stage_dir / "group_accuracy.png")
         return [
             Figure(
