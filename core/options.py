@@ -42,7 +42,8 @@ __all__ = [
 
 #: sections of named instances -> their role (``[mitigators.dfr] plugin = "dfr"``): the roles
 #: a run compares. Segmenters, critics, judges and aligners may also be given by a section of
-#: the role's name (``[critic]``), the one-instance form; mitigators and evaluators only by name.
+#: the role's name (``[critic]``), the one-instance form; mitigators, evaluators and trackers
+#: (``[trackers.mlflow] plugin = "mlflow"``) only by name.
 INSTANCE_SECTIONS: dict[str, str] = {
     "segmenters": "segmenter",
     "critics": "critic",
@@ -50,10 +51,11 @@ INSTANCE_SECTIONS: dict[str, str] = {
     "aligners": "aligner",
     "mitigators": "mitigator",
     "evaluators": "evaluator",
+    "trackers": "tracker",
 }
 
 #: roles picked by a section of the role's name (``[critic] plugin = "oracle"``)
-SINGLE_ROLES: tuple[str, ...] = tuple(r for r in ROLES if r not in ("mitigator", "evaluator"))
+SINGLE_ROLES: tuple[str, ...] = tuple(r for r in ROLES if r not in ("mitigator", "evaluator", "tracker"))
 
 #: keys of a ``[critics.<name>]`` table that are not the plugin's options: which judge reads it
 PAIRING_KEYS: dict[str, str] = {"critic": "judge"}
@@ -74,10 +76,10 @@ class RunOptions(PluginOptions):
     device: str = Field("auto", description='"auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...')
     cache_dir: Path | None = Field(None, description="User cache (downloaded data, LVLM responses). Default: $XDG_CACHE_HOME/lvlmva or ~/.cache/lvlmva.")
     deterministic: bool = Field(True, description="Ask torch for deterministic kernels (same settings + seed + device = same numbers).")
-
-    @field_validator("name")
     checkpoint_every: int = Field(0, ge=0, description="Training, alignment and mitigator loops save a checkpoint into the stage's unfinished folder after every this many epochs (0: none by count); a killed run resumes from it to the same weights. Not part of any fingerprint.")
     checkpoint_minutes: float | None = Field(5.0, ge=0, description="A checkpoint also after any epoch that ends this many minutes after the stage's last one (0: after every epoch).")
+
+    @field_validator("name")
     @classmethod
     def _one_path_component(cls, value: str | None) -> str | None:
         # The run directory is out_dir/name: a name must not lead out of out_dir or into a

@@ -69,6 +69,7 @@ __all__ = [
     "Evaluator",
     "Metric",
     "Figure",
+    "Tracker",
 ]
 
 
@@ -188,12 +189,12 @@ class RunContext:
     - ``stage``: the pipeline stage running, and ``attempt`` an id of this computation of it
       (added to every logged JSON line as ``run_stage`` and ``run_attempt``, so that lines of a
       replaced or interrupted computation can be dropped once a new artifact is committed).
-    """
     - ``checkpoints``: where this stage's training loops save and find their checkpoints
       (:class:`lvlmva.checkpoints.Checkpoints`; None: no checkpoints, as outside a pipeline).
     - ``trackers``: the run's experiment trackers (:class:`lvlmva.tracking.TrackerSet`; None
       outside a pipeline): every line logged to ``metrics.jsonl`` goes to them too, so each
       training loop's per-epoch records reach MLflow, TensorBoard, ... as they are written.
+    """
 
     seed: int
     device: torch.device
@@ -204,9 +205,9 @@ class RunContext:
     progress: bool = False
     stage: str = ""
     attempt: str = ""
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     checkpoints: Any = None  # lvlmva.checkpoints.Checkpoints | None
     trackers: Any = None  # lvlmva.tracking.TrackerSet | None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def generator(self, salt: str) -> torch.Generator:
         """A CPU generator seeded from the run seed and a fixed string, so that each use of
@@ -227,9 +228,12 @@ class RunContext:
 
         if self.stage:
             record = {"run_stage": self.stage, "run_attempt": self.attempt, **record}
-        line = json.dumps(redact_json(record), default=str, sort_keys=True)
+        record = redact_json(record)
+        line = json.dumps(record, default=str, sort_keys=True)
         with self._lock:
             append_line(self.run_dir / name, line)
+        if name == "metrics.jsonl" and self.trackers is not None:  # the one per-epoch hook
+            self.trackers.record(record)
 
     def progress_bar(self, description: str, total: int | None, *, completed: int = 0, transient: bool = False) -> AbstractContextManager[ProgressBar]:
         """A progress bar for a long loop (epochs, batches, requests), drawn only when
@@ -490,6 +494,55 @@ class Evaluator(Protocol):
     ) -> dict[str, Any]: ...
 
 
+@dataclass(frozen=True)
+class TrackedRun:
+    """What a tracker is told when a run starts.
+
+    - ``run_dir``: the run directory; ``store_dir``: where a local store belongs (the run
+      directory, or the study's folder for a study's cell, so that every cell logs into one
+      store).
+    - ``name``: the tracker run's name (the run's name; ``<data set>/seed<k>`` for a study's
+      cell); ``experiment``: the experiment (the run's name; the study's name for a cell).
+    - ``params``: the run's resolved settings as flat dotted keys (``train.lr``), as text;
+      secrets are never among them.
+    """
+
+    run_dir: Path
+    store_dir: Path
+    name: str
+    experiment: str
+    params: dict[str, str]
+
+
+@runtime_checkable
+class Tracker(Protocol):
+    """Sends a run to an experiment tracker (MLflow, TensorBoard, W&B, ...).
+
+    Several may run in one run (``[trackers.<name>] plugin = "mlflow"``). The pipeline calls
+    ``start`` once when the run starts, ``log_metrics`` for every per-epoch record of every
+    training loop (``step`` = the epoch; names ``<stage>/<key>``, such as ``train/loss`` or
+    ``align.rrr/penalty``) and once with the final metrics (``step`` None; names
+    ``<model>/<evaluator>/<metric>``), ``log_artifact`` for report.md, results.json and the
+    figures (``name``: the path relative to the run directory), and ``finish`` with the run's
+    status (``"ok"`` or ``"failed"``). A tracker never fails a run: what it raises is reported
+    as a warning (standard error and ``tracking.json``) and that tracker is not called again.
+    Trackers are no part of any stage's fingerprint: adding one recomputes nothing.
+
+    A tracker whose library is optional names it in ``optional_imports`` (module -> install
+    line), checked before any work starts (exit 2).
+    """
+
+    Options: ClassVar[type[PluginOptions]]
+
+    def start(self, run: TrackedRun) -> None: ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None) -> None: ...
+
+    def log_artifact(self, path: Path, name: str) -> None: ...
+
+    def finish(self, status: str) -> None: ...
+
+
 #: role name -> protocol; the names are the settings sections that pick a plugin of that role.
 ROLES: dict[str, type] = {
     "dataset": DatasetProvider,
@@ -501,6 +554,7 @@ ROLES: dict[str, type] = {
     "aligner": Aligner,
     "mitigator": Mitigator,
     "evaluator": Evaluator,
+    "tracker": Tracker,
 }
 
 
@@ -520,4 +574,4 @@ def _protocol_members(proto: type) -> set[str]:
     return names
 
 
-__all__ += ["check_capabilities", "Segmentation", "Verdicts", "Critique", "CritiqueRequest"]
+__all__ += ["TrackedRun", "check_capabilities", "Segmentation", "Verdicts", "Critique", "CritiqueRequest"]

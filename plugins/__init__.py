@@ -67,6 +67,11 @@ BUILTINS: dict[str, dict[str, str]] = {
         "standard": "lvlmva.plugins.evaluators.standard:StandardEvaluator",
         "medmnist-c": "lvlmva.plugins.evaluators.medmnist_c:MedmnistCEvaluator",
     },
+    "tracker": {
+        "mlflow": "lvlmva.plugins.trackers.mlflow_tracker:MlflowTracker",
+        "tensorboard": "lvlmva.plugins.trackers.tensorboard_tracker:TensorboardTracker",
+        "wandb": "lvlmva.plugins.trackers.wandb_tracker:WandbTracker",
+    },
 }
 
 

@@ -100,6 +100,9 @@ class _State:
 class Pipeline:
     """Runs the stages of one settings file in one run directory."""
 
+    #: the run's experiment trackers while :meth:`run` runs (lvlmva.tracking.TrackerSet)
+    _trackers: Any = None
+
     def __init__(
         self,
         settings: Settings,
@@ -312,7 +315,8 @@ class Pipeline:
         work, with exit 2."""
         plan = {o.name: o.status for o in self.plan()}
         samples = self.settings.selection.n
-        problems: list[str] = []
+        # a configured tracker's library is checked whatever runs: it logs every run
+        problems: list[str] = self.import_problems(c.slot for c in self.settings.choices("tracker"))
         asked: set[str] = set()
         for stage in self.stages:
             if plan.get(stage.name) != "pending":
@@ -447,6 +451,7 @@ class Pipeline:
             progress=self.progress,
             stage=stage.name,
             attempt=attempt,
+            trackers=self._trackers,
         )
 
     def _decode_context(self) -> DecodeContext:
@@ -482,6 +487,7 @@ class Pipeline:
                     self._preload_data(plan, computes)
                     rundir.write("settings.resolved.toml", self.settings.to_toml())
                     rundir.write("env.json", json.dumps(environment_info(self.device, self._code.record()), indent=2, sort_keys=True))
+                    self._start_trackers()
                     # A run that stops early (--until) publishes nothing: it keeps what was
                     # published before unless a stage before the stop is to be recomputed,
                     # which would make those results disagree with the artifacts
@@ -498,8 +504,22 @@ class Pipeline:
                     self._write_timings(rundir)
         finally:
             saved.restore()
+            if self._trackers is not None:
+                self._trackers.finish(results, status)
+                self._trackers = None
             hooks.lvlmva_run_finished(run_dir=self.run_dir, results=results if status == "ok" else {}, status=status)
         return results
+
+    def _start_trackers(self) -> None:
+        """Start the run's trackers (``[trackers.<name>]``): one that fails is a warning."""
+        from ..tracking import TrackerSet, flat_params, tracked_run
+
+        slots = {c.slot: self.plugin(c.slot) for c in self.settings.choices("tracker")}
+        if not slots:
+            return
+        self._trackers = TrackerSet(slots)
+        params = flat_params({k: v for k, v in self.settings.as_dict().items() if k != "trackers"})
+        self._trackers.start(tracked_run(self.run_dir, self.settings.run_name, params))
 
     def _write_timings(self, rundir: RunDirectory) -> None:
         timings = {o.name: {"status": o.status, "seconds": round(o.seconds, 3)} for o in self.outcomes.values()}
@@ -597,6 +617,8 @@ class Pipeline:
         partial = rundir.begin(stage.name, fp)
         hooks.lvlmva_stage_started(stage=stage.name, run_dir=self.run_dir, fingerprint=fp)
         ctx = self._context(stage, partial, attempt)
+        run = self.settings.run
+        ctx.checkpoints = Checkpoints(partial / CHECKPOINTS, run.checkpoint_every, run.checkpoint_minutes)
         started = time.perf_counter()
         self._nested = 0.0
         try:
@@ -617,8 +639,6 @@ class Pipeline:
             return
         except Exception as exc:  # recorded with the stage's name; the stages that need it are blocked
             rundir.abandon(stage.name)
-        run = self.settings.run
-        ctx.checkpoints = Checkpoints(partial / CHECKPOINTS, run.checkpoint_every, run.checkpoint_minutes)
             if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 exc = write_error(Path(exc.filename) if exc.filename else partial, exc)  # a plugin's own write: name the place
             self._fail(stage, fp, time.perf_counter() - started - self._nested, exc)

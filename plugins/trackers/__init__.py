@@ -1,0 +1,1 @@
+"""Built-in trackers: MLflow, TensorBoard and W&B (offline by default)."""
