@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from .protocols import ROLES, PluginOptions
 
@@ -167,6 +167,16 @@ class ReportOptions(PluginOptions):
     test_images: int = Field(8, ge=0, description="Test images whose attributions are shown before/after alignment.")
 
 
+#: sbatch options that ``[study] slurm_parameters`` may not set -> the study key that sets them
+#: (or who does: submitit writes the job's name, array and log paths)
+SLURM_NAMED_PARAMETERS = {
+    "partition": "slurm_partition", "time": "slurm_time_min", "cpus-per-task": "slurm_cpus",
+    "gpus-per-node": "slurm_gpus", "mem": "slurm_mem_gb", "account": "slurm_account",
+    "qos": "slurm_qos", "array": "slurm_array_parallelism", "job-name": "submitit", "output": "slurm_logs",
+    "error": "slurm_logs", "nodes": "submitit (one node per cell)", "ntasks-per-node": "submitit (one task per cell)",
+}  # fmt: skip
+
+
 class StudyOptions(PluginOptions):
     """A study: seeds x methods from this settings file (``lvlmva study``, ``nox -s compare``).
     Every method the file configures (the original model, each aligned model: one per aligner
@@ -177,14 +187,35 @@ class StudyOptions(PluginOptions):
     name: str | None = Field(None, description="Study name; the study directory is out_dir/name. Default: the first settings file's stem + '_study'.")
     out_dir: Path = Field(Path("studies"), description="Folder that holds study directories.")
     seeds: list[int] = Field(default_factory=lambda: list(range(7)), min_length=1, description="Seeds, one run directory (cell) each; 0..6 as in the paper.")
-    executor: Literal["local", "ray"] = Field("local", description='"local": cells in this machine\'s processes; "ray": cells as Ray tasks (pip install "lvlmva[ray]").')
+    executor: Literal["local", "ray", "slurm"] = Field(
+        "local",
+        description='"local": cells in this machine\'s processes; "ray": cells as Ray tasks (pip install "lvlmva[ray]"); "slurm": cells as one SLURM job array through submitit (pip install "lvlmva[slurm]"; the slurm_* keys).',
+    )
     workers: int = Field(1, ge=1, description="Cells run at once by the local executor (1: one after another in this process).")
     address: str | None = Field(None, description='Ray cluster to join ("ray://head:10001", "auto"); None: a local Ray started for the study.')
     threads: int = Field(
         1,
         ge=1,
-        description="torch threads per cell. Fixed by the study, not by the executor or the worker count, because torch's results depend on its thread count: the same cell gives the same numbers locally and on Ray.",
+        description="torch threads per cell. Fixed by the study, not by the executor or the worker count, because torch's results depend on its thread count: the same cell gives the same numbers locally, on Ray and on SLURM.",
     )
+    slurm_cluster: Literal["slurm", "local"] = Field(
+        "slurm",
+        description='Where executor = "slurm" submits its cells (submitit\'s executors): "slurm": the SLURM cluster this machine submits to (sbatch; srun on PATH); "local": submitit\'s local executor, one process per cell on this machine, all at once, to try the settings and the job files without a cluster (the time limit holds; partition, memory and the other sbatch options are not used).',
+    )
+    slurm_partition: str | None = Field(None, description="SLURM partition of the cells' jobs (sbatch --partition); None: the cluster's default.")
+    slurm_time_min: int = Field(60, gt=0, description="Time limit of each cell's job in minutes (sbatch --time); SLURM stops a cell that runs longer, and a rerun resumes it from its finished stages.")
+    slurm_cpus: int | None = Field(None, ge=1, description="CPUs per cell (sbatch --cpus-per-task); None: study.threads. At least study.threads.")
+    slurm_gpus: int = Field(0, ge=0, description="GPUs per cell (sbatch --gpus-per-node); set [run] device to use them.")
+    slurm_mem_gb: float | None = Field(None, gt=0, description="Memory per cell in GB (sbatch --mem); None: the partition's default.")
+    slurm_account: str | None = Field(None, description="SLURM account charged for the cells (sbatch --account).")
+    slurm_qos: str | None = Field(None, description="SLURM quality of service of the cells (sbatch --qos).")
+    slurm_array_parallelism: int | None = Field(None, ge=1, description="At most this many cells run at once (the job array's %N); None: all.")
+    slurm_parameters: dict[str, str | int | float] = Field(
+        default_factory=dict,
+        description='Other sbatch options, name without dashes -> value ({ constraint = "a100", "mail-type" = "END", exclusive = "" }; "": a flag without a value): submitit\'s slurm_additional_parameters. Options that have a key of their own (partition, time, ...) are set there.',
+    )
+    slurm_setup: list[str] = Field(default_factory=list, description='Shell lines each job runs before its cell ("module load cuda/12.1"); the cell runs with the Python that started the study.')
+    slurm_logs: Path | None = Field(None, description="Folder of submitit's files (each job's stdout, stderr, pickled cell and result); None: <study>/logs/submitit.")
     metrics: list[str] = Field(default_factory=lambda: ["aga", "wga", "accuracy"], min_length=1, description="Metric keys in the table, statistics and plots (declared by the evaluator).")
     evaluator: str | None = Field(None, description="The [evaluators.<name>] instance whose metrics are compared; None: the first.")
     baseline: str = Field("original", description="The model every method is tested against (Wilcoxon signed-rank, paired by seed).")
@@ -207,6 +238,22 @@ class StudyOptions(PluginOptions):
     @classmethod
     def _one_folder(cls, value: str | None) -> str | None:
         return RunOptions._one_path_component(value)
+
+    @model_validator(mode="after")
+    def _slurm_resources(self) -> StudyOptions:
+        if self.executor != "slurm":
+            return self
+        if self.slurm_cpus is not None and self.slurm_cpus < self.threads:
+            raise ValueError(
+                f"slurm_cpus = {self.slurm_cpus} is fewer than threads = {self.threads}: each cell runs torch "
+                "with study.threads threads; ask for at least as many CPUs, or leave slurm_cpus out (it is then threads)"
+            )
+        named = {k.replace("_", "-").lstrip("-"): k for k in self.slurm_parameters}
+        taken = {key: option for key, option in SLURM_NAMED_PARAMETERS.items() if key in named}
+        if taken:
+            which = ", ".join(f"{named[k]!r} (use {option})" for k, option in sorted(taken.items()))
+            raise ValueError(f"slurm_parameters sets what a study key sets or submitit sets itself: {which}")
+        return self
 
     @field_validator("compare")
     @classmethod

@@ -7,7 +7,8 @@ configures: the original model, the aligned one, the true-mask reference, each
 attribution, the critic, ...) are computed once per seed, and a stopped study resumes cell by
 cell and stage by stage: a cell whose stages are all stored is not run again.
 
-Cells run serially, in N local worker processes, or as Ray tasks. A worker gets the settings
+Cells run serially, in N local worker processes, as Ray tasks, or as one SLURM job array
+through submitit (a job per cell; submitit's local executor tries that on one machine). A worker gets the settings
 *text*, the overrides and the cell's path, never Python objects, and sets torch to the study's
 thread count, so a cell gives the same results.json whichever executor ran it. A failed cell
 is recorded with its reason and its traceback (``<study>/logs/<cell>.error.txt``), and the
@@ -26,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -39,6 +41,7 @@ from ..secrets import redact
 from ..settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
+    from ..options import StudyOptions
     from ..pipeline import Pipeline
     from .outputs import ComparisonFamily
 
@@ -562,6 +565,125 @@ def _run_ray(cells: Sequence[Cell], done: Done, address: str | None, threads: in
             ray.shutdown()
 
 
+#: what a missing submitit says (``lvlmva study`` exits 2 with it)
+NO_SUBMITIT = 'study.executor = "slurm" needs submitit: pip install "lvlmva[slurm]"'
+
+
+def _import_submitit() -> Any:
+    try:
+        import submitit
+    except ImportError:
+        raise SettingsError(NO_SUBMITIT) from None
+    return submitit
+
+
+def slurm_logs_folder(study: StudyOptions, directory: Path) -> Path:
+    """Where submitit keeps each job's pickled cell, result, stdout and stderr."""
+    return Path(study.slurm_logs) if study.slurm_logs is not None else Path(directory) / "logs" / "submitit"
+
+
+def submitit_parameters(study: StudyOptions, directory: Path) -> dict[str, Any]:
+    """The keyword arguments of ``submitit.AutoExecutor.update_parameters`` for a study's cells:
+    one node, one task and ``slurm_cpus`` (else ``threads``) CPUs per cell, and the study's
+    partition, time limit, GPUs, memory, account, QoS, array parallelism and extra sbatch
+    options. ``None`` leaves a value to the cluster's default (submitit drops it)."""
+    return {
+        "name": f"lvlmva-{Path(directory).name}",
+        "timeout_min": study.slurm_time_min,
+        "nodes": 1,
+        "tasks_per_node": 1,
+        "cpus_per_task": study.slurm_cpus if study.slurm_cpus is not None else study.threads,
+        "gpus_per_node": study.slurm_gpus or None,  # no --gpus-per-node=0 (a GPU-less cluster refuses it)
+        "mem_gb": study.slurm_mem_gb,
+        "slurm_partition": study.slurm_partition,
+        "slurm_account": study.slurm_account,
+        "slurm_qos": study.slurm_qos,
+        "slurm_array_parallelism": study.slurm_array_parallelism,
+        # "" is a flag without a value (exclusive = "" -> --exclusive): submitit writes True so
+        "slurm_additional_parameters": {k: True if v == "" else v for k, v in study.slurm_parameters.items()} or None,
+        "slurm_setup": list(study.slurm_setup) or None,
+    }
+
+
+def submitit_executor(study: StudyOptions, directory: Path) -> Any:
+    """submitit's executor for ``[study] slurm_cluster``, its parameters set; a cluster that
+    cannot be used (no ``srun`` on PATH, a parameter submitit refuses) is a
+    :class:`SettingsError`."""
+    submitit = _import_submitit()
+    folder = slurm_logs_folder(study, directory)
+    try:
+        executor = submitit.AutoExecutor(folder=folder, cluster=study.slurm_cluster)
+    except RuntimeError as exc:  # SlurmExecutor: 'Could not detect "srun", are you indeed on a slurm cluster?'
+        raise SettingsError(
+            f'study.slurm_cluster = "{study.slurm_cluster}" cannot submit from this machine ({exc}); '
+            'slurm_cluster = "local" tries the study\'s settings on this machine without a cluster'
+        ) from None
+    try:
+        executor.update_parameters(**submitit_parameters(study, directory))
+    except (AssertionError, NameError, ValueError, TypeError) as exc:
+        raise SettingsError(f"submitit refuses the study's slurm_* settings: {exc}") from None
+    return executor
+
+
+def _submitit_summary(text: str) -> str:
+    """One line from submitit's text of a job without a result: its head ("Job 12_0 (task: 0)
+    with path ... has not produced any output (state: TIMEOUT)"), and the exception's line where
+    the text holds the job's traceback."""
+    blocks = re.split(r"\n-{8,}\n", text)
+    head = " ".join(line.strip() for line in blocks[0].splitlines() if line.strip())
+    if len(blocks) > 1 and blocks[1].lstrip().startswith("Traceback"):
+        lines = [line.strip() for line in blocks[1].splitlines() if line.strip()]
+        head = f"{head} {lines[-1]}"
+    return head if len(head) <= 400 else head[:399] + "…"
+
+
+def _job_failure(cell: Cell, job: Any, exc: BaseException) -> dict[str, Any]:
+    """A cell whose job returned no status (it was killed: time or memory limit, a crash; it
+    raised past run_cell): failed, with submitit's first line as the reason and its whole
+    text, which holds the job's traceback or its error stream, as the traceback file."""
+    text = redact(str(exc).strip()) or type(exc).__name__
+    first = _submitit_summary(text)
+    stderr = getattr(getattr(job, "paths", None), "stderr", None)
+    where = f" (log: {str(stderr).replace('%t', '0')})" if stderr is not None else ""
+    status = _failed_status(cell, f"job {job.job_id} ended without the cell's status: {type(exc).__name__}: {first}{where}")
+    status["traceback"] = f"job {job.job_id} of submitit, state {getattr(job, 'state', 'unknown')}:\n{text}\n"
+    return status
+
+
+def _run_submitit(cells: Sequence[Cell], done: Done, executor: Any, study: StudyOptions, directory: Path, echo: Callable[[str], None]) -> None:
+    """The cells as one job array of ``executor`` (:func:`submitit_executor`); each job runs
+    :func:`run_cell` as the other executors do, and ``done`` gets each status as its job ends."""
+    if not cells:
+        return
+    jobs = executor.map_array(run_cell, [asdict(c) for c in cells])
+    pending = dict(zip(jobs, cells, strict=True))
+    arrays = sorted({job.job_id.split("_")[0] for job in jobs if "_" in job.job_id})  # SLURM: <array>_<index>
+    what = f"job array {', '.join(arrays)}" if arrays else f"job{'s' * (len(jobs) > 1)} {', '.join(j.job_id for j in jobs)}"
+    echo(f"  submitted {len(jobs)} cells to {study.slurm_cluster} as {what}; submitit's logs: {slurm_logs_folder(study, directory)}")
+    # the local executor's process exits at once, SLURM's states are read by submitit's watcher
+    # (one sacct for all jobs, cached): polling them is cheap; a result is read once per job
+    poll = 10.0 if study.slurm_cluster == "slurm" else 0.2
+    try:
+        while pending:
+            ended = [job for job in pending if job.done()]
+            for job in ended:
+                cell = pending.pop(job)
+                try:
+                    status = job.result()
+                except Exception as exc:  # no result: the job died or raised past run_cell
+                    status = _job_failure(cell, job, exc)
+                done(cell, status)
+            if pending and not ended:
+                time.sleep(poll)
+    except BaseException:
+        for job in pending:  # Ctrl-C: queued and running cells are cancelled, not awaited
+            try:
+                job.cancel(check=False)
+            except Exception:  # noqa: S110 - a job that ended meanwhile, scancel missing: nothing to stop
+                pass
+        raise
+
+
 def run_study(
     settings_files: Sequence[Path],
     overrides: Sequence[str] = (),
@@ -579,13 +701,19 @@ def run_study(
 
     plan = plan_study(settings_files, overrides, out)
     study = plan.settings.study
+    if study.executor == "slurm":  # before the study directory is made: exit 2, nothing written
+        _import_submitit()
     RunDirectory.claim(plan.directory, kind="study")
     log = plan.directory / CELL_LOG
     todo = [c for c, done in zip(plan.cells, plan.finished, strict=True) if not done]
+    # made in the claimed directory (submitit makes its folder), before any cell: a cluster it
+    # cannot submit to stops the study here (exit 2)
+    executor = submitit_executor(study, plan.directory) if study.executor == "slurm" and todo else None
     total = len(plan.cells)
     echo(f"study {plan.directory}: {total} cells ({len(plan.datasets)} data sets x {len(study.seeds)} seeds), "
          f"{total - len(todo)} finished, {len(todo)} to run ({study.executor}"
-         f"{f', {study.workers} workers' if study.executor == 'local' and study.workers > 1 else ''})")  # fmt: skip
+         f"{f', {study.workers} workers' if study.executor == 'local' and study.workers > 1 else ''}"
+         f"{f' through submitit, {study.slurm_cluster}' if study.executor == 'slurm' else ''})")  # fmt: skip
     for cell, problem in zip(plan.cells, plan.unverified, strict=True):
         if problem:
             echo(f"  {cell.label}: {problem}: computing the cell again")
@@ -620,6 +748,8 @@ def run_study(
 
     if study.executor == "ray":
         _run_ray(todo, done, study.address, study.threads)
+    elif study.executor == "slurm":
+        _run_submitit(todo, done, executor, study, plan.directory, echo)
     elif study.workers > 1:
         _run_processes(todo, done, study.workers, echo)
     else:
