@@ -51,6 +51,7 @@ def compare(session: nox.Session) -> None:
 
 @nox.session(python=False)
 def sweep(session: nox.Session) -> None:
-    """Lambda sweep of RRR on DecoyMNIST: `nox -s sweep -- [SETTINGS] [LAMBDAS...]`."""
+    """Lambda sweep of RRR on DecoyMNIST: `nox -s sweep -- [SETTINGS] [--lams L ...] [--out DIR]`
+    (`lvlmva sweep --help`; SETTINGS defaults to examples/decoy_mnist.toml here)."""
     args = session.posargs or []
     session.run("python", "-m", "lvlmva.sweep", *args)

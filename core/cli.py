@@ -21,6 +21,8 @@ from .protocols import ROLES
 from .registry import PluginError, get_registry
 from .results import summary_lines
 from .settings import SettingsError, load_settings
+from .sweep import add_arguments as add_sweep_arguments
+from .testing.openai_server import add_arguments as add_server_arguments
 from .version import __version__
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -99,6 +101,14 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--out", type=Path, metavar="DIR", help="study directory (default: study.out_dir/study.name)")
     study.add_argument("--debug", action="store_true", help="print the traceback of every failed cell (always written to STUDY/logs/)")
 
+    sweep = sub.add_parser(
+        "sweep", help="a sweep of one setting (the aligner's lambda): a run directory per value, a table and a plot",
+        description="Run the settings once per value of one setting (by default aligner.lam): the stages before "
+        "alignment and the baselines are computed once and reused; writes DIR/lam_VALUE per value, sweep.md, "
+        "sweep.json and sweep.png. Exit 1 when a value failed (recorded in the table, the others still run).",
+    )
+    add_sweep_arguments(sweep)
+
     export = sub.add_parser(
         "export", help="the tables of a finished study or compose run as LaTeX (booktabs), CSV or markdown",
     )
@@ -108,6 +118,16 @@ def _parser() -> argparse.ArgumentParser:
 
     plugins = sub.add_parser("plugins", help="list every role's plugins and where they come from")
     plugins.add_argument("--role", choices=list(ROLES), help="only this role")
+
+    serve_test = sub.add_parser(
+        "serve-test-lvlm",
+        help="a scripted OpenAI-compatible test server (not an LVLM) to try a pipeline's critic and judge offline",
+        description="Serve the scripted OpenAI-compatible server of lvlmva.testing until Ctrl-C: critic requests "
+        "(with images) get one 'Verdict: yes|no' paragraph per cluster colour, judge requests the matching JSON, "
+        "with the faults asked for. Prints its base URL (point critic.base_url and judge.base_url at it); GET "
+        "/stats returns the request counts, which are also printed on exit.",
+    )
+    add_server_arguments(serve_test)
     return parser
 
 
@@ -120,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         return EXIT_BAD_INPUT
     try:
-        return {"compose": _compose, "validate": _validate, "plugins": _plugins, "study": _study, "review": _review, "export": _export}[args.command](args)
+        return {"compose": _compose, "validate": _validate, "plugins": _plugins, "study": _study, "review": _review, "export": _export,
+                "sweep": _sweep, "serve-test-lvlm": _serve_test_lvlm}[args.command](args)
     except (SettingsError, PluginError) as exc:
         print(f"lvlmva: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -245,6 +266,18 @@ def _study(args: argparse.Namespace) -> int:
         print(f"lvlmva: {summary['failed']} of {summary['cells']} cells failed; their reasons are in {directory / 'table.md'}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .sweep import run
+
+    return run(args, prog="lvlmva sweep")
+
+
+def _serve_test_lvlm(args: argparse.Namespace) -> int:
+    from .testing.openai_server import serve
+
+    return serve(args, prog="lvlmva serve-test-lvlm")
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -1,8 +1,11 @@
 """Lambda sweep of an aligner: one run directory per lambda, a table and a plot.
 
 ```
-python -m lvlmva.sweep examples/decoy_mnist.toml --lams 1 10 100 1e3 1e4 1e5 1e6 --out runs/sweep
+lvlmva sweep examples/decoy_mnist.toml --lams 1 10 100 1e3 1e4 1e5 1e6 --out runs/sweep
 ```
+
+(``python -m lvlmva.sweep`` is the same command; there SETTINGS defaults to
+examples/decoy_mnist.toml.)
 
 Stages before alignment (and the baselines) do not depend on lambda, so they are computed once
 (in the first run directory) and copied into the others, where their fingerprints match and
@@ -20,6 +23,7 @@ from typing import Any
 
 from .atomic import write_atomic
 from .pipeline import ArtifactError, Pipeline, PublishError, RunDirectory, StageFailed
+from .registry import PluginError
 from .results import iter_model_values, metric_columns
 from .settings import SettingsError, load_settings
 
@@ -111,25 +115,72 @@ def write_sweep(rows: list[dict[str, Any]], out: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lvlmva.sweep", description=__doc__.split("\n\n")[0])
-    parser.add_argument("settings", type=Path, nargs="?", default=Path("examples/decoy_mnist.toml"))
-    parser.add_argument("--lams", type=float, nargs="+", default=[1, 10, 100, 1e3, 1e4, 1e5, 1e6])
-    parser.add_argument("--key", default="aligner.lam", help="the setting to sweep")
-    parser.add_argument("--out", type=Path, default=Path("runs/sweep"))
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    args = parser.parse_args(argv)
+DEFAULT_LAMS = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6)
+DEFAULT_SETTINGS = Path("examples/decoy_mnist.toml")
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, settings_required: bool = True) -> None:
+    """The sweep's arguments, shared by ``lvlmva sweep`` and ``python -m lvlmva.sweep`` (where
+    SETTINGS may be left out, as ``nox -s sweep`` does)."""
+    if settings_required:
+        parser.add_argument("settings", type=Path, metavar="SETTINGS", help="a TOML settings file with an aligner and evaluators")
+    else:
+        parser.add_argument(
+            "settings", type=Path, nargs="?", default=DEFAULT_SETTINGS, metavar="SETTINGS",
+            help=f"a TOML settings file with an aligner and evaluators (default: {DEFAULT_SETTINGS})",
+        )
+    parser.add_argument(
+        "--lams", type=float, nargs="+", default=list(DEFAULT_LAMS), metavar="LAMBDA",
+        help="the values to run, one run directory each (default: " + " ".join(f"{v:g}" for v in DEFAULT_LAMS) + ")",
+    )
+    parser.add_argument(
+        "--key", default="aligner.lam", metavar="SECTION.KEY",
+        help="the setting the values go to (default: aligner.lam; e.g. aligners.rbr.lam for a named instance)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/sweep"), metavar="DIR",
+        help="the sweep's folder: DIR/lam_VALUE per value, sweep.md, sweep.json and sweep.png (default: runs/sweep)",
+    )
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one setting in every run (repeatable); VALUE is a TOML literal or a bare string",
+    )
+
+
+def _check_lams(lams: list[float]) -> None:
+    bad = [v for v in lams if not math.isfinite(v)]
+    if bad:
+        raise SettingsError(f"--lams: every value must be a finite number, got {', '.join(map(str, bad))}")
+    repeated = sorted({v for v in lams if lams.count(v) > 1})
+    if repeated:
+        raise SettingsError(f"--lams: each value once (one run directory each), repeated: {', '.join(f'{v:g}' for v in repeated)}")
+
+
+def run(args: argparse.Namespace, prog: str = "lvlmva sweep") -> int:
+    """Run a sweep from parsed :func:`add_arguments`; the exit code (0 every value ran, 1 a
+    value failed or the folder could not be written, 2 bad input before any run, 130
+    interrupted)."""
     try:
+        _check_lams(args.lams)
         rows = run_sweep(args.settings, args.lams, args.out, args.overrides, args.key)
-    except SettingsError as exc:
-        print(f"sweep: error: {exc}", file=sys.stderr)
+    except (SettingsError, PluginError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except (PublishError, ArtifactError) as exc:
-        print(f"sweep: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; finished stages are kept, run again to resume: {args.out}", file=sys.stderr)
+        return 130
     print((args.out / "sweep.md").read_text())
     print(f"plot: {args.out / 'sweep.png'}")
     return 0 if rows and not any("failed" in r for r in rows) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lvlmva.sweep", description=__doc__.split("\n\n")[0])
+    add_arguments(parser, settings_required=False)
+    return run(parser.parse_args(argv), prog="sweep")
 
 
 if __name__ == "__main__":

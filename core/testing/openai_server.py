@@ -24,17 +24,28 @@ status going ``validating`` -> ``in_progress`` -> ``finalizing`` -> ``completed`
     with ScriptedOpenAIServer(batch_delay_s=0.1, batch_outcomes=[BatchOutcome.expire(after=2)]):
         ...  # the first batch answers two lines, then expires; later ones complete
 
-Standard library only (``http.server``), loopback only, one thread per connection.
+Standard library only (``http.server``), loopback by default, one thread per connection.
+``GET /stats`` returns the request counts as JSON (:meth:`ScriptedOpenAIServer.stats`).
+
+From the command line (``lvlmva serve-test-lvlm`` is the same)::
+
+    python -m lvlmva.testing.openai_server --port 0 --fault-rate 0.2 --fault-kinds 429,500,prose
+
+prints the base URL, serves until Ctrl-C (or SIGTERM) and prints the counts on exit.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import hashlib
 import io
 import json
 import random
 import re
+import signal
+import socket
+import sys
 import threading
 import time
 import uuid
@@ -322,8 +333,9 @@ class ScriptedOpenAIServer:
       indexed by request number; scripts may also use :data:`SCRIPTED_FAULT_KINDS`.
     - ``retry_after_s``: the ``Retry-After`` a 429 carries; ``fault_delay_s``: how long a
       ``"delay"`` fault stalls (set it past the client's timeout).
-    - ``port``: the loopback port to bind (0: a free one); a test can stop a server and start
-      another at the same address, as a local server that comes up again.
+    - ``port``: the port to bind (0: a free one); a test can stop a server and start
+      another at the same address, as a local server that comes up again. ``host``: the address
+      to listen on (loopback by default).
 
     Batches:
 
@@ -348,7 +360,8 @@ class ScriptedOpenAIServer:
     Counters: :attr:`count` and :attr:`requests` are synchronous chat completions only;
     :attr:`batch_lines` the lines answered inside batches; :attr:`batches_created` /
     :attr:`batch_creates` the batches made; :attr:`files_uploaded` / :attr:`uploads` the files
-    uploaded; :attr:`api_calls` every files/batches call.
+    uploaded; :attr:`api_calls` every files/batches call; :meth:`stats` (also ``GET /stats``)
+    all of them by endpoint and HTTP status, model and fault.
     """
 
     def __init__(
@@ -363,6 +376,7 @@ class ScriptedOpenAIServer:
         retry_after_s: float = 0.05,
         fault_delay_s: float = 2.0,
         port: int = 0,
+        host: str = "127.0.0.1",
         batch_delay_s: float = 0.0,
         batch_outcomes: BatchScript | Sequence[BatchOutcome | str | None] | None = None,
         batch_faults: FaultScript | Sequence[str | None] | None = None,
@@ -400,6 +414,8 @@ class ScriptedOpenAIServer:
         self.shuffle_batch_output = bool(shuffle_batch_output)
         self.api_faults = api_faults
         self._port = int(port)
+        self.host = str(host)
+        self._http_counts: Counter[tuple[str, str]] = Counter()
         self.requests: list[RecordedRequest] = []
         self.answered = 0
         self.in_flight = 0
@@ -429,7 +445,9 @@ class ScriptedOpenAIServer:
         server_cls = type("_Server", (ThreadingHTTPServer,), {"request_queue_size": 256})
         # A deep listen backlog: the default of 5 drops bursts of concurrent connects.
         server_cls.allow_reuse_address = True
-        self._httpd = server_cls(("127.0.0.1", self._port), handler)
+        if ":" in self.host:
+            server_cls.address_family = socket.AF_INET6
+        self._httpd = server_cls((self.host, self._port), handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="openai-test-server", daemon=True
@@ -465,8 +483,12 @@ class ScriptedOpenAIServer:
 
     @property
     def base_url(self) -> str:
-        """What a client's ``base_url`` should be: ``http://127.0.0.1:PORT/v1``."""
-        return f"http://127.0.0.1:{self.port}/v1"
+        """What a client's ``base_url`` should be: ``http://127.0.0.1:PORT/v1`` (with another
+        ``host``, that host; listening on every address, the loopback one)."""
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}/v1"
 
     # -- counts ------------------------------------------------------------------------------
     @property
@@ -494,6 +516,41 @@ class ScriptedOpenAIServer:
         with self._lock:
             return len(self.uploads)
 
+    def stats(self) -> dict[str, Any]:
+        """The request counts, as ``GET /stats`` returns them: ``requests`` (every HTTP request
+        but those to ``/stats``), ``by_endpoint`` (``"POST /v1/chat/completions"`` ->
+        ``{"total": n, "200": n, "500": n, ...}``; ids in paths as ``{id}``, a dropped
+        connection as ``"dropped"``), ``chat_completions`` and ``batch_lines`` (``total``,
+        ``by_model``, ``by_fault``; chat also ``answered``), ``batches_created``,
+        ``files_uploaded`` and ``max_in_flight``."""
+
+        def summary(records: list[RecordedRequest]) -> dict[str, Any]:
+            return {
+                "total": len(records),
+                "by_model": dict(Counter(_model_of(r.body) for r in records)),
+                "by_fault": dict(Counter(r.fault for r in records if r.fault is not None)),
+            }
+
+        with self._lock:
+            endpoints: dict[str, dict[str, int]] = {}
+            for (route, status), n in sorted(self._http_counts.items()):
+                entry = endpoints.setdefault(route, {"total": 0})
+                entry["total"] += n
+                entry[status] = n
+            return {
+                "requests": sum(self._http_counts.values()),
+                "by_endpoint": endpoints,
+                "chat_completions": {**summary(self.requests), "answered": self.answered},
+                "batch_lines": summary(self.batch_lines),
+                "batches_created": len(self.batch_creates),
+                "files_uploaded": len(self.uploads),
+                "max_in_flight": self.max_in_flight,
+            }
+
+    def _count_http(self, route: str, status: str) -> None:
+        with self._lock:
+            self._http_counts[(route, status)] += 1
+
     def fault_counts(self) -> Counter[str]:
         """How many synchronous requests got each fault."""
         with self._lock:
@@ -514,6 +571,7 @@ class ScriptedOpenAIServer:
             self.uploads.clear()
             self.api_calls.clear()
             self._seen_lines.clear()
+            self._http_counts.clear()
 
     # -- inspection --------------------------------------------------------------------------
     def batch(self, batch_id: str) -> dict[str, Any]:
@@ -1210,6 +1268,7 @@ def _parse_multipart(content_type: str, raw: bytes) -> dict[str, tuple[str | Non
 class _Handler(BaseHTTPRequestHandler):
     server_ref: ScriptedOpenAIServer
     protocol_version = "HTTP/1.1"
+    route: str | None = None  # "POST /v1/chat/completions": what the counts call this request
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's name
         pass  # keep test output clean; requests are recorded on the server object
@@ -1227,6 +1286,9 @@ class _Handler(BaseHTTPRequestHandler):
         extra: dict[str, str] | None = None,
         content_type: str = "application/json",
     ) -> None:
+        if self.route is not None:
+            # Counted before sending, so that a client that has the response sees it counted.
+            self.server_ref._count_http(self.route, str(status))
         try:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
@@ -1281,6 +1343,8 @@ class _Handler(BaseHTTPRequestHandler):
             )
             return True
         if fault == "disconnect":
+            if self.route is not None:
+                srv._count_http(self.route, "dropped")
             self.close_connection = True
             return True
         if fault == "html":
@@ -1305,6 +1369,11 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self._read_body()
         url = urlsplit(self.path)
         path = url.path.rstrip("/")
+        if method == "GET" and path == "/stats":
+            self.route = None  # reading the counts does not change them
+            self._send_json(200, self.server_ref.stats())
+            return
+        self.route = f"{method} {_route_of(path)}"
         if method == "POST" and path == "/v1/chat/completions":
             self._chat(raw)
             return
@@ -1509,6 +1578,19 @@ class _Handler(BaseHTTPRequestHandler):
         }
 
 
+def _model_of(body: Any) -> str:
+    return str(body.get("model", "")) if isinstance(body, dict) else ""
+
+
+def _route_of(path: str) -> str:
+    """A path as the counts name it: ids of files and batches as ``{id}``
+    (``/v1/batches/batch_1/cancel`` -> ``/v1/batches/{id}/cancel``)."""
+    parts = path.split("/")
+    if len(parts) >= 4 and parts[:3] in (["", "v1", "files"], ["", "v1", "batches"]):
+        parts[3] = "{id}"
+    return "/".join(parts) or "/"
+
+
 #: the HTTP status each error-like fault sends (for :class:`RecordedCall`)
 _FAULT_STATUS: dict[str, int | None] = {
     "429": 429,
@@ -1579,3 +1661,182 @@ def data_url_bytes(url: str) -> bytes:
     """The bytes inside a ``data:...;base64,`` URL (for tests that check what was sent)."""
     _, _, payload = url.partition(",")
     return base64.b64decode(payload)
+
+
+# -- command line -----------------------------------------------------------------------------
+
+#: what each fault kind does, for ``--help``
+FAULT_HELP = {
+    "429": "HTTP 429 with Retry-After (--retry-after)",
+    "500": "HTTP 500",
+    "delay": "an answer held back --fault-delay seconds (past a client's timeout)",
+    "truncate": "a body cut in half (not JSON)",
+    "prose": "prose instead of the asked format (an invalid answer)",
+    "400": "HTTP 400 echoing the Authorization header",
+    "401": "HTTP 401",
+    "403": "HTTP 403",
+    "404": "HTTP 404",
+    "503": "HTTP 503",
+    "disconnect": "the connection closed without a response",
+    "length": "half an answer with finish_reason=length",
+    "html": "HTTP 200 with an HTML page (a misconfigured proxy)",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The test server's command-line arguments (``lvlmva serve-test-lvlm``, ``python -m
+    lvlmva.testing.openai_server``)."""
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, loopback only)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=0,
+        help="port to listen on (default 0: any free port; the base URL is printed)",
+    )
+    parser.add_argument(
+        "--fault-rate",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="the share of chat requests (and batch lines) that get a fault, 0 to 1 (default 0); the kind is drawn "
+        "from --fault-kinds, seeded by --seed and the request, so a retry draws again",
+    )
+    parser.add_argument(
+        "--fault-kinds",
+        default=",".join(RANDOM_FAULT_KINDS),
+        metavar="KIND[,KIND]",
+        help="the faults drawn, comma-separated (default: "
+        + ",".join(RANDOM_FAULT_KINDS)
+        + "); "
+        + "; ".join(f"{k}: {v}" for k, v in FAULT_HELP.items()),
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fault draw (default 0)")
+    parser.add_argument(
+        "--latency",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="delay before every answer (default 0)",
+    )
+    parser.add_argument(
+        "--retry-after",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="the Retry-After a 429 carries (default 1)",
+    )
+    parser.add_argument(
+        "--fault-delay",
+        type=float,
+        default=150.0,
+        metavar="SECONDS",
+        help="how long a 'delay' fault holds the answer back (default 150: past the OpenAI critic's and judge's "
+        "default timeout_s of 120; with a smaller timeout_s, a smaller value tries timeouts faster)",
+    )
+    parser.add_argument(
+        "--batch-delay",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="how long each step of a Batch API batch takes (validating, in progress, finalizing; default 1)",
+    )
+
+
+def _server_from(args: argparse.Namespace) -> ScriptedOpenAIServer:
+    """The server ``args`` describe; ``ValueError`` names a bad value."""
+    kinds = tuple(k.strip() for k in args.fault_kinds.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in _ALL_FAULT_KINDS]
+    if unknown or not kinds:
+        raise ValueError(
+            f"--fault-kinds: unknown kind(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(_ALL_FAULT_KINDS)}"
+        )
+    if not 0.0 <= args.fault_rate <= 1.0:
+        raise ValueError(f"--fault-rate must be between 0 and 1, got {args.fault_rate:g}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
+    for name in ("latency", "retry_after", "fault_delay", "batch_delay"):
+        if not getattr(args, name) >= 0:
+            raise ValueError(
+                f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name):g}"
+            )
+    return ScriptedOpenAIServer(
+        host=args.host,
+        port=args.port,
+        fault_rate=args.fault_rate,
+        fault_kinds=kinds,
+        seed=args.seed,
+        latency_s=args.latency,
+        retry_after_s=args.retry_after,
+        fault_delay_s=args.fault_delay,
+        batch_delay_s=args.batch_delay,
+    )
+
+
+def serve(args: argparse.Namespace, prog: str = "serve-test-lvlm") -> int:
+    """Serve until SIGINT or SIGTERM: the base URL on standard output, the counts on exit; the
+    exit code (0, or 2 for a bad argument or an address that cannot be bound)."""
+    try:
+        server = _server_from(args)
+        server.start()
+    except ValueError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(
+            f"{prog}: error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 2
+    stop = threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    try:
+        root = server.base_url.removesuffix("/v1")
+        print(server.base_url, flush=True)
+        faults = (
+            f"fault rate {server.fault_rate:g} ({', '.join(server.fault_kinds)})"
+            if server.fault_rate
+            else "no faults"
+        )
+        print(
+            f"{prog}: scripted OpenAI-compatible server at {server.base_url} ({faults}); counts: {root}/stats; Ctrl-C to stop",
+            file=sys.stderr,
+            flush=True,
+        )
+        if server.host not in ("127.0.0.1", "localhost", "::1"):
+            print(
+                f"{prog}: listening on {server.host}: anyone who can reach it can use it",
+                file=sys.stderr,
+                flush=True,
+            )
+        while not stop.wait(0.2):
+            pass
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print("request counts (as GET /stats returned them):")
+    print(json.dumps(server.stats(), indent=2), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lvlmva.testing.openai_server",
+        description="A scripted OpenAI-compatible chat-completions server (and Batch API) for trying a pipeline "
+        "offline: critic requests (with images) get one 'Verdict: yes|no' paragraph per cluster colour, judge "
+        "requests the matching JSON. Prints its base URL; GET /stats returns the request counts; runs until "
+        "Ctrl-C. Not an LVLM: its verdicts come from image hashes.",
+    )
+    add_arguments(parser)
+    return serve(parser.parse_args(argv), prog="openai_server")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
