@@ -23,17 +23,29 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["CHECKPOINTS", "FINGERPRINT_FILE", "Checkpoints", "rng_state", "set_rng_state", "stateful"]
+__all__ = [
+    "CHECKPOINTS",
+    "EVENTS",
+    "FINGERPRINT_FILE",
+    "Checkpoints",
+    "FitCheckpoint",
+    "rng_state",
+    "set_rng_state",
+    "stateful",
+]
 
 #: the folder of a stage's unfinished folder that holds its checkpoints
 CHECKPOINTS = "checkpoints"
 #: the fingerprint of the computation the checkpoints belong to, in that folder
 FINGERPRINT_FILE = "FINGERPRINT"
+#: the run directory's log of resumed fits, unreadable checkpoints and fits that take none
+EVENTS = "checkpoints.jsonl"
 
 
 def stateful(obj: Any) -> bool:
@@ -61,16 +73,37 @@ class Checkpoints:
 
     ``every``: a checkpoint after every ``every``-th epoch (0: none by count); ``minutes``: one
     after any epoch that ends this long after the last (0: after every epoch; ``None``: none by
-    time)."""
+    time).
 
-    def __init__(self, folder: Path, every: int = 0, minutes: float | None = 5.0) -> None:
+    ``log``: where events go (a resumed fit, an unreadable checkpoint, a fit that cannot take
+    one), as JSON records; the pipeline passes the run's ``checkpoints.jsonl``
+    (:data:`EVENTS`). Without it they go to stderr. Either way :attr:`resumed` and
+    :attr:`unreadable` list them for the stage's summary."""
+
+    def __init__(
+        self,
+        folder: Path,
+        every: int = 0,
+        minutes: float | None = 5.0,
+        log: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         self.folder = Path(folder)
         self.every = every
         self.minutes = minutes
+        self.log = log
         self._started: dict[str, int] = {}
         self._last = time.monotonic()
         self.saved = 0
         self.resumed: list[str] = []
+        self.unreadable: list[str] = []
+
+    def event(self, record: dict[str, Any]) -> None:
+        """Record one event (see ``log``)."""
+        if self.log is not None:
+            self.log(record)
+        else:
+            told = "; ".join(f"{k}: {v}" for k, v in record.items() if k != "event")
+            print(f"lvlmva: checkpoint {record.get('event', '')} ({told})", file=sys.stderr)
 
     def key(self, tag: str) -> str:
         """The key of the next fit tagged ``tag`` in this stage (``<tag>.<k>``, ``k`` counting
@@ -83,17 +116,22 @@ class Checkpoints:
         return self.folder / f"{key}.pt"
 
     def load(self, key: str) -> dict[str, Any] | None:
-        """The state saved under ``key``, or None. A file that cannot be read is reported on
-        stderr and ignored (the fit starts over: slower, never different)."""
+        """The state saved under ``key``, or None. A file that cannot be read is recorded as an
+        ``"unreadable"`` event (with the reason) and ignored: the fit starts over, which is
+        slower and never different."""
         path = self._path(key)
         if not path.is_file():
             return None
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - reported; starting over gives the same weights
-            print(f"lvlmva: checkpoint {path} cannot be read ({exc}); that fit starts over", file=sys.stderr)
+            epoch = int(state["epoch"])
+        except Exception as exc:  # noqa: BLE001 - recorded; starting over gives the same weights
+            self.unreadable.append(key)
+            reason = f"{type(exc).__name__}: {exc}"
+            self.event({"event": "unreadable", "key": key, "file": str(path), "reason": reason, "then": "the fit starts over"})
             return None
         self.resumed.append(key)
+        self.event({"event": "resumed", "key": key, "epoch": epoch})
         return state
 
     def due(self, epoch: int) -> bool:
@@ -112,3 +150,85 @@ class Checkpoints:
         os.replace(tmp, path)
         self._last = time.monotonic()
         self.saved += 1
+
+
+class FitCheckpoint:
+    """The checkpoints of one training loop: its key in the stage's :class:`Checkpoints`, and
+    what it saves and restores: the model's and the optimiser's state, torch's global RNG (the
+    device's too), the epoch records it logged, and ``parts``: named objects the loop draws
+    from or feeds (callbacks, objectives, index draws, data streams), each saved with
+    ``state_dict()`` and restored with ``load_state_dict(state)``.
+
+    A loop that has a part which cannot be saved (:func:`stateful` is False) takes no
+    checkpoint; that is recorded once as a ``"not-checkpointed"`` event naming the part. Use::
+
+        fit = FitCheckpoint(ctx, tag, model, optimizer, {"on_epoch": callback})
+        done = fit.resume()              # epochs already done (0: a fresh start)
+        for epoch in range(done + 1, epochs + 1):
+            ...
+            fit.record(record)           # the epoch's metrics.jsonl line
+            fit.after_epoch(epoch)       # saves when a checkpoint is due
+    """
+
+    def __init__(
+        self,
+        ctx: Any,
+        tag: str,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        parts: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.model = model
+        self.optimizer = optimizer
+        self.parts = {name: part for name, part in (parts or {}).items() if part is not None}
+        self.records: list[dict[str, Any]] = []
+        checkpoints: Checkpoints | None = getattr(ctx, "checkpoints", None)
+        unsaved = [name for name, part in self.parts.items() if not stateful(part)]
+        if checkpoints is not None and unsaved:
+            checkpoints.event(
+                {
+                    "event": "not-checkpointed",
+                    "tag": tag,
+                    "reason": f"{', '.join(unsaved)} ha{'s' if len(unsaved) == 1 else 've'} no "
+                    "state_dict()/load_state_dict(): the fit starts over if the run is interrupted",
+                }
+            )
+            checkpoints = None
+        self.checkpoints = checkpoints
+        self.key = checkpoints.key(tag) if checkpoints is not None else ""
+
+    def resume(self) -> int:
+        """Restore the last checkpoint of this fit, if there is one, and return the epochs it
+        had done (0 when there is none). The restored records are logged again to
+        ``metrics.jsonl``, so that this computation's log holds the whole curve."""
+        saved = self.checkpoints.load(self.key) if self.checkpoints is not None else None
+        if saved is None:
+            return 0
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        for name, part in self.parts.items():
+            part.load_state_dict(saved["parts"][name])
+        set_rng_state(saved["rng"], self.ctx.device)
+        for record in saved["records"]:
+            self.record(record)
+        return int(saved["epoch"])
+
+    def record(self, record: dict[str, Any]) -> None:
+        """Log one epoch's record to ``metrics.jsonl`` and keep it for the checkpoints."""
+        self.ctx.log_jsonl("metrics.jsonl", record)
+        self.records.append(record)
+
+    def after_epoch(self, epoch: int) -> None:
+        """Save the fit's state after ``epoch`` (from 1) when a checkpoint is due."""
+        if self.checkpoints is None or not self.checkpoints.due(epoch):
+            return
+        state = {
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng_state(self.ctx.device),
+            "records": self.records,
+            "parts": {name: part.state_dict() for name, part in self.parts.items()},
+        }
+        self.checkpoints.save(self.key, state)

@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from . import model_selection
-from .checkpoints import rng_state, set_rng_state, stateful
+from .checkpoints import FitCheckpoint
 from .model_selection import SelectionRule
 from .protocols import PluginOptions, RunContext
 from .records import AlignmentSet, Split, SpuriousDataset, TrainedModel
@@ -309,25 +309,12 @@ class Trainer:
         m = n if indices is None else int(indices.shape[0])
         batch_size = options.batch_size
         steps = -(-m // batch_size)
-        # Checkpoints when every stateful part can be saved (lvlmva.checkpoints)
-        stateful_parts = {"on_epoch": on_epoch, "objective": objective, "draw": draw}
-        checkpoints = ctx.checkpoints if all(map(stateful, stateful_parts.values())) else None
-        key = checkpoints.key(tag) if checkpoints is not None else ""
-        records: list[dict[str, Any]] = []
-        first = 1
-        saved = checkpoints.load(key) if checkpoints is not None else None
-        if saved is not None:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            for name, part in stateful_parts.items():
-                if part is not None:
-                    part.load_state_dict(saved[name])
-            set_rng_state(saved["rng"], device)
-            records = list(saved["records"])
-            for record in records:  # this computation's log holds the whole curve
-                ctx.log_jsonl("metrics.jsonl", record)
-            first = int(saved["epoch"]) + 1
-        with ctx.progress_bar(tag, steps * epochs) as advance:
+        # Resumed from the stage's last checkpoint of this fit, if any (lvlmva.checkpoints)
+        checkpoint = FitCheckpoint(
+            ctx, tag, model, optimizer, {"on_epoch": on_epoch, "objective": objective, "draw": draw}
+        )
+        first = checkpoint.resume() + 1
+        with ctx.progress_bar(tag, steps * epochs, completed=steps * min(first - 1, epochs)) as advance:
             for epoch in range(first, epochs + 1):
                 if draw is not None and epoch > 1:
                     indices = _check_indices(draw(epoch), n, tag)
@@ -398,24 +385,12 @@ class Trainer:
                     "train_accuracy": accuracy,
                     "seconds": seconds,
                 }
-                ctx.log_jsonl("metrics.jsonl", record)
-                records.append(record)
+                checkpoint.record(record)
                 if on_epoch is not None:
                     end = EpochEnd(epoch, model, mean_loss, accuracy, seconds, order, predicted)
                     if on_epoch(end) is True:
                         break  # no checkpoint: a resumed fit reaches this stop again
-                if checkpoints is not None and checkpoints.due(epoch):
-                    state = {
-                        "epoch": epoch,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "rng": rng_state(device),
-                        "records": records,
-                    }
-                    for name, part in stateful_parts.items():
-                        if part is not None:
-                            state[name] = part.state_dict()
-                    checkpoints.save(key, state)
+                checkpoint.after_epoch(epoch)
         model.eval()
         return model
 
@@ -642,6 +617,13 @@ class _CyclingPermutation:
         out, self.buffer = self.buffer[:k], self.buffer[k:]
         return out
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffer": self.buffer, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.buffer = state["buffer"]
+        self.generator.set_state(state["generator"])
+
 
 class AlignmentTrainer:
     """What an aligner trains with: give it a loss (:data:`AlignmentLoss`), get an aligned copy.
@@ -855,22 +837,9 @@ class AlignmentTrainer:
             ctx.progress_bar(f"{self.tag} ({shown})", opts.epochs * steps) as advance,
         ):
             torch.manual_seed(ctx.generator(f"{self.seed_name}-stochastic-layers").initial_seed())
-            checkpoints = ctx.checkpoints
-            key = checkpoints.key(self.tag) if checkpoints is not None else ""
-            records: list[dict[str, Any]] = []
-            done = 0
-            saved = checkpoints.load(key) if checkpoints is not None else None
-            if saved is not None:
-                aligned.load_state_dict(saved["model"])
-                optimiser.load_state_dict(saved["optimizer"])
-                align_stream.buffer = saved["align_buffer"]
-                align_stream.generator.set_state(saved["align_generator"])
-                set_rng_state(saved["rng"], device)
-                names = list(saved["names"])
-                records = list(saved["records"])
-                for record in records:  # this computation's log holds the whole curve
-                    ctx.log_jsonl("metrics.jsonl", record)
-                done = int(saved["epoch"])
+            checkpoint = FitCheckpoint(ctx, self.tag, aligned, optimiser, {"alignment_order": align_stream})
+            done = checkpoint.resume()
+            advance(done * steps)
             for epoch in range(done, opts.epochs):
                 start = time.perf_counter()
                 order = torch.randperm(
@@ -929,22 +898,8 @@ class AlignmentTrainer:
                     "steps": steps,
                     "seconds": time.perf_counter() - start,
                 }
-                ctx.log_jsonl("metrics.jsonl", record)
-                records.append(record)
-                if checkpoints is not None and checkpoints.due(epoch + 1):
-                    checkpoints.save(
-                        key,
-                        {
-                            "epoch": epoch + 1,
-                            "model": aligned.state_dict(),
-                            "optimizer": optimiser.state_dict(),
-                            "align_buffer": align_stream.buffer,
-                            "align_generator": align_stream.generator.get_state(),
-                            "rng": rng_state(device),
-                            "names": names,
-                            "records": records,
-                        },
-                    )
+                checkpoint.record(record)
+                checkpoint.after_epoch(epoch + 1)
         aligned.eval()
         return aligned
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..atomic import write_error
-from ..checkpoints import CHECKPOINTS, Checkpoints
+from ..checkpoints import CHECKPOINTS, EVENTS, Checkpoints
 from ..protocols import DatasetError, RunContext
 from ..records import SpuriousDataset
 from ..registry import PluginRegistry, get_plugin_manager, get_registry
@@ -618,7 +618,10 @@ class Pipeline:
         hooks.lvlmva_stage_started(stage=stage.name, run_dir=self.run_dir, fingerprint=fp)
         ctx = self._context(stage, partial, attempt)
         run = self.settings.run
-        ctx.checkpoints = Checkpoints(partial / CHECKPOINTS, run.checkpoint_every, run.checkpoint_minutes)
+        ctx.checkpoints = checkpoints = Checkpoints(
+            partial / CHECKPOINTS, run.checkpoint_every, run.checkpoint_minutes,
+            log=lambda record: ctx.log_jsonl(EVENTS, record),
+        )  # fmt: skip
         started = time.perf_counter()
         self._nested = 0.0
         try:
@@ -643,6 +646,10 @@ class Pipeline:
                 exc = write_error(Path(exc.filename) if exc.filename else partial, exc)  # a plugin's own write: name the place
             self._fail(stage, fp, time.perf_counter() - started - self._nested, exc)
             return
+        if checkpoints.resumed:
+            self.echo(f"  ~ {stage.name}: resumed {len(checkpoints.resumed)} training loop(s) from checkpoints ({EVENTS})")
+        if checkpoints.unreadable:
+            self.echo(f"  ! {stage.name}: {len(checkpoints.unreadable)} checkpoint(s) could not be read; those loops started over ({EVENTS})")
         self._values[stage.name] = value
         self._state.records[stage.name] = record
         self._state.tokens[stage.name] = record.content

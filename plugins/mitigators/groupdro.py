@@ -46,8 +46,8 @@ from lvlmva.protocols import PluginOptions, RunContext
 from lvlmva.records import SpuriousDataset, TrainedModel
 
 from .reweighting import (
+    ChainedCallbacks,
     WeightedDraws,
-    chain_callbacks,
     empty_cell_problems,
     inverse_frequency_weights,
     resolved_epochs,
@@ -112,6 +112,12 @@ class GroupDroObjective:
         q = self.step(group_loss)
         return (q.to(group_loss.dtype) * group_loss).sum(), logits
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"q": self.q.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.q = state["q"].clone()
+
 
 class _QByEpoch:
     """An ``on_epoch`` callback that keeps ``q`` as it is at the end of every epoch."""
@@ -122,6 +128,12 @@ class _QByEpoch:
 
     def __call__(self, end: EpochEnd) -> None:
         self.by_epoch.append(self.objective.q.cpu().tolist())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"by_epoch": self.by_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.by_epoch = [list(q) for q in state["by_epoch"]]
 
 
 class GroupDroOptions(RetrainOptions):
@@ -199,7 +211,7 @@ class GroupDroMitigator:
             indices=draws,
             epochs=epochs,
             tag="groupdro",
-            on_epoch=chain_callbacks(*callbacks),
+            on_epoch=ChainedCallbacks(*callbacks),
             objective=objective,
         )
         chosen = selector.finish(model)

@@ -118,6 +118,12 @@ class _ErrorSets:
             wrong = torch.nonzero(predicted != labels).flatten()
         self.found[end.epoch] = torch.unique(wrong)  # sorted; the order is every index once
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"found": dict(self.found)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.found = {int(t): errors for t, errors in state["found"].items()}
+
 
 class JttMitigator:
     """JTT (Liu et al. 2021): retrain with what a T-epoch ERM model got wrong upweighted.

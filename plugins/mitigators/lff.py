@@ -68,6 +68,7 @@ from torch import nn
 from lvlmva.protocols import PluginOptions, RunContext
 from lvlmva.records import SpuriousDataset, TrainedModel
 
+from .reweighting import ChainedCallbacks
 from .validation import (
     EpochSelector,
     RetrainOptions,
@@ -129,6 +130,14 @@ class SampleLossEma:
         losses = losses.detach().to(self.value.dtype)
         self.value[idx] = self.alpha * self.value[idx] + (1 - self.alpha * self.seen[idx]) * losses
         self.seen[idx] = 1.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value.detach().cpu().clone(), "seen": self.seen.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        device = self.value.device
+        self.value = state["value"].to(device=device, dtype=self.value.dtype)
+        self.seen = state["seen"].to(device=device, dtype=self.seen.dtype)
 
     def class_max(self, num_classes: int) -> torch.Tensor:
         """The largest average of every class over the whole split, ``[num_classes]`` (the
@@ -198,6 +207,14 @@ class LfFObjective:
         loss = generalized_cross_entropy(logits_b, y, self.q).mean() + (ce_d * w).mean()
         return loss, logits_d
 
+    def state_dict(self) -> dict[str, Any]:
+        """Both moving averages (for a checkpoint of the fit)."""
+        return {"ema_b": self.ema_b.state_dict(), "ema_d": self.ema_d.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ema_b.load_state_dict(state["ema_b"])
+        self.ema_d.load_state_dict(state["ema_d"])
+
 
 class _WeightsByEpoch:
     """An ``on_epoch`` callback: the mean relative difficulty per training group (reporting
@@ -212,6 +229,12 @@ class _WeightsByEpoch:
             self.by_epoch.append(
                 _group_means(self.objective.weights(), self.groups, self.num_groups)
             )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"by_epoch": self.by_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.by_epoch = [list(means) for means in state["by_epoch"]]
 
 
 def _group_means(values: torch.Tensor, groups: torch.Tensor, num_groups: int) -> list[float | None]:
@@ -277,16 +300,17 @@ class LffMitigator:
         by_epoch = _WeightsByEpoch(objective, data.train.groups, num_groups)
         selector = EpochSelector.for_options(trainer, data, opts)
 
-        def on_epoch(end: EpochEnd) -> None:
-            selector(end)
-            by_epoch(end)
-
         pair = LfFPair(
             fresh_model(trainer, ctx, "lff-biased-init"),
             fresh_model(trainer, ctx, "lff-debiased-init"),
         )
         trainer.fit(
-            data.train, pair, epochs=opts.epochs, tag="lff", on_epoch=on_epoch, objective=objective
+            data.train,
+            pair,
+            epochs=opts.epochs,
+            tag="lff",
+            on_epoch=ChainedCallbacks(selector, by_epoch),
+            objective=objective,
         )
         chosen = selector.finish(pair)  # restores both models of the chosen epoch
         biased_val = split_scores(

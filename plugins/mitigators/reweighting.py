@@ -61,7 +61,7 @@ __all__ = [
     "RwyMitigator",
     "RwyOptions",
     "WeightedDraws",
-    "chain_callbacks",
+    "ChainedCallbacks",
     "empty_cell_problems",
     "inverse_frequency_weights",
 ]
@@ -112,15 +112,23 @@ def empty_cell_problems(data: SpuriousDataset, who: str, by: Cells, why: str) ->
     ]
 
 
-def chain_callbacks(*callbacks: Callable[[EpochEnd], bool | None]) -> Callable[[EpochEnd], None]:
+class ChainedCallbacks:
     """One ``on_epoch`` callback that calls each of ``callbacks`` in turn (none of them stops
-    training)."""
+    training). Its state (for a checkpoint of the fit) is that of each callback, in order."""
 
-    def call(end: EpochEnd) -> None:
-        for callback in callbacks:
+    def __init__(self, *callbacks: Callable[[EpochEnd], bool | None]) -> None:
+        self.callbacks = callbacks
+
+    def __call__(self, end: EpochEnd) -> None:
+        for callback in self.callbacks:
             callback(end)
 
-    return call
+    def state_dict(self) -> dict[str, Any]:
+        return {"callbacks": [callback.state_dict() for callback in self.callbacks]}  # type: ignore[attr-defined]
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for callback, saved in zip(self.callbacks, state["callbacks"], strict=True):
+            callback.load_state_dict(saved)  # type: ignore[attr-defined]
 
 
 class WeightedDraws:
@@ -164,6 +172,19 @@ class WeightedDraws:
                 torch.bincount(self.cells[drawn], minlength=self.num_cells).tolist()
             )
         return drawn
+
+    def state_dict(self) -> dict[str, Any]:
+        """The generator and what was drawn so far (for a checkpoint of the fit)."""
+        return {
+            "generator": self.generator.get_state(),
+            "epochs_drawn": self.epochs_drawn,
+            "drawn_per_cell": self.drawn_per_cell,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.epochs_drawn = int(state["epochs_drawn"])
+        self.drawn_per_cell = [list(counts) for counts in state["drawn_per_cell"]]
 
 
 def resolved_epochs(options: RetrainOptions, trainer: Trainer) -> int:

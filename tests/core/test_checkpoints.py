@@ -6,13 +6,14 @@ fingerprint, and a finished stage holds none."""
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from lvlmva.checkpoints import CHECKPOINTS, FINGERPRINT_FILE, Checkpoints
+from lvlmva.checkpoints import CHECKPOINTS, EVENTS, FINGERPRINT_FILE, Checkpoints
 from lvlmva.protocols import RunContext
 from lvlmva.records import AlignmentSet, Split, SpuriousDataset
 from lvlmva.settings import TrainOptions
@@ -106,11 +107,14 @@ def test_without_the_checkpoint_a_different_start_gives_other_weights(tmp_path):
     assert _bytes(_fit(tmp_path / "b", Checkpoints(folder, every=2, minutes=None), _Watcher())) != reference
 
 
-def test_a_callback_that_cannot_be_saved_means_no_checkpoint(tmp_path):
+def test_a_callback_that_cannot_be_saved_means_no_checkpoint_and_says_so(tmp_path):
     folder = tmp_path / CHECKPOINTS
-    ctx = _ctx(tmp_path, Checkpoints(folder, every=1, minutes=None))
-    Trainer(_model, TrainOptions(epochs=2, batch_size=32), ctx).fit(_split(), _model(), on_epoch=lambda end: None)
+    events: list[dict] = []
+    ctx = _ctx(tmp_path, Checkpoints(folder, every=1, minutes=None, log=events.append))
+    Trainer(_model, TrainOptions(epochs=2, batch_size=32), ctx).fit(_split(), _model(), on_epoch=lambda end: None, tag="mine")
     assert not folder.exists()
+    assert [(e["event"], e["tag"]) for e in events] == [("not-checkpointed", "mine")]
+    assert events[0]["reason"].startswith("on_epoch has no state_dict()")
     Trainer(_model, TrainOptions(epochs=2, batch_size=32), ctx).fit(_split(), _model())
     assert sorted(p.name for p in folder.iterdir()) == ["train.0.pt"]
 
@@ -162,13 +166,21 @@ def test_checkpoints_due_by_epochs_and_by_time():
     assert [keys.key("jtt-T1"), keys.key("jtt-T1"), keys.key("a b/c")] == ["jtt-T1.0", "jtt-T1.1", "a_b_c.0"]
 
 
-def test_an_unreadable_checkpoint_is_reported_and_the_fit_starts_over(tmp_path, capsys):
+def test_an_unreadable_checkpoint_is_recorded_and_the_fit_starts_over(tmp_path, capsys):
     folder = tmp_path / CHECKPOINTS
     folder.mkdir()
     (folder / "train.0.pt").write_bytes(b"not a checkpoint")
     reference = _bytes(_fit(tmp_path / "a", None, _Watcher()))
-    assert _bytes(_fit(tmp_path, Checkpoints(folder, every=1, minutes=None), _Watcher())) == reference
-    assert "cannot be read" in capsys.readouterr().err
+    events: list[dict] = []
+    checkpoints = Checkpoints(folder, every=1, minutes=None, log=events.append)
+    assert _bytes(_fit(tmp_path, checkpoints, _Watcher())) == reference
+    assert checkpoints.unreadable == ["train.0"] and checkpoints.resumed == []
+    assert [(e["event"], e["key"]) for e in events] == [("unreadable", "train.0")]
+    assert "UnpicklingError" in events[0]["reason"] and events[0]["then"] == "the fit starts over"
+    # without a log (outside a pipeline) the same event goes to stderr
+    (folder / "train.0.pt").write_bytes(b"not a checkpoint")
+    _fit(tmp_path, Checkpoints(folder, every=1, minutes=None), _Watcher())
+    assert "lvlmva: checkpoint unreadable (key: train.0" in capsys.readouterr().err
 
 
 def test_the_unfinished_folder_keeps_checkpoints_of_the_same_fingerprint_only(tmp_path):
@@ -277,17 +289,12 @@ def test_a_compose_interrupted_in_its_alignment_resumes_to_the_same_artifact(tmp
     left = out / ".partial-align" / CHECKPOINTS
     assert sorted(p.name for p in left.glob("*.pt")) == ["align.0.pt", "align.1.pt"]
     monkeypatch.setattr(Checkpoints, "save", original_save)
-    resumed = []
-    original_load = Checkpoints.load
-
-    def load_and_note(self, key):
-        state = original_load(self, key)
-        if state is not None:
-            resumed.append(key)
-        return state
-
-    monkeypatch.setattr(Checkpoints, "load", load_and_note)
     assert main(["compose", str(settings), "--out", str(out), "--quiet"]) == 0
-    assert resumed == ["align.0", "align.1"]  # point 0 finished, point 1 after its epoch 1
+    events = [json.loads(line) for line in (out / EVENTS).read_text().splitlines()]
+    # point 0 finished (epoch 3), point 1 after its epoch 1; recorded in the run's event log
+    assert [(e["run_stage"], e["event"], e["key"], e["epoch"]) for e in events] == [
+        ("align", "resumed", "align.0", 3),
+        ("align", "resumed", "align.1", 1),
+    ]
     assert (out / "align" / "artifact.pt").read_bytes() == (tmp_path / "whole" / "align" / "artifact.pt").read_bytes()
     assert not (out / "align" / CHECKPOINTS).exists() and not (out / ".partial-align").exists()
