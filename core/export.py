@@ -208,11 +208,17 @@ def study_latex(
         r"Bold: the best mean per column."
     )
     notes = []
+    which = "Holm-corrected p" if correction == "holm" else "p (uncorrected)"
+    against = latex_escape(methods.get(baseline, baseline))
     if marked:
-        which = "Holm-corrected p" if correction == "holm" else "p (uncorrected)"
         notes.append(
-            rf"{SIGNIFICANT_MARK} Wilcoxon signed-rank test against {latex_escape(methods.get(baseline, baseline))}, "
+            rf"{SIGNIFICANT_MARK} Wilcoxon signed-rank test against {against}, "
             rf"paired by seed: {which} $< {alpha:g}$."
+        )
+    elif comparisons:  # tested, nothing significant: say so, so that no mark is not read as untested
+        notes.append(
+            rf"Wilcoxon signed-rank tests against {against}, paired by seed: no {which} "
+            rf"$< {alpha:g}$, so no value is marked."
         )
     if partial:
         notes.append(

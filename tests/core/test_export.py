@@ -235,6 +235,18 @@ def test_selected_by_column_is_in_table_tex_when_table_md_has_it(tmp_path):
     assert "worst-group" in export(tmp_path, "csv")
 
 
+def test_a_study_tested_with_nothing_significant_says_so_under_the_table(tmp_path):
+    write_study_outputs(cells(), tmp_path, alpha=1e-9)
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["comparisons"] and not any(c["significant"] for c in stats["comparisons"])
+    tex = (tmp_path / "table.tex").read_text()
+    assert "$^{*}$" not in tex
+    assert (
+        "Wilcoxon signed-rank tests against original, paired by seed: no Holm-corrected p "
+        r"$< 1e-09$, so no value is marked." in tex
+    )
+
+
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed")
 def test_table_tex_compiles_with_pdflatex(study, tmp_path):
     doc = tmp_path / "doc.tex"
