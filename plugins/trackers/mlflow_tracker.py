@@ -24,7 +24,7 @@ class MlflowTracker:
     artifacts, through ``mlflow.tracking.MlflowClient``."""
 
     class Options(PluginOptions):
-        tracking_uri: str | None = Field(None, description='MLflow tracking URI ("http://mlflow:5000", "sqlite:///mlflow.db", "file:///path/mlruns"); None: a file store in the run directory\'s mlruns/ (a study\'s cells share the study folder\'s mlruns/). View it with: mlflow ui --backend-store-uri <that folder>.')
+        tracking_uri: str | None = Field(None, description='MLflow tracking URI ("http://mlflow:5000", "sqlite:///mlflow.db", "file:///path/mlruns"); None: a file store in the run directory\'s mlruns/ (a study\'s cells share the study folder\'s mlruns/). View it with: MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri <that folder> (MLflow 3 opens file stores only with that variable).')
         experiment: str | None = Field(None, description="MLflow experiment name; None: the run's name (a study's name for its cells, so that each cell is one MLflow run of one experiment).")
         timeout: float = Field(5.0, gt=0, description="Seconds a tracking server has to answer the health check at the start; a server that does not answer is reported and the run goes on without it.")
 
