@@ -362,6 +362,8 @@ def summary_lines(results: Mapping[str, Any]) -> list[str]:
     columns_split = {c.split for c in columns}
     if lines and columns_split:
         lines.append(f"  (on the {', '.join(sorted(columns_split))} split)")
+    elif lines and isinstance(results.get("settings"), dict) and not results["settings"].get("evaluators"):
+        lines.append('  (no metrics: the settings name no evaluator; add [evaluators.standard] plugin = "standard")')
     blocks = results.get("branches") or {"": results}
     for key, block in blocks.items():
         lead = f"  branch {key}: " if key else "  "

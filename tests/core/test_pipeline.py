@@ -850,3 +850,16 @@ def test_an_aligner_gets_the_relevant_regions_beside_the_spurious_ones(tmp_path,
     assert torch.equal(relevant, ~masks) and bool(masks[:, :4, :4].all()) and not bool(masks[:, 4:, :].any())
     relevant, masks = seen["reference"]
     assert torch.equal(relevant, ~masks)
+
+
+def test_the_summary_says_when_no_evaluator_is_configured():
+    results = {
+        "models": {"original": {"label": "original", "stage": "train"}},
+        "evaluations": {},
+        "settings": {"run": {"seed": 0}},
+    }
+    assert summary_lines(results)[-1] == (
+        '  (no metrics: the settings name no evaluator; add [evaluators.standard] plugin = "standard")'
+    )
+    results["settings"]["evaluators"] = {"standard": {"plugin": "standard"}}  # configured, failed: said elsewhere
+    assert not any("no metrics" in line for line in summary_lines(results))
