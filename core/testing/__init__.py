@@ -1,1 +1,1 @@
-"""Test helpers for lvlmva and its plugins: tiny data, tiny models, a scripted OpenAI-compatible server, a tiny image-text-to-text model; the scripted critic, re-exported from the built-in critics."""
+"""Test helpers for lvlmva and its plugins: tiny data, tiny models, a scripted OpenAI-compatible server, a tiny image-text-to-text model, the settings text of a small DecoyMNIST run (lvlmva.testing.settings); the scripted critic, re-exported from the built-in critics."""

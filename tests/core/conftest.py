@@ -1,12 +1,15 @@
 """Fixtures for the plugin-surface tests: the example third-party plugin (as an installed
-distribution or registered in-process) and a clean global plugin state around each use."""
+distribution or registered in-process) and a clean global plugin state around each use; the toy
+pipeline's plugins with a test's own toy module, for studies that start worker processes."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
+import textwrap
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -85,3 +88,30 @@ def toy_registered(fresh_plugins: None, monkeypatch: pytest.MonkeyPatch) -> Path
     name, version, _ = toy_metadata()
     register_module(plugin, "toy", distribution=name, version=version)
     return TOY_PROJECT / "toy.toml"
+
+
+@pytest.fixture
+def study_toy_plugins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, torch_global_state: None
+) -> Iterator[Callable[[str, str], None]]:
+    """``study_toy_plugins(module, source)``: the toy pipeline's plugins (pipeline_toys) and
+    ``source`` written as the module ``module`` in ``tmp_path/plugins``, named in LVLMVA_PLUGINS
+    and importable here and in the processes a study starts (PYTHONPATH); the plugins are
+    reloaded, and after the test reloaded again and the module forgotten."""
+    modules: list[str] = []
+
+    def install(module: str, source: str) -> None:
+        plugins = tmp_path / "plugins"
+        plugins.mkdir()
+        (plugins / f"{module}.py").write_text(textwrap.dedent(source))
+        paths = [str(plugins), str(Path(__file__).parent)]
+        monkeypatch.syspath_prepend(str(plugins))
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join([*paths, *filter(None, [os.environ.get("PYTHONPATH")])]))
+        monkeypatch.setenv("LVLMVA_PLUGINS", f"pipeline_toys,{module}")
+        reset_plugins()
+        modules.append(module)
+
+    yield install
+    reset_plugins()
+    for module in modules:
+        sys.modules.pop(module, None)

