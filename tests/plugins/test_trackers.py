@@ -257,8 +257,36 @@ def test_a_study_cell_is_one_run_of_the_studys_experiment(tmp_path: Path):
     assert (alone.name, alone.experiment, alone.store_dir) == ("decoy_mnist", "decoy_mnist", (tmp_path / "run").resolve())
 
 
+def _wandb_records(path: Path):
+    """The records of an offline W&B run file (``run-<id>.wandb``), read back with W&B's own
+    protobuf messages: the file is a 7-byte header (``:W&B``, magic 0xBEE1, version 0) and then
+    a LevelDB-style log of 32 KiB blocks, each record a 7-byte header (CRC-32, length, kind:
+    1 whole, 2 first, 3 middle, 4 last part) and its bytes; a block's tail shorter than a
+    header is padding."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B" and struct.unpack("<H", data[4:6])[0] == 0xBEE1 and data[6] == 0
+    block, at, parts = 32768, 7, b""
+    while at + 7 <= len(data):
+        left = block - at % block
+        crc, length, kind = struct.unpack("<IHB", data[at : at + 7])
+        if left < 7 or (length == 0 and kind == 0):
+            at += left
+            continue
+        payload = data[at + 7 : at + 7 + length]
+        at += 7 + length
+        parts = payload if kind in (1, 2) else parts + payload
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(parts)
+            yield record
+
+
 @pytest.mark.slow
-def test_wandb_offline_writes_a_run_under_the_run_directory(tmp_path: Path, monkeypatch):
+def test_wandb_offline_writes_a_run_that_reads_back(tmp_path: Path, monkeypatch):
     pytest.importorskip("wandb")
     from lvlmva.plugins.trackers.wandb_tracker import WandbTracker
     from lvlmva.tracking import TrackerSet
@@ -269,7 +297,27 @@ def test_wandb_offline_writes_a_run_under_the_run_directory(tmp_path: Path, monk
     trackers.start(tracked_run(tmp_path, "run", {"train.lr": "0.001"}))
     for epoch in (1, 2):
         trackers.record({"stage": "train", "run_stage": "train", "epoch": epoch, "loss": 1.0 / epoch})
-    trackers.finish({}, "ok")
+    results = {
+        "evaluations": {"standard": {"metrics": [{"key": "wga"}], "models": {"original": {"wga": 0.25}}}},
+        "verdicts": {"verdict_accuracy": 0.75},
+    }
+    trackers.finish(results, "ok")
     assert trackers.warnings == []
     (offline,) = (tmp_path / "wandb").glob("offline-run-*")
-    assert list(offline.glob("*.wandb")) and (offline / "files" / "report.md").is_file()
+    assert (offline / "files" / "report.md").is_file()
+    (log,) = offline.glob("*.wandb")
+    records = list(_wandb_records(log))
+
+    def items(update) -> dict:
+        return {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in update}
+
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert run.display_name == "run" and items(run.config.update)["train.lr"] == "0.001"
+    history = [items(r.history.item) for r in records if r.WhichOneof("record_type") == "history"]
+    assert [(h["train/epoch"], h["train/loss"]) for h in history] == [(1, 1.0), (2, 0.5)]
+    summary: dict = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "summary":
+            summary.update(items(r.summary.update))
+    assert summary["original/standard/wga"] == 0.25 and summary["verdicts/verdict_accuracy"] == 0.75
+    assert any(r.WhichOneof("record_type") == "exit" and r.exit.exit_code == 0 for r in records)
