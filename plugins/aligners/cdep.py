@@ -51,9 +51,9 @@ from pydantic import Field
 from torch import nn
 
 from lvlmva.protocols import PluginOptions
-from lvlmva.training import AlignmentOptions, LossAligner
+from lvlmva.training import AlignmentOptions
 
-from .xil import GRID_SENTENCE, WeightOptions, check_batch
+from .xil import GRID_SENTENCE, PenaltyAligner, WeightOptions, check_batch
 
 __all__ = [
     "SUPPORTED_LAYERS",
@@ -208,7 +208,7 @@ class CdepOptions(AlignmentOptions, _CdepLossOptions):
     """Options of the CDEP aligner: ``lam`` and the options of every aligner."""
 
 
-class CdepAligner(LossAligner):
+class CdepAligner(PenaltyAligner):
     """CDEP (Rieger et al. 2020): penalises the logits' share that contextual decomposition gives the masks.
 
     Decomposes the built-in mlp and cnn models (Linear, Conv2d, ReLU, AvgPool2d,
@@ -221,9 +221,6 @@ class CdepAligner(LossAligner):
     Options: ClassVar[type[PluginOptions]] = CdepOptions
     seed_name: ClassVar[str] = "cdep"
 
-    def __init__(self, options: CdepOptions) -> None:
-        self.options = options
-
     def check_model(self, model: nn.Module) -> list[str]:
         """A model contextual decomposition cannot follow, refused with the reason."""
         try:
@@ -231,10 +228,6 @@ class CdepAligner(LossAligner):
         except ValueError as exc:
             return [str(exc)]
         return []
-
-    def loss_params(self) -> dict[str, float | tuple[float, ...]]:
-        """``lam``: one value, or a tuple of them (a grid)."""
-        return {"lam": self.options.lam}
 
     def loss(
         self,
@@ -247,4 +240,4 @@ class CdepAligner(LossAligner):
     ) -> dict[str, torch.Tensor]:
         """:func:`cdep_loss` as named terms: ``loss`` (the total), ``ce`` and ``penalty``."""
         total, ce, penalty = cdep_loss(model, inputs, targets, masks, lam)
-        return {"loss": total, "ce": ce, "penalty": penalty}
+        return self.terms(total, ce, penalty)

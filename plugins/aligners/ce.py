@@ -186,9 +186,6 @@ class CeAligner(LossAligner):
     Options: ClassVar[type[PluginOptions]] = CeOptions
     seed_name: ClassVar[str] = "ce"
 
-    def __init__(self, options: CeOptions) -> None:
-        self.options = options
-
     def loss_params(self) -> dict[str, int | tuple[int, ...]]:
         """``counterexamples``: one value, or a tuple of them (a grid)."""
         return {"counterexamples": self.options.counterexamples}

@@ -41,14 +41,16 @@ from pydantic import Field
 from torch import nn
 
 from lvlmva.protocols import PluginOptions
-from lvlmva.training import AlignmentOptions, LossAligner
+from lvlmva.training import AlignmentOptions
 
 from .xil import (
     DIFFERENTIATE_DESCRIPTION,
     GRID_SENTENCE,
     LAYER_DESCRIPTION,
+    PenaltyAligner,
     Resolution,
     WeightOptions,
+    batch_mean_loss,
     check_batch,
     conv_layer,
     grad_cam,
@@ -79,7 +81,6 @@ def hint_loss(
     this pixel"; rows without any relevant pixel add no penalty."""
     wanted = check_batch("hint_loss", inputs, targets, relevant, "relevant")
     wanted = wanted.to(inputs.dtype).amax(dim=1)
-    b = inputs.shape[0]
     inputs = inputs.detach()
     rows, rest = penalty_rows(model, wanted)
     ce_sum = inputs.new_zeros(())
@@ -107,11 +108,7 @@ def hint_loss(
         per_row = misfit.flatten(1).sum(dim=1)
         has = target.flatten(1).any(dim=1).to(per_row.dtype)  # coupled batches hold all rows
         penalty_sum = (per_row * has).sum()
-    if rest.numel():
-        ce_sum = ce_sum + F.cross_entropy(model(inputs[rest]), targets[rest], reduction="sum")
-    ce = ce_sum / b
-    penalty = penalty_sum / b
-    return ce + lam * penalty, ce, penalty
+    return batch_mean_loss(model, inputs, targets, rest, ce_sum, penalty_sum, lam)
 
 
 class _HintLossOptions(WeightOptions):
@@ -146,7 +143,7 @@ class HintOptions(AlignmentOptions, _HintLossOptions):
     """Options of the HINT aligner: its loss options and those of every aligner."""
 
 
-class HintAligner(LossAligner):
+class HintAligner(PenaltyAligner):
     """HINT (Selvaraju et al. 2019, as the XIL typology has it): rewards Grad-CAM in relevant regions.
 
     The true class's Grad-CAM map of a convolutional layer (the last one by default), scaled to
@@ -161,9 +158,6 @@ class HintAligner(LossAligner):
     seed_name: ClassVar[str] = "hint"
     needs_relevant: ClassVar[bool] = True
 
-    def __init__(self, options: HintOptions) -> None:
-        self.options = options
-
     def check_model(self, model: nn.Module) -> list[str]:
         """A model without the layer (the mlp has no Conv2d) is refused with its conv layers."""
         try:
@@ -171,10 +165,6 @@ class HintAligner(LossAligner):
         except ValueError as exc:
             return [str(exc)]
         return []
-
-    def loss_params(self) -> dict[str, float | tuple[float, ...]]:
-        """``lam``: one value, or a tuple of them (a grid)."""
-        return {"lam": self.options.lam}
 
     def loss(
         self,
@@ -200,4 +190,4 @@ class HintAligner(LossAligner):
             positive_only=self.options.positive_only,
             differentiate_weights=self.options.differentiate_weights,
         )
-        return {"loss": total, "ce": ce, "penalty": penalty}
+        return self.terms(total, ce, penalty)

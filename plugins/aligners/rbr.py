@@ -39,9 +39,16 @@ from pydantic import Field
 from torch import nn
 
 from lvlmva.protocols import PluginOptions
-from lvlmva.training import AlignmentOptions, LossAligner
+from lvlmva.training import AlignmentOptions
 
-from .xil import GRID_SENTENCE, WeightOptions, check_batch, penalty_rows
+from .xil import (
+    GRID_SENTENCE,
+    PenaltyAligner,
+    WeightOptions,
+    batch_mean_loss,
+    check_batch,
+    penalty_rows,
+)
 
 __all__ = ["rbr_loss", "RbrAligner", "RbrOptions"]
 
@@ -58,7 +65,6 @@ def rbr_loss(
     ``targets`` int64 ``[B]``, ``masks`` ``[B, H, W]`` or ``[B, C, H, W]`` (non-zero = "the
     model must not use this pixel")."""
     weights = check_batch("rbr_loss", inputs, targets, masks).to(inputs.dtype)
-    b = inputs.shape[0]
     inputs = inputs.detach()
     rows, rest = penalty_rows(model, weights)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -79,11 +85,7 @@ def rbr_loss(
             (influence,) = torch.autograd.grad(s, x, create_graph=True)
         (saliency,) = torch.autograd.grad(F.log_softmax(logits, dim=1).sum(), x, create_graph=True)
         penalty_sum = (weights[rows] * influence * saliency).square().sum()
-    if rest.numel():
-        ce_sum = ce_sum + F.cross_entropy(model(inputs[rest]), targets[rest], reduction="sum")
-    ce = ce_sum / b
-    penalty = penalty_sum / b
-    return ce + lam * penalty, ce, penalty
+    return batch_mean_loss(model, inputs, targets, rest, ce_sum, penalty_sum, lam)
 
 
 class _RbrLossOptions(WeightOptions):
@@ -105,7 +107,7 @@ class RbrOptions(AlignmentOptions, _RbrLossOptions):
     """Options of the RBR aligner: ``lam`` and the options of every aligner."""
 
 
-class RbrAligner(LossAligner):
+class RbrAligner(PenaltyAligner):
     """Right for the Better Reasons (Shao et al. 2021): penalises an influence-function saliency.
 
     The saliency is the typology code's: the input gradient of the summed parameter gradient of
@@ -119,13 +121,6 @@ class RbrAligner(LossAligner):
     Options: ClassVar[type[PluginOptions]] = RbrOptions
     seed_name: ClassVar[str] = "rbr"
 
-    def __init__(self, options: RbrOptions) -> None:
-        self.options = options
-
-    def loss_params(self) -> dict[str, float | tuple[float, ...]]:
-        """``lam``: one value, or a tuple of them (a grid)."""
-        return {"lam": self.options.lam}
-
     def loss(
         self,
         model: nn.Module,
@@ -137,4 +132,4 @@ class RbrAligner(LossAligner):
     ) -> dict[str, torch.Tensor]:
         """:func:`rbr_loss` as named terms: ``loss`` (the total), ``ce`` and ``penalty``."""
         total, ce, penalty = rbr_loss(model, inputs, targets, masks, lam)
-        return {"loss": total, "ce": ce, "penalty": penalty}
+        return self.terms(total, ce, penalty)

@@ -38,17 +38,11 @@ from torch import nn
 
 from lvlmva.model_selection import SelectionRule
 from lvlmva.protocols import PluginOptions
-from lvlmva.training import AlignmentOptions, LossAligner
+from lvlmva.training import AlignmentOptions
+
+from .xil import PenaltyAligner, batch_mean_loss, check_batch, has_batch_coupling
 
 __all__ = ["rrr_loss", "RrrAligner", "RrrOptions"]
-
-
-def _has_batch_coupling(model: nn.Module) -> bool:
-    """True when a layer mixes samples of a batch (batch norm using batch statistics): the
-    batch may then not be split into separately forwarded parts without changing the loss."""
-    return any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()
-    )
 
 
 def rrr_loss(
@@ -71,27 +65,13 @@ def rrr_loss(
     double-backprop cost. Models with batch statistics in training mode (batch norm) are
     forwarded as one batch so that the statistics are those of the whole batch.
     """
-    if inputs.dim() != 4:
-        raise ValueError(f"rrr_loss: inputs must be [B,C,H,W], got {tuple(inputs.shape)}")
+    masks = check_batch("rrr_loss", inputs, targets, masks)
     b = inputs.shape[0]
-    if masks.dim() == 3:
-        masks = masks.unsqueeze(1)
-    if masks.dim() != 4 or masks.shape[0] != b or masks.shape[2:] != inputs.shape[2:]:
-        raise ValueError(
-            f"rrr_loss: masks must be [B,H,W] or [B,C,H,W] matching inputs {tuple(inputs.shape)}, "
-            f"got {tuple(masks.shape)}"
-        )
-    if masks.shape[1] not in (1, inputs.shape[1]):
-        raise ValueError(
-            f"rrr_loss: mask channels {masks.shape[1]} do not broadcast to {inputs.shape[1]}"
-        )
-    if tuple(targets.shape) != (b,):
-        raise ValueError(f"rrr_loss: targets must be [{b}], got {tuple(targets.shape)}")
     masked = masks.flatten(1).any(dim=1)
     weights = masks.to(inputs.dtype)
     inputs = inputs.detach()
 
-    if _has_batch_coupling(model):
+    if has_batch_coupling(model):
         x = inputs.clone().requires_grad_(True)
         logits = model(x)
         ce = F.cross_entropy(logits, targets)
@@ -110,11 +90,7 @@ def rrr_loss(
         # Sum over samples and classes: each sample's input gradient only sees its own outputs.
         (grad,) = torch.autograd.grad(F.log_softmax(logits, dim=1).sum(), x, create_graph=True)
         penalty_sum = (weights[sel] * grad).square().sum()
-    if rest.numel():
-        ce_sum = ce_sum + F.cross_entropy(model(inputs[rest]), targets[rest], reduction="sum")
-    ce = ce_sum / b
-    penalty = penalty_sum / b
-    return ce + lam * penalty, ce, penalty
+    return batch_mean_loss(model, inputs, targets, rest, ce_sum, penalty_sum, lam)
 
 
 class _RrrLossOptions(PluginOptions):
@@ -159,7 +135,7 @@ class RrrOptions(AlignmentOptions, _RrrLossOptions):
     )
 
 
-class RrrAligner(LossAligner):
+class RrrAligner(PenaltyAligner):
     """Fine-tunes a copy of the model with the Right-for-the-Right-Reasons loss (Ross et al. 2017).
 
     Each step takes ``alignment_batch`` alignment samples with their masks (a seeded permutation
@@ -173,13 +149,6 @@ class RrrAligner(LossAligner):
     Options: ClassVar[type[PluginOptions]] = RrrOptions
     seed_name: ClassVar[str] = "rrr"
 
-    def __init__(self, options: RrrOptions) -> None:
-        self.options = options
-
-    def loss_params(self) -> dict[str, float | tuple[float, ...]]:
-        """``lam``: one value, or a tuple of them (a grid)."""
-        return {"lam": self.options.lam}
-
     def loss(
         self,
         model: nn.Module,
@@ -191,4 +160,4 @@ class RrrAligner(LossAligner):
     ) -> dict[str, torch.Tensor]:
         """:func:`rrr_loss` as named terms: ``loss`` (the total), ``ce`` and ``penalty``."""
         total, ce, penalty = rrr_loss(model, inputs, targets, masks, lam)
-        return {"loss": total, "ce": ce, "penalty": penalty}
+        return self.terms(total, ce, penalty)

@@ -36,14 +36,16 @@ from pydantic import Field
 from torch import nn
 
 from lvlmva.protocols import PluginOptions
-from lvlmva.training import AlignmentOptions, LossAligner
+from lvlmva.training import AlignmentOptions
 
 from .xil import (
     DIFFERENTIATE_DESCRIPTION,
     GRID_SENTENCE,
     LAYER_DESCRIPTION,
+    PenaltyAligner,
     Resolution,
     WeightOptions,
+    batch_mean_loss,
     check_batch,
     conv_layer,
     grad_cam,
@@ -71,7 +73,6 @@ def rrr_gradcam_loss(
     penalty`` (module docstring). ``layer`` is a module of ``model`` (:func:`~.xil.conv_layer`);
     ``masks`` ``[B, H, W]`` or ``[B, C, H, W]``, non-zero = "the model must not use this pixel"."""
     spurious = check_batch("rrr_gradcam_loss", inputs, targets, masks).to(inputs.dtype).amax(dim=1)
-    b = inputs.shape[0]
     inputs = inputs.detach()
     rows, rest = penalty_rows(model, spurious)
     ce_sum = inputs.new_zeros(())
@@ -92,11 +93,7 @@ def rrr_gradcam_loss(
         else:  # the map upsampled (nearest) to the input, summed per cell (nearest_cells)
             sums, _ = nearest_cells(spurious[rows].square(), tuple(cam.shape[-2:]))
             penalty_sum = (saliency.square() * sums.to(saliency.dtype)).sum()
-    if rest.numel():
-        ce_sum = ce_sum + F.cross_entropy(model(inputs[rest]), targets[rest], reduction="sum")
-    ce = ce_sum / b
-    penalty = penalty_sum / b
-    return ce + lam * penalty, ce, penalty
+    return batch_mean_loss(model, inputs, targets, rest, ce_sum, penalty_sum, lam)
 
 
 class _RrrGradCamLossOptions(WeightOptions):
@@ -125,7 +122,7 @@ class RrrGradCamOptions(AlignmentOptions, _RrrGradCamLossOptions):
     """Options of the RRR-Grad-CAM aligner: its loss options and those of every aligner."""
 
 
-class RrrGradCamAligner(LossAligner):
+class RrrGradCamAligner(PenaltyAligner):
     """RRR on Grad-CAM (the XIL typology): penalises the predicted class's map in the masks.
 
     The Grad-CAM map of a convolutional layer (the last one by default) for the predicted
@@ -138,9 +135,6 @@ class RrrGradCamAligner(LossAligner):
     Options: ClassVar[type[PluginOptions]] = RrrGradCamOptions
     seed_name: ClassVar[str] = "rrr-gradcam"
 
-    def __init__(self, options: RrrGradCamOptions) -> None:
-        self.options = options
-
     def check_model(self, model: nn.Module) -> list[str]:
         """A model without the layer (the mlp has no Conv2d) is refused with its conv layers."""
         try:
@@ -148,10 +142,6 @@ class RrrGradCamAligner(LossAligner):
         except ValueError as exc:
             return [str(exc)]
         return []
-
-    def loss_params(self) -> dict[str, float | tuple[float, ...]]:
-        """``lam``: one value, or a tuple of them (a grid)."""
-        return {"lam": self.options.lam}
 
     def loss(
         self,
@@ -175,4 +165,4 @@ class RrrGradCamAligner(LossAligner):
             resolution=self.options.resolution,
             differentiate_weights=self.options.differentiate_weights,
         )
-        return {"loss": total, "ce": ce, "penalty": penalty}
+        return self.terms(total, ce, penalty)

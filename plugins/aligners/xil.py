@@ -10,6 +10,10 @@
   ``util.norm_saliencies_fast``) and the two ways a map and a mask of different sizes meet.
 - :class:`WeightOptions`: the check of every aligner's penalty weight ``lam`` (one value or a
   grid).
+- :func:`batch_mean_loss`: ``(total, ce, penalty)`` from the sums of a batch, the cross
+  entropy of the rows without a penalty added; :class:`PenaltyAligner`: an aligner whose loss
+  is ``ce + lam * penalty`` (its ``lam`` as the loss parameter, its terms named ``loss``,
+  ``ce``, ``penalty``).
 
 Every penalty here is reduced like RRR's: summed over pixels (or classes) of a sample and
 averaged over the *whole* batch, ordinary samples included (they contribute 0), so that the
@@ -27,8 +31,11 @@ from pydantic import field_validator
 from torch import nn
 
 from lvlmva.protocols import PluginOptions
+from lvlmva.training import LossAligner
 
 __all__ = [
+    "batch_mean_loss",
+    "PenaltyAligner",
     "check_batch",
     "has_batch_coupling",
     "penalty_rows",
@@ -100,6 +107,42 @@ def penalty_rows(model: nn.Module, masks: torch.Tensor) -> tuple[torch.Tensor, t
         return every, every[:0]
     masked = masks.flatten(1).any(dim=1)
     return masked.nonzero().squeeze(1), (~masked).nonzero().squeeze(1)
+
+
+def batch_mean_loss(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    rest: torch.Tensor,
+    ce_sum: torch.Tensor,
+    penalty_sum: torch.Tensor,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(total, ce, penalty)`` of a batch of ``B = len(inputs)`` rows whose penalty rows gave
+    ``ce_sum`` (their summed cross entropy) and ``penalty_sum``: the summed cross entropy of the
+    ``rest`` rows (forwarded here) is added, both sums are divided by ``B`` and ``total = ce +
+    lam * penalty``."""
+    b = inputs.shape[0]
+    if rest.numel():
+        ce_sum = ce_sum + F.cross_entropy(model(inputs[rest]), targets[rest], reduction="sum")
+    ce = ce_sum / b
+    penalty = penalty_sum / b
+    return ce + lam * penalty, ce, penalty
+
+
+class PenaltyAligner(LossAligner):
+    """A :class:`~lvlmva.training.LossAligner` whose loss is ``ce + lam * penalty``: its loss
+    parameter is the options' ``lam`` (one value, or a tuple of them: a grid) and
+    :meth:`terms` names a loss function's ``(total, ce, penalty)`` for the trainer."""
+
+    def loss_params(self) -> dict[str, float | tuple[float, ...]]:
+        """``lam``: one value, or a tuple of them (a grid)."""
+        return {"lam": self.options.lam}  # type: ignore[attr-defined]
+
+    @staticmethod
+    def terms(total: torch.Tensor, ce: torch.Tensor, penalty: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The named terms of ``(total, ce, penalty)``: ``loss``, ``ce`` and ``penalty``."""
+        return {"loss": total, "ce": ce, "penalty": penalty}
 
 
 def conv_layer(who: str, model: nn.Module, name: str | None) -> tuple[str, nn.Module]:
