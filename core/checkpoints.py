@@ -50,8 +50,13 @@ EVENTS = "checkpoints.jsonl"
 
 def stateful(obj: Any) -> bool:
     """Whether ``obj`` (a callback, an objective, a draw function) can be saved and restored:
-    it is None or has ``state_dict()`` and ``load_state_dict(state)``."""
-    return obj is None or (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None)))
+    it is None, or has ``state_dict()`` and ``load_state_dict(state)`` and does not say
+    otherwise with a false ``can_checkpoint`` (a container of parts whose state is its parts',
+    such as ``ChainedCallbacks`` holding one that has none)."""
+    if obj is None:
+        return True
+    methods = callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+    return methods and bool(getattr(obj, "can_checkpoint", True))
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:

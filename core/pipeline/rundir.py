@@ -320,9 +320,7 @@ class RunDirectory:
         kept = partial / CHECKPOINTS
         keep = fingerprint is not None and _read_text(kept / FINGERPRINT_FILE) == fingerprint
         if keep and partial.is_dir() and not kept.is_symlink():
-            for entry in partial.iterdir():
-                if entry.name != CHECKPOINTS:
-                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            _remove_all_but_checkpoints(partial)
         else:
             shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True, exist_ok=True)
@@ -339,9 +337,7 @@ class RunDirectory:
         if not kept.is_dir() or kept.is_symlink() or not any(kept.glob("*.pt")):
             shutil.rmtree(partial, ignore_errors=True)
             return
-        for entry in partial.iterdir():
-            if entry.name != CHECKPOINTS:
-                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        _remove_all_but_checkpoints(partial, ignore_errors=True)  # on the way out of a failure
 
     def commit(self, stage: str, fingerprint: str, codec: str, seconds: float) -> StageRecord:
         """Record the files of ``.partial-<stage>/`` with their hashes and move it into place."""
@@ -502,3 +498,19 @@ def _read_text(path: Path) -> str | None:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return None
+
+
+def _remove_all_but_checkpoints(partial: Path, ignore_errors: bool = False) -> None:
+    """Empty an unfinished stage's folder but for its ``checkpoints/`` (links are removed, not
+    followed); ``ignore_errors``: leave what cannot be removed (as ``shutil.rmtree`` does)."""
+    for entry in partial.iterdir():
+        if entry.name == CHECKPOINTS:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=ignore_errors)
+        else:
+            try:
+                entry.unlink()
+            except OSError:
+                if not ignore_errors:
+                    raise

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from lvlmva.checkpoints import stateful
 from lvlmva.protocols import PluginOptions, RunContext
 from lvlmva.records import SpuriousDataset, TrainedModel
 
@@ -122,6 +123,11 @@ class ChainedCallbacks:
     def __call__(self, end: EpochEnd) -> None:
         for callback in self.callbacks:
             callback(end)
+
+    @property
+    def can_checkpoint(self) -> bool:
+        """Whether every callback can be saved (else the fit takes no checkpoint)."""
+        return all(map(stateful, self.callbacks))
 
     def state_dict(self) -> dict[str, Any]:
         return {"callbacks": [callback.state_dict() for callback in self.callbacks]}  # type: ignore[attr-defined]

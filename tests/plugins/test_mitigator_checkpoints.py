@@ -88,3 +88,22 @@ def test_a_mitigation_interrupted_half_way_resumes_to_the_same_weights_and_detai
     assert resumed.resumed, f"{name}: nothing was resumed"
     assert all(e["event"] == "resumed" for e in events), events  # every part could be saved
     assert resumed.saved < counted.saved  # the work before the interruption was not redone
+
+
+def test_chained_callbacks_checkpoint_only_when_every_callback_can(tmp_path):
+    from lvlmva.checkpoints import stateful
+    from lvlmva.plugins.mitigators.reweighting import ChainedCallbacks
+    from lvlmva.plugins.mitigators.validation import EpochSelector
+
+    data = planted_spurious_dataset([[20, 4], [4, 20]], [[5, 5], [5, 5]], [[5, 5], [5, 5]], seed=1)
+    selector = EpochSelector(None, data, 4)  # type: ignore[arg-type]
+    assert stateful(ChainedCallbacks(selector, selector))
+    assert not stateful(ChainedCallbacks(selector, lambda end: None))  # saving it would fail mid-fit
+    events: list[dict] = []
+    ctx = RunContext(seed=0, device=torch.device("cpu"), run_dir=tmp_path, stage_dir=tmp_path, cache_dir=tmp_path,
+                     checkpoints=Checkpoints(tmp_path / "c", every=1, minutes=None, log=events.append))  # fmt: skip
+    factory = MlpFactory(MlpFactory.Options(hidden=[4]))
+    trainer = Trainer(lambda: factory.build(data.input_shape, data.num_classes), TrainOptions(epochs=2, batch_size=16), ctx)
+    trainer.fit(data.train, on_epoch=ChainedCallbacks(lambda end: None), tag="mine")
+    assert [(e["event"], e["tag"]) for e in events] == [("not-checkpointed", "mine")]
+    assert not (tmp_path / "c").exists()
